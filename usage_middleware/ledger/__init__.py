@@ -1,0 +1,5 @@
+"""Ledgers: providers that keep usage themselves (embedded SQLite, Redis)."""
+
+from .base import FeatureUsage, Ledger
+
+__all__ = ["FeatureUsage", "Ledger"]

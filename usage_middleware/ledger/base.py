@@ -1,0 +1,92 @@
+"""The ledger contract: a provider that keeps plans, subscriptions, credits and usage itself.
+
+Ledgers (:class:`~usage_middleware.ledger.LocalLedger`, ``RedisLedger``) are the source of
+truth for usage; they implement real reservations (``reserve`` holds units so concurrent
+requests cannot overspend, ``commit`` charges, ``release`` gives back) plus the admin
+methods below.
+
+Semantics every ledger shares (the contract suite in ``tests/test_ledger_contract.py``
+pins them):
+
+* Plans come from a Tier pricing.json (:mod:`usage_middleware.pricing`). A feature's limit
+  is the largest ``upto`` across its tiers; no ``upto`` means unlimited
+  (:data:`~usage_middleware.models.UNLIMITED`). The plan's ``interval`` is the usage period
+  (calendar periods in UTC: day, ISO week from Monday, month, year).
+* ``used`` counts every unit charged this period. Credits (Spaire's model) are per
+  customer and feature and do not reset: ``balance = credited - consumed``, positive means
+  available. A charge is taken from the plan's allowance first; the units beyond the limit
+  consume credits.
+* ``can``/``reserve`` allow when ``used + held + units <= limit + balance``. A feature
+  outside the customer's plan has limit 0 (Tier's ``0 < 0``): only credits can fund it.
+  A customer with neither a subscription nor credits is denied with reason
+  ``"unknown customer"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..providers.base import Provider
+
+__all__ = ["FeatureUsage", "Ledger"]
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureUsage:
+    """One row of :meth:`Ledger.usage`: a customer's standing on one feature.
+
+    Attributes:
+        feature: the feature name.
+        plan: the plan the feature comes from, or ``None`` for a credit-only feature.
+        limit: units allowed this period (``UNLIMITED`` for no limit; 0 outside the plan).
+        used: units charged this period.
+        credits: credit balance in units (credited - consumed; positive = available).
+        remaining: units that may still be used: ``max(0, limit - used) + credits``
+            (``UNLIMITED`` when the limit is unlimited).
+        period_start: start of the current usage period (aware UTC), or ``None`` for a
+            credit-only feature.
+        period_end: end of the current usage period (exclusive), or ``None``.
+    """
+
+    feature: str
+    plan: str | None
+    limit: int
+    used: int
+    credits: int
+    remaining: int
+    period_start: datetime | None
+    period_end: datetime | None
+
+
+class Ledger(Provider):
+    """A provider that is its own source of truth (see the module docstring)."""
+
+    max_batch = 1000
+
+    async def subscribe(self, customer: str, plan: str) -> None:
+        """Put ``customer`` on ``plan`` (e.g. ``"plan:free@1"``), replacing any earlier plan.
+
+        Raises:
+            LedgerError: the plan is not in the pricing file.
+            ValueError: the customer id is malformed.
+        """
+        raise NotImplementedError
+
+    async def grant(self, customer: str, feature: str, units: int) -> int:
+        """Credit ``units`` (> 0) of ``feature`` to ``customer``; return the new balance in units.
+
+        Raises:
+            ValueError: units is not a whole number > 0, or the customer id is malformed.
+            ConfigurationError: the feature name is malformed.
+        """
+        raise NotImplementedError
+
+    async def usage(self, customer: str) -> Sequence[FeatureUsage]:
+        """The customer's standing per feature (plan features, then credit-only ones), sorted by feature.
+
+        Raises:
+            LedgerError: the customer is unknown (no subscription and no credits).
+        """
+        raise NotImplementedError

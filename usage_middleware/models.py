@@ -1,0 +1,210 @@
+"""The data usage_middleware hands out: :class:`Answer`, :class:`UsageEvent`, :class:`Reservation`.
+
+Units are always whole units of usage of one feature (Tier's ``n``). Customer ids are
+strings such as Tier's ``org:acme``; feature names follow Tier's ``feature:[a-zA-Z0-9:]+``.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .providers.base import Provider
+
+__all__ = [
+    "UNLIMITED",
+    "Answer",
+    "Reservation",
+    "UsageEvent",
+    "check_customer",
+    "check_feature",
+    "check_units",
+]
+
+#: Tier's "infinite" limit (``1<<63 - 1``), used for a feature with no ``upto``.
+UNLIMITED = 9223372036854775807
+
+FEATURE_RE = re.compile(r"feature:[a-zA-Z0-9:]+")
+_CUSTOMER_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
+
+
+def check_feature(feature: object) -> str:
+    """Return ``feature`` if it is a Tier feature name, else raise ``ConfigurationError``.
+
+    Args:
+        feature: a string such as ``"feature:convert"`` (``feature:`` then ``[a-zA-Z0-9:]+``;
+            no ``_``, ``-``, ``.`` or ``@``, as Tier's ``refs.Name``).
+    """
+    if not isinstance(feature, str) or FEATURE_RE.fullmatch(feature) is None:
+        raise ConfigurationError(
+            f"feature name {feature!r} must match feature:[a-zA-Z0-9:]+ "
+            "(Tier's naming rule; no '_', '-', '.' or '@'), e.g. 'feature:convert'"
+        )
+    return feature
+
+
+def check_customer(customer: object) -> str:
+    """Return ``customer`` if it is a usable customer id, else raise ``ValueError``.
+
+    A customer id is a non-empty string of at most 255 characters without whitespace or
+    control characters, e.g. Tier's ``org:acme``.
+    """
+    if not isinstance(customer, str) or _CUSTOMER_RE.fullmatch(customer) is None:
+        raise ValueError(
+            f"customer id {customer!r} must be 1-255 characters without whitespace, e.g. 'org:acme'"
+        )
+    return customer
+
+
+def check_units(units: object, *, what: str = "units", allow_zero: bool = False) -> int:
+    """Return ``units`` if it is a whole number of units (> 0, or >= 0), else raise ``ValueError``."""
+    if isinstance(units, bool) or not isinstance(units, int):
+        raise ValueError(f"{what} must be a whole number of units (int), got {units!r}")
+    if units < 0 or (units == 0 and not allow_zero):
+        raise ValueError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {units}")
+    return units
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_key() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """One usage event: ``units`` of ``feature`` used by ``customer`` at ``at``.
+
+    Attributes:
+        customer: the customer id (Tier's ``org:acme``).
+        feature: the feature name (``feature:x``).
+        units: whole units of usage (Tier's ``n``); ``> 0``, or ``>= 0`` with ``clobber``.
+        at: when the usage happened, an aware datetime normalised to UTC; defaults to now.
+        idempotency_key: fixed at creation (32 hex characters by default) and sent wherever
+            the provider deduplicates (Spaire's ``external_id``), so a retry never charges twice.
+        clobber: ``True`` replaces the period's usage with ``units`` (Tier's ``clobber``,
+            Stripe's ``action=set``) instead of adding to it.
+
+    Raises:
+        ValueError: at creation, for a bad customer, units, or a naive ``at``.
+        ConfigurationError: at creation, for a feature name that is not ``feature:[a-zA-Z0-9:]+``.
+    """
+
+    customer: str
+    feature: str
+    units: int
+    at: datetime = field(default_factory=_now)
+    idempotency_key: str = field(default_factory=_new_key)
+    clobber: bool = False
+
+    def __post_init__(self) -> None:
+        check_customer(self.customer)
+        check_feature(self.feature)
+        check_units(self.units, allow_zero=self.clobber)
+        if not isinstance(self.at, datetime) or self.at.utcoffset() is None:
+            raise ValueError(f"UsageEvent.at must be an aware datetime, got {self.at!r}")
+        if self.at.tzinfo is not UTC:
+            object.__setattr__(self, "at", self.at.astimezone(UTC))
+        if not isinstance(self.idempotency_key, str) or not 1 <= len(self.idempotency_key) <= 128:
+            raise ValueError("UsageEvent.idempotency_key must be a string of 1-128 characters")
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The answer to ``can(customer, feature, units)``, shaped like Tier SDK's ``Answer``.
+
+    Attributes:
+        ok: whether the customer may use ``units`` of the feature now.
+        customer: the customer id asked about.
+        feature: the feature name asked about.
+        units: the units asked for.
+        limit: the plan's limit this period in units (``UNLIMITED`` for no limit), or
+            ``None`` where unknown.
+        used: units used this period, or ``None`` where unknown.
+        remaining: units that may still be used (plan allowance plus credits), or ``None``.
+        err: the exception when the check itself failed; with ``ok=True`` the check failed
+            open, with ``ok=False`` it failed closed. ``None`` when the provider answered.
+        reason: a short human-readable reason for a denial (``"customer not subscribed"``).
+        cached: whether the answer came from the entitlement cache.
+        age: seconds since the provider produced the numbers, for a cached answer.
+        retry_after: seconds after which asking again may succeed (a failed-closed check).
+    """
+
+    ok: bool
+    customer: str
+    feature: str
+    units: int = 1
+    limit: int | None = None
+    used: int | None = None
+    remaining: int | None = None
+    err: BaseException | None = None
+    reason: str | None = None
+    cached: bool = False
+    age: float | None = None
+    retry_after: float | None = None
+    provider: Provider | None = field(default=None, repr=False, compare=False)
+
+    async def report(
+        self, n: int = 1, *, at: datetime | None = None, clobber: bool = False
+    ) -> None:
+        """Report ``n`` units of this answer's feature for its customer, as Tier's ``answer.report``.
+
+        Args:
+            n: whole units used (Tier's ``n``).
+            at: when the usage happened (aware datetime); default now.
+            clobber: replace the period's usage instead of adding to it.
+
+        Raises:
+            ConfigurationError: the answer was not produced by a provider.
+            ProviderError: the provider refused the report (see the provider's docs).
+        """
+        if self.provider is None:
+            raise ConfigurationError("this Answer has no provider to report to")
+        event = UsageEvent(
+            self.customer, self.feature, n, at=at or _now(), clobber=clobber
+        )
+        await self.provider.report([event])
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """A hold on ``units`` of a feature for one request, from :meth:`Provider.reserve`.
+
+    The middleware settles every reservation exactly once: :meth:`Provider.commit` when the
+    request succeeded, :meth:`Provider.release` otherwise. ``token`` is the provider's own
+    handle (opaque to everyone else).
+
+    Attributes:
+        answer: the entitlement answer the reservation was made on; ``answer.ok`` False
+            means nothing is held and the request must be refused.
+        event: the usage event that commit records; its idempotency key is fixed here, at
+            reservation time, so every retry of its delivery carries the same key.
+        token: provider-private state.
+        settled: set by the provider once committed or released.
+    """
+
+    answer: Answer
+    event: UsageEvent
+    token: Any = None
+    settled: bool = False
+
+    @property
+    def customer(self) -> str:
+        return self.event.customer
+
+    @property
+    def feature(self) -> str:
+        return self.event.feature
+
+    @property
+    def units(self) -> int:
+        return self.event.units
+

@@ -1,0 +1,155 @@
+"""The provider contract every billing backend implements.
+
+A provider answers ``can(customer, feature, units)`` and records usage with
+``report(events)``. The middleware never calls those two directly on a request: it asks for
+a :class:`~usage_middleware.models.Reservation` before the route runs and settles it exactly
+once afterwards::
+
+    reservation = await provider.reserve(customer, feature, units)   # before the route
+    if not reservation.answer.ok: ...                                 # 402 (or 503)
+    await provider.prepare(reservation)   # the final 2xx body is about to be sent
+    await provider.commit(reservation)    # ...and it was sent: charge
+    await provider.release(reservation)   # ...or it was not (error, 4xx/5xx, disconnect)
+
+The defaults here build those on ``can``/``report``: ``reserve`` asks ``can`` and holds
+nothing, ``commit`` reports the reservation's event, ``release`` does nothing. Ledgers
+override all three with real holds so concurrent requests cannot overspend; remote
+providers route ``commit`` through the durable outbox.
+
+Lifecycle: a provider is an async context manager. ``open()`` runs inside the running event
+loop (the ASGI lifespan, or lazily on the first request when the server sends no lifespan);
+``aclose()`` drains and closes, is idempotent, and a closed provider cannot be reopened.
+Nothing is started at import time or in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Literal
+
+from ..errors import ConfigurationError
+from ..models import Answer, Reservation, UsageEvent
+
+__all__ = ["FailurePolicy", "Provider", "ProviderState"]
+
+#: What a route does when the entitlement check itself fails (provider down, timeout):
+#: ``"open"`` serves the request and records the charge for later delivery, setting
+#: ``Answer.err``; ``"closed"`` refuses it with 503 problem+json and ``Retry-After``.
+FailurePolicy = Literal["open", "closed"]
+
+
+class ProviderState(enum.Enum):
+    """Where a provider is in its life: NEW, then OPEN, then CLOSED (for good)."""
+
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Provider:
+    """Base class of billing providers (ledgers and remote APIs).
+
+    Subclasses override :meth:`can` and :meth:`report`, and may override the reservation
+    methods, :meth:`open` and :meth:`aclose` (calling ``super()``).
+
+    Class attributes:
+        max_batch: the most events one :meth:`report` call accepts; the reporter never sends
+            more (Tier: 1; Spaire: many).
+        name: a short name for logs and problem bodies (``"tier"``, ``"local"``).
+    """
+
+    max_batch: int = 1
+    name: str = "provider"
+
+    def __init__(self) -> None:
+        self._state = ProviderState.NEW
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def state(self) -> ProviderState:
+        return self._state
+
+    async def open(self) -> None:
+        """Start what the provider needs inside the running event loop.
+
+        Idempotent while open. Raises ``ConfigurationError`` if the provider was closed.
+        """
+        if self._state is ProviderState.CLOSED:
+            raise ConfigurationError(
+                f"{type(self).__name__} was closed and cannot be reopened; create a new one"
+            )
+        self._state = ProviderState.OPEN
+
+    async def aclose(self) -> None:
+        """Drain pending work and release resources. Idempotent."""
+        self._state = ProviderState.CLOSED
+
+    async def __aenter__(self) -> Provider:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the two basic operations --------------------------------------------------------
+
+    async def can(self, customer: str, feature: str, units: int = 1) -> Answer:
+        """Whether ``customer`` may use ``units`` of ``feature`` now (holds nothing).
+
+        Args:
+            customer: customer id, e.g. ``"org:acme"``.
+            feature: feature name, e.g. ``"feature:convert"``.
+            units: whole units the request would use (> 0).
+
+        Returns:
+            an :class:`Answer`. A failed check is an Answer with ``err`` set, never an
+            exception: ``ok`` then follows the provider's failure policy.
+        """
+        raise NotImplementedError
+
+    async def report(self, events: Sequence[UsageEvent]) -> None:
+        """Record usage events with the provider, at most :attr:`max_batch` per call.
+
+        Raises:
+            RetryableProviderError: the provider could not be reached or asked us to retry.
+            PermanentProviderError: the provider rejected the events.
+        """
+        raise NotImplementedError
+
+    # -- reservations (overridden by ledgers) ----------------------------------------------
+
+    async def reserve(self, customer: str, feature: str, units: int = 1) -> Reservation:
+        """Check and hold ``units`` for one request.
+
+        Returns a :class:`Reservation` whose ``answer.ok`` says whether anything is held.
+        The default asks :meth:`can` and holds nothing.
+        """
+        answer = await self.can(customer, feature, units)
+        return Reservation(answer=answer, event=UsageEvent(customer, feature, units))
+
+    async def prepare(self, reservation: Reservation) -> None:
+        """Called just before the final 2xx body is sent; the charge is likely.
+
+        A provider that must make the charge durable before the client can see the
+        response does it here (and undoes it in :meth:`release`). Default: nothing.
+        """
+
+    async def commit(self, reservation: Reservation) -> None:
+        """Charge a reservation whose response succeeded. Called once per reservation.
+
+        The default reports ``reservation.event``.
+        """
+        reservation.settled = True
+        await self.report([reservation.event])
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back a reservation whose request did not succeed. Called once. Default: nothing."""
+        reservation.settled = True
