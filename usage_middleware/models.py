@@ -63,7 +63,7 @@ def check_customer(customer: object) -> str:
 
 
 def check_units(units: object, *, what: str = "units", allow_zero: bool = False) -> int:
-    """Return ``units`` if it is a whole number of units (> 0, or >= 0), else raise ``ValueError``."""
+    """Return ``units`` if it is a whole number of units (> 0, or >= 0); else ValueError."""
     if isinstance(units, bool) or not isinstance(units, int):
         raise ValueError(f"{what} must be a whole number of units (int), got {units!r}")
     if units < 0 or (units == 0 and not allow_zero):
@@ -155,7 +155,7 @@ class Answer:
     async def report(
         self, n: int = 1, *, at: datetime | None = None, clobber: bool = False
     ) -> None:
-        """Report ``n`` units of this answer's feature for its customer, as Tier's ``answer.report``.
+        """Report ``n`` units of this feature for this customer (Tier's ``answer.report``).
 
         Args:
             n: whole units used (Tier's ``n``).

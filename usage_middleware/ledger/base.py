@@ -84,7 +84,7 @@ class Ledger(Provider):
         raise NotImplementedError
 
     async def usage(self, customer: str) -> Sequence[FeatureUsage]:
-        """The customer's standing per feature (plan features, then credit-only ones), sorted by feature.
+        """The customer's standing per feature, sorted by feature name.
 
         Raises:
             LedgerError: the customer is unknown (no subscription and no credits).
