@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Literal
 
+from asgiref.typing import HTTPScope
+
 from ..errors import ConfigurationError
 from ..models import Answer, Reservation, UsageEvent
 
@@ -126,8 +128,15 @@ class Provider:
 
     # -- reservations (overridden by ledgers) ----------------------------------------------
 
-    async def reserve(self, customer: str, feature: str, units: int = 1) -> Reservation:
+    async def reserve(
+        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+    ) -> Reservation:
         """Check and hold ``units`` for one request.
+
+        Args:
+            customer, feature, units: as :meth:`can`.
+            scope: the request's ASGI scope, for providers that act for the signed-in user
+                (ARES reads the user's bearer token from it); ``None`` outside a request.
 
         Returns a :class:`Reservation` whose ``answer.ok`` says whether anything is held.
         The default asks :meth:`can` and holds nothing.
