@@ -1,0 +1,977 @@
+"""RemoteProvider: the base class of providers that ask a billing API (Tier, Spaire, ARES).
+
+A remote entitlement check costs tens of milliseconds and the provider is sometimes down.
+:class:`RemoteProvider` turns one hook, :meth:`RemoteProvider.fetch` (ONE remote check
+returning an :class:`Entitlement`), into a fast and safe ``can``/``reserve``:
+
+Entitlement cache
+    A ``cachetools.TLRUCache`` (TTLCache with a TTL per entry) keyed by
+    ``(customer, feature)``, at most ``cache_size`` entries. An entry lives ``cache_ttl``
+    seconds, or ``feature_ttl[feature]`` (``0`` = never cached: always ask). An entry the
+    provider says has nothing left lives only ``deny_ttl`` seconds, and a cached entry that
+    denies because of local spending is re-fetched once it is older than ``deny_ttl``.
+
+Local accounting (why a cached answer never lets one process overspend)
+    Per ``(customer, feature)`` the process counts units *in flight* (reserved, not yet
+    settled) and units *charged* (committed, or delivered by ``report()`` from elsewhere).
+    An answer allows ``units`` when::
+
+        provider remaining - charges the provider did not see when it answered
+                           - units in flight                              >= units
+
+    "Did not see" is decided per charge: a charge counts against every entitlement whose
+    fetch started before ``delivered_at + balance_lag`` (``balance_lag``: seconds the
+    provider needs to show a delivered charge in its numbers; a class attribute each
+    provider sets: about 0 for Tier, 15 s to hours for Spaire). A charge whose delivery this
+    process never saw (still queued, or delivered by another worker) counts until
+    ``committed_at + delivery_allowance + balance_lag``. Delivery is observed by wrapping
+    every subclass's :meth:`report` (``__init_subclass__``): after a successful call, the
+    delivered events are matched to this process's charges; events this process did not
+    charge (``Answer.report``, an outbox replay after a restart) count as new charges.
+    Clobber events are not counted (they set usage rather than add to it).
+
+Single-flight
+    Concurrent checks that miss the cache for the same ``(customer, feature)`` share ONE
+    ``fetch``. The fetch runs in its own task, so cancelling the caller that started it does
+    not cancel it for the others; its result or error is handed to every waiter.
+
+Failure policy, timeout, circuit breaker
+    Every fetch runs under ``timeout`` seconds. A failed check (``ProviderError``, timeout,
+    any exception from ``fetch``) follows ``feature_policy.get(feature, failure_policy)``:
+    ``"open"`` answers ``ok=True`` with ``err`` set (logged at most once per
+    :attr:`RemoteProvider.failure_log_interval` seconds per provider) and still charges the
+    reservation on commit; ``"closed"`` answers ``ok=False`` with ``err`` and
+    ``retry_after`` (the middleware's 503). After ``breaker_failures`` consecutive retryable
+    failures the :class:`CircuitBreaker` opens: no call for ``breaker_cooldown`` seconds
+    (answers come from the policy at once), then ONE probe; its success closes the breaker.
+    A :class:`~usage_middleware.errors.PermanentProviderError` (a 4xx: the provider is up)
+    counts as an answer for the breaker.
+
+Delivery
+    ``outbox`` (a SQLite path, default ``"usage-outbox.db"``) routes commits through the
+    durable :class:`usage_middleware.reporter.Reporter`: ``prepare`` writes the charge to
+    the outbox (held), ``commit`` confirms it, ``release`` cancels it. ``outbox=None``
+    delivers from an in-memory queue with retries and backoff instead: nothing is durable,
+    and charges still queued when :meth:`RemoteProvider.aclose` gives up after
+    ``drain_timeout`` seconds (or when the process dies) are lost and logged. Use it for
+    tests and development only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import logging
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, cast
+
+import cachetools
+import httpx
+from asgiref.typing import HTTPScope
+
+from ..errors import (
+    ConfigurationError,
+    PermanentProviderError,
+    ProviderError,
+    RetryableProviderError,
+)
+from ..models import (
+    UNLIMITED,
+    Answer,
+    Reservation,
+    UsageEvent,
+    check_customer,
+    check_feature,
+    check_units,
+)
+from .base import FailurePolicy, Provider, ProviderState
+
+__all__ = ["CircuitBreaker", "Entitlement", "RemoteProvider", "ReporterLike"]
+
+logger = logging.getLogger("usage_middleware.providers.remote")
+
+_POLICIES = ("open", "closed")
+_Key = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Entitlement:
+    """What the provider said about one customer and feature, in units of usage.
+
+    Attributes:
+        limit: the plan's limit this period (``UNLIMITED`` for none), or ``None`` if unknown.
+        used: units used this period, or ``None`` if unknown.
+        remaining: units available now per the provider (``UNLIMITED`` = no limit); may be
+            ``<= 0``. Includes credits where the provider has them.
+        reason: why nothing is available (``"feature not in plan"``), or ``None``.
+
+    Raises:
+        ValueError: at creation, when ``remaining`` is not an ``int``.
+    """
+
+    limit: int | None
+    used: int | None
+    remaining: int
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.remaining, bool) or not isinstance(self.remaining, int):
+            raise ValueError(
+                f"Entitlement.remaining must be whole units (int), got {self.remaining!r}"
+            )
+
+    @property
+    def unlimited(self) -> bool:
+        """Whether the provider sets no limit (``remaining >= UNLIMITED``)."""
+        return self.remaining >= UNLIMITED
+
+
+class ReporterLike(Protocol):
+    """The shape of :class:`usage_middleware.reporter.Reporter` this module relies on."""
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def enqueue(self, event: UsageEvent) -> None: ...
+
+    async def prepare(self, event: UsageEvent) -> None: ...
+
+    def confirm(self, event: UsageEvent) -> None: ...
+
+    async def cancel(self, event: UsageEvent) -> None: ...
+
+    def stats(self) -> object: ...
+
+
+class CircuitBreaker:
+    """A consecutive-failure circuit breaker: closed -> open -> half-open (one probe).
+
+    Args:
+        failures: consecutive failures that open it (>= 1).
+        cooldown: seconds it stays open before letting one probe through.
+        clock: monotonic seconds.
+    """
+
+    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float]) -> None:
+        self.failures = failures
+        self.cooldown = cooldown
+        self._clock = clock
+        self._count = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        """``"closed"``, ``"open"`` (cooling down) or ``"half-open"`` (probe allowed/running)."""
+        if self._opened_at is None:
+            return "closed"
+        if self._probing or self._clock() - self._opened_at >= self.cooldown:
+            return "half-open"
+        return "open"
+
+    def allow(self) -> float | None:
+        """``None`` if a call may go out now (the probe, when half-open), else seconds to wait."""
+        if self._opened_at is None:
+            return None
+        wait = self._opened_at + self.cooldown - self._clock()
+        if wait > 0:
+            return wait
+        if self._probing:  # the probe is out; its result decides
+            return 0.0
+        self._probing = True
+        return None
+
+    def success(self) -> None:
+        """A call got an answer: close."""
+        self._count = 0
+        self._opened_at = None
+        self._probing = False
+
+    def failure(self) -> None:
+        """A call failed: count it; open at the threshold; a failed probe re-opens."""
+        self._count += 1
+        if self._probing or self._count >= self.failures:
+            self._opened_at = self._clock()
+            self._probing = False
+
+
+class _Bucket:
+    """Charges made close together: when committed, how many, how many not yet delivered."""
+
+    __slots__ = ("delivered_at", "first", "last", "undelivered", "units")
+
+    def __init__(self, now: float, units: int, undelivered: int) -> None:
+        self.first = now
+        self.last = now
+        self.units = units
+        self.undelivered = undelivered
+        self.delivered_at = now if undelivered == 0 else float("-inf")
+
+    def until(self, lag: float, allowance: float) -> float:
+        """Fetches started before this time may not include these charges."""
+        if self.undelivered == 0:
+            return self.delivered_at + lag
+        return max(self.last + allowance, self.delivered_at) + lag
+
+
+class _Account:
+    """Local accounting for one (customer, feature): in flight, charged, delivery state."""
+
+    __slots__ = ("buckets", "committed", "inflight", "touched")
+
+    def __init__(self, now: float) -> None:
+        self.touched = now  # last time a fetch, delivery or failed-open check used it
+        self.inflight = 0
+        self.committed = 0  # monotonic total charged in this process (entries diff it)
+        self.buckets: deque[_Bucket] = deque()
+
+    def add(self, now: float, units: int, undelivered: int, grain: float) -> None:
+        self.committed += units
+        last = self.buckets[-1] if self.buckets else None
+        if last is not None and now - last.first < grain:
+            last.units += units
+            last.undelivered += undelivered
+            last.last = now
+            if undelivered == 0:
+                last.delivered_at = now
+        else:
+            self.buckets.append(_Bucket(now, units, undelivered))
+
+    def delivered(self, now: float, units: int, grain: float) -> None:
+        for bucket in self.buckets:
+            if units == 0:
+                return
+            take = min(bucket.undelivered, units)
+            if take:
+                bucket.undelivered -= take
+                bucket.delivered_at = now
+                units -= take
+        if units:  # a charge this process did not make (or forgot): count it from now
+            self.add(now, units, 0, grain)
+
+    def unreflected(self, now: float, lag: float, allowance: float) -> int:
+        buckets = self.buckets
+        while buckets and buckets[0].until(lag, allowance) <= now:
+            buckets.popleft()
+        return sum(b.units for b in buckets if b.until(lag, allowance) > now)
+
+    def idle(self) -> bool:
+        return self.inflight == 0 and not self.buckets
+
+
+class _Entry:
+    """A fetched entitlement plus what was needed to adjust it by later local spending."""
+
+    __slots__ = ("account", "base", "c0", "ent", "fetched_at", "ttl")
+
+    def __init__(
+        self, ent: Entitlement, fetched_at: float, base: int, c0: int, account: _Account, ttl: float
+    ) -> None:
+        self.ent = ent
+        self.fetched_at = fetched_at  # when the answer arrived (for Answer.age and TTLs)
+        self.base = base  # charges the provider could not see when the fetch started
+        self.c0 = c0  # account.committed when the fetch started
+        self.account = account
+        self.ttl = ttl
+
+
+class _Hold:
+    """Reservation.token of a RemoteProvider reservation that holds units."""
+
+    __slots__ = ("account", "prepared", "units")
+
+    def __init__(self, account: _Account, units: int) -> None:
+        self.account = account
+        self.units = units
+        self.prepared = False
+
+
+def _ttu(_key: _Key, entry: _Entry, now: float) -> float:
+    return now + entry.ttl
+
+
+def _track_delivery(report: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``report`` so a successful call updates local accounting."""
+
+    @functools.wraps(report)
+    async def tracked(self: RemoteProvider, events: Sequence[UsageEvent]) -> None:
+        await report(self, events)
+        # Only the most derived report records, so super().report() chains count once.
+        if getattr(type(self), "report", None) is tracked:
+            self._note_delivered(events)
+
+    tracked.__usage_tracked__ = True  # type: ignore[attr-defined]
+    return tracked
+
+
+class RemoteProvider(Provider):
+    """Base class of providers that ask a remote billing API (see the module docstring).
+
+    Subclasses implement :meth:`fetch` and :meth:`report`, set :attr:`name`,
+    :attr:`max_batch` and :attr:`balance_lag`, and may override :meth:`make_client` (base
+    URL, auth, headers) and :meth:`make_reporter`.
+
+    Args:
+        client: an ``httpx.AsyncClient`` to use (not closed by :meth:`aclose`); by default
+            :meth:`make_client` creates one in :meth:`open` and :meth:`aclose` closes it.
+        outbox: path of the durable SQLite outbox, or ``None`` for in-memory delivery
+            (tests and development only: charges can be lost).
+        cache_ttl: seconds an entitlement is reused (>= 0; 0 = always ask).
+        deny_ttl: seconds a denial is reused (>= 0; capped by the feature's TTL).
+        feature_ttl: per-feature ``cache_ttl`` (``{"feature:x": 0}`` = always ask).
+        cache_size: most (customer, feature) entitlements cached (>= 1).
+        failure_policy: ``"open"`` or ``"closed"`` when a check fails.
+        feature_policy: per-feature failure policy.
+        timeout: seconds every provider call may take (> 0).
+        breaker_failures: consecutive failed checks that open the circuit breaker (>= 1).
+        breaker_cooldown: seconds the breaker stays open before one probe (>= 0).
+        drain_timeout: seconds :meth:`aclose` waits for the in-memory queue (outbox=None).
+        clock: monotonic seconds; tests inject a fake one.
+
+    Raises:
+        ConfigurationError: a bad argument (negative TTL, unknown policy, bad feature name).
+    """
+
+    #: Seconds after a charge was delivered until the provider's numbers include it.
+    balance_lag: float = 5.0
+    #: Seconds a charge whose delivery this process did not see is assumed to take to arrive.
+    delivery_allowance: float = 600.0
+    #: Seconds between two log lines about failed checks (the rest are counted).
+    failure_log_interval: float = 60.0
+
+    def __init__(
+        self,
+        *,
+        client: httpx.AsyncClient | None = None,
+        outbox: str | os.PathLike[str] | None = "usage-outbox.db",
+        cache_ttl: float = 5.0,
+        deny_ttl: float = 1.0,
+        feature_ttl: Mapping[str, float] | None = None,
+        cache_size: int = 10_000,
+        failure_policy: FailurePolicy = "open",
+        feature_policy: Mapping[str, FailurePolicy] | None = None,
+        timeout: float = 2.0,
+        breaker_failures: int = 5,
+        breaker_cooldown: float = 10.0,
+        drain_timeout: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        _seconds("cache_ttl", cache_ttl)
+        _seconds("deny_ttl", deny_ttl)
+        _seconds("breaker_cooldown", breaker_cooldown)
+        _seconds("drain_timeout", drain_timeout)
+        if _seconds("timeout", timeout) == 0:
+            raise ConfigurationError("timeout must be > 0 seconds")
+        for what, value in (("cache_size", cache_size), ("breaker_failures", breaker_failures)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{what} must be an int >= 1, got {value!r}")
+        _policy("failure_policy", failure_policy)
+        self._feature_ttl = {
+            check_feature(f): _seconds(f"feature_ttl[{f!r}]", t)
+            for f, t in (feature_ttl or {}).items()
+        }
+        self._feature_policy = {
+            check_feature(f): _policy(f"feature_policy[{f!r}]", p)
+            for f, p in (feature_policy or {}).items()
+        }
+        self.cache_ttl = float(cache_ttl)
+        self.deny_ttl = float(deny_ttl)
+        self.failure_policy: FailurePolicy = failure_policy
+        self.timeout = float(timeout)
+        self.drain_timeout = float(drain_timeout)
+        self._clock = clock
+        self._client = client
+        self._owns_client = client is None
+        self._outbox = outbox
+        self._delivery: ReporterLike | None = None
+        self._cache: cachetools.TLRUCache[_Key, _Entry] = cachetools.TLRUCache(
+            cache_size, _ttu, timer=clock
+        )
+        self._accounts: dict[_Key, _Account] = {}
+        self._sweep_at = 2 * cache_size + 1024
+        self._flights: dict[_Key, asyncio.Task[_Entry | ProviderError]] = {}
+        self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown), clock)
+        self._grain = max(0.05, (self.delivery_allowance + self.balance_lag) / 64)
+        self._logged_at = float("-inf")
+        self._suppressed = 0
+        self._closing = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        report = cls.__dict__.get("report")
+        if report is not None and not getattr(report, "__usage_tracked__", False):
+            cls.report = _track_delivery(report)  # type: ignore[method-assign]
+
+    # -- hooks for subclasses ------------------------------------------------------------
+
+    async def fetch(
+        self, customer: str, feature: str, *, scope: HTTPScope | None = None
+    ) -> Entitlement:
+        """Ask the provider ONCE what ``customer`` has of ``feature``.
+
+        Called by the cache on a miss, under ``timeout``; never call it per request.
+
+        Args:
+            customer: customer id; feature: feature name.
+            scope: the ASGI scope of the request that missed the cache (ARES reads the
+                user's token from it), or ``None``.
+
+        Raises:
+            ProviderError: the provider could not answer (retryable) or refused
+                (permanent). Anything else raised is treated as a retryable failure.
+        """
+        raise NotImplementedError
+
+    async def report(self, events: Sequence[UsageEvent]) -> None:
+        """Deliver ``events`` (at most :attr:`max_batch`) to the provider; called by the reporter.
+
+        Raises:
+            RetryableProviderError: network error, timeout, 429, 5xx.
+            PermanentProviderError: the provider rejected the events (4xx).
+        """
+        raise NotImplementedError
+
+    def make_client(self) -> httpx.AsyncClient:
+        """The ``httpx.AsyncClient`` :meth:`open` creates when none was injected.
+
+        Override to add ``base_url``, auth and headers; keep ``timeout=self.timeout``.
+        Called inside the running event loop.
+        """
+        return httpx.AsyncClient(
+            timeout=self.timeout,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+        )
+
+    def make_reporter(self) -> ReporterLike:
+        """The durable delivery queue for ``outbox``: a ``usage_middleware.reporter.Reporter``.
+
+        Called in :meth:`open` when ``outbox`` is not ``None``.
+        """
+        try:
+            module = importlib.import_module("usage_middleware.reporter")
+        except ImportError as exc:  # pragma: no cover - until the reporter ships
+            raise ConfigurationError(
+                "usage_middleware.reporter is not available; pass outbox=None for tests"
+            ) from exc
+        return cast(ReporterLike, module.Reporter(self, path=self._outbox))
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The shared HTTP client. Raises ``ConfigurationError`` before :meth:`open`."""
+        client = self._client
+        if client is None or self._state is not ProviderState.OPEN:
+            raise ConfigurationError(
+                f"{type(self).__name__} is not open; call 'await provider.open()' first "
+                "(the middleware does it in the ASGI lifespan)"
+            )
+        return client
+
+    @property
+    def reporter(self) -> ReporterLike | None:
+        """The durable outbox's Reporter after :meth:`open`, or ``None`` (outbox=None)."""
+        return self._delivery if self._outbox is not None else None
+
+    async def open(self) -> None:
+        """Create the HTTP client and start delivery, inside the running loop. Idempotent.
+
+        Raises:
+            ConfigurationError: the provider was closed (no reopen), or the outbox is unusable.
+        """
+        if self._state is ProviderState.OPEN:
+            return
+        if self._state is ProviderState.CLOSED or self._closing:
+            raise ConfigurationError(
+                f"{type(self).__name__} was closed and cannot be reopened; create a new one"
+            )
+        created = None
+        if self._client is None:
+            created = self._client = self.make_client()
+        delivery: ReporterLike = (
+            self.make_reporter()
+            if self._outbox is not None
+            else _MemoryDelivery(self, drain_timeout=self.drain_timeout)
+        )
+        try:
+            await delivery.open()
+        except BaseException:
+            if created is not None:
+                self._client = None
+                await created.aclose()
+            raise
+        if self.state is ProviderState.OPEN:  # a concurrent open() won
+            await delivery.aclose()
+            return
+        self._delivery = delivery
+        await super().open()
+
+    async def aclose(self) -> None:
+        """Stop checks, drain delivery, close the owned client. Idempotent; no reopen."""
+        if self._state is ProviderState.CLOSED or self._closing:
+            return
+        self._closing = True
+        try:
+            flights = list(self._flights.values())
+            for task in flights:
+                task.cancel()
+            if flights:
+                await asyncio.gather(*flights, return_exceptions=True)
+            if self._delivery is not None:
+                await self._delivery.aclose()
+            if self._owns_client and self._client is not None:
+                await self._client.aclose()
+        finally:
+            self._closing = False
+            await super().aclose()
+
+    # -- checks --------------------------------------------------------------------------
+
+    async def can(
+        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+    ) -> Answer:
+        """Whether ``customer`` may use ``units`` of ``feature`` now (holds nothing).
+
+        Served from the cache when possible, adjusted by this process's spending. A failed
+        check follows the feature's failure policy (``err`` set); never raises for one.
+
+        Raises:
+            ValueError / ConfigurationError: a malformed customer, feature or units.
+            ConfigurationError: the provider is not open.
+        """
+        check_customer(customer)
+        check_feature(feature)
+        check_units(units)
+        answer, _ = await self._decide(customer, feature, units, scope, hold=False)
+        return answer
+
+    async def reserve(
+        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+    ) -> Reservation:
+        """Check as :meth:`can` and hold ``units`` in flight when allowed (or failed open).
+
+        Returns a :class:`Reservation`; ``answer.ok`` False means nothing is held.
+        """
+        event = UsageEvent(customer, feature, units)  # validates all three
+        answer, hold = await self._decide(customer, feature, units, scope, hold=True)
+        return Reservation(answer=answer, event=event, token=hold)
+
+    async def prepare(self, reservation: Reservation) -> None:
+        """Write the held charge to the outbox before the final 2xx body is sent.
+
+        A failure to write is logged and the charge is queued on commit instead.
+        """
+        hold = reservation.token
+        if not isinstance(hold, _Hold) or hold.prepared or reservation.settled:
+            return
+        delivery = self._delivery
+        if delivery is None:
+            return
+        hold.prepared = True  # a cancelled prepare may have written: settle it either way
+        try:
+            await delivery.prepare(reservation.event)
+        except Exception:
+            hold.prepared = False
+            logger.exception(
+                "%s: could not write a charge to the outbox; it is queued on commit", self.name
+            )
+
+    async def commit(self, reservation: Reservation) -> None:
+        """Charge a held reservation: count it locally and hand it to delivery. Once."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        hold = reservation.token
+        if not isinstance(hold, _Hold):
+            return  # denied or failed closed: nothing was held, nothing to charge
+        account = hold.account
+        account.inflight -= hold.units
+        account.add(self._clock(), hold.units, hold.units, self._grain)
+        delivery = self._delivery
+        if delivery is None:
+            logger.error(
+                "%s: provider not open; charge of %d unit(s) of %s for %s not recorded",
+                self.name,
+                hold.units,
+                reservation.feature,
+                reservation.customer,
+            )
+        elif hold.prepared:
+            delivery.confirm(reservation.event)
+        else:
+            delivery.enqueue(reservation.event)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back a held reservation; cancel its outbox entry if prepared. Once."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        hold = reservation.token
+        if not isinstance(hold, _Hold):
+            return
+        hold.account.inflight -= hold.units
+        if hold.prepared and self._delivery is not None:
+            await self._delivery.cancel(reservation.event)
+
+    async def flush(self, within: float = 5.0) -> bool:
+        """Wait up to ``within`` seconds until the in-memory queue (outbox=None) is delivered.
+
+        Returns whether it is empty. With an outbox, delivery is the Reporter's: True.
+        """
+        if isinstance(self._delivery, _MemoryDelivery):
+            return await self._delivery.drain(within)
+        return True
+
+    # -- internals -----------------------------------------------------------------------
+
+    async def _decide(
+        self, customer: str, feature: str, units: int, scope: HTTPScope | None, *, hold: bool
+    ) -> tuple[Answer, _Hold | None]:
+        if self._state is not ProviderState.OPEN:
+            raise ConfigurationError(
+                f"{type(self).__name__} is not open; call 'await provider.open()' first"
+            )
+        key = (customer, feature)
+        try:
+            entry: _Entry | None = self._cache[key]
+        except KeyError:
+            entry = None
+        if entry is not None:
+            now = self._clock()
+            if _available(entry) >= units or now - entry.fetched_at < self._deny_ttl(feature):
+                return self._answer(entry, customer, feature, units, now, hold=hold)
+        outcome = await self._flight(key, scope)
+        if isinstance(outcome, _Entry):
+            return self._answer(outcome, customer, feature, units, None, hold=hold)
+        if entry is not None:  # a refresh of a cached denial failed: keep denying
+            return self._answer(entry, customer, feature, units, self._clock(), hold=hold)
+        return self._failed(key, units, outcome, hold=hold)
+
+    def _answer(
+        self,
+        entry: _Entry,
+        customer: str,
+        feature: str,
+        units: int,
+        now: float | None,
+        *,
+        hold: bool,
+    ) -> tuple[Answer, _Hold | None]:
+        ent = entry.ent
+        account = entry.account
+        unseen = entry.base + account.committed - entry.c0
+        if ent.remaining >= UNLIMITED:
+            ok, remaining = True, UNLIMITED
+        else:
+            available = ent.remaining - unseen - account.inflight
+            ok, remaining = available >= units, max(available, 0)
+        held = None
+        if ok and hold:
+            account.inflight += units
+            held = _Hold(account, units)
+        answer = Answer(
+            ok=ok,
+            customer=customer,
+            feature=feature,
+            units=units,
+            limit=ent.limit,
+            used=None if ent.used is None else ent.used + unseen,
+            remaining=remaining,
+            reason=None if ok else (ent.reason or "not enough units left"),
+            cached=now is not None,
+            age=None if now is None else max(0.0, now - entry.fetched_at),
+            provider=self,
+        )
+        return answer, held
+
+    def _failed(
+        self, key: _Key, units: int, err: ProviderError, *, hold: bool
+    ) -> tuple[Answer, _Hold | None]:
+        customer, feature = key
+        policy = self._feature_policy.get(feature, self.failure_policy)
+        self._log_failure(err, policy)
+        if policy == "open":
+            held = None
+            if hold:
+                account = self._account(key)
+                account.inflight += units
+                held = _Hold(account, units)
+            answer = Answer(True, customer, feature, units, err=err, provider=self)
+            return answer, held
+        retry_after = err.retry_after if err.retry_after is not None else 1.0
+        answer = Answer(
+            False,
+            customer,
+            feature,
+            units,
+            err=err,
+            retry_after=max(1.0, retry_after),
+            provider=self,
+        )
+        return answer, None
+
+    async def _flight(self, key: _Key, scope: HTTPScope | None) -> _Entry | ProviderError:
+        task = self._flights.get(key)
+        if task is None:
+            wait = self.breaker.allow()
+            if wait is not None:
+                return RetryableProviderError(
+                    f"{self.name} is failing; circuit breaker open, next probe in {wait:.1f} s",
+                    retry_after=wait,
+                )
+            task = asyncio.get_running_loop().create_task(self._fetch_entry(key, scope))
+            self._flights[key] = task
+            task.add_done_callback(functools.partial(self._flight_done, key))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or current.cancelling() == 0):
+                return RetryableProviderError(f"{self.name} closed during the check")
+            raise
+
+    def _flight_done(self, key: _Key, task: asyncio.Task[_Entry | ProviderError]) -> None:
+        if self._flights.get(key) is task:
+            del self._flights[key]
+
+    async def _fetch_entry(self, key: _Key, scope: HTTPScope | None) -> _Entry | ProviderError:
+        customer, feature = key
+        account = self._account(key)
+        started = self._clock()
+        base = account.unreflected(started, self.balance_lag, self.delivery_allowance)
+        c0 = account.committed
+        try:
+            async with asyncio.timeout(self.timeout):
+                ent = await self.fetch(customer, feature, scope=scope)
+            if not isinstance(ent, Entitlement):
+                raise TypeError(f"fetch() returned {type(ent).__name__}, not Entitlement")
+        except TimeoutError as exc:
+            self.breaker.failure()
+            return RetryableProviderError(
+                f"{self.name} entitlement check timed out after {self.timeout:g} s",
+                original_error=exc,
+            )
+        except PermanentProviderError as exc:
+            self.breaker.success()  # the provider is up; it refused this one
+            return exc
+        except ProviderError as exc:
+            self.breaker.failure()
+            return exc
+        except Exception as exc:
+            self.breaker.failure()
+            logger.debug("%s: fetch raised", self.name, exc_info=True)
+            return RetryableProviderError(
+                f"{self.name} entitlement check failed: {type(exc).__name__}",
+                original_error=exc,
+            )
+        self.breaker.success()
+        ttl = self._feature_ttl.get(feature, self.cache_ttl)
+        if not ent.unlimited and ent.remaining <= 0:
+            ttl = min(ttl, self.deny_ttl)
+        entry = _Entry(ent, self._clock(), base, c0, account, ttl)
+        if ttl > 0 and self._state is ProviderState.OPEN:
+            self._cache[key] = entry
+        return entry
+
+    def _deny_ttl(self, feature: str) -> float:
+        return min(self.deny_ttl, self._feature_ttl.get(feature, self.cache_ttl))
+
+    def _account(self, key: _Key) -> _Account:
+        now = self._clock()
+        account = self._accounts.get(key)
+        if account is None:
+            if len(self._accounts) >= self._sweep_at:
+                self._sweep(now)
+            account = self._accounts[key] = _Account(now)
+        account.touched = now
+        return account
+
+    def _sweep(self, now: float) -> None:
+        """Forget idle accounts nothing refers to any more (bounds memory).
+
+        An account is kept while units are in flight or charges may be unseen, while a cache
+        entry or fetch uses it, and for a quiet period after its last use (so a caller that
+        just got a fetch's result still finds the same account).
+        """
+        quiet = self.timeout + 60.0
+        for key, account in list(self._accounts.items()):
+            account.unreflected(now, self.balance_lag, self.delivery_allowance)
+            if (
+                account.idle()
+                and now - account.touched > quiet
+                and key not in self._cache
+                and key not in self._flights
+            ):
+                del self._accounts[key]
+        self._sweep_at = max(self._sweep_at, 2 * len(self._accounts))
+
+    def _note_delivered(self, events: Sequence[UsageEvent]) -> None:
+        """Record that ``events`` reached the provider (called after a successful report)."""
+        now = self._clock()
+        for event in events:
+            if not event.clobber and event.units > 0:
+                account = self._account((event.customer, event.feature))
+                account.delivered(now, event.units, self._grain)
+
+    def _log_failure(self, err: ProviderError, policy: str) -> None:
+        now = self._clock()
+        if now - self._logged_at < self.failure_log_interval:
+            self._suppressed += 1
+            return
+        logger.warning(
+            "%s: entitlement check failed (%s); failing %s; %d more since the last report",
+            self.name,
+            err,
+            policy,
+            self._suppressed,
+        )
+        self._logged_at = now
+        self._suppressed = 0
+
+
+def _available(entry: _Entry) -> int:
+    ent = entry.ent
+    if ent.remaining >= UNLIMITED:
+        return UNLIMITED
+    account = entry.account
+    return ent.remaining - entry.base - (account.committed - entry.c0) - account.inflight
+
+
+def _seconds(what: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ConfigurationError(f"{what} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def _policy(what: str, value: object) -> FailurePolicy:
+    if value not in _POLICIES:
+        raise ConfigurationError(f"{what} must be 'open' or 'closed', got {value!r}")
+    return cast(FailurePolicy, value)
+
+
+class _MemoryDelivery:
+    """In-memory delivery for ``outbox=None``: one task, retries with backoff, not durable.
+
+    Batches up to ``provider.max_batch`` events; a permanent error on a batch of several
+    re-sends them one by one so only the bad event is dropped (and logged).
+    """
+
+    def __init__(self, provider: RemoteProvider, *, drain_timeout: float) -> None:
+        self._provider = provider
+        self._drain_timeout = drain_timeout
+        self._queue: deque[UsageEvent] = deque()
+        self._wake: asyncio.Event | None = None
+        self._idle: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._solo = 0
+        self.sent = 0
+        self.retried = 0
+        self.dropped = 0
+
+    async def open(self) -> None:
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def enqueue(self, event: UsageEvent) -> None:
+        self._queue.append(event)
+        if self._wake is not None and self._idle is not None:
+            self._idle.clear()
+            self._wake.set()
+        else:
+            logger.error("outbox=None delivery is closed; charge %s lost", event.idempotency_key)
+
+    async def prepare(self, event: UsageEvent) -> None:
+        """Nothing to make durable in memory."""
+
+    def confirm(self, event: UsageEvent) -> None:
+        self.enqueue(event)
+
+    async def cancel(self, event: UsageEvent) -> None:
+        """Nothing was written at prepare."""
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "queued": len(self._queue),
+            "sent": self.sent,
+            "retried": self.retried,
+            "dropped": self.dropped,
+        }
+
+    async def drain(self, within: float) -> bool:
+        if self._idle is None:
+            return not self._queue
+        try:
+            async with asyncio.timeout(within):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        if self._task is None:
+            return
+        await self.drain(self._drain_timeout)
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = self._wake = self._idle = None
+        if self._queue:
+            logger.error(
+                "%s: %d charge(s) not delivered before close are lost (outbox=None)",
+                self._provider.name,
+                len(self._queue),
+            )
+
+    async def _run(self) -> None:
+        assert self._wake is not None and self._idle is not None
+        provider = self._provider
+        delay = 0.1
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            size = 1 if self._solo else max(1, provider.max_batch)
+            batch = [self._queue[i] for i in range(min(size, len(self._queue)))]
+            try:
+                async with asyncio.timeout(provider.timeout):
+                    await provider.report(batch)
+            except PermanentProviderError as exc:
+                if len(batch) > 1:
+                    self._solo = len(batch)
+                    continue
+                self._queue.popleft()
+                self._solo = max(0, self._solo - 1)
+                self.dropped += 1
+                logger.error(
+                    "%s: charge %s rejected and dropped (outbox=None): %s",
+                    provider.name,
+                    batch[0].idempotency_key,
+                    exc,
+                )
+                continue
+            except Exception as exc:
+                self.retried += 1
+                hint = exc.retry_after if isinstance(exc, ProviderError) else None
+                wait = hint if hint is not None else delay * (0.5 + random.random())
+                delay = min(delay * 2, 30.0)
+                logger.warning(
+                    "%s: delivery failed (%s); retrying in %.1f s", provider.name, exc, wait
+                )
+                await asyncio.sleep(wait)
+                continue
+            delay = 0.1
+            for _ in batch:
+                self._queue.popleft()
+            self._solo = max(0, self._solo - len(batch))
+            self.sent += len(batch)
