@@ -1,0 +1,546 @@
+"""The durable delivery outbox: one SQLite file (WAL) shared by every worker process.
+
+The :class:`~usage_middleware.reporter.Reporter` writes each charge here before it counts
+as accepted, delivers it to a remote provider, and deletes it once the provider took it.
+This module is the storage half: plain, blocking ``sqlite3`` calls. The reporter runs them
+on its own worker thread; the CLI (``usage-middleware outbox ...``) runs them directly.
+
+Tables::
+
+    outbox        undelivered events. ``owner`` is the reporter instance that holds the row
+                  (NULL = free for any worker to claim); ``held`` = 1 marks a prepared
+                  charge whose response is still being sent (not deliverable while its
+                  owner lives); ``not_before`` (epoch seconds) delays a row after a failed
+                  round of retries.
+    dead_letters  events a provider rejected permanently, with its status/code/message.
+    owners        one row per reporter instance (pid, host, counters) with a lease,
+                  ``alive_until`` (epoch seconds), renewed by its heartbeat.
+
+Ownership works by lease: a row owned by a reporter whose ``alive_until`` passed (the
+process was killed, or stalled longer than its lease) is *reaped*: made free, and
+deliverable even if it was held (a prepared charge of a dead process is delivered). Rows
+are claimed with ``UPDATE ... RETURNING`` in one write transaction, so no row is claimed
+by two live workers. A clean shutdown ends the lease at once (:meth:`Outbox.retire`).
+
+Times stored are wall-clock epoch seconds (``time.time()``); ``at`` is stored as whole
+microseconds since the epoch (UTC), so an event reads back exactly as written.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from .models import UsageEvent
+
+__all__ = [
+    "DeadLetter",
+    "Outbox",
+    "OutboxStatus",
+    "OwnerStatus",
+    "StoredEvent",
+    "decode_at",
+    "encode_at",
+]
+
+#: ``synchronous`` setting: NORMAL survives a killed process (kill -9); FULL also
+#: survives power loss, at the cost of an fsync per group commit.
+Synchronous = Literal["NORMAL", "FULL"]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    idempotency_key TEXT    NOT NULL,
+    customer        TEXT    NOT NULL,
+    feature         TEXT    NOT NULL,
+    units           INTEGER NOT NULL,
+    at_us           INTEGER NOT NULL,
+    clobber         INTEGER NOT NULL DEFAULT 0,
+    created         REAL    NOT NULL,
+    owner           INTEGER,
+    held            INTEGER NOT NULL DEFAULT 0,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    not_before      REAL    NOT NULL DEFAULT 0,
+    last_error      TEXT
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    idempotency_key TEXT    NOT NULL,
+    customer        TEXT    NOT NULL,
+    feature         TEXT    NOT NULL,
+    units           INTEGER NOT NULL,
+    at_us           INTEGER NOT NULL,
+    clobber         INTEGER NOT NULL DEFAULT 0,
+    created         REAL    NOT NULL,
+    failed          REAL    NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    status          INTEGER,
+    code            TEXT,
+    message         TEXT
+);
+CREATE TABLE IF NOT EXISTS owners (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid           INTEGER NOT NULL,
+    host          TEXT    NOT NULL,
+    started       REAL    NOT NULL,
+    alive_until   REAL    NOT NULL,
+    reaped        INTEGER NOT NULL DEFAULT 0,
+    queued        INTEGER NOT NULL DEFAULT 0,
+    sent          INTEGER NOT NULL DEFAULT 0,
+    retried       INTEGER NOT NULL DEFAULT 0,
+    dead_lettered INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+_EVENT_COLUMNS = "idempotency_key, customer, feature, units, at_us, clobber, created"
+
+
+def encode_at(at: datetime) -> int:
+    """Return ``at`` (an aware datetime) as whole microseconds since the epoch."""
+    return (at - _EPOCH) // _US
+
+
+def decode_at(at_us: int) -> datetime:
+    """Return the aware UTC datetime ``at_us`` microseconds after the epoch."""
+    return _EPOCH + timedelta(microseconds=at_us)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An outbox row claimed for delivery: its row id and the event as it was written."""
+
+    rowid: int
+    event: UsageEvent
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event a provider rejected permanently.
+
+    Attributes:
+        id: the dead letter's row id (what ``outbox retry``/``purge`` take).
+        event: the event, with its original idempotency key.
+        created: epoch seconds when the event entered the outbox.
+        failed: epoch seconds when it was dead-lettered.
+        attempts: failed rounds of retries before the permanent rejection.
+        status, code, message: what the provider answered (``ProviderError`` fields).
+    """
+
+    id: int
+    event: UsageEvent
+    created: float
+    failed: float
+    attempts: int
+    status: int | None
+    code: str | None
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerStatus:
+    """One reporter instance that used the outbox, with its lifetime counters (events)."""
+
+    id: int
+    pid: int
+    host: str
+    started: float
+    alive: bool
+    queued: int
+    sent: int
+    retried: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStatus:
+    """What the outbox file holds now.
+
+    Attributes:
+        depth: undelivered events (rows in ``outbox``), all processes.
+        held: of those, prepared charges whose response is still being sent.
+        claimed: of those, rows a live reporter holds (in its memory or in flight).
+        waiting: of those, rows delayed after a failed round of retries.
+        oldest_age: seconds since the oldest undelivered event entered, or ``None``.
+        dead_letters: rows in the dead-letter table.
+        owners: every reporter instance recorded, newest first, with its counters.
+    """
+
+    depth: int
+    held: int
+    claimed: int
+    waiting: int
+    oldest_age: float | None
+    dead_letters: int
+    owners: tuple[OwnerStatus, ...]
+
+
+def _event(
+    key: str, customer: str, feature: str, units: int, at_us: int, clobber: int
+) -> UsageEvent:
+    return UsageEvent(
+        customer,
+        feature,
+        units,
+        at=decode_at(at_us),
+        idempotency_key=key,
+        clobber=bool(clobber),
+    )
+
+
+class Outbox:
+    """A connection to one outbox file. Blocking; use from one thread at a time.
+
+    Args:
+        path: the SQLite file (created with its tables when missing unless ``create`` is
+            False). Every worker process of an app points at the same file.
+        synchronous: ``"NORMAL"`` (default; a committed row survives kill -9) or
+            ``"FULL"`` (also survives power loss; an fsync per commit).
+        busy_timeout: seconds to wait for another process's write lock.
+        create: create the file and tables when missing; False raises
+            ``FileNotFoundError`` for a missing file (the CLI's read-only use).
+
+    Raises:
+        sqlite3.Error: the file cannot be opened or is not an outbox.
+        FileNotFoundError: ``create`` is False and ``path`` does not exist.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "NORMAL",
+        busy_timeout: float = 10.0,
+        create: bool = True,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
+        self.path = os.fspath(path)
+        if not create and not os.path.exists(self.path):
+            raise FileNotFoundError(f"no outbox at {self.path}")
+        self._db = sqlite3.connect(
+            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        if create:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection. Idempotent."""
+        self._db.close()
+
+    def _write(self) -> _Tx:
+        return _Tx(self._db)
+
+    # -- owners ----------------------------------------------------------------------------
+
+    def register(self, lease: float) -> int:
+        """Record a new reporter instance alive for ``lease`` seconds; return its owner id."""
+        now = time.time()
+        with self._write():
+            cur = self._db.execute(
+                "INSERT INTO owners (pid, host, started, alive_until) VALUES (?, ?, ?, ?)",
+                (os.getpid(), socket.gethostname(), now, now + lease),
+            )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def heartbeat(self, owner: int, lease: float, counters: tuple[int, int, int, int]) -> bool:
+        """Extend ``owner``'s lease by ``lease`` seconds and store its counters.
+
+        ``counters`` is (queued, sent, retried, dead_lettered). Returns False when the owner
+        was already reaped (it stalled longer than its lease): its rows are free now.
+        """
+        with self._write():
+            cur = self._db.execute(
+                "UPDATE owners SET alive_until = ?, queued = ?, sent = ?, retried = ?,"
+                " dead_lettered = ? WHERE id = ? AND reaped = 0",
+                (time.time() + lease, *counters, owner),
+            )
+        return cur.rowcount == 1
+
+    def retire(self, owner: int, counters: tuple[int, int, int, int]) -> int:
+        """End ``owner``'s lease now and free its rows (held ones included).
+
+        Called on a clean shutdown: what the owner did not deliver becomes deliverable by
+        any worker at once. Returns the number of rows freed.
+        """
+        with self._write():
+            self._db.execute(
+                "UPDATE owners SET alive_until = 0, reaped = 1, queued = ?, sent = ?,"
+                " retried = ?, dead_lettered = ? WHERE id = ?",
+                (*counters, owner),
+            )
+            cur = self._db.execute(
+                "UPDATE outbox SET owner = NULL, held = 0 WHERE owner = ?", (owner,)
+            )
+        return cur.rowcount
+
+    def reap(self) -> int:
+        """Free the rows of every owner whose lease expired; return how many were freed.
+
+        A held row of a dead owner becomes deliverable: its response was about to be sent
+        when the process died, and a prepared charge is delivered rather than lost.
+        """
+        now = time.time()
+        dead = [
+            r[0]
+            for r in self._db.execute(
+                "SELECT id FROM owners WHERE reaped = 0 AND alive_until < ?", (now,)
+            )
+        ]
+        if not dead:
+            return 0
+        marks = ",".join("?" * len(dead))
+        with self._write():
+            # Re-check inside the write transaction: a heartbeat may have landed.
+            dead = [
+                r[0]
+                for r in self._db.execute(
+                    f"SELECT id FROM owners WHERE reaped = 0 AND alive_until < ?"
+                    f" AND id IN ({marks})",
+                    (now, *dead),
+                )
+            ]
+            if not dead:
+                return 0
+            marks = ",".join("?" * len(dead))
+            cur = self._db.execute(
+                f"UPDATE outbox SET owner = NULL, held = 0 WHERE owner IN ({marks})", dead
+            )
+            self._db.execute(f"UPDATE owners SET reaped = 1 WHERE id IN ({marks})", dead)
+        return cur.rowcount
+
+    # -- the reporter's group commit ---------------------------------------------------------
+
+    def apply(
+        self,
+        owner: int,
+        inserts: Sequence[tuple[UsageEvent, bool, bool]] = (),
+        *,
+        deletes: Iterable[int] = (),
+        frees: Iterable[int] = (),
+        dead: Iterable[tuple[int, int | None, str | None, str | None]] = (),
+        releases: Iterable[tuple[int, float, str]] = (),
+    ) -> int:
+        """Apply one batch of the reporter's changes in one write transaction.
+
+        Args:
+            owner: the calling reporter's owner id; rows it changes must be its own.
+            inserts: (event, owned, held): new rows, owned by ``owner`` or free, held or not.
+                They get consecutive ids in this order.
+            deletes: row ids delivered (or cancelled): removed.
+            frees: row ids to hand back (owner NULL, not held): deliverable by anyone.
+            dead: (row id, status, code, message): moved to ``dead_letters``.
+            releases: (row id, not_before, error): handed back after a failed round of
+                retries, deliverable again from ``not_before`` (epoch seconds).
+
+        Returns:
+            the id of the first inserted row (the others follow it), or 0.
+        """
+        now = time.time()
+        first = 0
+        db = self._db
+        with self._write():
+            if inserts:
+                row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+                base = max(
+                    row[0] if row else 0,
+                    db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0],
+                )
+                first = base + 1
+                db.executemany(
+                    "INSERT INTO outbox (id, idempotency_key, customer, feature, units, at_us,"
+                    " clobber, created, owner, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            first + i,
+                            ev.idempotency_key,
+                            ev.customer,
+                            ev.feature,
+                            ev.units,
+                            (ev.at - _EPOCH) // _US,
+                            ev.clobber,
+                            now,
+                            owner if owned else None,
+                            held,
+                        )
+                        for i, (ev, owned, held) in enumerate(inserts)
+                    ],
+                )
+            db.executemany(
+                "DELETE FROM outbox WHERE id = ? AND owner = ?", [(i, owner) for i in deletes]
+            )
+            db.executemany(
+                "UPDATE outbox SET owner = NULL, held = 0 WHERE id = ? AND owner = ?",
+                [(i, owner) for i in frees],
+            )
+            dead_rows = [(now, st, code, msg, i, owner) for i, st, code, msg in dead]
+            if dead_rows:
+                db.executemany(
+                    f"INSERT INTO dead_letters ({_EVENT_COLUMNS}, failed, attempts, status,"
+                    f" code, message) SELECT {_EVENT_COLUMNS}, ?, attempts, ?, ?, ?"
+                    " FROM outbox WHERE id = ? AND owner = ?",
+                    dead_rows,
+                )
+                db.executemany(
+                    "DELETE FROM outbox WHERE id = ? AND owner = ?",
+                    [(r[4], owner) for r in dead_rows],
+                )
+            db.executemany(
+                "UPDATE outbox SET owner = NULL, held = 0, attempts = attempts + 1,"
+                " not_before = ?, last_error = ? WHERE id = ? AND owner = ?",
+                [(nb, err, i, owner) for i, nb, err in releases],
+            )
+        return first
+
+    def claim(self, owner: int, limit: int) -> list[StoredEvent]:
+        """Claim up to ``limit`` free, due rows for ``owner``, oldest first.
+
+        One write transaction: a row is claimed by at most one live owner.
+        """
+        with self._write():
+            rows = self._db.execute(
+                "UPDATE outbox SET owner = ? WHERE id IN (SELECT id FROM outbox"
+                " WHERE owner IS NULL AND not_before <= ? ORDER BY id LIMIT ?)"
+                f" RETURNING id, {_EVENT_COLUMNS}, attempts",
+                (owner, time.time(), limit),
+            ).fetchall()
+        rows.sort()
+        return [
+            StoredEvent(rowid, _event(key, cust, feat, units, at_us, clob), attempts)
+            for rowid, key, cust, feat, units, at_us, clob, _created, attempts in rows
+        ]
+
+    # -- inspection and admin (CLI) -----------------------------------------------------------
+
+    def status(self) -> OutboxStatus:
+        """Count what the outbox holds now (one read transaction; scans the table)."""
+        now = time.time()
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            depth, held, waiting, oldest = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(held), 0),"
+                " COALESCE(SUM(not_before > ?), 0), MIN(created) FROM outbox",
+                (now,),
+            ).fetchone()
+            claimed = db.execute(
+                "SELECT COUNT(*) FROM outbox WHERE owner IN"
+                " (SELECT id FROM owners WHERE reaped = 0 AND alive_until >= ?)",
+                (now,),
+            ).fetchone()[0]
+            dead = db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            owners = tuple(
+                OwnerStatus(
+                    id=r[0],
+                    pid=r[1],
+                    host=r[2],
+                    started=r[3],
+                    alive=not r[5] and r[4] >= now,
+                    queued=r[6],
+                    sent=r[7],
+                    retried=r[8],
+                    dead_lettered=r[9],
+                )
+                for r in db.execute(
+                    "SELECT id, pid, host, started, alive_until, reaped, queued, sent,"
+                    " retried, dead_lettered FROM owners ORDER BY id DESC"
+                )
+            )
+        finally:
+            db.execute("COMMIT")
+        return OutboxStatus(
+            depth=depth,
+            held=held,
+            claimed=claimed,
+            waiting=waiting,
+            oldest_age=None if oldest is None else max(0.0, now - oldest),
+            dead_letters=dead,
+            owners=owners,
+        )
+
+    def depth(self) -> tuple[int, float | None]:
+        """Return (undelivered rows, epoch seconds the oldest entered or None)."""
+        count, oldest = self._db.execute("SELECT COUNT(*), MIN(created) FROM outbox").fetchone()
+        return count, oldest
+
+    def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """Return dead letters, oldest first (at most ``limit``)."""
+        rows = self._db.execute(
+            f"SELECT id, {_EVENT_COLUMNS}, failed, attempts, status, code, message"
+            " FROM dead_letters ORDER BY id LIMIT ?",
+            (-1 if limit is None else limit,),
+        ).fetchall()
+        return [
+            DeadLetter(
+                id=r[0],
+                event=_event(r[1], r[2], r[3], r[4], r[5], r[6]),
+                created=r[7],
+                failed=r[8],
+                attempts=r[9],
+                status=r[10],
+                code=r[11],
+                message=r[12],
+            )
+            for r in rows
+        ]
+
+    def retry_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Move dead letters (``ids``, or all when None) back into the outbox, free.
+
+        They keep their idempotency key and ``at``; a running reporter delivers them on its
+        next poll. Returns how many moved.
+        """
+        where, args = _where_ids(ids)
+        with self._write():
+            self._db.execute(
+                f"INSERT INTO outbox ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS}"
+                f" FROM dead_letters {where} ORDER BY id",
+                args,
+            )
+            cur = self._db.execute(f"DELETE FROM dead_letters {where}", args)
+        return cur.rowcount
+
+    def purge_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Delete dead letters (``ids``, or all when None) for good; return how many."""
+        where, args = _where_ids(ids)
+        with self._write():
+            cur = self._db.execute(f"DELETE FROM dead_letters {where}", args)
+        return cur.rowcount
+
+
+def _where_ids(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
+    if ids is None:
+        return "", ()
+    if not ids:
+        return "WHERE 0", ()
+    return f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
+
+
+class _Tx:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self._db.execute("COMMIT")
+        else:
+            self._db.execute("ROLLBACK")

@@ -1,0 +1,192 @@
+"""``usage-middleware outbox status|retry|purge``: look into and replay the delivery outbox.
+
+::
+
+    usage-middleware outbox status [--outbox PATH] [--json] [--limit N]
+    usage-middleware outbox retry  [--outbox PATH] (ID ... | --all)
+    usage-middleware outbox purge  [--outbox PATH] (ID ... | --all)
+
+``status`` prints the undelivered depth, held/claimed/waiting rows, the oldest undelivered
+age (seconds), every reporter instance's counters (queued, sent, retried, dead-lettered)
+and the dead letters with the provider's status/code/message. ``retry`` moves dead letters
+back into the outbox (same idempotency key); a running reporter delivers them within its
+``poll_interval``. ``purge`` deletes dead letters for good. ``--outbox`` defaults to
+``$USAGE_OUTBOX`` or ``usage-outbox.db``.
+
+Each command's handler is stored as ``func`` on the parsed namespace and returns the exit
+status: 0 done, 1 no outbox at the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TextIO
+
+from .outbox import Outbox, OutboxStatus
+
+__all__ = ["add_outbox_commands", "main"]
+
+
+def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``outbox status|retry|purge`` to a CLI's subparsers (sets ``func`` on each)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--outbox",
+        metavar="PATH",
+        default=os.environ.get("USAGE_OUTBOX", "usage-outbox.db"),
+        help="the outbox file (default: $USAGE_OUTBOX or usage-outbox.db)",
+    )
+    outbox = subparsers.add_parser(
+        "outbox",
+        help="inspect the delivery outbox and replay dead letters",
+        description="Inspect the delivery outbox and replay or purge dead letters.",
+    )
+    commands = outbox.add_subparsers(dest="outbox_command", metavar="COMMAND", required=True)
+
+    status = commands.add_parser(
+        "status", parents=[common], help="depth, oldest age, counters, dead letters"
+    )
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="dead letters to list (default 50)"
+    )
+    status.set_defaults(func=_status)
+
+    for name, verb in (("retry", "move back into the outbox"), ("purge", "delete for good")):
+        cmd = commands.add_parser(name, parents=[common], help=f"dead letters: {verb}")
+        cmd.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter ids")
+        cmd.add_argument("--all", action="store_true", help="every dead letter")
+        cmd.set_defaults(func=_retry if name == "retry" else _purge, _parser=cmd)
+
+
+def _open(args: argparse.Namespace, out: TextIO) -> Outbox | None:
+    try:
+        return Outbox(args.outbox, create=False)
+    except (FileNotFoundError, sqlite3.Error) as exc:
+        print(f"usage-middleware outbox: {exc}", file=out)
+        return None
+
+
+def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    outbox = _open(args, sys.stderr)
+    if outbox is None:
+        return 1
+    try:
+        st = outbox.status()
+        dead = outbox.dead_letters(limit=max(args.limit, 0))
+    finally:
+        outbox.close()
+    if args.json:
+        doc = asdict(st) | {
+            "path": args.outbox,
+            "totals": _totals(st),
+            "dead_letter_list": [
+                {
+                    "id": d.id,
+                    "idempotency_key": d.event.idempotency_key,
+                    "customer": d.event.customer,
+                    "feature": d.event.feature,
+                    "units": d.event.units,
+                    "at": d.event.at.isoformat(),
+                    "failed": d.failed,
+                    "status": d.status,
+                    "code": d.code,
+                    "message": d.message,
+                }
+                for d in dead
+            ],
+        }
+        json.dump(doc, out, indent=2)
+        out.write("\n")
+        return 0
+    age = "-" if st.oldest_age is None else f"{st.oldest_age:.1f}s"
+    totals = _totals(st)
+    print(f"outbox {args.outbox}", file=out)
+    print(
+        f"  undelivered {st.depth} (held {st.held}, claimed {st.claimed},"
+        f" waiting to retry {st.waiting}); oldest {age}",
+        file=out,
+    )
+    print(
+        "  totals: queued {queued} sent {sent} retried {retried}"
+        " dead_lettered {dead_lettered}".format(**totals),
+        file=out,
+    )
+    live = [o for o in st.owners if o.alive]
+    print(f"  live reporters {len(live)}", file=out)
+    for o in live:
+        print(
+            f"    #{o.id} pid {o.pid}@{o.host}: queued {o.queued} sent {o.sent}"
+            f" retried {o.retried} dead_lettered {o.dead_lettered}",
+            file=out,
+        )
+    print(f"  dead letters {st.dead_letters}", file=out)
+    for d in dead:
+        ev = d.event
+        print(
+            f"    {d.id}: {ev.customer} {ev.feature} x{ev.units} key={ev.idempotency_key}"
+            f" status={d.status} code={d.code} {d.message or ''}".rstrip(),
+            file=out,
+        )
+    if st.dead_letters > len(dead):
+        print(f"    ... {st.dead_letters - len(dead)} more (--limit)", file=out)
+    return 0
+
+
+def _totals(st: OutboxStatus) -> dict[str, int]:
+    return {
+        "queued": sum(o.queued for o in st.owners),
+        "sent": sum(o.sent for o in st.owners),
+        "retried": sum(o.retried for o in st.owners),
+        "dead_lettered": sum(o.dead_lettered for o in st.owners),
+    }
+
+
+def _ids(args: argparse.Namespace) -> list[int] | None:
+    if args.all == bool(args.ids):
+        args._parser.error("give dead letter ids or --all (not both)")
+    return None if args.all else list(args.ids)
+
+
+def _retry(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    ids = _ids(args)
+    outbox = _open(args, sys.stderr)
+    if outbox is None:
+        return 1
+    try:
+        n = outbox.retry_dead(ids)
+    finally:
+        outbox.close()
+    print(f"{n} dead letters moved back to the outbox for delivery", file=out)
+    return 0
+
+
+def _purge(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    ids = _ids(args)
+    outbox = _open(args, sys.stderr)
+    if outbox is None:
+        return 1
+    try:
+        n = outbox.purge_dead(ids)
+    finally:
+        outbox.close()
+    print(f"{n} dead letters purged", file=out)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``outbox ...`` on its own (``python -m usage_middleware.outbox_cli outbox status``)."""
+    parser = argparse.ArgumentParser(prog="usage-middleware")
+    add_outbox_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
