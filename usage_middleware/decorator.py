@@ -1,0 +1,270 @@
+"""``@metered(feature, units=1)``: reserve units before a route runs; refuse with 402.
+
+::
+
+    @app.get("/convert")                 # the route decorator on top
+    @metered("feature:convert")          # @metered right above the function
+    async def convert(q: str) -> dict[str, str]: ...
+
+The wrapper runs inside the endpoint, i.e. after routing and after every middleware
+(``request.user`` works). On each request it finds the :class:`~usage_middleware.middleware.
+MeteringState` that :class:`~usage_middleware.UsageMiddleware` put in the scope, resolves
+the customer, resolves the units, reserves every feature (all or nothing) and either calls
+the endpoint or returns the refusal (401/402/503 ``application/problem+json``) instead.
+Charging happens in the middleware, after the response (see its docstring).
+
+Endpoints:
+
+* Starlette endpoints (``request`` as the first argument), ``HTTPEndpoint`` methods and
+  FastAPI path operations, ``async def`` and plain ``def``. A plain ``def`` runs in
+  Starlette's threadpool (:func:`starlette.concurrency.run_in_threadpool`), never on the
+  event loop. Generator endpoints are refused at decoration time (return a
+  ``StreamingResponse`` instead).
+* FastAPI needs no ``request`` parameter: the wrapper's ``__signature__`` is the original's
+  plus a hidden keyword-only parameter annotated ``starlette.requests.Request``, stripped
+  before the original is called; when the original already takes a ``Request``, that one
+  is used. Everything else FastAPI reads stays the original's: parameters, ``Depends``,
+  ``Annotated``, the return annotation (``response_model``), and string annotations from
+  ``from __future__ import annotations`` (FastAPI evaluates them in the original's module
+  through ``__wrapped__``). Dicts, models and ``Response`` objects are returned unchanged.
+
+``units``: an int > 0, or a callable of the request returning one, sync or async (decided
+once, at decoration). The callable runs on the event loop before the endpoint; for bad
+client input it should raise ``HTTPException(400)``. A value that is not an int > 0 is a
+bug in the callable: ``ConfigurationError`` is raised (the server answers 500 and logs it).
+
+Several ``@metered`` on one function merge into one wrapper and one all-or-nothing
+decision, in top-down order; naming the same feature twice is an error.
+
+Misuse is loud: invalid arguments raise ``ConfigurationError`` at decoration time; a
+metered endpoint called without ``UsageMiddleware`` raises ``ConfigurationError`` naming
+the fix (never runs unmetered); ``@metered`` above the route decorator is detected by the
+middleware at start-up (see :mod:`usage_middleware.routes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import (
+    Annotated,
+    Any,
+    Final,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    get_args,
+    get_origin,
+    overload,
+)
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import HTTPConnection, Request
+
+from ._utils import is_async_callable
+from .errors import ConfigurationError
+from .middleware import SCOPE_KEY, MeteringState
+from .models import check_feature
+from .routes import FEATURES_ATTR, MARK_ATTR, WRAPPER_ATTR, is_metered_wrapper
+
+__all__ = ["REQUEST_PARAM", "UnitsFunction", "metered"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Name of the hidden keyword-only parameter added to the wrapper's ``__signature__``.
+REQUEST_PARAM: Final = "_usage_middleware_request"
+_SPECS_ATTR = "__usage_specs__"
+
+
+class UnitsFunction(Protocol):
+    """``(request) -> int``, sync or async: the units one request uses (> 0)."""
+
+    def __call__(self, request: Request, /) -> int | Awaitable[int]: ...
+
+
+class _MeteredDecorator(Protocol):
+    @overload
+    def __call__(
+        self, func: Callable[P, Coroutine[Any, Any, T]], /
+    ) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+    @overload
+    def __call__(self, func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
+
+
+class _Spec:
+    """One metered feature: its name and how to get the units for a request."""
+
+    __slots__ = ("feature", "units", "units_async", "units_fn")
+
+    def __init__(self, feature: str, units: int | UnitsFunction) -> None:
+        self.feature = feature
+        if callable(units):
+            self.units = 0
+            self.units_fn: UnitsFunction | None = units
+            self.units_async = is_async_callable(units)
+        else:
+            self.units = units
+            self.units_fn = None
+            self.units_async = False
+
+    async def units_for(self, request: Request) -> int:
+        fn = self.units_fn
+        if fn is None:
+            return self.units
+        value: Any = fn(request)
+        if self.units_async or inspect.isawaitable(value):
+            value = await value
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigurationError(
+                f"@metered({self.feature!r}, units=...): the units function returned "
+                f"{value!r}; it must return an int > 0 (raise HTTPException for bad input)"
+            )
+        return value
+
+    def __repr__(self) -> str:
+        units = self.units_fn if self.units_fn is not None else self.units
+        return f"metered({self.feature!r}, units={units!r})"
+
+
+def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
+    """Meter an endpoint: reserve ``units`` of ``feature`` before it runs, charge after.
+
+    Args:
+        feature: a Tier feature name, ``feature:[a-zA-Z0-9:]+`` (e.g. ``"feature:convert"``).
+        units: units of usage one request uses: an int > 0, or a sync or async callable of
+            the request returning one.
+
+    Returns a decorator turning the endpoint into an ``async def`` wrapper (see the module
+    docstring for what it keeps and how it behaves).
+
+    Raises:
+        ConfigurationError: at decoration time, for a bad feature name, bad units, a
+            feature already metered on the same function, a generator or non-function.
+    """
+    check_feature(feature)
+    if not callable(units) and (
+        isinstance(units, bool) or not isinstance(units, int) or units <= 0
+    ):
+        raise ConfigurationError(
+            f"@metered({feature!r}, units={units!r}): units must be an int > 0 or a "
+            "callable of the request returning one"
+        )
+    spec = _Spec(feature, units)
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        specs: tuple[_Spec, ...] = (spec,)
+        original = func
+        if is_metered_wrapper(func):
+            inner: tuple[_Spec, ...] = getattr(func, _SPECS_ATTR)
+            if any(s.feature == feature for s in inner):
+                raise ConfigurationError(
+                    f"@metered({feature!r}) is applied twice to {func.__qualname__}; "
+                    "use one @metered per feature (units may be a callable)"
+                )
+            specs = (spec, *inner)
+            original = func.__wrapped__  # type: ignore[attr-defined]
+        return _wrap(original, specs)
+
+    return decorate
+
+
+def _request_param(func: Callable[..., Any], sig: inspect.Signature) -> str | None:
+    """The name of ``func``'s own parameter annotated with ``Request`` (FastAPI fills it)."""
+    globalns = getattr(func, "__globals__", {})
+    for param in sig.parameters.values():
+        annotation = param.annotation
+        if isinstance(annotation, str):
+            try:
+                annotation = eval(annotation, globalns)  # FastAPI does the same later
+            except Exception:
+                text = annotation.replace(" ", "")
+                if text == "Request" or text.endswith((".Request", "[Request", "[Request]")):
+                    return param.name
+                continue
+        if get_origin(annotation) is Annotated:
+            annotation = get_args(annotation)[0]
+        if isinstance(annotation, type) and issubclass(annotation, Request):
+            return param.name
+    return None
+
+
+def _wrap(original: Callable[..., Any], specs: tuple[_Spec, ...]) -> Callable[..., Any]:
+    if inspect.isclass(original) or not callable(original):
+        raise ConfigurationError(
+            f"@metered decorates endpoint functions or methods, got {original!r}"
+        )
+    if inspect.isgeneratorfunction(original) or inspect.isasyncgenfunction(original):
+        raise ConfigurationError(
+            f"@metered cannot meter the generator endpoint {original.__qualname__}: its "
+            "response starts before the check; return a StreamingResponse instead"
+        )
+    try:
+        sig = inspect.signature(original)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"@metered cannot read the signature of {original!r}") from exc
+
+    request_name = _request_param(original, sig)
+    hidden = request_name is None
+    if hidden:
+        params = list(sig.parameters.values())
+        where = len(params)
+        if params and params[-1].kind is inspect.Parameter.VAR_KEYWORD:
+            where -= 1
+        params.insert(
+            where,
+            inspect.Parameter(REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        )
+        sig = sig.replace(parameters=params)
+
+    is_async = is_async_callable(original)
+    features = tuple(s.feature for s in specs)
+
+    @functools.wraps(original)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        request = kwargs.pop(REQUEST_PARAM, None) if hidden else kwargs.get(request_name)  # type: ignore[arg-type]
+        if request is None:
+            for arg in args:
+                if isinstance(arg, HTTPConnection):
+                    request = arg
+                    break
+            else:
+                raise ConfigurationError(
+                    f"@metered endpoint {original.__qualname__} was called without a request; "
+                    "it must be called by Starlette or FastAPI routing"
+                )
+        state: MeteringState | None = request.scope.get(SCOPE_KEY)
+        if state is None:
+            raise ConfigurationError(_no_middleware_message(original, request))
+        refusal = await state.middleware.authorize(state, cast(Request, request), specs)
+        if refusal is not None:
+            return refusal
+        if is_async:
+            return await original(*args, **kwargs)
+        return await run_in_threadpool(original, *args, **kwargs)
+
+    wrapper.__signature__ = sig  # type: ignore[attr-defined]
+    setattr(wrapper, WRAPPER_ATTR, wrapper)
+    setattr(wrapper, FEATURES_ATTR, features)
+    setattr(wrapper, _SPECS_ATTR, specs)
+    try:
+        setattr(original, MARK_ATTR, True)
+    except (AttributeError, TypeError):  # a builtin or slotted callable: nothing to mark
+        pass
+    return wrapper
+
+
+def _no_middleware_message(original: Callable[..., Any], request: HTTPConnection) -> str:
+    if request.scope.get("type") != "http":
+        return (
+            f"@metered endpoint {original.__qualname__} got a {request.scope.get('type')!r} "
+            "connection; @metered meters HTTP routes only"
+        )
+    return (
+        f"@metered endpoint {original.__qualname__} ran without UsageMiddleware, so it "
+        "cannot be metered: add app.add_middleware(UsageMiddleware, customer=...) "
+        "(from usage_middleware import UsageMiddleware)"
+    )

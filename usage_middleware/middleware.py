@@ -1,0 +1,430 @@
+"""``UsageMiddleware``: charge a customer only for metered responses that reached them.
+
+A pure ASGI middleware (no ``BaseHTTPMiddleware``). It does three things:
+
+1. **Lifespan.** It opens the provider when the app receives ``lifespan.startup`` (so the
+   app's own start-up code can use it) and closes it before forwarding
+   ``lifespan.shutdown.complete``/``failed``. Every lifespan message is forwarded unchanged,
+   except ``lifespan.startup.complete``, which becomes ``lifespan.startup.failed`` (with the
+   reason) when the provider did not open or a ``@metered`` decorator is misplaced (see
+   :mod:`usage_middleware.routes`). Without a lifespan the provider opens on the first
+   HTTP request. The middleware does not close a provider when no lifespan arrives.
+2. **Per-request state.** For each ``http`` request it puts one :class:`MeteringState` at
+   ``scope["usage_middleware"]`` (:data:`SCOPE_KEY`). ``@metered`` finds it there, resolves
+   the customer, reserves the units and records the reservations in it. If the key is
+   already present (an outer ``UsageMiddleware``, e.g. around a mounted sub-app that has its
+   own), this middleware passes the request through, so nothing is charged twice; the
+   outermost middleware's provider and customer resolver apply.
+3. **Settlement.** It wraps ``send`` (every message forwarded unchanged and unbuffered; the
+   request body is never read) and settles each reservation exactly once:
+
+   * the final ``http.response.body`` (``more_body`` false) or ``http.response.pathsend``
+     of a response whose status passes ``charge_if`` (2xx by default): ``provider.prepare``
+     is awaited for every reservation just before that message is forwarded, and
+     ``provider.commit`` after the app returns (an exception raised after the final body
+     went out, e.g. by a background task, does not undo the charge);
+   * anything else is released: a 4xx/5xx, an exception before or after the response
+     started, a client disconnect (``http.disconnect`` seen, or ``send`` raising) before the
+     final body, a cancelled request, a refused (402/401/503) request.
+
+   A streaming response is charged once, at its end. ``commit``/``release`` errors are
+   logged (logger ``usage_middleware``), never raised into the response.
+
+``websocket`` and other scopes pass through untouched.
+
+``failure_policy`` covers provider exceptions the middleware itself sees (a provider that
+raises from ``reserve`` or ``prepare`` instead of answering with ``Answer.err``):
+``"closed"`` (default) refuses with 503 (``reserve``) or aborts the response before its
+final body (``prepare``); ``"open"`` serves without charging that feature and logs an error.
+Failed checks the provider reports in ``Answer.err`` follow the provider's own policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol, cast
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import problems
+from ._utils import is_async_callable
+from .errors import ConfigurationError
+from .models import Reservation
+from .providers.base import FailurePolicy, Provider
+from .routes import document_routes, misplaced_endpoints
+
+if TYPE_CHECKING:
+    from asgiref.typing import HTTPScope
+
+    from .customers import CustomerResolver
+
+__all__ = ["SCOPE_KEY", "MeteringState", "UsageMiddleware"]
+
+#: The ASGI scope key under which the per-request :class:`MeteringState` travels.
+SCOPE_KEY: Final = "usage_middleware"
+
+#: ``Retry-After`` (seconds) for a 503 when neither the answer nor the error says.
+DEFAULT_RETRY_AFTER: Final = 5.0
+
+logger = logging.getLogger("usage_middleware")
+
+_CUSTOMER_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
+
+
+def _is_2xx(status: int) -> bool:
+    return 200 <= status < 300
+
+
+class UnitsSpec(Protocol):
+    """One ``@metered`` feature as the middleware sees it (made by the decorator)."""
+
+    feature: str
+
+    async def units_for(self, request: Request) -> int: ...
+
+
+class MeteringState:
+    """Per-request metering state, at ``scope["usage_middleware"]``.
+
+    Attributes:
+        middleware: the :class:`UsageMiddleware` metering this request.
+        reservations: reservations held for this request (``None`` until ``@metered``
+            reserves); the middleware settles and clears them.
+        status: the response status once ``http.response.start`` went out, else ``None``.
+        denied: the request was refused (401/402/503); nothing is charged.
+        disconnected: the app received ``http.disconnect``.
+        charge: the final body of a chargeable response was sent after ``prepare``.
+    """
+
+    __slots__ = ("charge", "denied", "disconnected", "middleware", "reservations", "status")
+
+    def __init__(self, middleware: UsageMiddleware) -> None:
+        self.middleware = middleware
+        self.reservations: list[Reservation] | None = None
+        self.status: int | None = None
+        self.denied = False
+        self.disconnected = False
+        self.charge = False
+
+
+class UsageMiddleware:
+    """Meter ``@metered`` routes of ``app`` against ``provider`` (see the module docstring).
+
+    Args:
+        app: the ASGI app.
+        provider: the billing provider; ``None`` builds a
+            :class:`~usage_middleware.ledger.LocalLedger` with its defaults (``usage.db``).
+            The middleware opens it (lifespan start-up or first request) and closes it at
+            lifespan shutdown.
+        customer: required; a sync or async callable of the request returning the customer
+            id or ``None`` (see :mod:`usage_middleware.customers`).
+        charge_if: ``status -> bool``: which final statuses are charged (default 2xx).
+        failure_policy: ``"closed"`` or ``"open"``: what to do when ``reserve``/``prepare``
+            raise (see the module docstring).
+
+    Raises:
+        ConfigurationError: an argument is missing or of the wrong kind (the message names
+            the fix).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        provider: Provider | None = None,
+        customer: CustomerResolver | None = None,
+        charge_if: Callable[[int], bool] = _is_2xx,
+        failure_policy: FailurePolicy = "closed",
+    ) -> None:
+        if not callable(app):
+            raise ConfigurationError(f"UsageMiddleware(app): app must be an ASGI app, got {app!r}")
+        if customer is None:
+            raise ConfigurationError(
+                "UsageMiddleware needs customer=: a callable of the request returning the "
+                "customer id, e.g. app.add_middleware(UsageMiddleware, "
+                "customer=customer_from_user()) (from usage_middleware.customers)"
+            )
+        if not callable(customer):
+            raise ConfigurationError(
+                f"UsageMiddleware(customer=...) must be a callable of the request, got {customer!r}"
+            )
+        if not callable(charge_if):
+            raise ConfigurationError(
+                "UsageMiddleware(charge_if=...) must be a callable of the status code, "
+                f"got {charge_if!r}"
+            )
+        if failure_policy not in ("open", "closed"):
+            raise ConfigurationError(
+                f"UsageMiddleware(failure_policy=...) must be 'open' or 'closed', "
+                f"got {failure_policy!r}"
+            )
+        if provider is None:
+            from .ledger.local import LocalLedger
+
+            provider = LocalLedger()
+        elif not isinstance(provider, Provider):
+            raise ConfigurationError(
+                "UsageMiddleware(provider=...) must be a usage_middleware Provider "
+                f"(e.g. LocalLedger()), got {provider!r}"
+            )
+        self.app = app
+        self.provider = provider
+        self.customer = customer
+        self.charge_if = charge_if
+        self.failure_policy = failure_policy
+        self._customer_is_async = is_async_callable(customer)
+        self._opened = False
+        self._open_lock: asyncio.Lock | None = None
+        self._routes_checked = False
+        self._background: set[asyncio.Task[None]] = set()
+        try:
+            document_routes(app)
+        except Exception:  # documentation is best effort; never break start-up
+            logger.exception("usage_middleware: could not document metered routes")
+
+    # -- ASGI entry ------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type != "http":
+            if scope_type == "lifespan":
+                await self._lifespan(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        if SCOPE_KEY in scope:
+            await self.app(scope, receive, send)
+            return
+        if not self._opened:
+            await self._ensure_open()
+        if not self._routes_checked:
+            self._check_routes()
+
+        state = MeteringState(self)
+        scope[SCOPE_KEY] = state
+        charge_if = self.charge_if
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                state.disconnected = True
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            message_type = message["type"]
+            if message_type == "http.response.start":
+                state.status = message["status"]
+            elif (
+                state.reservations
+                and (
+                    (message_type == "http.response.body" and not message.get("more_body", False))
+                    or message_type == "http.response.pathsend"
+                )
+                and not state.denied
+                and not state.disconnected
+                and not state.charge
+                and state.status is not None
+                and charge_if(state.status)
+            ):
+                if await self._prepare(state):
+                    await send(message)
+                    state.charge = True
+                    return
+            await send(message)
+
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            if state.reservations:
+                await self._settle(state, state.charge)
+
+    # -- reservations (called by @metered) ---------------------------------------------------
+
+    async def authorize(
+        self, state: MeteringState, request: Request, specs: Sequence[UnitsSpec]
+    ) -> Response | None:
+        """Resolve the customer and reserve every feature of ``specs``, all or nothing.
+
+        Returns ``None`` when the endpoint may run (the reservations are in ``state``), or
+        the refusal to send instead: 401 (no or malformed customer), 402 (a feature was
+        refused), 503 (a check failed closed). Holds taken before a refusal are released by
+        the middleware after the refusal is sent.
+        """
+        customer: Any = self.customer(request)
+        if self._customer_is_async or (
+            customer is not None
+            and not isinstance(customer, str)
+            and hasattr(customer, "__await__")
+        ):
+            customer = await customer
+        if customer is None:
+            state.denied = True
+            return problems.customer_required()
+        if not isinstance(customer, str) or _CUSTOMER_RE.fullmatch(customer) is None:
+            state.denied = True
+            return problems.customer_required("the customer id of this request is malformed")
+
+        provider = self.provider
+        scope = cast("HTTPScope", request.scope)
+        for spec in specs:
+            units = await spec.units_for(request)
+            try:
+                reservation = await provider.reserve(customer, spec.feature, units, scope=scope)
+            except Exception as exc:
+                if self.failure_policy == "open":
+                    logger.exception(
+                        "usage_middleware: reserve(%s, %s) raised; failing open, not charged",
+                        customer,
+                        spec.feature,
+                    )
+                    continue
+                logger.exception(
+                    "usage_middleware: reserve(%s, %s) raised; failing closed (503)",
+                    customer,
+                    spec.feature,
+                )
+                state.denied = True
+                return problems.billing_unavailable(spec.feature, _retry_after(exc, None))
+            answer = reservation.answer
+            if answer.ok:
+                if state.reservations is None:
+                    state.reservations = [reservation]
+                else:
+                    state.reservations.append(reservation)
+                continue
+            state.denied = True
+            if answer.err is not None:
+                return problems.billing_unavailable(
+                    spec.feature, _retry_after(answer.err, answer.retry_after)
+                )
+            return problems.quota_exceeded(answer, units)
+        return None
+
+    # -- settlement ---------------------------------------------------------------------------
+
+    async def _prepare(self, state: MeteringState) -> bool:
+        """``provider.prepare`` every reservation; whether the response may be charged."""
+        reservations = state.reservations or ()
+        try:
+            for reservation in reservations:
+                await self.provider.prepare(reservation)
+        except Exception:
+            if self.failure_policy == "closed":
+                logger.exception(
+                    "usage_middleware: prepare() raised; aborting the response before its end"
+                )
+                raise
+            logger.exception("usage_middleware: prepare() raised; failing open, not charged")
+            return False
+        return True
+
+    async def _settle(self, state: MeteringState, charge: bool) -> None:
+        """Commit (``charge``) or release every reservation of ``state``, each once."""
+        reservations = state.reservations or []
+        state.reservations = None
+        settle = self.provider.commit if charge else self.provider.release
+        for index, reservation in enumerate(reservations):
+            try:
+                await settle(reservation)
+            except asyncio.CancelledError:
+                # Finish the rest outside this (cancelled) task; providers mark what they
+                # already settled, so the interrupted one is not settled twice.
+                self._finish_later(reservations[index:], charge)
+                raise
+            except Exception:
+                logger.exception(
+                    "usage_middleware: %s(%s, %s, %d units) failed",
+                    "commit" if charge else "release",
+                    reservation.customer,
+                    reservation.feature,
+                    reservation.units,
+                )
+
+    def _finish_later(self, reservations: list[Reservation], charge: bool) -> None:
+        async def finish() -> None:
+            settle = self.provider.commit if charge else self.provider.release
+            for reservation in reservations:
+                if reservation.settled:
+                    continue
+                try:
+                    await settle(reservation)
+                except Exception:
+                    logger.exception("usage_middleware: settling after cancellation failed")
+
+        task = asyncio.get_running_loop().create_task(finish())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def _ensure_open(self) -> None:
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if not self._opened:
+                await self.provider.open()
+                self._opened = True
+
+    def _check_routes(self) -> None:
+        """Raise ``ConfigurationError`` if a ``@metered`` decorator is misplaced."""
+        misplaced = misplaced_endpoints(self.app)
+        if misplaced:
+            raise ConfigurationError(
+                "@metered sits above the route decorator, so the registered endpoint is "
+                "not metered: " + ", ".join(misplaced) + ". Put @metered(...) directly "
+                "above the function, below @app.get(...)/@router.post(...)."
+            )
+        document_routes(self.app)
+        self._routes_checked = True
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        startup_error: BaseException | None = None
+
+        async def receive_wrapper() -> Message:
+            nonlocal startup_error
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self._ensure_open()
+                except Exception as exc:
+                    logger.exception("usage_middleware: the provider did not open")
+                    startup_error = exc
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            message_type = message["type"]
+            if message_type == "lifespan.startup.complete":
+                error = startup_error
+                if error is None:
+                    try:
+                        self._check_routes()
+                    except ConfigurationError as exc:
+                        error = exc
+                if error is not None:
+                    message = {
+                        "type": "lifespan.startup.failed",
+                        "message": f"usage_middleware: {type(error).__name__}: {error}",
+                    }
+            elif message_type in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                try:
+                    await self.provider.aclose()
+                except Exception:
+                    logger.exception("usage_middleware: closing the provider failed")
+                self._opened = False
+            await send(message)
+
+        await self.app(scope, receive_wrapper, send_wrapper)
+
+
+def _retry_after(err: BaseException | None, retry_after: float | None) -> float:
+    if retry_after is not None:
+        return retry_after
+    from_error = getattr(err, "retry_after", None)
+    if isinstance(from_error, int | float):
+        return float(from_error)
+    return DEFAULT_RETRY_AFTER

@@ -1,0 +1,128 @@
+"""RFC 9457 ``application/problem+json`` responses for refused metered requests.
+
+Three problems, each a Starlette :class:`~starlette.responses.Response` built on the spot
+(a refusal is rare next to a success, and building one costs one ``json.dumps``):
+
+* 401 :data:`CUSTOMER_REQUIRED`: no customer id for a metered route, or a malformed one;
+* 402 :data:`QUOTA_EXCEEDED`: the provider said no (``Answer.ok`` False, no ``err``);
+* 503 :data:`BILLING_UNAVAILABLE`: the check itself failed closed (with ``Retry-After``).
+
+The 402 body carries ``feature``, ``units`` (asked for), ``limit``, ``used`` and
+``remaining`` (units of usage, ``null`` where the provider does not know) and, when the
+provider gave one, ``reason``. When the limit is known and not
+:data:`~usage_middleware.models.UNLIMITED`, the 402 also carries the
+``RateLimit-Policy`` / ``RateLimit`` fields of draft-ietf-httpapi-ratelimit-headers
+(the current draft's Structured Field syntax)::
+
+    RateLimit-Policy: "feature:convert";q=100
+    RateLimit: "feature:convert";r=0
+
+The policy name is the feature, ``q`` the plan's limit for the period and ``r`` the units
+still available (allowance plus credits). ``w`` and ``t`` are left out: the provider's
+answer carries no period. Successful responses are never touched (no ``Retry-After``, no
+RateLimit fields).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from starlette.responses import Response
+
+from .models import UNLIMITED, Answer
+
+__all__ = [
+    "BILLING_UNAVAILABLE",
+    "CUSTOMER_REQUIRED",
+    "PROBLEM_JSON",
+    "QUOTA_EXCEEDED",
+    "billing_unavailable",
+    "customer_required",
+    "problem",
+    "quota_exceeded",
+]
+
+#: The media type of every problem body (RFC 9457 section 3).
+PROBLEM_JSON = "application/problem+json"
+
+#: ``type`` of the 402 problem: the provider refused the units asked for.
+QUOTA_EXCEEDED = "tag:usage-middleware,2025:quota-exceeded"
+#: ``type`` of the 401 problem: no (usable) customer id for a metered route.
+CUSTOMER_REQUIRED = "tag:usage-middleware,2025:customer-required"
+#: ``type`` of the 503 problem: the entitlement check failed and the policy is closed.
+BILLING_UNAVAILABLE = "tag:usage-middleware,2025:billing-unavailable"
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def problem(
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **members: Any,
+) -> Response:
+    """An ``application/problem+json`` response with ``status``, RFC 9457 members and extras.
+
+    ``members`` are extension members added after ``detail`` (JSON-serialisable values).
+    """
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
+    body.update(members)
+    return Response(
+        _dumps(body).encode(), status_code=status, headers=headers, media_type=PROBLEM_JSON
+    )
+
+
+def quota_exceeded(answer: Answer, units: int) -> Response:
+    """402 for a refused ``answer`` on ``units`` units of ``answer.feature``.
+
+    ``limit``/``used``/``remaining`` come from the answer (``null`` where unknown).
+    ``remaining`` is derived from ``limit - used`` when the provider left it out.
+    """
+    feature = answer.feature
+    limit, used, remaining = answer.limit, answer.used, answer.remaining
+    if remaining is None and limit is not None and used is not None and limit != UNLIMITED:
+        remaining = max(0, limit - used)
+    headers: dict[str, str] = {"Cache-Control": "no-store"}
+    if limit is not None and limit != UNLIMITED:
+        headers["RateLimit-Policy"] = f'"{feature}";q={limit}'
+        if remaining is not None:
+            headers["RateLimit"] = f'"{feature}";r={max(0, remaining)}'
+    if remaining is None:
+        detail = f"{feature}: this request needs {units} unit(s) and the plan does not allow it"
+    else:
+        detail = f"{feature}: this request needs {units} unit(s); {remaining} left"
+    members: dict[str, Any] = {
+        "feature": feature,
+        "units": units,
+        "limit": limit,
+        "used": used,
+        "remaining": remaining,
+    }
+    if answer.reason:
+        members["reason"] = answer.reason
+    return problem(402, QUOTA_EXCEEDED, "Payment Required", detail, headers=headers, **members)
+
+
+def customer_required(detail: str = "this route is metered and needs a customer") -> Response:
+    """401 for a metered request whose customer could not be identified."""
+    return problem(
+        401, CUSTOMER_REQUIRED, "Unauthorized", detail, headers={"Cache-Control": "no-store"}
+    )
+
+
+def billing_unavailable(feature: str, retry_after: float) -> Response:
+    """503 with ``Retry-After`` (whole seconds, at least 1) for a check that failed closed."""
+    seconds = max(1, math.ceil(retry_after))
+    return problem(
+        503,
+        BILLING_UNAVAILABLE,
+        "Service Unavailable",
+        f"{feature}: the usage check could not be made; retry later",
+        headers={"Retry-After": str(seconds), "Cache-Control": "no-store"},
+        feature=feature,
+    )
