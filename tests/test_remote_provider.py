@@ -644,3 +644,23 @@ def test_entitlement_requires_whole_units() -> None:
     with pytest.raises(ValueError):
         Entitlement(limit=None, used=None, remaining=1.5)  # type: ignore[arg-type]
     assert Entitlement(limit=UNLIMITED, used=0, remaining=UNLIMITED).unlimited
+
+
+async def test_the_durable_reporter_delivers_and_accounting_sees_it(
+    make: Any, clock: Clock, tmp_path: Any
+) -> None:
+    """With a real outbox, prepared+committed charges reach report() once; released ones never."""
+    provider = await make(outbox=tmp_path / "outbox.db", cache_ttl=1.0)
+    assert provider.reporter is not None
+    provider.balances[(C, F)] = 5
+    await _charge(provider, units=2)
+    dropped = await provider.reserve(C, F, 1)
+    await provider.prepare(dropped)
+    await provider.release(dropped)
+    for _ in range(500):  # bounded: up to ~5 s
+        if provider.charged(C, F):
+            break
+        await asyncio.sleep(0.01)
+    await provider.aclose()
+    assert [e.units for e in provider.recorded] == [2]
+    assert provider.balances[(C, F)] == 3

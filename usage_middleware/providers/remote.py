@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib
 import logging
 import os
 import random
@@ -69,7 +68,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import cachetools
 import httpx
@@ -91,6 +90,9 @@ from ..models import (
     check_units,
 )
 from .base import FailurePolicy, Provider, ProviderState
+
+if TYPE_CHECKING:
+    from ..reporter import Reporter
 
 __all__ = ["CircuitBreaker", "Entitlement", "RemoteProvider", "ReporterLike"]
 
@@ -453,15 +455,18 @@ class RemoteProvider(Provider):
     def make_reporter(self) -> ReporterLike:
         """The durable delivery queue for ``outbox``: a ``usage_middleware.reporter.Reporter``.
 
-        Called in :meth:`open` when ``outbox`` is not ``None``.
+        Called in :meth:`open` when ``outbox`` is not ``None``. Override to tune it, e.g.
+        ``Reporter(self, path=self.outbox, max_delay=0.2)``.
         """
-        try:
-            module = importlib.import_module("usage_middleware.reporter")
-        except ImportError as exc:  # pragma: no cover - until the reporter ships
-            raise ConfigurationError(
-                "usage_middleware.reporter is not available; pass outbox=None for tests"
-            ) from exc
-        return cast(ReporterLike, module.Reporter(self, path=self._outbox))
+        from ..reporter import Reporter  # lazy: the reporter imports the provider base
+
+        assert self._outbox is not None
+        return Reporter(self, path=self._outbox)
+
+    @property
+    def outbox(self) -> str | os.PathLike[str] | None:
+        """The outbox path given at construction, or ``None`` (in-memory delivery)."""
+        return self._outbox
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -477,9 +482,12 @@ class RemoteProvider(Provider):
         return client
 
     @property
-    def reporter(self) -> ReporterLike | None:
-        """The durable outbox's Reporter after :meth:`open`, or ``None`` (outbox=None)."""
-        return self._delivery if self._outbox is not None else None
+    def reporter(self) -> Reporter | None:
+        """The durable outbox's Reporter after :meth:`open`, or ``None`` (outbox=None).
+
+        (Whatever :meth:`make_reporter` returned; tests may return a look-alike.)
+        """
+        return cast("Reporter", self._delivery) if self._outbox is not None else None
 
     async def open(self) -> None:
         """Create the HTTP client and start delivery, inside the running loop. Idempotent.
