@@ -327,6 +327,8 @@ class Org:
     info: dict[str, Any] = field(default_factory=dict)
     lines: list[Line] | None = None  # None: no subscription (usage: null)
     phases: list[dict[str, Any]] = field(default_factory=list)
+    #: start of the current billing period: Stripe refuses usage timestamped before it
+    period_start: datetime = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -621,6 +623,9 @@ class FakeTier:
             raise _invalid("feature not reportable")
         if n < 0:
             raise _internal()  # Stripe rejects it
+        at = req.get("at")
+        if at is not None and at < o.period_start:
+            raise _internal()  # Stripe: timestamp outside the current period
         line.used = n if req.get("clobber") else line.used + n
         self.reports.append(req)
         return None
@@ -675,11 +680,12 @@ class FakeTier:
             raise _Abort(404, "not_found", "Not Found")
         features = [x.feature for x in o.lines]
         plans = sorted({x.partition("@")[2] for x in features})
+        start = o.period_start.isoformat().replace("+00:00", "Z")
         out: dict[str, Any] = {
-            "effective": "2023-01-01T00:00:00Z",
+            "effective": start,
             "features": features,
             "plans": plans,
-            "current": {"effective": "2023-01-01T00:00:00Z", "end": "2023-02-01T00:00:00Z"},
+            "current": {"effective": start, "end": "2100-01-01T00:00:00Z"},
         }
         if any((p or {}).get("trial") for p in o.phases[:1]):
             out["trial"] = True
