@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -137,6 +138,7 @@ class FakeSpaire:
         delay: seconds from a customer's last event to its meter update (debounce, 15 s).
         max_delay: the longest a pending update waits under continuous traffic (seconds).
         requests: every request received, in order (after the auth check or not).
+        request_times: ``time.monotonic()`` when each of ``requests`` arrived.
         ingest_bodies: the JSON bodies of every ``POST /v1/events/ingest``.
         violations: request bodies that do not match the vendor SDK's models.
     """
@@ -147,6 +149,7 @@ class FakeSpaire:
     max_delay: float = 180 * 60.0
     org_id: str = ORG_ID
     requests: list[httpx.Request] = field(default_factory=list)
+    request_times: list[float] = field(default_factory=list)
     ingest_bodies: list[dict[str, Any]] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     events: list[_Event] = field(default_factory=list)
@@ -209,23 +212,47 @@ class FakeSpaire:
 
     def fail(
         self,
-        status: int | None = 503,
+        status: int = 503,
         *,
         times: int = 1,
         path: str | None = None,
+        body: Any = None,
         exc: type[httpx.TransportError] | None = None,
     ) -> None:
-        """Answer the next ``times`` requests with ``status`` or raise ``exc`` (network)."""
+        """Answer the next ``times`` requests (to ``path``) with ``status`` and ``body``
+        (default ``{"error": "InternalServerError", ...}``), or raise ``exc`` (network)."""
 
         def answer(request: httpx.Request) -> httpx.Response:
             if exc is not None:
                 raise exc("scripted network failure", request=request)
-            return httpx.Response(
-                status or 503, json={"error": "InternalServerError", "detail": "boom"}
+            payload = (
+                body if body is not None else {"error": "InternalServerError", "detail": "boom"}
             )
+            return httpx.Response(status, json=payload)
 
         for _ in range(times):
             self._script.append((path, answer))
+
+    def lose_response(self, *, times: int = 1, path: str | None = None) -> None:
+        """Process the next ``times`` requests (to ``path``) but raise ``ReadTimeout`` instead
+        of answering: the server acted, the client never heard (a retry must not re-charge)."""
+
+        def answer(request: httpx.Request) -> httpx.Response:
+            self._dated(self._route(request, request.url.raw_path.split(b"?")[0].decode()))
+            raise httpx.ReadTimeout("scripted lost response", request=request)
+
+        for _ in range(times):
+            self._script.append((path, answer))
+
+    def set_available(self, external_id: str, meter_id: str, units: int) -> None:
+        """Make the customer's balance on the meter exactly ``units`` now (creating the
+        customer if needed), with a meter-credit grant of the difference."""
+        if self.customer_by_external(external_id) is None:
+            self.add_customer(external_id)
+        self.settle()
+        current = self.balance(external_id, meter_id) or 0.0
+        self.credit(external_id, meter_id, int(units - current))
+        assert self.balance(external_id, meter_id) == units
 
     def credit(self, external_id: str, meter_id: str, units: int) -> None:
         """A meter-credit benefit grant of ``units`` (system ``meter.credited``), applied now."""
@@ -277,12 +304,29 @@ class FakeSpaire:
         cid = customer["id"] if customer else None
         return self._consumed(cid, external_id, meter_id, math.inf)
 
-    def charged(self, external_id: str, meter_id: str) -> int:
-        """Positive user units stored for the customer on the meter (usage, not grants)."""
-        meter = self.meters[meter_id]
+    def charged(self, external_id: str, meter_id: str, feature: str | None = None) -> int:
+        """Positive user units stored for the customer on the meter (usage, not grants),
+        only those with ``metadata.feature == feature`` when ``feature`` is given."""
         customer = self.customer_by_external(external_id)
+        cid = customer["id"] if customer else None
+        return self._charged(cid, external_id, meter_id, feature)
+
+    def charged_by_id(self, customer_id: str, meter_id: str) -> int:
+        """As :meth:`charged`, for a customer named by its Spaire id."""
+        return self._charged(customer_id, None, meter_id)
+
+    def _charged(
+        self,
+        customer_id: str | None,
+        external_id: str | None,
+        meter_id: str,
+        feature: str | None = None,
+    ) -> int:
+        meter = self.meters[meter_id]
         total = 0.0
-        for ev in self._matching(customer["id"] if customer else None, external_id, meter):
+        for ev in self._matching(customer_id, external_id, meter):
+            if feature is not None and ev.metadata.get("feature") != feature:
+                continue
             units = ev.metadata.get(meter["aggregation"]["property"])
             if _is_number(units) and units > 0:
                 total += units
@@ -292,19 +336,16 @@ class FakeSpaire:
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handler)
 
-    def client(self, *, token: str | None = None) -> httpx.AsyncClient:
-        """An ``AsyncClient`` wired to this fake (what the provider's make_client would build)."""
-        return httpx.AsyncClient(
-            transport=self.transport,
-            base_url=BASE_URL,
-            headers={"authorization": f"Bearer {token or self.token}"},
-        )
+    def client(self, base_url: str = BASE_URL) -> httpx.AsyncClient:
+        """An ``AsyncClient`` wired to this fake (no auth header: the provider sends it)."""
+        return httpx.AsyncClient(transport=self.transport, base_url=base_url)
 
     # -- the server -----------------------------------------------------------------------
 
     def handler(self, request: httpx.Request) -> httpx.Response:
         """Route one request (sync ``MockTransport`` handler)."""
         self.requests.append(request)
+        self.request_times.append(time.monotonic())
         self.settle()
         path = request.url.raw_path.split(b"?")[0].decode("ascii")
         for i, (p, answer) in enumerate(self._script):
