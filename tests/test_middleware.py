@@ -23,7 +23,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from tests.conftest import RecordingProvider, drive, http_scope, run_lifespan
+from tests.metering_helpers import RecordingProvider, drive, http_scope, run_lifespan
 from usage_middleware import UNLIMITED, ConfigurationError
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
