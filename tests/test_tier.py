@@ -906,3 +906,13 @@ async def test_open_creates_and_aclose_closes_the_client() -> None:
     assert client.headers["user-agent"].startswith("usage-middleware/")
     await tier.aclose()
     assert client.is_closed
+
+
+async def test_reporter_never_cuts_a_report_short(fake: FakeTier, tmp_path: Path) -> None:
+    """The outbox Reporter's call timeout is longer than report_timeout (no early cut-off)."""
+    tier = await _open(fake, outbox=tmp_path / "outbox.db", report_timeout=45.0)
+    try:
+        reporter: Any = tier.reporter
+        assert reporter._call_timeout == 50.0
+    finally:
+        await tier.aclose()

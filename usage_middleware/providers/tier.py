@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..models import UNLIMITED, UsageEvent
 from .base import FailurePolicy
-from .remote import Entitlement, RemoteProvider
+from .remote import Entitlement, RemoteProvider, ReporterLike
 
 __all__ = ["SIDECAR_URL", "TIER_CLOUD_URL", "FeatureLimit", "TierProvider"]
 
@@ -363,6 +363,17 @@ class TierProvider(RemoteProvider):
             ),
             headers={"user-agent": _user_agent()},
         )
+
+    def make_reporter(self) -> ReporterLike:
+        """The durable outbox's Reporter, never cutting a report off before ``report_timeout``.
+
+        A report cut off after it was sent may be counted twice (class doc), so the
+        Reporter's per-call timeout is ``report_timeout`` plus 5 s, and at least its 30 s.
+        """
+        from ..reporter import Reporter
+
+        assert self.outbox is not None
+        return Reporter(self, path=self.outbox, call_timeout=max(30.0, self.report_timeout + 5.0))
 
     # -- the provider hooks ---------------------------------------------------------------
 
