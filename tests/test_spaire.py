@@ -11,10 +11,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from contract_spaire import drain
 from spaire_fake import BASE_URL, TOKEN, FakeSpaire
 from spaire_sdk import models as sdk
 
@@ -24,6 +26,7 @@ from usage_middleware.errors import (
     RetryableProviderError,
 )
 from usage_middleware.models import UsageEvent
+from usage_middleware.outbox import Outbox
 from usage_middleware.providers.spaire import SERVERS, SpaireProvider, email_for
 
 DOMAIN = "mail.acme-billing.io"
@@ -520,3 +523,122 @@ def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
     """Unknown server, no meter or both, too-long event name, bad id kind: ConfigurationError."""
     with pytest.raises(ConfigurationError):
         SpaireProvider(TOKEN, outbox=None, **kwargs)
+
+
+# -- through the durable outbox (usage_middleware.reporter.Reporter) -----------------------
+
+
+@asynccontextmanager
+async def spaire_outbox(
+    fake: FakeSpaire, tmp_path: Path, **kwargs: Any
+) -> AsyncIterator[SpaireProvider]:
+    async with spaire(fake, outbox=tmp_path / "outbox.db", **kwargs) as p:
+        yield p
+
+
+async def test_reporter_dead_letters_only_the_bad_event_with_the_servers_reason(
+    fake: FakeSpaire, tmp_path: Path
+) -> None:
+    """A 422 batch is split by the Reporter: the bad event is dead-lettered, the rest sent."""
+    good = fake.add_customer(None, f"good@{DOMAIN}")
+    bad = "6a1f0d0e-0000-4000-8000-000000000000"
+    events = [UsageEvent(c, "feature:x", 2) for c in (good, good, bad, good)]
+    async with spaire_outbox(fake, tmp_path, customer_id_kind="spaire") as p:
+        assert p.reporter is not None
+        for event in events:
+            p.reporter.enqueue(event)
+        await drain(p)
+    assert len(fake.ingest_bodies[0]["events"]) == 4  # sent as one batch, rejected whole
+    assert fake.charged_by_id(good, fake.meter_id) == 6  # type: ignore[attr-defined]
+    outbox = Outbox(tmp_path / "outbox.db", create=False)
+    try:
+        (dead,) = outbox.dead_letters()
+    finally:
+        outbox.close()
+    assert dead.event.idempotency_key == events[2].idempotency_key
+    assert (dead.status, dead.code) == (422, "validation_error")
+    assert dead.message == "Spaire ingest: events.0.customer_id: Customer not found."
+
+
+async def test_reporter_retry_after_a_lost_answer_charges_once(
+    fake: FakeSpaire, tmp_path: Path
+) -> None:
+    """Spaire stored the batch but the answer was lost: the retry is counted as duplicates."""
+    fake.add_customer(ACME, f"acme@{DOMAIN}")
+    fake.lose_response(path="/v1/events/ingest")
+    async with spaire_outbox(fake, tmp_path) as p:
+        assert p.reporter is not None
+        for _ in range(3):
+            p.reporter.enqueue(UsageEvent(ACME, "feature:x", 1))
+        await drain(p)
+        assert p.reporter.stats().retried == 3
+    assert len(fake.ingest_bodies) == 2
+    assert fake.ingest_bodies[0] == fake.ingest_bodies[1]
+    assert fake.charged(ACME, fake.meter_id) == 3  # type: ignore[attr-defined]
+    assert len(fake.events) == 3
+
+
+async def test_reporter_waits_for_retry_after_on_429(fake: FakeSpaire, tmp_path: Path) -> None:
+    """An empty 429 with retry-after: 1 makes the Reporter wait >= 1 s, then deliver once."""
+    fake.add_customer(ACME, f"acme@{DOMAIN}")
+    fake.rate_limit(1, path="/v1/events/ingest")
+    async with spaire_outbox(fake, tmp_path) as p:
+        assert p.reporter is not None
+        p.reporter.enqueue(UsageEvent(ACME, "feature:x", 5))
+        await drain(p)
+    times = [
+        t for r, t in zip(fake.requests, fake.request_times, strict=True) if r.method == "POST"
+    ]
+    assert len(times) == 2
+    assert times[1] - times[0] >= 1.0  # a lower bound: honouring Retry-After, not speed
+    assert fake.charged(ACME, fake.meter_id) == 5  # type: ignore[attr-defined]
+
+
+async def test_metered_requests_through_the_outbox_never_overspend(
+    fake: FakeSpaire, tmp_path: Path
+) -> None:
+    """prepare/commit through the outbox with a lagging balance: exactly the credits are spent."""
+    fake.add_customer(ACME, f"acme@{DOMAIN}")
+    fake.credit(ACME, fake.meter_id, 5)  # type: ignore[attr-defined]
+    async with spaire_outbox(fake, tmp_path, cache_ttl=5, deny_ttl=1) as p:
+        served = 0
+        for i in range(12):
+            r = await p.reserve(ACME, f"feature:{'ab'[i % 2]}", 1)
+            if r.answer.ok:
+                await p.prepare(r)
+                await p.commit(r)
+                served += 1
+            else:
+                await p.release(r)
+            if i % 3 == 0:
+                await drain(p)
+            fake.clock.advance(1.0)
+        await drain(p)
+    assert served == 5
+    assert fake.charged(ACME, fake.meter_id) == 5  # type: ignore[attr-defined]
+
+
+async def test_wrong_base_url_keeps_events_and_does_not_deny_as_unknown(fake: FakeSpaire) -> None:
+    """A route 404 (wrong base URL path) is retryable and never read as 'unknown customer'."""
+    async with spaire(fake, base_url=BASE_URL + "/api", failure_policy="closed") as p:
+        with pytest.raises(RetryableProviderError, match="check base_url") as info:
+            await p.report([UsageEvent(ACME, "feature:x", 1)])
+        answer = await p.can(ACME, "feature:x")
+    assert info.value.status == 404
+    assert not answer.ok and isinstance(answer.err, RetryableProviderError)
+    assert fake.events == [] and fake.customers == {}
+
+
+async def test_delivered_units_stop_counting_after_max_balance_lag(fake: FakeSpaire) -> None:
+    """If the meter row never moves, delivered units count for max_balance_lag seconds only."""
+    fake.delay = fake.max_delay = 10**9  # Spaire never recomputes the meter
+    fake.add_customer(ACME, f"acme@{DOMAIN}")
+    fake.credit(ACME, fake.meter_id, 10)  # type: ignore[attr-defined]
+    async with spaire(fake, max_balance_lag=600) as p:
+        r = await p.reserve(ACME, "feature:x", 4)
+        await p.commit(r)
+        assert await p.flush(5.0)
+        fake.clock.advance(599)
+        assert (await p.can(ACME, "feature:x")).remaining == 6
+        fake.clock.advance(2)
+        assert (await p.can(ACME, "feature:x")).remaining == 10

@@ -28,8 +28,10 @@ call                                       used for                             
 
 Errors (raised by :meth:`fetch`, :meth:`report`, :meth:`grant`, :meth:`ensure_customer`):
 ``RetryableProviderError`` for network errors, timeouts, 429 (``retry_after`` from the
-``Retry-After`` header) and 5xx; ``PermanentProviderError`` for 401/403 (token refused),
-404 and 422 (message = the server's ``detail``), and for a ``clobber`` event (Spaire
+``Retry-After`` header), 5xx, and a 404 that is not Spaire's ``ResourceNotFound`` (no such
+route: a wrong base URL, so the events stay queued); ``PermanentProviderError`` for
+401/403 (token refused), ``ResourceNotFound`` and 422 (message = the server's ``detail``,
+e.g. ``events.3.customer_id: Customer not found.``), and for a ``clobber`` event (Spaire
 cannot *set* usage). The access token is sent only in the ``Authorization`` header; it is
 never logged and never part of an error.
 """
@@ -207,7 +209,10 @@ class SpaireProvider(RemoteProvider):
         self._customer_name = customer_name
         self._headers = {"authorization": f"Bearer {access_token}"}
         #: customer id -> Spaire customer UUID, for customers known to exist.
-        self._known: cachetools.LRUCache[str, str] = cachetools.LRUCache(maxsize=100_000)
+        #: Re-checked after an hour, so a customer deleted in Spaire is noticed.
+        self._known: cachetools.TTLCache[str, str] = cachetools.TTLCache(
+            maxsize=100_000, ttl=3600.0
+        )
         self._ensuring: dict[str, asyncio.Lock] = {}
         #: customer -> deque of [bucket end (server epoch s), units, local monotonic s]:
         #: units delivered that the balance may not reflect yet (grants are negative).
@@ -668,7 +673,8 @@ class SpaireProvider(RemoteProvider):
         params: Mapping[str, Any] | None = None,
         not_found: bool = False,
     ) -> httpx.Response:
-        """One request; returns 2xx (and 404 when ``not_found``), raises ProviderError else."""
+        """One request; returns 2xx (and Spaire's ``ResourceNotFound`` 404 when
+        ``not_found``); raises ProviderError for anything else."""
         try:
             r = await self.http.request(
                 method, path, json=json, params=params, headers=self._headers
@@ -679,7 +685,9 @@ class SpaireProvider(RemoteProvider):
             raise RetryableProviderError(
                 f"Spaire {what}: {type(exc).__name__}", original_error=exc
             ) from exc
-        if r.status_code < 300 or (not_found and r.status_code == 404):
+        if r.status_code < 300:
+            return r
+        if not_found and r.status_code == 404 and _error_body(r)[0] == "ResourceNotFound":
             return r
         raise _error(r, what)
 
@@ -698,6 +706,13 @@ def _error(r: httpx.Response, what: str) -> ProviderError:
             status=status,
             code=code,
             retry_after=retry_after,
+        )
+    if status == 404 and code != "ResourceNotFound":
+        # No such route: a wrong base_url, not the events' fault. Keep them for later.
+        return RetryableProviderError(
+            f"Spaire {what}: {r.request.url.path} not found; check base_url/SPAIRE_BASE_URL",
+            status=status,
+            code=code,
         )
     if status in (401, 403):
         return PermanentProviderError(
