@@ -39,6 +39,7 @@ never logged and never part of an error.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import os
@@ -64,7 +65,7 @@ from .remote import Entitlement, RemoteProvider
 
 __all__ = ["SERVERS", "SpaireProvider"]
 
-logger = logging.getLogger("usage_middleware.spaire")
+logger = logging.getLogger("usage_middleware.providers.spaire")
 
 #: Base URLs of ``spaire-sdk`` 0.28.4's named servers (reference §1.2).
 SERVERS: Mapping[str, str] = {
@@ -75,9 +76,9 @@ SERVERS: Mapping[str, str] = {
 #: Email domains Spaire refuses on customer creation (reference §7).
 _REFUSED_DOMAINS = frozenset({"example.com", "example.net", "example.org"})
 
-#: Seconds a future ``UsageEvent.at`` must be in the past before it is sent as
-#: ``timestamp``; younger events omit it and Spaire stamps them on receipt. This keeps a
-#: client clock running ahead of Spaire's (by less than this) from failing a batch (§2.8).
+#: How old (seconds) a ``UsageEvent.at`` must be to be sent as ``timestamp``; younger
+#: events omit it and Spaire stamps them on receipt. Spaire rejects a whole batch for one
+#: future timestamp (§2.8), so a client clock running ahead by less than this is harmless.
 TIMESTAMP_MARGIN = 300.0
 
 #: Spaire's longest balance lag: 180 min debounce (§2.2), plus queue time.
@@ -89,7 +90,7 @@ _SWEEP_CUSTOMERS = 10_000
 #: The feature name under which all of a customer's features share local accounting.
 _ALL_FEATURES = "feature:*"
 
-_LOCAL_ALLOWED = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+_LOCAL_ALLOWED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 CustomerIdKind = Literal["external", "spaire"]
 BalanceSource = Literal["state", "customer_meters"]
@@ -98,15 +99,14 @@ BalanceSource = Literal["state", "customer_meters"]
 def email_for(customer: str, domain: str) -> str:
     """The default customer email: ``customer`` escaped into a local part ``@domain``.
 
-    Characters outside ``[A-Za-z0-9]`` become ``_xx`` (hex), so distinct customer ids give
+    UTF-8 bytes outside ``[A-Za-z0-9]`` become ``_xx`` (hex), so distinct customer ids give
     distinct emails (``org:acme`` -> ``org_3aacme@domain``); a local part that would
     exceed 64 characters is replaced by ``c_`` plus a SHA-256 prefix.
     """
-    local = "".join(c if c in _LOCAL_ALLOWED else f"_{ord(c):02x}" for c in customer)
+    raw = customer.encode()
+    local = "".join(chr(b) if b in _LOCAL_ALLOWED else f"_{b:02x}" for b in raw)
     if len(local) > 64:
-        import hashlib
-
-        local = "c_" + hashlib.sha256(customer.encode()).hexdigest()[:40]
+        local = "c_" + hashlib.sha256(raw).hexdigest()[:40]
     return f"{local}@{domain}"
 
 
@@ -196,7 +196,6 @@ class SpaireProvider(RemoteProvider):
                 )
             email_domain = domain
         super().__init__(**remote_kwargs)
-        self._token = access_token
         self.base_url = base_url.rstrip("/")
         self.meter_id = meter_id
         self.meter_name = meter_name
