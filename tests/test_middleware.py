@@ -201,6 +201,29 @@ async def test_streaming_is_charged_once_at_its_end(provider: RecordingProvider)
     provider.assert_settled()
 
 
+async def test_file_response_with_pathsend_is_charged(
+    provider: RecordingProvider, tmp_path: Any
+) -> None:
+    """A FileResponse sent with the http.response.pathsend extension is charged once."""
+    from starlette.responses import FileResponse
+
+    target = tmp_path / "report.txt"
+    target.write_text("report")
+
+    @metered("feature:a")
+    async def endpoint(request: Request) -> Response:
+        return FileResponse(target)
+
+    app = make_app(provider, [Route("/", endpoint)])
+    scope = http_scope("/", headers=ACME)
+    scope["extensions"] = {"http.response.pathsend": {}}
+    ex = await drive(app, scope)
+    assert ex.error is None and ex.status == 200
+    assert ex.messages[-1] == {"type": "http.response.pathsend", "path": str(target)}
+    assert [c.op for c in provider.ops("prepare", "commit", "release")] == ["prepare", "commit"]
+    provider.assert_settled()
+
+
 async def test_disconnect_mid_stream_is_not_charged(provider: RecordingProvider) -> None:
     """The client leaving mid-stream (http.disconnect, ASGI 2.3) releases the reservation."""
 
@@ -263,6 +286,7 @@ class _Fixed:
     def __init__(self, feature: str, units: int) -> None:
         self.feature = feature
         self.units = units
+        self.units_fn = None
 
     async def units_for(self, request: Request) -> int:
         return self.units

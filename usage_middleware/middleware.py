@@ -83,9 +83,19 @@ def _is_2xx(status: int) -> bool:
 class UnitsSpec(Protocol):
     """One ``@metered`` feature as the middleware sees it (made by the decorator)."""
 
-    feature: str
+    @property
+    def feature(self) -> str: ...
 
-    async def units_for(self, request: Request) -> int: ...
+    @property
+    def units(self) -> int:
+        """The fixed units, used when :attr:`units_fn` is ``None``."""
+
+    @property
+    def units_fn(self) -> object | None:
+        """The units callable, or ``None`` for fixed units."""
+
+    async def units_for(self, request: Request) -> int:
+        """The units this request uses (calls :attr:`units_fn`)."""
 
 
 class MeteringState:
@@ -272,7 +282,7 @@ class UsageMiddleware:
         provider = self.provider
         scope = cast("HTTPScope", request.scope)
         for spec in specs:
-            units = await spec.units_for(request)
+            units = spec.units if spec.units_fn is None else await spec.units_for(request)
             try:
                 reservation = await provider.reserve(customer, spec.feature, units, scope=scope)
             except Exception as exc:
