@@ -52,7 +52,7 @@ __all__ = [
     "TokenSource",
 ]
 
-logger = logging.getLogger("usage_middleware.ares")
+logger = logging.getLogger("usage_middleware.providers.tokens")
 
 #: Above this, Clerk's ``expires_at`` is taken as milliseconds (1e11 s is the year 5138).
 _MS_THRESHOLD = 1e11
