@@ -126,3 +126,43 @@ async def test_client_leaving_mid_stream_is_not_charged(provider: RecordingProvi
     assert [c.op for c in provider.ops("commit", "release")] == ["release"]
     assert provider.charged_units("org:acme", "feature:b") == 0
     provider.assert_settled()
+
+
+PRICING = {
+    "plans": {
+        "plan:race@1": {
+            "title": "Race",
+            "interval": "@monthly",
+            "features": {"feature:a": {"tiers": [{"upto": 50}]}},
+        }
+    }
+}
+
+
+async def test_local_ledger_100_concurrent_requests_for_the_last_10_units(
+    tmp_path: Any,
+) -> None:
+    """On LocalLedger over real HTTP, 100 concurrent requests for the last 10 units: 10 served."""
+    local = pytest.importorskip("usage_middleware.ledger.local")
+    from usage_middleware import UsageEvent
+
+    ledger = local.LocalLedger(tmp_path / "usage.db", pricing=PRICING)
+    app = make_app(ledger)
+    async with serve(app) as url:
+        await ledger.subscribe("org:acme", "plan:race@1")
+        await ledger.report([UsageEvent("org:acme", "feature:a", 40)])
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as c:
+            responses = await asyncio.gather(*(c.get("/hello", headers=ACME) for _ in range(100)))
+            statuses = [r.status_code for r in responses]
+            assert statuses.count(200) == 10, statuses
+            assert statuses.count(402) == 90
+            assert all(
+                r.json()["feature"] == "feature:a" for r in responses if r.status_code == 402
+            )
+            after = await c.get("/hello", headers=ACME)
+            assert after.status_code == 402
+    # the server stopped and closed the ledger: read what it recorded from the file
+    async with local.LocalLedger(tmp_path / "usage.db") as reopened:
+        rows = {row.feature: row for row in await reopened.usage("org:acme")}
+    assert rows["feature:a"].used == 50 and rows["feature:a"].remaining == 0
