@@ -642,3 +642,18 @@ async def test_delivered_units_stop_counting_after_max_balance_lag(fake: FakeSpa
         assert (await p.can(ACME, "feature:x")).remaining == 6
         fake.clock.advance(2)
         assert (await p.can(ACME, "feature:x")).remaining == 10
+
+
+async def test_pooled_account_survives_the_idle_sweep_while_cached(fake: FakeSpaire) -> None:
+    """The base's memory sweep keeps a customer's pooled account while entries use it."""
+    fake.add_customer(ACME, f"acme@{DOMAIN}")
+    fake.credit(ACME, fake.meter_id, 3)  # type: ignore[attr-defined]
+    async with spaire(fake, cache_ttl=10_000, deny_ttl=1) as p:
+        warm = await p.reserve(ACME, "feature:a", 1)
+        await p.release(warm)  # idle account, cached entry for feature:a
+        fake.clock.advance(1000)
+        p._sweep(fake.clock())  # what a busy process does once accounts pile up
+        held = await p.reserve(ACME, "feature:b", 2)  # fresh fetch, pooled account
+        assert held.answer.ok
+        assert not (await p.can(ACME, "feature:a", 2)).ok  # cached entry sees the hold
+        await p.release(held)

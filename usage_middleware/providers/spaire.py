@@ -53,6 +53,7 @@ from urllib.parse import quote
 
 import cachetools
 import httpx
+from asgiref.typing import HTTPScope
 
 from ..errors import (
     ConfigurationError,
@@ -333,7 +334,9 @@ class SpaireProvider(RemoteProvider):
 
     # -- entitlement -------------------------------------------------------------------
 
-    async def fetch(self, customer: str, feature: str, *, scope: Any = None) -> Entitlement:
+    async def fetch(
+        self, customer: str, feature: str, *, scope: HTTPScope | None = None
+    ) -> Entitlement:
         """The customer's credit on the meter, less units delivered but not yet reflected.
 
         ``GET /v1/customers/external/{id}/state`` (or ``/v1/customers/{id}/state``; or
