@@ -389,7 +389,10 @@ class UsageMiddleware:
                 "not metered: " + ", ".join(misplaced) + ". Put @metered(...) directly "
                 "above the function, below @app.get(...)/@router.post(...)."
             )
-        document_routes(self.app)
+        try:
+            document_routes(self.app)
+        except Exception:  # documentation is best effort; never break a request
+            logger.exception("usage_middleware: could not document metered routes")
         self._routes_checked = True
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
