@@ -27,6 +27,7 @@ from usage_middleware.errors import (
 )
 from usage_middleware.models import UsageEvent
 from usage_middleware.outbox import Outbox
+from usage_middleware.providers.base import ProviderState
 from usage_middleware.providers.spaire import SERVERS, SpaireProvider, email_for
 
 DOMAIN = "mail.acme-billing.io"
@@ -469,14 +470,17 @@ async def test_meter_name_is_resolved_once_at_open(fake: FakeSpaire) -> None:
 
 
 async def test_unknown_or_ambiguous_meter_name_fails_open(fake: FakeSpaire) -> None:
-    """open() raises ConfigurationError when no meter, or several, have the name."""
+    """open() raises ConfigurationError (and closes) when no meter, or several, have the name."""
     with pytest.raises(ConfigurationError, match="no Spaire meter named"):
         async with spaire(fake, meter_id=None, meter_name="Nope"):
             pass
     fake.add_meter("API units")
+    provider = SpaireProvider(
+        TOKEN, meter_name="API units", client=fake.client(), outbox=None, email_domain=DOMAIN
+    )
     with pytest.raises(ConfigurationError, match="several Spaire meters"):
-        async with spaire(fake, meter_id=None, meter_name="API units"):
-            pass
+        await provider.open()
+    assert provider.state is ProviderState.CLOSED  # nothing left running
 
 
 async def test_same_class_talks_to_polar_by_base_url(fake: FakeSpaire) -> None:

@@ -272,10 +272,17 @@ class SpaireProvider(RemoteProvider):
         Raises:
             ConfigurationError: no meter, or several meters, have that exact name.
             ProviderError: Spaire could not be asked.
+
+        On either error the provider is closed again (pass ``meter_id`` to start without
+        asking Spaire).
         """
         await super().open()
         if self.meter_id is None:
-            self.meter_id = await self._resolve_meter(self.meter_name or "")
+            try:
+                self.meter_id = await self._resolve_meter(self.meter_name or "")
+            except BaseException:
+                await self.aclose()
+                raise
 
     async def _resolve_meter(self, name: str) -> str:
         found: list[dict[str, Any]] = []
