@@ -908,11 +908,61 @@ async def test_open_creates_and_aclose_closes_the_client() -> None:
     assert client.is_closed
 
 
-async def test_reporter_never_cuts_a_report_short(fake: FakeTier, tmp_path: Path) -> None:
+def test_reporter_never_cuts_a_report_short(tmp_path: Path) -> None:
     """The outbox Reporter's call timeout is longer than report_timeout (no early cut-off)."""
-    tier = await _open(fake, outbox=tmp_path / "outbox.db", report_timeout=45.0)
+    tier = TierProvider(FAKE_URL, outbox=tmp_path / "outbox.db", report_timeout=45.0)
+    reporter: Any = tier.make_reporter()  # built, not started
+    assert reporter._call_timeout == 50.0
+    assert reporter.max_batch == 1
+
+
+# -- end to end: UsageMiddleware + @metered + TierProvider ---------------------------------------
+
+
+def _app(tier: TierProvider) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from usage_middleware.customers import customer_from_header
+    from usage_middleware.decorator import metered
+    from usage_middleware.middleware import UsageMiddleware
+
+    @metered("feature:convert", units=2)
+    async def convert(request: Any) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    @metered("feature:convert", units=2)
+    async def broken(request: Any) -> JSONResponse:
+        return JSONResponse({"error": "boom"}, status_code=500)
+
+    app = Starlette(routes=[Route("/convert", convert), Route("/broken", broken)])
+    return UsageMiddleware(app, provider=tier, customer=customer_from_header("x-org"))
+
+
+async def test_end_to_end_charges_served_requests_only(fake: FakeTier, tmp_path: Path) -> None:
+    """Over HTTP: 2xx charged to Tier, 5xx not, over-limit 402, Tier down served (fail open)."""
+    fake.add_org("org:acme", {"feature:convert": 100})
+    fake.add_org("org:small", {"feature:convert": 1})
+    tier = TierProvider(FAKE_URL, client=fake.client(), outbox=tmp_path / "outbox.db")
+    transport = httpx.ASGITransport(app=_app(tier))
     try:
-        reporter: Any = tier.reporter
-        assert reporter._call_timeout == 50.0
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            acme = {"x-org": "org:acme"}
+            assert (await http.get("/convert", headers=acme)).status_code == 200
+            assert (await http.get("/broken", headers=acme)).status_code == 500
+            assert (await http.get("/convert", headers=acme)).status_code == 200
+            denied = await http.get("/convert", headers={"x-org": "org:small"})
+            assert denied.status_code == 402
+            assert denied.headers["content-type"].startswith("application/problem+json")
+            fake.down = True
+            served = await http.get("/convert", headers={"x-org": "org:other"})
+            assert served.status_code == 200
+            fake.down = False
+            fake.add_org("org:other", {"feature:convert": 5})
+            await drain(tier)
     finally:
         await tier.aclose()
+    assert fake.used("org:acme", "feature:convert") == 4
+    assert fake.used("org:small", "feature:convert") == 0
+    assert fake.used("org:other", "feature:convert") == 2

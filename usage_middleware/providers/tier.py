@@ -274,9 +274,11 @@ class TierProvider(RemoteProvider):
     name = "tier"
     max_batch = 1
     #: Seconds until a delivered report shows in ``/v1/limits``. The sidecar has no cache
-    #: (§2: each call reads Stripe's upcoming invoice), but Stripe's own delay is not in
-    #: the reference; local accounting covers this many seconds after delivery.
-    balance_lag = 5.0
+    #: (§2: each call reads Stripe's upcoming invoice, and legacy usage records are
+    #: written synchronously), so this is a small safety margin: for this long after a
+    #: delivery, both Tier's ``used`` and the local count include the charge, and a
+    #: customer within that charge of its limit may be refused (never overspends).
+    balance_lag = 1.0
 
     def __init__(
         self,
