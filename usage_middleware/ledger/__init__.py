@@ -1,5 +1,6 @@
 """Ledgers: providers that keep usage themselves (embedded SQLite, Redis)."""
 
 from .base import FeatureUsage, Ledger
+from .local import LocalLedger
 
-__all__ = ["FeatureUsage", "Ledger"]
+__all__ = ["FeatureUsage", "Ledger", "LocalLedger"]

@@ -1,0 +1,869 @@
+"""The embedded ledger: plans, credits and usage in one SQLite file, with a hot path in memory.
+
+:class:`LocalLedger` keeps everything in one SQLite file (stdlib ``sqlite3``, WAL,
+``synchronous=NORMAL``, a busy timeout; tables in :mod:`.store`), so the worker processes
+of one machine can share it. All SQLite work runs on one worker thread per ledger; the
+event loop never waits on SQLite while serving a warm customer.
+
+How a request is metered (the design, and what it trades)
+----------------------------------------------------------
+
+**Leases.** A process does not run a transaction per request. For a (customer, feature,
+period) it leases a block of units in one ``BEGIN IMMEDIATE`` transaction, which grants
+``n`` only if ``leased + n <= max(0, limit - used) + credits``, where ``leased`` counts the
+live leases of every process (this one's included). The block is
+``min(lease_size, max(units, free // 4))`` (``free`` = what is left after all leases): far
+from the limit a process leases ``lease_size`` units, and refills in the background when
+half is used; near the limit it leases a quarter of what is left, down to exactly what
+the request needs, and only on demand, so the last units go to whoever asks first and no
+process parks many of them. A lease row expires ``lease_ttl`` seconds after its last
+renewal; the process renews its rows every ``min(1, lease_ttl / 4)`` seconds (one *tick*)
+while alive. An unlimited feature needs no lease (its usage is still recorded).
+
+**reserve / release** are served from the in-memory lease with no ``await`` when it
+suffices: the event loop runs one task at a time, so the check-and-decrement is atomic.
+Taking a new lease awaits, under a per-(customer, feature) ``asyncio.Lock``
+(single-flight: 100 concurrent cold reserves make one lease transaction at a time, and the
+waiters are served from the block it brought). A refusal is remembered for
+``min(0.25, tick)`` seconds, so an exhausted customer costs no transaction per request.
+``release`` gives the units back to the in-memory lease, with no I/O.
+
+**commit** appends the charge to an in-memory list and wakes the flusher, which waits
+``flush_interval`` seconds and then writes every pending charge in ONE transaction (group
+commit): a ``charges`` row each (unique ``idempotency_key``), the period's ``used``, the
+credits consumed beyond the limit, and the lease shrunk by the settled units.
+
+Trade-offs, stated plainly:
+
+* **Crash window.** A charge committed in memory but not yet written is lost if the
+  process is killed (kill -9, OOM): at most ``flush_interval`` seconds plus one
+  transaction's worth of charges (a failed write is retried, not dropped).
+  :meth:`LocalLedger.aclose` writes everything. A reservation held by an in-flight request
+  is not charged on a crash, which is right: its response never completed. With
+  ``synchronous=NORMAL`` a committed transaction survives a process crash but may be rolled
+  back by a power loss or OS crash.
+* **No overspend, across processes.** Units are only served from a lease that a
+  transaction granted against the limit, the credits and every live lease, so the
+  processes sharing a file never together charge more than ``limit + credits``. A killed
+  process's lease frees its units ``lease_ttl`` seconds after its last renewal. A process
+  whose event loop stalls longer than ``lease_ttl / 2`` stops serving from its lease until
+  a transaction re-validated it. Usage recorded with :meth:`LocalLedger.report` bypasses
+  leases (it records what already happened) and may go beyond the limit; the overage then
+  consumes credits, and the balance may go negative.
+* **Parked units.** Units one process has leased and not used are unavailable to the
+  others until used or returned: a lease idle for a tick is returned at the next tick, and
+  :meth:`~LocalLedger.aclose` returns all. So near the limit a request can be refused in
+  one process while another still holds the customer's last few units, for up to two
+  ticks (two seconds by default).
+* **Staleness.** A plan change, grant or report made by another process reaches this one
+  at its next tick (admin writes bump a generation counter in the file); until then this
+  process serves at most the lease it holds. :meth:`~LocalLedger.usage` writes this
+  process's pending charges first. ``Answer.used`` and ``Answer.remaining`` are this
+  process's view (see :meth:`LocalLedger.reserve`).
+* **Reservations** left unsettled for ``reservation_timeout`` seconds (a caller bug) are
+  released; if one is committed later it is still charged, possibly beyond the limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from asgiref.typing import HTTPScope
+
+from ..errors import ConfigurationError
+from ..models import (
+    UNLIMITED,
+    Answer,
+    Reservation,
+    UsageEvent,
+    check_customer,
+    check_feature,
+    check_units,
+)
+from ..pricing import Pricing, load_pricing
+from ..providers.base import ProviderState
+from .base import FeatureUsage, Ledger
+from .store import LeaseGrant, LedgerStore, StoredCharge
+
+__all__ = ["LocalLedger"]
+
+logger = logging.getLogger("usage_middleware.ledger")
+
+T = TypeVar("T")
+
+#: ``Answer.reason`` of the refusals.
+REASON_UNKNOWN = "unknown customer"
+REASON_NOT_IN_PLAN = "feature not in plan"
+REASON_LIMIT = "limit reached"
+REASON_CLOSED = "ledger closed"
+REASON_FAILED = "ledger unavailable"
+
+_EVICT_AFTER = 60.0  # seconds an empty, idle slot stays in memory
+_CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
+_FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+
+
+class _Slot:
+    """This process's state for one (customer, feature, period); event-loop thread only.
+
+    Units: ``available`` leased and free for new reservations; ``held`` reserved by
+    in-flight requests; ``pending`` committed, not yet written. This process's lease row
+    holds ``available + held`` plus the lease-funded part of ``pending``. ``used``,
+    ``credits`` and ``others`` are the file's numbers at the last transaction that read them.
+    Times (``fresh_until``, ``denied_until``, ``touched``) are ``time.monotonic()`` seconds.
+    """
+
+    __slots__ = (
+        "available",
+        "credits",
+        "customer",
+        "denied_until",
+        "end",
+        "feature",
+        "fresh_until",
+        "held",
+        "known",
+        "limit",
+        "low_water",
+        "others",
+        "pending",
+        "period",
+        "reason",
+        "refilling",
+        "retired",
+        "touched",
+        "unlimited",
+        "used",
+    )
+
+    def __init__(self, customer: str, feature: str, period: str, end: datetime) -> None:
+        self.customer = customer
+        self.feature = feature
+        self.period = period
+        self.end = end
+        self.known = True
+        self.limit = 0
+        self.unlimited = False
+        self.reason = REASON_LIMIT
+        self.available = 0
+        self.held = 0
+        self.pending = 0
+        self.used = 0
+        self.credits = 0
+        self.others = 0
+        self.low_water = 0
+        self.refilling = False
+        self.fresh_until = 0.0
+        self.denied_until = 0.0
+        self.touched = 0.0
+        self.retired = False
+
+    def remaining(self) -> int:
+        """Units still usable as this process sees them (after its own holds)."""
+        if self.unlimited:
+            return UNLIMITED
+        free = max(0, self.limit - self.used) + self.credits - self.others
+        return max(0, free - self.held - self.pending)
+
+
+# A charge waiting for the flusher: slot, units, event, whether the units came from a lease.
+_Charge = tuple[_Slot, int, UsageEvent, bool]
+
+
+class LocalLedger(Ledger):
+    """The embedded ledger: one SQLite file, shared safely by the processes of one machine.
+
+    See the module docstring for the design and its trade-offs (crash window, parked units,
+    staleness). Use it from one event loop; it opens lazily on first use if :meth:`open`
+    was not called.
+
+    Args:
+        path: the SQLite file (created if missing), default ``usage.db``.
+        pricing: a Tier pricing.json (path, decoded JSON or :class:`Pricing`). Validated
+            here and stored in the file by :meth:`open`, replacing what was stored, so a
+            later ``LocalLedger(path)`` without ``pricing`` (the CLI, another worker) uses it.
+        lease_size: the most units one lease block takes (units, >= 1).
+        lease_ttl: seconds a lease lives unrenewed; a killed process's units come back
+            after this.
+        flush_interval: seconds the flusher waits to group commits into one transaction;
+            bounds the crash window for committed charges.
+        reservation_timeout: seconds after which an unsettled reservation is released.
+        now: the clock for usage periods, returning an aware datetime; default UTC now.
+
+    Raises:
+        PricingError: ``pricing`` does not validate.
+        ValueError: a numeric argument is out of range.
+    """
+
+    name = "local"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = "usage.db",
+        *,
+        pricing: str | os.PathLike[str] | Mapping[str, Any] | Pricing | None = None,
+        lease_size: int = 64,
+        lease_ttl: float = 30.0,
+        flush_interval: float = 0.005,
+        reservation_timeout: float = 300.0,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
+        super().__init__()
+        check_units(lease_size, what="lease_size")
+        for what, value in (("lease_ttl", lease_ttl), ("reservation_timeout", reservation_timeout)):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+                raise ValueError(f"{what} must be a number of seconds > 0, got {value!r}")
+        if (
+            isinstance(flush_interval, bool)
+            or not isinstance(flush_interval, int | float)
+            or flush_interval < 0
+        ):
+            raise ValueError(f"flush_interval must be seconds >= 0, got {flush_interval!r}")
+        self.path = os.fspath(path)
+        self._pricing = (
+            pricing if pricing is None or isinstance(pricing, Pricing) else (load_pricing(pricing))
+        )
+        self._lease_size = lease_size
+        self._lease_ttl = float(lease_ttl)
+        self._flush_interval = float(flush_interval)
+        self._reservation_timeout = float(reservation_timeout)
+        self._clock: Callable[[], datetime] = now or functools.partial(datetime.now, UTC)
+        self._tick = min(1.0, self._lease_ttl / 4)
+        self._fresh_for = self._lease_ttl / 2
+        self._deny_for = min(0.25, self._tick)
+        # Set by open(), inside the running loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._store: LedgerStore | None = None
+        self._owner = ""
+        self._wake: asyncio.Event | None = None
+        self._open_lock: asyncio.Lock | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Event-loop state.
+        self._current: dict[tuple[str, str], _Slot] = {}
+        self._slots: dict[tuple[str, str, str], _Slot] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._outstanding: dict[Reservation, float] = {}
+        self._batch: list[_Charge] = []
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._generation = 0
+        self._seq = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open the file (WAL), store the pricing if given, start the flusher and renewer.
+
+        Idempotent while open. Raises ``ConfigurationError`` once closed (no reopen), and
+        ``sqlite3.Error`` when the file cannot be opened.
+        """
+        if self._state is ProviderState.OPEN:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self.state is ProviderState.OPEN:  # opened while we waited
+                return
+            if self.state is ProviderState.CLOSED:
+                await super().open()  # raises: no reopen
+            loop = asyncio.get_running_loop()
+            owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+            store = LedgerStore(
+                self.path, owner, lease_size=self._lease_size, lease_ttl=self._lease_ttl
+            )
+            executor = ThreadPoolExecutor(1, thread_name_prefix="usage-middleware-ledger")
+            pricing_json = None if self._pricing is None else self._pricing.to_json()
+            try:
+                self._generation = await loop.run_in_executor(executor, store.open, pricing_json)
+            except BaseException:
+                executor.shutdown(wait=False)
+                raise
+            self._loop, self._executor, self._store, self._owner = loop, executor, store, owner
+            self._wake = asyncio.Event()
+            self._spawn(self._flush_loop())
+            self._spawn(self._tick_loop())
+            await super().open()
+
+    async def aclose(self) -> None:
+        """Write every pending charge, give back unused leases, close the file. Idempotent.
+
+        A reservation committed after this is written on a short-lived connection.
+        """
+        was_open = self._state is ProviderState.OPEN
+        await super().aclose()
+        if not was_open:
+            return
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for attempt in range(1, _CLOSE_ATTEMPTS + 1):
+            try:
+                await self._flush_all()
+                break
+            except Exception:
+                logger.exception(
+                    "ledger %s: writing charges on close failed (%d)", self.path, attempt
+                )
+                await asyncio.sleep(0.1 * attempt)
+        if self._batch:
+            logger.error(
+                "ledger %s: %d charges could not be written on close",
+                self.path,
+                len(self._batch),
+            )
+        self._current.clear()
+        self._slots.clear()
+        try:
+            await self._submit(self._ready_store().close)
+        finally:
+            assert self._executor is not None
+            self._executor.shutdown(wait=False)
+
+    # -- the hot path --------------------------------------------------------------------
+
+    async def reserve(
+        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+    ) -> Reservation:
+        """Check and hold ``units`` of ``feature`` for one request of ``customer``.
+
+        Served from this process's lease without I/O when it can; otherwise leases (one
+        transaction on the worker thread). The answer's numbers are this process's view:
+        ``limit`` the plan's (``UNLIMITED``; 0 outside the plan); ``used`` the units charged
+        this period as of this process's last transaction plus the charges it committed
+        since; ``remaining`` what is left after this reservation and this process's other
+        holds, less what other processes held at the last transaction.
+
+        A failed transaction gives ``ok=False`` with ``err`` set and ``retry_after``.
+
+        Raises:
+            ValueError: malformed customer id or units.
+            ConfigurationError: malformed feature name.
+        """
+        slot = self._current.get((customer, feature))
+        if slot is not None and type(units) is int and units > 0:
+            now = self._clock()
+            t = time.monotonic()
+            if t < slot.fresh_until and now < slot.end:
+                if slot.unlimited or slot.available >= units:
+                    return self._hold(slot, units, now, t)
+                if t < slot.denied_until:
+                    return self._refuse(slot, units)
+        return await self._reserve_slow(customer, feature, units, hold=True)
+
+    async def can(self, customer: str, feature: str, units: int = 1) -> Answer:
+        """Whether ``customer`` may use ``units`` of ``feature`` now. Holds nothing.
+
+        Numbers and errors as :meth:`reserve`.
+        """
+        slot = self._current.get((customer, feature))
+        if slot is not None and type(units) is int and units > 0:
+            t = time.monotonic()
+            if t < slot.fresh_until and self._clock() < slot.end:
+                if slot.unlimited or slot.available >= units:
+                    return self._answer(slot, True, units)
+                if t < slot.denied_until:
+                    return self._answer(slot, False, units)
+        return (await self._reserve_slow(customer, feature, units, hold=False)).answer
+
+    async def prepare(self, reservation: Reservation) -> None:
+        """Nothing: the charge is written by the group commit after :meth:`commit`."""
+
+    async def commit(self, reservation: Reservation) -> None:
+        """Charge a reservation: queued in memory, written by the next group commit.
+
+        Settling a reservation a second time, or a refused one, does nothing. A reservation
+        released by ``reservation_timeout`` is still charged.
+        """
+        if reservation.settled:
+            return
+        reservation.settled = True
+        if not reservation.answer.ok:
+            return
+        slot, from_lease = reservation.token
+        units = reservation.event.units
+        if self._outstanding.pop(reservation, None) is None:
+            logger.warning(
+                "ledger %s: charging %s %s x%d after its reservation timed out",
+                self.path,
+                slot.customer,
+                slot.feature,
+                units,
+            )
+            from_lease = False
+        elif from_lease:
+            slot.held -= units
+        slot.pending += units
+        charge: _Charge = (slot, units, reservation.event, from_lease)
+        if self._wake is not None and self._state is ProviderState.OPEN:
+            self._batch.append(charge)
+            self._wake.set()
+        else:
+            await asyncio.to_thread(self._write_late, charge)
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give a reservation's units back to this process's lease (no I/O). Once only."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        if not reservation.answer.ok or self._outstanding.pop(reservation, None) is None:
+            return
+        slot, from_lease = reservation.token
+        if from_lease:
+            slot.held -= reservation.event.units
+            slot.available += reservation.event.units
+
+    # -- admin ---------------------------------------------------------------------------
+
+    async def report(self, events: Sequence[UsageEvent]) -> None:
+        """Record usage events; they are written when this returns.
+
+        An event whose ``idempotency_key`` was recorded before is ignored; ``clobber`` sets
+        the period's ``used`` to ``units``. This bypasses leases and may go beyond the limit
+        (the overage consumes credits).
+
+        Raises:
+            PermanentProviderError: an event's customer is unknown (nothing is recorded).
+        """
+        if not events:
+            return
+        store = await self._opened()
+        await self._submit(store.report, list(events))
+        self._changed({event.customer for event in events})
+
+    async def subscribe(self, customer: str, plan: str) -> None:
+        """Put ``customer`` on ``plan``, replacing any earlier plan.
+
+        Raises:
+            LedgerError: the plan is not in the pricing (the message lists the known plans),
+                or no pricing was ever given.
+            ValueError: malformed customer id.
+        """
+        check_customer(customer)
+        store = await self._opened()
+        await self._submit(store.subscribe, customer, plan, self._clock())
+        self._changed({customer})
+
+    async def grant(self, customer: str, feature: str, units: int) -> int:
+        """Credit ``units`` (> 0) of ``feature`` to ``customer``; return the new balance.
+
+        Raises:
+            ValueError: units is not a whole number > 0, or a malformed customer id.
+            ConfigurationError: malformed feature name.
+        """
+        check_customer(customer)
+        check_feature(feature)
+        check_units(units)
+        store = await self._opened()
+        balance = await self._submit(store.grant, customer, feature, units)
+        self._changed({customer})
+        return balance
+
+    async def usage(self, customer: str) -> list[FeatureUsage]:
+        """The customer's standing per feature, sorted, after writing pending charges.
+
+        Raises:
+            LedgerError: the customer is unknown (no subscription and no credits).
+        """
+        check_customer(customer)
+        store = await self._opened()
+        await self._flush_all()
+        return await self._submit(store.usage, customer, self._clock())
+
+    # -- internals: serving ----------------------------------------------------------------
+
+    def _hold(self, slot: _Slot, units: int, now: datetime, t: float) -> Reservation:
+        from_lease = not slot.unlimited
+        if from_lease:
+            slot.available -= units
+            slot.held += units
+            if slot.available < slot.low_water and not slot.refilling:
+                slot.refilling = True
+                self._spawn(self._refill(slot))
+        slot.touched = t
+        self._seq += 1
+        event = UsageEvent(slot.customer, slot.feature, units, now, f"{self._owner}-{self._seq}")
+        reservation = Reservation(self._answer(slot, True, units), event, (slot, from_lease))
+        self._outstanding[reservation] = t + self._reservation_timeout
+        return reservation
+
+    def _answer(self, slot: _Slot, ok: bool, units: int) -> Answer:
+        if not slot.known:
+            return Answer(
+                False,
+                slot.customer,
+                slot.feature,
+                units,
+                0,
+                0,
+                0,
+                reason=REASON_UNKNOWN,
+                provider=self,
+            )
+        return Answer(
+            ok,
+            slot.customer,
+            slot.feature,
+            units,
+            UNLIMITED if slot.unlimited else slot.limit,
+            slot.used + slot.pending,
+            slot.remaining(),
+            reason=None if ok else slot.reason,
+            provider=self,
+        )
+
+    def _refuse(self, slot: _Slot, units: int) -> Reservation:
+        return Reservation(
+            self._answer(slot, False, units), UsageEvent(slot.customer, slot.feature, units)
+        )
+
+    async def _reserve_slow(
+        self, customer: str, feature: str, units: int, *, hold: bool
+    ) -> Reservation:
+        check_customer(customer)
+        check_feature(feature)
+        check_units(units)
+        if self._state is ProviderState.NEW:
+            await self.open()
+        if self._state is ProviderState.CLOSED:
+            return self._failed(
+                customer,
+                feature,
+                units,
+                ConfigurationError(f"{type(self).__name__} is closed"),
+                REASON_CLOSED,
+            )
+        key = (customer, feature)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        async with lock:
+            for _ in range(3):
+                now = self._clock()
+                t = time.monotonic()
+                slot = self._current.get(key)
+                if slot is not None and t < slot.fresh_until and now < slot.end:
+                    if slot.unlimited or slot.available >= units:
+                        return self._serve(slot, units, now, t, hold=hold)
+                    if t < slot.denied_until:
+                        return self._refuse(slot, units)
+                try:
+                    grant = await self._lease(key, slot, units, now, t, give_back=True)
+                except Exception as exc:
+                    logger.exception("ledger %s: leasing %s %s failed", self.path, *key)
+                    return self._failed(customer, feature, units, exc, REASON_FAILED)
+                slot = self._current[key]
+                if slot.unlimited or slot.available >= units:
+                    return self._serve(slot, units, now, t, hold=hold)
+                if not grant.take:
+                    slot.denied_until = t + self._deny_for
+                    return self._refuse(slot, units)
+                # Other tasks used the block this transaction brought before we woke up.
+            return self._refuse(self._current[key], units)
+
+    def _serve(
+        self, slot: _Slot, units: int, now: datetime, t: float, *, hold: bool
+    ) -> Reservation:
+        if hold:
+            return self._hold(slot, units, now, t)
+        return Reservation(
+            self._answer(slot, True, units), UsageEvent(slot.customer, slot.feature, units)
+        )
+
+    def _failed(
+        self, customer: str, feature: str, units: int, error: Exception, reason: str
+    ) -> Reservation:
+        answer = Answer(
+            False,
+            customer,
+            feature,
+            units,
+            err=error,
+            reason=reason,
+            retry_after=1.0,
+            provider=self,
+        )
+        return Reservation(answer, UsageEvent(customer, feature, units))
+
+    async def _lease(
+        self,
+        key: tuple[str, str],
+        slot: _Slot | None,
+        need: int,
+        now: datetime,
+        t: float,
+        *,
+        give_back: bool,
+    ) -> LeaseGrant:
+        """One lease transaction for ``key``; caller holds the key's lock.
+
+        With ``give_back`` the slot's free units are returned in the same transaction (so
+        the grant re-checks everything: limit, credits, period, other processes).
+        """
+        gives: list[tuple[str, int]] = []
+        if give_back and slot is not None and slot.available:
+            gives.append((slot.period, slot.available))
+            slot.available = 0
+        store = self._ready_store()
+        future = self._submit(store.lease, key[0], key[1], now, need, gives)
+        future.add_done_callback(functools.partial(self._leased, key, t, slot, gives))
+        return await asyncio.shield(future)
+
+    def _leased(
+        self,
+        key: tuple[str, str],
+        t: float,
+        giver: _Slot | None,
+        gives: list[tuple[str, int]],
+        future: asyncio.Future[LeaseGrant],
+    ) -> None:
+        """Apply a lease transaction's result (runs even if the requester was cancelled)."""
+        if future.cancelled() or future.exception() is not None:
+            if giver is not None:  # rolled back: the units are still ours
+                giver.available += sum(units for _, units in gives)
+            return
+        grant = future.result()
+        customer, feature = key
+        old = self._current.get(key)
+        if not grant.known or grant.end is None:
+            slot = _Slot(customer, feature, "", _FAR_FUTURE)
+            slot.known = False
+            slot.reason = REASON_UNKNOWN
+            slot.fresh_until = slot.denied_until = t + self._deny_for
+        else:
+            slot = self._slots.get((customer, feature, grant.period)) or _Slot(
+                customer, feature, grant.period, grant.end
+            )
+            self._slots[customer, feature, grant.period] = slot
+            slot.retired = False
+            slot.limit = grant.limit
+            slot.unlimited = grant.limit >= UNLIMITED
+            slot.reason = REASON_LIMIT if grant.in_plan else REASON_NOT_IN_PLAN
+            slot.used = grant.used
+            slot.credits = grant.credits
+            slot.others = grant.others
+            slot.available += grant.take
+            slot.low_water = self._lease_size // 2 if grant.roomy else 0
+            slot.fresh_until = t + self._fresh_for
+            slot.denied_until = 0.0
+            slot.touched = max(slot.touched, t)
+        if old is not None and old is not slot:
+            old.retired = True
+        self._current[key] = slot
+
+    async def _refill(self, slot: _Slot) -> None:
+        """Top up a roomy lease in the background before requests run out of it."""
+        key = (slot.customer, slot.feature)
+        try:
+            lock = self._locks.get(key)
+            if lock is None:
+                lock = self._locks[key] = asyncio.Lock()
+            async with lock:
+                now = self._clock()
+                t = time.monotonic()
+                if (
+                    self._current.get(key) is slot
+                    and slot.available < slot.low_water
+                    and t < slot.fresh_until
+                    and now < slot.end
+                ):
+                    await self._lease(key, slot, 1, now, t, give_back=False)
+        except Exception:
+            logger.exception("ledger %s: refilling the lease of %s %s failed", self.path, *key)
+        finally:
+            slot.refilling = False
+
+    # -- internals: writing ----------------------------------------------------------------
+
+    async def _flush_loop(self) -> None:
+        assert self._wake is not None
+        backoff = 0.05
+        while True:
+            await self._wake.wait()
+            if self._flush_interval:
+                await asyncio.sleep(self._flush_interval)
+            self._wake.clear()
+            try:
+                await self._flush_once()
+                backoff = 0.05
+            except Exception:
+                logger.exception("ledger %s: writing charges failed; will retry", self.path)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                self._wake.set()
+
+    async def _flush_once(self) -> None:
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        stored: list[StoredCharge] = [
+            (
+                slot.customer,
+                slot.feature,
+                slot.period,
+                UNLIMITED if slot.unlimited else slot.limit,
+                units,
+                event,
+                from_lease,
+            )
+            for slot, units, event, from_lease in batch
+        ]
+        future = self._submit(self._ready_store().flush, stored)
+        future.add_done_callback(functools.partial(self._flushed, batch))
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        await asyncio.shield(future)
+
+    async def _flush_all(self) -> None:
+        """Write every charge committed so far (after any write already running)."""
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        while self._batch:
+            await self._flush_once()
+
+    def _flushed(self, batch: list[_Charge], future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._batch[:0] = batch  # rolled back, nothing written: try again
+            return
+        result: dict[tuple[str, str, str], tuple[int, int]] = future.result()
+        for slot, units, _, _ in batch:
+            slot.pending -= units
+            numbers = result.get((slot.customer, slot.feature, slot.period))
+            if numbers is not None:
+                slot.used, balance = numbers
+                slot.credits = max(0, balance)
+
+    def _write_late(self, charge: _Charge) -> None:
+        """Write a charge committed after close, on a short-lived connection (a thread)."""
+        slot, units, event, _ = charge
+        store = LedgerStore(self.path, f"{os.getpid()}-late", lease_size=1, lease_ttl=1.0)
+        store.open(None)
+        try:
+            limit = UNLIMITED if slot.unlimited else slot.limit
+            store.flush([(slot.customer, slot.feature, slot.period, limit, units, event, False)])
+        finally:
+            store.close()
+
+    # -- internals: upkeep -----------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick)
+            try:
+                await self._maintain()
+            except Exception:
+                logger.exception("ledger %s: lease upkeep failed", self.path)
+
+    async def _maintain(self) -> None:
+        """Once a tick: time out reservations, return idle units, renew, poll for changes."""
+        t = time.monotonic()
+        self._expire_reservations(t)
+        gives: list[tuple[str, str, str, int]] = []
+        givers: list[tuple[_Slot, int]] = []
+        for pk, slot in list(self._slots.items()):
+            idle = t - slot.touched
+            if slot.available and (slot.retired or idle >= self._tick):
+                gives.append((slot.customer, slot.feature, slot.period, slot.available))
+                givers.append((slot, slot.available))
+                slot.available = 0
+            if not (slot.available or slot.held or slot.pending) and (
+                slot.retired or idle >= _EVICT_AFTER
+            ):
+                del self._slots[pk]
+                if self._current.get(pk[:2]) is slot:
+                    del self._current[pk[:2]]
+        for key, slot in list(self._current.items()):
+            if not slot.known and t >= slot.denied_until:
+                del self._current[key]
+        for key, lock in list(self._locks.items()):
+            if key not in self._current and not lock.locked():
+                del self._locks[key]
+        if not (self._slots or self._current):
+            return
+        future = self._submit(self._ready_store().maintain, gives, self._generation)
+        future.add_done_callback(functools.partial(self._maintained, t, givers))
+        await asyncio.shield(future)
+
+    def _maintained(
+        self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
+    ) -> None:
+        if future.cancelled() or future.exception() is not None:
+            for slot, units in givers:  # rolled back: the units are still ours
+                slot.available += units
+            return
+        generation, changed, lost = future.result()
+        self._generation = generation
+        for slot in self._current.values():
+            if not slot.known:
+                continue
+            if (
+                changed is None
+                or slot.customer in changed
+                or (slot.customer, slot.feature, slot.period) in lost
+            ):
+                slot.fresh_until = 0.0  # re-validate on next use
+                slot.denied_until = 0.0
+            elif slot.fresh_until:
+                slot.fresh_until = max(slot.fresh_until, t + self._fresh_for)
+
+    def _expire_reservations(self, t: float) -> None:
+        expired = []
+        for reservation, deadline in self._outstanding.items():
+            if deadline > t:
+                break  # deadlines are in insertion order
+            expired.append(reservation)
+        for reservation in expired:
+            del self._outstanding[reservation]
+            slot, from_lease = reservation.token
+            if from_lease:
+                slot.held -= reservation.event.units
+                slot.available += reservation.event.units
+        if expired:
+            logger.warning(
+                "ledger %s: released %d reservations unsettled after %ss",
+                self.path,
+                len(expired),
+                self._reservation_timeout,
+            )
+
+    def _changed(self, customers: set[str]) -> None:
+        """After an admin write here: re-validate these customers' slots on next use."""
+        for slot in self._current.values():
+            if slot.customer in customers:
+                slot.fresh_until = 0.0
+                slot.denied_until = 0.0
+
+    # -- internals: plumbing ---------------------------------------------------------------
+
+    async def _opened(self) -> LedgerStore:
+        if self._state is ProviderState.NEW:
+            await self.open()
+        if self._state is ProviderState.CLOSED:
+            raise ConfigurationError(f"{type(self).__name__} is closed; create a new one")
+        return self._ready_store()
+
+    def _ready_store(self) -> LedgerStore:
+        if self._store is None:
+            raise ConfigurationError(f"{type(self).__name__} is not open")
+        return self._store
+
+    def _spawn(self, coroutine: Any) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run ``fn`` on the ledger's one worker thread; callbacks run in submission order."""
+        assert self._loop is not None and self._executor is not None
+        return self._loop.run_in_executor(self._executor, fn, *args)

@@ -1,0 +1,631 @@
+"""The SQLite side of :class:`~usage_middleware.ledger.LocalLedger`: one file, one writer thread.
+
+:class:`LedgerStore` owns one ``sqlite3`` connection and is used only from the ledger's
+worker thread; every method is one transaction (``BEGIN IMMEDIATE`` for writes, so the
+processes sharing the file serialise their writes and never read-then-write stale data).
+
+Tables (one file, WAL):
+
+* ``meta`` (key, value): schema version, ``generation`` (bumped by every admin write, polled
+  by other processes), ``pricing`` (the pricing model as JSON) and ``pricing_generation``.
+* ``subscriptions`` (customer, plan, since).
+* ``credits`` (customer, feature, credited, consumed): balance = credited - consumed.
+* ``usage`` (customer, feature, period, used): units charged per period; ``period`` is an
+  ISO 8601 date interval such as ``2026-11-01/2026-12-01``.
+* ``charges`` (customer, feature, period, units, at, idempotency_key UNIQUE, clobber): one
+  row per charge, so a charge is never recorded twice.
+* ``leases`` (customer, feature, period, owner, units, expires_at): the units each process
+  holds (``owner`` = pid plus a random tag); rows past ``expires_at`` (wall clock) are dead.
+* ``changes`` (customer, generation): which customer the last admin writes touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from ..errors import ConfigurationError, LedgerError, PermanentProviderError
+from ..models import UNLIMITED, UsageEvent
+from ..pricing import DEFAULT_INTERVAL, Interval, Plan, Pricing, loads_pricing, period_bounds
+from .base import FeatureUsage
+
+__all__ = ["LeaseGrant", "LedgerStore", "StoredCharge", "period_key"]
+
+logger = logging.getLogger("usage_middleware.ledger")
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS subscriptions ("
+    " customer TEXT PRIMARY KEY, plan TEXT NOT NULL, since TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS credits ("
+    " customer TEXT NOT NULL, feature TEXT NOT NULL,"
+    " credited INTEGER NOT NULL DEFAULT 0, consumed INTEGER NOT NULL DEFAULT 0,"
+    " PRIMARY KEY (customer, feature)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS usage ("
+    " customer TEXT NOT NULL, feature TEXT NOT NULL, period TEXT NOT NULL,"
+    " used INTEGER NOT NULL, PRIMARY KEY (customer, feature, period)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS charges ("
+    " id INTEGER PRIMARY KEY, customer TEXT NOT NULL, feature TEXT NOT NULL,"
+    " period TEXT NOT NULL, units INTEGER NOT NULL, at TEXT NOT NULL,"
+    " idempotency_key TEXT NOT NULL UNIQUE, clobber INTEGER NOT NULL DEFAULT 0)",
+    "CREATE TABLE IF NOT EXISTS leases ("
+    " customer TEXT NOT NULL, feature TEXT NOT NULL, period TEXT NOT NULL,"
+    " owner TEXT NOT NULL, units INTEGER NOT NULL, expires_at REAL NOT NULL,"
+    " PRIMARY KEY (customer, feature, period, owner)) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS leases_owner ON leases (owner)",
+    "CREATE TABLE IF NOT EXISTS changes ("
+    " customer TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID",
+)
+
+
+def period_key(start: datetime, end: datetime) -> str:
+    """The usage row's period: an ISO 8601 interval of dates, e.g. ``2026-11-01/2026-12-01``."""
+    return f"{start.date().isoformat()}/{end.date().isoformat()}"
+
+
+def _overage(used: int, limit: int) -> int:
+    return 0 if limit >= UNLIMITED else max(0, used - limit)
+
+
+#: A committed charge handed to :meth:`LedgerStore.flush`: customer, feature, period key,
+#: the limit it was leased under, units, the event, and whether the units came from a lease.
+StoredCharge = tuple[str, str, str, int, int, UsageEvent, bool]
+
+
+@dataclass(slots=True)
+class LeaseGrant:
+    """What a lease transaction decided for one (customer, feature).
+
+    ``known`` False means an unknown customer (nothing else is set). Otherwise: the period
+    (``start``, ``end``, ``period`` key), the plan the feature comes from (``None`` outside
+    the plan), ``limit`` (``UNLIMITED``, or 0 outside the plan), ``used`` this period,
+    ``credits`` (balance, negative shown as 0), ``others`` (units of this period's capacity
+    held by other processes' leases or promised to another period's leases), ``take``
+    (units added to this process's lease) and ``roomy`` (the capacity left after the
+    lease is large: the caller may refill ahead of demand).
+    """
+
+    known: bool
+    plan: str | None = None
+    in_plan: bool = False
+    start: datetime | None = None
+    end: datetime | None = None
+    period: str = ""
+    limit: int = 0
+    used: int = 0
+    credits: int = 0
+    others: int = 0
+    take: int = 0
+    roomy: bool = False
+
+
+class LedgerStore:
+    """One ledger file's connection; every method is one transaction. Worker thread only.
+
+    ``_rows`` mirrors this owner's lease rows as they should be; it changes only when a
+    transaction that wrote them commits, so it is right even when another process deleted
+    an expired row.
+    """
+
+    def __init__(self, path: str, owner: str, *, lease_size: int, lease_ttl: float) -> None:
+        self.path = path
+        self.owner = owner
+        self.lease_size = lease_size
+        self.lease_ttl = lease_ttl
+        self.pricing: Pricing | None = None
+        self._pricing_generation: int | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._rows: dict[tuple[str, str], dict[str, int]] = {}
+        self._staged: dict[tuple[str, str, str], int] = {}
+
+    # -- connection ----------------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise ConfigurationError("the ledger's database is not open")
+        return self._conn
+
+    def open(self, pricing_json: str | None) -> int:
+        """Connect, set WAL, create the schema, store or load the pricing; return the generation."""
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        self._conn = conn
+        try:
+            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                logger.warning("ledger %s: journal_mode is %s, not wal", self.path, mode)
+            conn.execute("PRAGMA synchronous=NORMAL")
+            with self._write():
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                version = self._meta("schema")
+                if version is None:
+                    self._set_meta("schema", SCHEMA_VERSION)
+                elif int(version) > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"ledger file {self.path!r} has schema {version}, newer than this "
+                        f"usage_middleware understands ({SCHEMA_VERSION}); upgrade it"
+                    )
+                if pricing_json is not None and self._meta("pricing") != pricing_json:
+                    self._set_meta("pricing", pricing_json)
+                    self._set_meta("pricing_generation", self._bump(None))
+                self._refresh_pricing()
+                return int(self._meta("generation") or 0)
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def close(self) -> None:
+        """Give back every lease of this owner and close the connection."""
+        if self._conn is None:
+            return
+        try:
+            with self._write():
+                self.conn.execute("DELETE FROM leases WHERE owner = ?", (self.owner,))
+            self._rows.clear()
+        finally:
+            self.conn.close()
+            self._conn = None
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        self._staged = {}
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self._staged = {}
+            raise
+        for (customer, feature, period), units in self._staged.items():
+            rows = self._rows.setdefault((customer, feature), {})
+            if units > 0:
+                rows[period] = units
+            else:
+                rows.pop(period, None)
+                if not rows:
+                    del self._rows[customer, feature]
+        self._staged = {}
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[None]:
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            conn.execute("COMMIT")
+
+    # -- small reads and writes (inside a transaction) -----------------------------------
+
+    def _meta(self, key: str) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def _set_meta(self, key: str, value: object) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
+
+    def _bump(self, customer: str | None) -> int:
+        """Advance the generation other processes poll; note which customer changed."""
+        generation = int(self._meta("generation") or 0) + 1
+        self._set_meta("generation", generation)
+        if customer is not None:
+            self.conn.execute(
+                "INSERT INTO changes (customer, generation) VALUES (?, ?)"
+                " ON CONFLICT (customer) DO UPDATE SET generation = excluded.generation",
+                (customer, generation),
+            )
+        return generation
+
+    def _refresh_pricing(self) -> None:
+        generation = self._meta("pricing_generation")
+        if generation == self._pricing_generation:
+            return
+        text = self._meta("pricing")
+        self.pricing = None if text is None else loads_pricing(text, origin="stored pricing")
+        self._pricing_generation = generation
+
+    def _used(self, customer: str, feature: str, period: str) -> int:
+        row = self.conn.execute(
+            "SELECT used FROM usage WHERE customer = ? AND feature = ? AND period = ?",
+            (customer, feature, period),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _balance(self, customer: str, feature: str) -> int:
+        row = self.conn.execute(
+            "SELECT credited - consumed FROM credits WHERE customer = ? AND feature = ?",
+            (customer, feature),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def _plan_of(self, customer: str) -> tuple[bool, Plan | None, str | None]:
+        """(known, plan or None, the subscribed plan's name) for a customer."""
+        self._refresh_pricing()
+        row = self.conn.execute(
+            "SELECT plan FROM subscriptions WHERE customer = ?", (customer,)
+        ).fetchone()
+        if row is not None:
+            name = str(row[0])
+            plan = None if self.pricing is None else self.pricing.plans.get(name)
+            if plan is None:
+                logger.warning("customer %s is on plan %s, which the pricing lacks", customer, name)
+            return True, plan, name
+        has_credits = self.conn.execute(
+            "SELECT 1 FROM credits WHERE customer = ? LIMIT 1", (customer,)
+        ).fetchone()
+        return has_credits is not None, None, None
+
+    def _own_rows(self, customer: str, feature: str) -> dict[str, int]:
+        """This owner's lease rows for (customer, feature) as of now in the transaction."""
+        rows = dict(self._rows.get((customer, feature), {}))
+        for (staged_customer, staged_feature, period), units in self._staged.items():
+            if staged_customer == customer and staged_feature == feature:
+                rows[period] = units
+        return {period: units for period, units in rows.items() if units > 0}
+
+    def _row(self, customer: str, feature: str, period: str) -> int:
+        staged = self._staged.get((customer, feature, period))
+        if staged is not None:
+            return staged
+        return self._rows.get((customer, feature), {}).get(period, 0)
+
+    def _claim(self, customer: str, feature: str, period: str, units: int, now: float) -> None:
+        """Set this owner's lease row to ``units`` and renew it (after a capacity check)."""
+        if units <= 0:
+            self._shrink(customer, feature, period, self._row(customer, feature, period), now)
+            return
+        self.conn.execute(
+            "INSERT INTO leases (customer, feature, period, owner, units, expires_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (customer, feature, period, owner)"
+            " DO UPDATE SET units = excluded.units, expires_at = excluded.expires_at",
+            (customer, feature, period, self.owner, units, now + self.lease_ttl),
+        )
+        self._staged[customer, feature, period] = units
+
+    def _shrink(self, customer: str, feature: str, period: str, units: int, now: float) -> None:
+        """Take ``units`` off this owner's lease row; never revives an expired row."""
+        left = self._row(customer, feature, period) - units
+        key = (customer, feature, period, self.owner)
+        if left <= 0:
+            self.conn.execute(
+                "DELETE FROM leases WHERE customer = ? AND feature = ? AND period = ?"
+                " AND owner = ?",
+                key,
+            )
+        else:
+            self.conn.execute(
+                "UPDATE leases SET units = ? WHERE customer = ? AND feature = ? AND period = ?"
+                " AND owner = ? AND expires_at >= ?",
+                (left, *key, now),
+            )
+        self._staged[customer, feature, period] = max(0, left)
+
+    def _taken_elsewhere(
+        self, customer: str, feature: str, period: str, limit: int, now: float
+    ) -> int:
+        """Units of ``period``'s capacity not available to this owner.
+
+        Live leases of other owners in ``period``, plus the credits that live leases in
+        other periods (a period rollover) may still consume.
+        """
+        held: dict[str, int] = {}
+        for other_period, units in self.conn.execute(
+            "SELECT period, SUM(units) FROM leases WHERE customer = ? AND feature = ?"
+            " AND owner <> ? AND expires_at >= ? GROUP BY period",
+            (customer, feature, self.owner, now),
+        ):
+            held[other_period] = int(units)
+        for own_period, units in self._own_rows(customer, feature).items():
+            if own_period != period:
+                held[own_period] = held.get(own_period, 0) + units
+        taken = held.pop(period, 0)
+        for other_period, units in held.items():
+            used = self._used(customer, feature, other_period)
+            taken += _overage(used + units, limit) - _overage(used, limit)
+        return taken
+
+    def _add_usage(
+        self, customer: str, feature: str, period: str, units: int, limit: int, *, clobber: bool
+    ) -> tuple[int, int]:
+        """Add (or with ``clobber`` set) usage; units beyond the limit consume credits.
+
+        Returns the period's new ``used`` and the credit balance.
+        """
+        old = self._used(customer, feature, period)
+        new = units if clobber else old + units
+        self.conn.execute(
+            "INSERT INTO usage (customer, feature, period, used) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (customer, feature, period) DO UPDATE SET used = excluded.used",
+            (customer, feature, period, new),
+        )
+        delta = _overage(new, limit) - _overage(old, limit)
+        if delta > 0:
+            self.conn.execute(
+                "INSERT INTO credits (customer, feature, credited, consumed) VALUES (?, ?, 0, ?)"
+                " ON CONFLICT (customer, feature) DO UPDATE SET consumed = consumed + ?",
+                (customer, feature, delta, delta),
+            )
+        elif delta < 0:
+            self.conn.execute(
+                "UPDATE credits SET consumed = MAX(0, consumed + ?)"
+                " WHERE customer = ? AND feature = ?",
+                (delta, customer, feature),
+            )
+        return new, self._balance(customer, feature)
+
+    # -- transactions --------------------------------------------------------------------
+
+    def lease(
+        self,
+        customer: str,
+        feature: str,
+        at: datetime,
+        need: int,
+        gives: Sequence[tuple[str, int]],
+    ) -> LeaseGrant:
+        """Return ``gives`` (period, units) and lease at least ``need`` units if they are free."""
+        now = time.time()
+        with self._write():
+            for period, units in gives:
+                self._shrink(customer, feature, period, units, now)
+            known, plan, _ = self._plan_of(customer)
+            if not known:
+                return LeaseGrant(known=False)
+            interval: Interval = DEFAULT_INTERVAL if plan is None else plan.interval
+            start, end = period_bounds(interval, at)
+            period = period_key(start, end)
+            plan_feature = None if plan is None else plan.features.get(feature)
+            limit = 0 if plan_feature is None else plan_feature.limit
+            grant = LeaseGrant(
+                known=True,
+                plan=None if plan_feature is None or plan is None else plan.name,
+                in_plan=plan_feature is not None,
+                start=start,
+                end=end,
+                period=period,
+                limit=limit,
+                used=self._used(customer, feature, period),
+                credits=max(0, self._balance(customer, feature)),
+            )
+            if limit >= UNLIMITED:
+                return grant
+            grant.others = self._taken_elsewhere(customer, feature, period, limit, now)
+            mine = self._row(customer, feature, period)
+            free = max(0, limit - grant.used) + grant.credits - grant.others - mine
+            if need <= free:
+                grant.take = min(free, max(need, min(self.lease_size, free // 4)))
+                grant.roomy = free - grant.take >= 4 * self.lease_size
+            if grant.take or mine:
+                self._claim(customer, feature, period, mine + grant.take, now)
+            return grant
+
+    def flush(self, batch: Sequence[StoredCharge]) -> dict[tuple[str, str, str], tuple[int, int]]:
+        """Write charges in one transaction (group commit); return (used, balance) per key.
+
+        A charge whose idempotency key is already recorded is skipped. The lease-funded
+        units of each key come off this owner's lease row.
+        """
+        now = time.time()
+        rows = [
+            (customer, feature, period, units, event.at.isoformat(), event.idempotency_key)
+            for customer, feature, period, _, units, event, _ in batch
+        ]
+        with self._write():
+            conn = self.conn
+            last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM charges").fetchone()[0]
+            before = conn.total_changes
+            conn.executemany(
+                "INSERT OR IGNORE INTO charges"
+                " (customer, feature, period, units, at, idempotency_key)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            fresh: set[str] | None = None
+            if conn.total_changes - before != len(rows):
+                fresh = {
+                    key
+                    for (key,) in conn.execute(
+                        "SELECT idempotency_key FROM charges WHERE id > ?", (last_id,)
+                    )
+                }
+            totals: dict[tuple[str, str, str], list[int]] = {}
+            for customer, feature, period, limit, units, event, from_lease in batch:
+                if fresh is not None:
+                    if event.idempotency_key not in fresh:
+                        continue
+                    fresh.discard(event.idempotency_key)
+                total = totals.setdefault((customer, feature, period), [0, 0, limit])
+                total[0] += units
+                total[1] += units if from_lease else 0
+            result: dict[tuple[str, str, str], tuple[int, int]] = {}
+            for (customer, feature, period), (units, leased, limit) in totals.items():
+                result[customer, feature, period] = self._add_usage(
+                    customer, feature, period, units, limit, clobber=False
+                )
+                if leased:
+                    self._shrink(customer, feature, period, leased, now)
+        return result
+
+    def maintain(
+        self, gives: Sequence[tuple[str, str, str, int]], seen: int
+    ) -> tuple[int, set[str] | None, set[tuple[str, str, str]]]:
+        """Return idle units, renew this owner's live leases, clean up dead ones.
+
+        Returns the generation, the customers changed since ``seen`` (``None``: everything,
+        the pricing changed) and this owner's rows that expired before being renewed.
+        """
+        now = time.time()
+        with self._write():
+            conn = self.conn
+            for customer, feature, period, units in gives:
+                self._shrink(customer, feature, period, units, now)
+            live = set(
+                conn.execute(
+                    "SELECT customer, feature, period FROM leases"
+                    " WHERE owner = ? AND expires_at >= ?",
+                    (self.owner, now),
+                )
+            )
+            lost = {
+                (customer, feature, period)
+                for customer, feature in {*self._rows, *(key[:2] for key in self._staged)}
+                for period in self._own_rows(customer, feature)
+                if (customer, feature, period) not in live
+            }
+            conn.execute(
+                "UPDATE leases SET expires_at = ? WHERE owner = ? AND expires_at >= ?",
+                (now + self.lease_ttl, self.owner, now),
+            )
+            conn.execute("DELETE FROM leases WHERE expires_at < ?", (now,))
+            generation = int(self._meta("generation") or 0)
+            changed: set[str] | None = set()
+            if generation != seen:
+                if int(self._meta("pricing_generation") or 0) > seen:
+                    changed = None
+                else:
+                    changed = {
+                        customer
+                        for (customer,) in conn.execute(
+                            "SELECT customer FROM changes WHERE generation > ?", (seen,)
+                        )
+                    }
+        return generation, changed, lost
+
+    def subscribe(self, customer: str, plan: str, at: datetime) -> None:
+        with self._write():
+            self._refresh_pricing()
+            if self.pricing is None:
+                raise LedgerError(
+                    f"cannot subscribe {customer!r} to {plan!r}: the ledger has no pricing; "
+                    "pass pricing='pricing.json' to LocalLedger once"
+                )
+            if plan not in self.pricing.plans:
+                known = ", ".join(sorted(self.pricing.plans)) or "none"
+                raise LedgerError(f"unknown plan {plan!r}; known plans: {known}")
+            self.conn.execute(
+                "INSERT INTO subscriptions (customer, plan, since) VALUES (?, ?, ?)"
+                " ON CONFLICT (customer) DO UPDATE SET plan = excluded.plan,"
+                " since = excluded.since",
+                (customer, plan, at.isoformat()),
+            )
+            self._bump(customer)
+
+    def grant(self, customer: str, feature: str, units: int) -> int:
+        with self._write():
+            self.conn.execute(
+                "INSERT INTO credits (customer, feature, credited) VALUES (?, ?, ?)"
+                " ON CONFLICT (customer, feature) DO UPDATE SET credited = credited + ?",
+                (customer, feature, units, units),
+            )
+            self._bump(customer)
+            return self._balance(customer, feature)
+
+    def report(self, events: Sequence[UsageEvent]) -> None:
+        with self._write():
+            plans: dict[str, tuple[bool, Plan | None]] = {}
+            for event in events:
+                if event.customer not in plans:
+                    known, plan, _ = self._plan_of(event.customer)
+                    if not known:
+                        raise PermanentProviderError(
+                            f"unknown customer {event.customer!r}: subscribe it to a plan or "
+                            "grant it credits before reporting usage",
+                            code="unknown_customer",
+                        )
+                    plans[event.customer] = (known, plan)
+                plan = plans[event.customer][1]
+                start, end = period_bounds(
+                    DEFAULT_INTERVAL if plan is None else plan.interval, event.at
+                )
+                period = period_key(start, end)
+                inserted = self.conn.execute(
+                    "INSERT OR IGNORE INTO charges"
+                    " (customer, feature, period, units, at, idempotency_key, clobber)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        event.customer,
+                        event.feature,
+                        period,
+                        event.units,
+                        event.at.isoformat(),
+                        event.idempotency_key,
+                        int(event.clobber),
+                    ),
+                ).rowcount
+                if not inserted:
+                    continue
+                plan_feature = None if plan is None else plan.features.get(event.feature)
+                limit = 0 if plan_feature is None else plan_feature.limit
+                self._add_usage(
+                    event.customer,
+                    event.feature,
+                    period,
+                    event.units,
+                    limit,
+                    clobber=event.clobber,
+                )
+            for customer in plans:
+                self._bump(customer)
+
+    def usage(self, customer: str, at: datetime) -> list[FeatureUsage]:
+        with self._read():
+            known, plan, _ = self._plan_of(customer)
+            if not known:
+                raise LedgerError(
+                    f"unknown customer {customer!r}: it has no subscription and no credits"
+                )
+            start, end = period_bounds(DEFAULT_INTERVAL if plan is None else plan.interval, at)
+            period = period_key(start, end)
+            credits = {
+                str(feature): int(balance)
+                for feature, balance in self.conn.execute(
+                    "SELECT feature, credited - consumed FROM credits WHERE customer = ?",
+                    (customer,),
+                )
+            }
+            used = {
+                str(feature): int(units)
+                for feature, units in self.conn.execute(
+                    "SELECT feature, used FROM usage WHERE customer = ? AND period = ?",
+                    (customer, period),
+                )
+            }
+        features = set(credits) | set(used) | set(() if plan is None else plan.features)
+        rows = []
+        for feature in sorted(features):
+            plan_feature = None if plan is None else plan.features.get(feature)
+            limit = 0 if plan_feature is None else plan_feature.limit
+            balance = credits.get(feature, 0)
+            units = used.get(feature, 0)
+            remaining = UNLIMITED if limit >= UNLIMITED else max(0, max(0, limit - units) + balance)
+            in_plan = plan is not None and plan_feature is not None
+            rows.append(
+                FeatureUsage(
+                    feature=feature,
+                    plan=plan.name if in_plan and plan is not None else None,
+                    limit=limit,
+                    used=units,
+                    credits=balance,
+                    remaining=remaining,
+                    period_start=start if in_plan else None,
+                    period_end=end if in_plan else None,
+                )
+            )
+        return rows
