@@ -27,7 +27,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Literal
+from typing import Literal, Self
 
 from asgiref.typing import HTTPScope
 
@@ -89,7 +89,7 @@ class Provider:
         """Drain pending work and release resources. Idempotent."""
         self._state = ProviderState.CLOSED
 
-    async def __aenter__(self) -> Provider:
+    async def __aenter__(self) -> Self:
         await self.open()
         return self
 
