@@ -36,7 +36,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import httpx
 from asgiref.typing import HTTPScope
@@ -82,6 +82,7 @@ _TOKEN_CODES = {
 }
 
 NO_TOKEN_REASON = "no ARES access token for this user: sign in with ARES"
+_SHORT = "not enough ARES credits"
 
 
 class AresTokenError(PermanentProviderError):
@@ -108,6 +109,16 @@ class AresUser:
     id: str | None
     email: str | None
     credits: int | float
+
+
+@dataclass(frozen=True, slots=True)
+class _Spent:
+    """Credits delivered for one event, as RemoteProvider's accounting reads an event."""
+
+    customer: str
+    feature: str
+    units: int
+    clobber: bool
 
 
 class _Paid:
@@ -338,6 +349,7 @@ class AresProvider(RemoteProvider):
         # A user read while checking a new token, handed to the fetch that follows it.
         self._handoff: dict[str, tuple[AccessToken, AresUser, float]] = {}
         self._checks: dict[tuple[str, bytes], asyncio.Task[str | None]] = {}
+        self._unit_milli: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return (
@@ -364,14 +376,18 @@ class AresProvider(RemoteProvider):
         return self._feature_policies.get(feature, self.failure_policy)
 
     def _milli(self, feature: str, units: int) -> int:
-        return int(self.price(feature) * _MILLI) * units
+        """What ``units`` of ``feature`` cost in thousandths of a credit."""
+        per_unit = self._unit_milli.get(feature)
+        if per_unit is None:
+            per_unit = self._unit_milli[feature] = int(self.price(feature) * _MILLI)
+        return per_unit * units
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Open the token source, then the HTTP client and delivery (inside the loop)."""
-        await self.tokens.open()
+        """Open the HTTP client, delivery and the token source (inside the running loop)."""
         await super().open()
+        await self.tokens.open()
 
     async def aclose(self) -> None:
         """Drain delivery (which still needs tokens), then close the token source."""
@@ -543,7 +559,7 @@ class AresProvider(RemoteProvider):
                 return Entitlement(None, None, 0, reason=_token_reason(exc))
             self._accepted(customer, used, scope)
         milli = math.floor(Decimal(str(user.credits)) * _MILLI)
-        return Entitlement(None, None, int(milli), reason="not enough ARES credits")
+        return Entitlement(None, None, int(milli), reason=_SHORT)
 
     async def report(self, events: Sequence[UsageEvent]) -> None:
         """``POST /v1/partner/usage`` for the one event (``max_batch = 1``).
@@ -577,19 +593,17 @@ class AresProvider(RemoteProvider):
         return lambda token: self._post_usage(token, event.feature, event.units)
 
     def _note_delivered(self, events: Sequence[UsageEvent]) -> None:
-        """Local accounting is per user in thousandths of a credit: translate the events."""
-        super()._note_delivered([self._as_credits(e) for e in events])
+        """Local accounting is per user in thousandths of a credit: translate the events.
 
-    def _as_credits(self, event: UsageEvent) -> UsageEvent:
-        if event.feature == CREDITS_FEATURE or event.units == 0 or event.clobber:
-            return event
-        return UsageEvent(
-            event.customer,
-            CREDITS_FEATURE,
-            self._milli(event.feature, event.units),
-            at=event.at,
-            idempotency_key=event.idempotency_key,
-        )
+        (RemoteProvider's delivery accounting reads ``customer``, ``feature``, ``units``
+        and ``clobber`` of each event; a light record avoids a new UsageEvent per charge.)
+        """
+        spent = [
+            _Spent(e.customer, CREDITS_FEATURE, self._milli(e.feature, e.units), e.clobber)
+            for e in events
+            if e.feature != CREDITS_FEATURE
+        ]
+        super()._note_delivered(cast(Sequence[UsageEvent], spent))
 
     # -- checks and reservations ----------------------------------------------------------
 
@@ -597,25 +611,27 @@ class AresProvider(RemoteProvider):
         self, base: Answer, feature: str, units: int, *, ok: bool | None = None
     ) -> Answer:
         """Translate an answer about the user's credits into one about ``feature``."""
-        price = int(self.price(feature) * _MILLI)
         remaining = base.remaining
         if remaining is not None and remaining < UNLIMITED:
-            remaining = max(remaining, 0) // price
+            remaining = max(remaining, 0) // self._milli(feature, 1)
         reason = base.reason
-        if reason == "not enough ARES credits":
+        if reason == _SHORT:
             reason = (
                 f"not enough ARES credits: this request costs "
                 f"{self.credits_for(feature, units)} credit(s)"
             )
-        return dataclasses.replace(
-            base,
-            ok=base.ok if ok is None else ok,
-            feature=feature,
-            units=units,
-            limit=None,
-            used=None,
+        return Answer(
+            base.ok if ok is None else ok,
+            base.customer,
+            feature,
+            units,
             remaining=remaining,
+            err=base.err,
             reason=reason,
+            cached=base.cached,
+            age=base.age,
+            retry_after=base.retry_after,
+            provider=self,
         )
 
     def _refuse(self, customer: str, feature: str, units: int, reason: str) -> Answer:
@@ -662,17 +678,19 @@ class AresProvider(RemoteProvider):
         token: AccessToken | None = None
         if scope is not None and self.tokens.request_bound:
             try:
-                token = await self._source(lambda: self.tokens.get(customer, scope))
-            except ProviderError:
+                token = await self.tokens.get(customer, scope)
+            except Exception:
                 token = None  # a failing callable: let the check fail and its policy decide
             else:
                 if token is None:
                     return Reservation(
                         self._refuse(customer, feature, units, NO_TOKEN_REASON), event
                     )
-                refused = await self._check_token(customer, token, scope)
-                if refused is not None:
-                    return Reservation(self._refuse(customer, feature, units, refused), event)
+                if (customer, _digest(token)) not in self._verified:
+                    refused = await self._check_token(customer, token, scope)
+                    if refused is not None:
+                        refusal = self._refuse(customer, feature, units, refused)
+                        return Reservation(refusal, event)
         held = await super().reserve(
             customer, CREDITS_FEATURE, self._milli(feature, units), scope=scope
         )
