@@ -118,7 +118,9 @@ class _Slot:
     Units: ``available`` leased and free for new reservations; ``held`` reserved by
     in-flight requests; ``pending`` committed, not yet written. This process's lease row
     holds ``available + held`` plus the lease-funded part of ``pending``. ``used``,
-    ``credits`` and ``others`` are the file's numbers at the last transaction that read them.
+    ``credits``, ``others`` and ``spare`` (units free for any process) are the file's numbers
+    at the last transaction that read them; a refusal is repeated without I/O until
+    ``denied_until`` for requests above ``available + spare``.
     Times (``fresh_until``, ``denied_until``, ``touched``) are ``time.monotonic()`` seconds.
     """
 
@@ -139,6 +141,7 @@ class _Slot:
         "period",
         "reason",
         "refilling",
+        "spare",
         "retired",
         "touched",
         "unlimited",
@@ -160,6 +163,7 @@ class _Slot:
         self.used = 0
         self.credits = 0
         self.others = 0
+        self.spare = 0
         self.low_water = 0
         self.refilling = False
         self.fresh_until = 0.0
@@ -356,7 +360,7 @@ class LocalLedger(Ledger):
             if t < slot.fresh_until and now < slot.end:
                 if slot.unlimited or slot.available >= units:
                     return self._hold(slot, units, now, t)
-                if t < slot.denied_until:
+                if t < slot.denied_until and units > slot.available + slot.spare:
                     return self._refuse(slot, units)
         return await self._reserve_slow(customer, feature, units, hold=True)
 
@@ -371,7 +375,7 @@ class LocalLedger(Ledger):
             if t < slot.fresh_until and self._clock() < slot.end:
                 if slot.unlimited or slot.available >= units:
                     return self._answer(slot, True, units)
-                if t < slot.denied_until:
+                if t < slot.denied_until and units > slot.available + slot.spare:
                     return self._answer(slot, False, units)
         return (await self._reserve_slow(customer, feature, units, hold=False)).answer
 
@@ -554,7 +558,7 @@ class LocalLedger(Ledger):
                 if slot is not None and t < slot.fresh_until and now < slot.end:
                     if slot.unlimited or slot.available >= units:
                         return self._serve(slot, units, now, t, hold=hold)
-                    if t < slot.denied_until:
+                    if t < slot.denied_until and units > slot.available + slot.spare:
                         return self._refuse(slot, units)
                 try:
                     grant = await self._lease(key, slot, units, now, t, give_back=True)
@@ -651,6 +655,7 @@ class LocalLedger(Ledger):
             slot.used = grant.used
             slot.credits = grant.credits
             slot.others = grant.others
+            slot.spare = grant.spare
             slot.available += grant.take
             slot.low_water = self._lease_size // 2 if grant.roomy else 0
             slot.fresh_until = t + self._fresh_for

@@ -89,8 +89,9 @@ class LeaseGrant:
     the plan), ``limit`` (``UNLIMITED``, or 0 outside the plan), ``used`` this period,
     ``credits`` (balance, negative shown as 0), ``others`` (units of this period's capacity
     held by other processes' leases or promised to another period's leases), ``take``
-    (units added to this process's lease) and ``roomy`` (the capacity left after the
-    lease is large: the caller may refill ahead of demand).
+    (units added to this process's lease), ``spare`` (units still free for any process
+    after this lease) and ``roomy`` (``spare`` is large: the caller may refill ahead of
+    demand).
     """
 
     known: bool
@@ -104,6 +105,7 @@ class LeaseGrant:
     credits: int = 0
     others: int = 0
     take: int = 0
+    spare: int = 0
     roomy: bool = False
 
 
@@ -411,7 +413,8 @@ class LedgerStore:
             free = max(0, limit - grant.used) + grant.credits - grant.others - mine
             if need <= free:
                 grant.take = min(free, max(need, min(self.lease_size, free // 4)))
-                grant.roomy = free - grant.take >= 4 * self.lease_size
+            grant.spare = max(0, free - grant.take)
+            grant.roomy = grant.spare >= 4 * self.lease_size
             if grant.take or mine:
                 self._claim(customer, feature, period, mine + grant.take, now)
             return grant
