@@ -664,3 +664,37 @@ async def test_the_durable_reporter_delivers_and_accounting_sees_it(
     await provider.aclose()
     assert [e.units for e in provider.recorded] == [2]
     assert provider.balances[(C, F)] == 3
+
+
+async def test_closing_during_a_check_answers_the_waiters(make: Any) -> None:
+    """aclose() while a fetch is in flight ends it; waiters get a failed check, not a hang."""
+    provider = await make(failure_policy="closed")
+    provider.gate = asyncio.Event()
+    waiting = asyncio.create_task(provider.can(C, F))
+    await provider.started.wait()
+    await provider.aclose()
+    answer = await waiting
+    assert not answer.ok and isinstance(answer.err, RetryableProviderError)
+
+
+async def test_idle_accounts_are_forgotten(make: Any, clock: Clock) -> None:
+    """Local accounting for customers no longer seen is dropped, so memory stays bounded."""
+    provider = await make(cache_size=1, cache_ttl=1.0)
+    for i in range(3000):
+        await provider.can(f"org:c{i}", F)
+        if i % 500 == 499:
+            clock.advance(100.0)
+    assert len(provider._accounts) <= 2 * 1024 + 2
+
+
+async def test_accounts_with_units_in_flight_are_kept(make: Any, clock: Clock) -> None:
+    """An account holding units is never forgotten, however many customers come after."""
+    provider = await make(cache_size=1, cache_ttl=1.0)
+    provider.balances[(C, F)] = 1
+    held = await provider.reserve(C, F)
+    for i in range(3000):
+        await provider.can(f"org:c{i}", F)
+        clock.advance(1.0)
+    assert not (await provider.reserve(C, F)).answer.ok
+    await provider.release(held)
+    assert (await provider.can(C, F)).ok

@@ -1,0 +1,318 @@
+"""Entitlement cache, single-flight and failure policy of RemoteProvider, in one process.
+
+The provider is an in-process fake :class:`RemoteProvider` whose ``fetch`` (one remote
+``can()``) answers after 50 ms and whose ``report`` is instant. Three measurements:
+
+1. **Throughput once warm.** Two Starlette apps serve the same JSON route: ``bare`` and
+   ``metered`` (``UsageMiddleware`` + ``@metered("feature:bench")`` on the fake provider;
+   every request reserves, prepares and commits one unit). Driven in-process by calling
+   ``app(scope, receive, send)``, one request at a time, after a warm-up that fills the
+   cache; rounds alternate the order; the report is the median requests/s and the ratio
+   to bare (target >= 0.80). Run once with in-memory delivery (``outbox=None``) and once
+   with the durable SQLite outbox (the Reporter), since ``prepare`` waits for the outbox.
+2. **Cold start.** 100 concurrent first requests of one customer: provider calls (target 1).
+3. **Provider down.** ``fetch`` hangs (worst case: every call runs into the timeout) or
+   fails at once; ``timeout`` 0.1 s, failure policy open, breaker defaults (5 failures,
+   10 s cool-down). Open loop, 300 requests/s over 20 customers for 15 s (hang) or 2 s
+   (refuse): latency p50/p99/max (target: p99 under the timeout) and provider calls made.
+   Requests that arrive before the breaker opens wait up to the timeout (the first
+   ``timeout`` seconds of the outage, and the half-open probe's customer): the run is
+   long enough that they are under 1 % of requests.
+
+Run from the repository root::
+
+    python bench/bench_cache.py                 # 5 rounds of 1 s per app
+    python bench/bench_cache.py --rounds 3 --seconds 0.5
+    python bench/bench_cache.py --concurrency 50  # throughput with 50 requests in flight
+
+Exits 1 when a request got an unexpected status or the charges do not add up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from usage_middleware.customers import customer_from_header
+from usage_middleware.decorator import metered
+from usage_middleware.errors import RetryableProviderError
+from usage_middleware.middleware import UsageMiddleware
+from usage_middleware.models import UsageEvent
+from usage_middleware.providers.remote import Entitlement, RemoteProvider
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[
+    [Scope, Callable[[], Awaitable[Message]], Callable[[Message], Awaitable[None]]],
+    Awaitable[None],
+]
+
+FEATURE = "feature:bench"
+LATENCY = 0.050  # seconds per fetch
+
+
+class SlowRemote(RemoteProvider):
+    """A remote provider whose check takes 50 ms; its backend is a dict."""
+
+    name = "slow-fake"
+    max_batch = 100
+    balance_lag = 0.0
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.balance = 10**12
+        self.fetches = 0
+        self.charged = 0
+        self.mode = "up"  # "up", "hang" or "refuse"
+
+    async def fetch(self, customer: str, feature: str, *, scope: Any = None) -> Entitlement:
+        self.fetches += 1
+        if self.mode == "refuse":
+            raise RetryableProviderError("connection refused")
+        await asyncio.sleep(LATENCY)
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        return Entitlement(limit=None, used=None, remaining=self.balance)
+
+    async def report(self, events: Sequence[UsageEvent]) -> None:
+        units = sum(e.units for e in events)
+        self.balance -= units
+        self.charged += units
+
+
+async def item(request: Request) -> JSONResponse:
+    return JSONResponse({"id": 1, "name": "widget"})
+
+
+def bare_app() -> ASGIApp:
+    return Starlette(routes=[Route("/item", item)])
+
+
+def metered_app(provider: RemoteProvider) -> ASGIApp:
+    return Starlette(
+        routes=[Route("/item", metered(FEATURE)(item))],
+        middleware=[
+            Middleware(
+                UsageMiddleware, provider=provider, customer=customer_from_header("x-customer")
+            )
+        ],
+    )
+
+
+def make_scope(customer: str) -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/item",
+        "raw_path": b"/item",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"bench"), (b"x-customer", customer.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+        "state": {},
+    }
+
+
+class Driver:
+    """Calls an ASGI app directly; counts statuses; optionally records latencies."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.statuses: dict[int, int] = {}
+        self.latencies: list[float] = []
+
+    async def one(self, customer: str = "org:bench", timed: bool = False) -> int:
+        status = 0
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await asyncio.Event().wait()
+            raise AssertionError
+
+        async def send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        start = time.perf_counter() if timed else 0.0
+        await self.app(make_scope(customer), receive, send)
+        if timed:
+            self.latencies.append(time.perf_counter() - start)
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        return status
+
+    async def run_for(self, seconds: float, concurrency: int = 1, batch: int = 100) -> float:
+        """Requests per second over about ``seconds``, ``concurrency`` in flight."""
+        done = 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while True:
+            if concurrency == 1:
+                for _ in range(batch):
+                    await self.one()
+            else:
+                await asyncio.gather(*(self._worker(batch) for _ in range(concurrency)))
+            done += batch * concurrency
+            now = time.perf_counter()
+            if now >= deadline:
+                return done / (now - start)
+
+    async def _worker(self, n: int) -> None:
+        for _ in range(n):
+            await self.one()
+
+
+async def cycle_cost(provider: RemoteProvider, n: int = 5000) -> float:
+    """Microseconds of one warm reserve + prepare + commit on ``provider`` (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            reservation = await provider.reserve("org:bench", FEATURE)
+            await provider.prepare(reservation)
+            await provider.commit(reservation)
+        best = min(best, (time.perf_counter() - start) / n * 1e6)
+    return best
+
+
+async def throughput(args: argparse.Namespace, outbox: Path | None) -> tuple[float, bool]:
+    """Median metered/bare ratio; and whether every served request was charged once."""
+    provider = SlowRemote(outbox=outbox, cache_ttl=args.ttl)
+    await provider.open()
+    try:
+        drivers = {"bare": Driver(bare_app()), "metered": Driver(metered_app(provider))}
+        for driver in drivers.values():
+            await driver.run_for(0.3, args.concurrency)
+        rates: dict[str, list[float]] = {name: [] for name in drivers}
+        names = list(drivers)
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                rates[name].append(await drivers[name].run_for(args.seconds, args.concurrency))
+        bare = statistics.median(rates["bare"])
+        met = statistics.median(rates["metered"])
+        cost = await cycle_cost(provider)
+        served = drivers["metered"].statuses.get(200, 0) + 15000
+        label = "memory" if outbox is None else "sqlite outbox"
+        print(
+            f"[throughput, delivery={label}, {args.concurrency} in flight] "
+            f"bare {bare:,.0f}/s  metered {met:,.0f}/s  "
+            f"ratio {met / bare:.2f} (target >= 0.80); provider calls {provider.fetches} "
+            f"for {served:,} requests"
+        )
+        print(
+            f"  the provider's share: reserve+prepare+commit {cost:.1f} us/request warm; bare "
+            f"{1e6 / bare:.1f} us/request; bare/(bare+provider) = "
+            f"{(1e6 / bare) / (1e6 / bare + cost):.2f}"
+        )
+        if outbox is None:
+            await provider.flush(10.0)
+    finally:
+        await provider.aclose()
+    ok = set(drivers["metered"].statuses) == {200} and provider.charged == served
+    if not ok:
+        print(f"  statuses {drivers['metered'].statuses}, charged {provider.charged}")
+    return met / bare, ok
+
+
+async def cold_start() -> bool:
+    """100 concurrent first requests of one customer: count provider calls."""
+    provider = SlowRemote(outbox=None)
+    await provider.open()
+    try:
+        driver = Driver(metered_app(provider))
+        await asyncio.gather(*(driver.one("org:cold") for _ in range(100)))
+        await provider.flush(10.0)
+    finally:
+        await provider.aclose()
+    print(
+        f"[cold start] 100 concurrent first requests: {provider.fetches} provider call(s) "
+        f"(target 1); statuses {driver.statuses}; charged {provider.charged}"
+    )
+    return provider.fetches == 1 and driver.statuses == {200: 100} and provider.charged == 100
+
+
+async def provider_down(mode: str, limit: float, seconds: float, rate: float) -> bool:
+    """Provider hanging or refusing: request latency with the failure policy 'open'.
+
+    Open loop: one task per request, ``rate`` requests/s for ``seconds``, 20 customers,
+    each request's latency from its own start. The app is warmed first (provider up).
+    """
+    provider = SlowRemote(outbox=None, timeout=limit, drain_timeout=0.1)
+    await provider.open()
+    try:
+        driver = Driver(metered_app(provider))
+        for _ in range(20):
+            await driver.one("org:warm")
+        driver.statuses.clear()
+        provider.mode = mode
+        calls = provider.fetches
+        customers = [f"org:c{i}" for i in range(20)]
+        tasks = []
+        start = time.perf_counter()
+        for n in range(int(seconds * rate)):
+            delay = start + n / rate - time.perf_counter()
+            await asyncio.sleep(max(0.0, delay))
+            customer = customers[n % len(customers)]
+            tasks.append(asyncio.create_task(driver.one(customer, timed=True)))
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+        calls = provider.fetches - calls
+    finally:
+        await provider.aclose()
+    lat = sorted(driver.latencies)
+    p50 = lat[len(lat) // 2]
+    p99 = lat[int(len(lat) * 0.99) - 1]
+    slow = sum(1 for x in lat if x >= limit / 2)
+    print(
+        f"[provider down: {mode}] timeout {limit * 1000:.0f} ms: p50 {p50 * 1000:.2f} ms  "
+        f"p99 {p99 * 1000:.2f} ms  max {lat[-1] * 1000:.1f} ms  (target p99 < timeout); "
+        f"{len(lat)} requests over {wall:.1f} s, {slow} waited on a provider call; "
+        f"provider calls {calls}, breaker {provider.breaker.state}; statuses {driver.statuses}"
+    )
+    return p99 < limit and driver.statuses == {200: len(lat)}
+
+
+async def main(args: argparse.Namespace) -> int:
+    ok = True
+    _, good = await throughput(args, None)
+    ok &= good
+    with tempfile.TemporaryDirectory(prefix="usage-bench-") as tmp:
+        _, good = await throughput(args, Path(tmp) / "outbox.db")
+        ok &= good
+    ok &= await cold_start()
+    ok &= await provider_down("hang", args.timeout, args.down_seconds, args.rate)
+    ok &= await provider_down("refuse", args.timeout, 2.0, args.rate)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    parser.add_argument("--ttl", type=float, default=5.0, help="cache_ttl in seconds")
+    parser.add_argument("--timeout", type=float, default=0.1, help="provider timeout (s)")
+    parser.add_argument("--down-seconds", type=float, default=15.0, help="hang test length")
+    parser.add_argument("--rate", type=float, default=300.0, help="requests/s when down")
+    sys.exit(asyncio.run(main(parser.parse_args())))
