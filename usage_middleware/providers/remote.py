@@ -7,7 +7,8 @@ returning an :class:`Entitlement`), into a fast and safe ``can``/``reserve``:
 Entitlement cache
     A ``cachetools.TLRUCache`` (TTLCache with a TTL per entry) keyed by
     ``(customer, feature)``, at most ``cache_size`` entries. An entry lives ``cache_ttl``
-    seconds, or ``feature_ttl[feature]`` (``0`` = never cached: always ask). An entry the
+    seconds, or ``feature_ttl[feature]`` (``0`` = never cached: always ask,
+    though concurrent checks still share one call). An entry the
     provider says has nothing left lives only ``deny_ttl`` seconds, and a cached entry that
     denies because of local spending is re-fetched once it is older than ``deny_ttl``.
 
@@ -460,7 +461,8 @@ class RemoteProvider(Provider):
         """
         from ..reporter import Reporter  # lazy: the reporter imports the provider base
 
-        assert self._outbox is not None
+        if self._outbox is None:
+            raise ConfigurationError("make_reporter() needs an outbox path (outbox=None given)")
         return Reporter(self, path=self._outbox)
 
     @property
@@ -731,6 +733,8 @@ class RemoteProvider(Provider):
     async def _flight(self, key: _Key, scope: HTTPScope | None) -> _Entry | ProviderError:
         task = self._flights.get(key)
         if task is None:
+            if self._closing:
+                return RetryableProviderError(f"{self.name} is closing")
             wait = self.breaker.allow()
             if wait is not None:
                 return RetryableProviderError(
@@ -887,10 +891,9 @@ class _MemoryDelivery:
         self.dropped = 0
 
     async def open(self) -> None:
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        wake, idle = self._wake, self._idle = asyncio.Event(), asyncio.Event()
+        idle.set()
+        self._task = asyncio.get_running_loop().create_task(self._run(wake, idle))
 
     def enqueue(self, event: UsageEvent) -> None:
         self._queue.append(event)
@@ -941,15 +944,14 @@ class _MemoryDelivery:
                 len(self._queue),
             )
 
-    async def _run(self) -> None:
-        assert self._wake is not None and self._idle is not None
+    async def _run(self, wake: asyncio.Event, idle: asyncio.Event) -> None:
         provider = self._provider
         delay = 0.1
         while True:
             if not self._queue:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
+                idle.set()
+                wake.clear()
+                await wake.wait()
                 continue
             size = 1 if self._solo else max(1, provider.max_batch)
             batch = [self._queue[i] for i in range(min(size, len(self._queue)))]
