@@ -23,14 +23,19 @@ import collections
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from asgiref.typing import HTTPScope
 
 from usage_middleware import (
     Answer,
     PermanentProviderError,
     Provider,
+    Reservation,
     RetryableProviderError,
     UsageEvent,
 )
+from usage_middleware.reporter import Reporter
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +136,54 @@ class FakeProvider(Provider):
             while not wanted <= self.delivered.keys():
                 self.arrived.clear()
                 await self.arrived.wait()
+
+
+class OutboxedProvider(Provider):
+    """Allows every request; charges go through a :class:`Reporter` into ``sink``.
+
+    The reservation cycle as a remote provider runs it: ``prepare`` makes the charge
+    durable in the outbox, ``commit`` confirms it, ``release`` cancels it. With
+    ``key_header`` the event's idempotency key is that request header (so a test knows
+    which key each request charged). ``reporter_kw`` go to the Reporter.
+    """
+
+    name = "outboxed"
+
+    def __init__(self, sink: Provider, *, key_header: bytes | None = None, **reporter_kw: Any):
+        super().__init__()
+        self.reporter = Reporter(sink, **reporter_kw)
+        self.key_header = key_header
+
+    async def open(self) -> None:
+        await self.reporter.open()
+        await super().open()
+
+    async def aclose(self) -> None:
+        await self.reporter.aclose()
+        await super().aclose()
+
+    async def can(self, customer: str, feature: str, units: int = 1) -> Answer:
+        return Answer(ok=True, customer=customer, feature=feature, units=units, provider=self)
+
+    async def reserve(
+        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+    ) -> Reservation:
+        answer = Answer(ok=True, customer=customer, feature=feature, units=units, provider=self)
+        if self.key_header is not None and scope is not None:
+            key = dict(scope["headers"])[self.key_header].decode()
+            return Reservation(answer, UsageEvent(customer, feature, units, idempotency_key=key))
+        return Reservation(answer, UsageEvent(customer, feature, units))
+
+    async def prepare(self, reservation: Reservation) -> None:
+        await self.reporter.prepare(reservation.event)
+
+    async def commit(self, reservation: Reservation) -> None:
+        reservation.settled = True
+        self.reporter.confirm(reservation.event)
+
+    async def release(self, reservation: Reservation) -> None:
+        reservation.settled = True
+        await self.reporter.cancel(reservation.event)
 
 
 async def eventually(predicate: Callable[[], object], within: float = 10.0) -> None:

@@ -376,6 +376,25 @@ async def test_lifecycle_no_thread_or_task_before_open_and_no_reopen(
     assert [k for k, _, _ in rows(outbox_path)] == [late.idempotency_key]
 
 
+async def test_charges_prepared_before_close_and_settled_after_it(
+    make: MakeReporter, outbox_path: Path
+) -> None:
+    """Shutdown mid-request: a later cancel still deletes its row; a confirmed one is kept."""
+    provider = FakeProvider(max_batch=10)
+    cancelled, confirmed = events(2)
+    async with make(provider, drain_timeout=0.1) as reporter:
+        await reporter.prepare(cancelled)
+        await reporter.prepare(confirmed)
+    async with asyncio.timeout(5):
+        await reporter.cancel(cancelled)
+    reporter.confirm(confirmed)
+    assert rows(outbox_path) == [(confirmed.idempotency_key, 0, None)]
+    up = FakeProvider(max_batch=10)
+    async with make(up):
+        await up.wait_delivered([confirmed.idempotency_key])
+    assert list(up.deliveries) == [confirmed.idempotency_key]
+
+
 async def test_an_unwritable_outbox_fails_at_open(tmp_path: Path) -> None:
     """A bad outbox path is a start-up error naming the path, not a per-request one."""
     reporter = Reporter(FakeProvider(), path=tmp_path / "missing-dir" / "o.db")

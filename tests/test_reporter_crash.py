@@ -102,51 +102,19 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from reporter_fakes import OutboxedProvider
 from sink import SinkProvider
-from usage_middleware import Answer, Provider, Reservation, UsageEvent
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.middleware import UsageMiddleware
-from usage_middleware.reporter import Reporter
 
-
-class OutboxProvider(Provider):
-    \"\"\"Allows everything; charges go through the durable Reporter into the sink.\"\"\"
-
-    name = "outboxed"
-
-    def __init__(self):
-        super().__init__()
-        sink = SinkProvider(os.environ["SINK"], latency=float(os.environ["LATENCY"]))
-        self.reporter = Reporter(sink, path=os.environ["OUTBOX"], lease=1.0, drain_timeout=20)
-
-    async def open(self):
-        await self.reporter.open()
-        await super().open()
-
-    async def aclose(self):
-        await self.reporter.aclose()
-        await super().aclose()
-
-    async def can(self, customer, feature, units=1):
-        return Answer(ok=True, customer=customer, feature=feature, units=units, provider=self)
-
-    async def reserve(self, customer, feature, units=1, *, scope=None):
-        key = dict(scope["headers"])[b"x-request-id"].decode()
-        answer = await self.can(customer, feature, units)
-        event = UsageEvent(customer, feature, units, idempotency_key=key)
-        return Reservation(answer=answer, event=event)
-
-    async def prepare(self, reservation):
-        await self.reporter.prepare(reservation.event)
-
-    async def commit(self, reservation):
-        reservation.settled = True
-        self.reporter.confirm(reservation.event)
-
-    async def release(self, reservation):
-        reservation.settled = True
-        await self.reporter.cancel(reservation.event)
+provider = OutboxedProvider(
+    SinkProvider(os.environ["SINK"], latency=float(os.environ["LATENCY"])),
+    key_header=b"x-request-id",
+    path=os.environ["OUTBOX"],
+    lease=1.0,
+    drain_timeout=20,
+)
 
 
 @metered("feature:convert", units=2)
@@ -161,8 +129,7 @@ async def health(request):
 app = Starlette(
     routes=[Route("/convert", convert, methods=["POST"]), Route("/health", health)],
     middleware=[
-        Middleware(UsageMiddleware, provider=OutboxProvider(),
-                   customer=customer_from_header("X-Customer"))
+        Middleware(UsageMiddleware, provider=provider, customer=customer_from_header("X-Customer"))
     ],
 )
 """
@@ -178,7 +145,8 @@ def workdir(tmp_path: Path) -> Path:
 
 def _env(workdir: Path, **extra: str) -> dict[str, str]:
     env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join([str(workdir), env.get("PYTHONPATH", "")])
+    here = str(Path(__file__).parent)  # for reporter_fakes
+    env["PYTHONPATH"] = os.pathsep.join([str(workdir), here, env.get("PYTHONPATH", "")])
     env.update(extra)
     return env
 

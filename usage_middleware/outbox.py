@@ -379,7 +379,8 @@ class Outbox:
                     ],
                 )
             db.executemany(
-                "DELETE FROM outbox WHERE id = ? AND owner = ?", [(i, owner) for i in deletes]
+                "DELETE FROM outbox WHERE id BETWEEN ? AND ? AND owner = ?",
+                [(lo, hi, owner) for lo, hi in _runs(deletes)],
             )
             db.executemany(
                 "UPDATE outbox SET owner = NULL, held = 0 WHERE id = ? AND owner = ?",
@@ -421,6 +422,17 @@ class Outbox:
             StoredEvent(rowid, _event(key, cust, feat, units, at_us, clob), attempts)
             for rowid, key, cust, feat, units, at_us, clob, _created, attempts in rows
         ]
+
+    def delete(self, rowid: int, key: str) -> bool:
+        """Delete one row by id and idempotency key, whoever holds it; whether it existed.
+
+        For a reporter that closed before a prepared charge was cancelled.
+        """
+        with self._write():
+            cur = self._db.execute(
+                "DELETE FROM outbox WHERE id = ? AND idempotency_key = ?", (rowid, key)
+            )
+        return cur.rowcount == 1
 
     # -- inspection and admin (CLI) -----------------------------------------------------------
 
@@ -518,6 +530,17 @@ class Outbox:
         with self._write():
             cur = self._db.execute(f"DELETE FROM dead_letters {where}", args)
         return cur.rowcount
+
+
+def _runs(ids: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive ids as (first, last) pairs: delivered rows are mostly runs."""
+    runs: list[tuple[int, int]] = []
+    for i in sorted(ids):
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs
 
 
 def _where_ids(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:

@@ -355,9 +355,19 @@ class Reporter:
             await self._tasks[1]  # the housekeeper finishes its round and returns
             self._writer_wake.set()
             await self._tasks[0]  # the writer flushes what is pending, then returns
-            lost = len(self._pending)
-            if lost:
-                log.error("%d events could not be written to the outbox and are lost", lost)
+            # From here on enqueue()/confirm() write to the file directly and cancel()
+            # deletes directly: nothing is left waiting on a writer that is gone.
+            self._state = ProviderState.CLOSED
+            if self._pending:  # the outbox failed to take these: one last try
+                entries, self._pending = self._pending, []
+                try:
+                    await asyncio.to_thread(self._write_direct, entries)
+                except Exception:
+                    log.exception(
+                        "%d events could not be written to the outbox %s and are lost",
+                        len(entries),
+                        self.path,
+                    )
             counters = self._counters()
             try:
                 await self._run(self._outbox.retire, self._owner, counters)
@@ -416,9 +426,7 @@ class Reporter:
         entry = _Entry(event, _HELD, 0.0)
         self._held[key] = entry
         self._pending.append(entry)
-        self._writer_wake.set()
-        if self._state is ProviderState.OPEN:
-            await self._flushed()
+        await self._flushed()
 
     def confirm(self, event: UsageEvent) -> None:
         """Let a prepared ``event`` be delivered. O(1); never raises.
@@ -451,16 +459,19 @@ class Reporter:
         if entry is None:
             return
         entry.state = _CANCELLED
+        if entry.rowid is not None and not self._writer_running():
+            try:  # the reporter closed after this prepare: delete the row directly
+                await asyncio.to_thread(self._delete_direct, entry.rowid, event.idempotency_key)
+            except Exception:
+                log.exception("could not cancel event %s in %s", event.idempotency_key, self.path)
+            return
         if entry.rowid is not None:
             self._deletes.append(entry.rowid)
-            self._writer_wake.set()
-        if self._state is ProviderState.OPEN:
-            await self._flushed()
+        await self._flushed()
 
     async def flush(self) -> None:
         """Wait until everything accepted so far is committed to the outbox (or failed)."""
-        if self._state is ProviderState.OPEN:
-            await self._flushed()
+        await self._flushed()
 
     def stats(self) -> ReporterStats:
         """Return this reporter's counters (see :class:`ReporterStats`)."""
@@ -496,10 +507,17 @@ class Reporter:
     def _counters(self) -> tuple[int, int, int, int]:
         return (self._queued, self._sent, self._retried, self._dead_lettered)
 
+    def _writer_running(self) -> bool:
+        return bool(self._tasks) and not self._tasks[0].done()
+
     def _flushed(self) -> asyncio.Future[None]:
+        """A future resolved after the next group commit (at once if no writer runs)."""
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        self._writer_wake.set()
+        if self._writer_running():
+            self._waiters.append(fut)
+            self._writer_wake.set()
+        else:
+            fut.set_result(None)
         return fut
 
     def _mark_dirty(self) -> None:
@@ -604,13 +622,23 @@ class Reporter:
         return any(not t.done() for t in self._senders)
 
     def _write_direct(self, entries: Sequence[_Entry]) -> None:
-        """Write entries from outside the running reporter (before open / after close)."""
-        rows = [(e.event, False, False) for e in entries if e.state == _READY]
-        if not rows:
+        """Write entries as free rows from outside the running reporter (before open /
+        after close); any worker, or the next process, delivers them."""
+        todo = [e for e in entries if e.state != _CANCELLED]
+        if not todo:
             return
         outbox = Outbox(self.path, synchronous=self._synchronous)
         try:
-            outbox.apply(0, rows)
+            first = outbox.apply(0, [(e.event, False, False) for e in todo])
+        finally:
+            outbox.close()
+        for i, e in enumerate(todo):
+            e.rowid = first + i  # a later cancel() deletes it directly
+
+    def _delete_direct(self, rowid: int, key: str) -> None:
+        outbox = Outbox(self.path, synchronous=self._synchronous)
+        try:
+            outbox.delete(rowid, key)
         finally:
             outbox.close()
 
@@ -746,6 +774,7 @@ class Reporter:
             self._claiming = False
         if len(rows) < limit and gen == self._dirty_gen:
             self._db_dirty = False
+        self._retried += sum(1 for r in rows if r.attempts)  # back after failed rounds
         if rows:
             self._ready.extend(_Entry(r.event, _READY, 0.0, r.rowid) for r in rows)
             self._sender_wake.set()
