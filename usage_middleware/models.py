@@ -6,8 +6,9 @@ strings such as Tier's ``org:acme``; feature names follow Tier's ``feature:[a-zA
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ __all__ = [
     "check_customer",
     "check_feature",
     "check_units",
+    "new_idempotency_key",
+    "trusted_event",
 ]
 
 #: Tier's "infinite" limit (``1<<63 - 1``), used for a feature with no ``upto``.
@@ -75,8 +78,28 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _new_key() -> str:
-    return uuid.uuid4().hex
+# Idempotency keys: 96 random bits per process plus a counter. As unique as uuid4 for our
+# purpose and ~20x cheaper on the request path; the random part is drawn again in a forked
+# child so two workers of one pre-forking server never share keys.
+_key_prefix = os.urandom(12).hex()
+_key_counter = itertools.count()
+
+
+def _reseed_keys() -> None:
+    global _key_prefix, _key_counter
+    _key_prefix = os.urandom(12).hex()
+    _key_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_keys)
+
+
+def new_idempotency_key() -> str:
+    """A fresh idempotency key: 32+ hex characters, unique across processes and restarts."""
+    return f"{_key_prefix}{next(_key_counter):08x}"
+
+
+_new_key = new_idempotency_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +138,26 @@ class UsageEvent:
             object.__setattr__(self, "at", self.at.astimezone(UTC))
         if not isinstance(self.idempotency_key, str) or not 1 <= len(self.idempotency_key) <= 128:
             raise ValueError("UsageEvent.idempotency_key must be a string of 1-128 characters")
+
+
+_set = object.__setattr__
+
+
+def trusted_event(customer: str, feature: str, units: int) -> UsageEvent:
+    """A :class:`UsageEvent` for now with a fresh key, skipping validation.
+
+    For the request path only, where the customer, feature and units were validated
+    already (at decoration time and when the customer was resolved). ~4x cheaper than the
+    validating constructor.
+    """
+    event: UsageEvent = object.__new__(UsageEvent)
+    _set(event, "customer", customer)
+    _set(event, "feature", feature)
+    _set(event, "units", units)
+    _set(event, "at", datetime.now(UTC))
+    _set(event, "idempotency_key", f"{_key_prefix}{next(_key_counter):08x}")
+    _set(event, "clobber", False)
+    return event
 
 
 @dataclass(frozen=True, slots=True)
