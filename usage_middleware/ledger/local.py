@@ -67,6 +67,7 @@ Trade-offs, stated plainly:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -141,8 +142,8 @@ class _Slot:
         "period",
         "reason",
         "refilling",
-        "spare",
         "retired",
+        "spare",
         "touched",
         "unlimited",
         "used",
@@ -256,6 +257,7 @@ class LocalLedger(Ledger):
         self._current: dict[tuple[str, str], _Slot] = {}
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._leasing: dict[tuple[str, str], asyncio.Future[LeaseGrant]] = {}
         self._outstanding: dict[Reservation, float] = {}
         self._batch: list[_Charge] = []
         self._inflight: set[asyncio.Future[Any]] = set()
@@ -552,6 +554,7 @@ class LocalLedger(Ledger):
             lock = self._locks[key] = asyncio.Lock()
         async with lock:
             for _ in range(3):
+                await self._settle_lease(key)
                 now = self._clock()
                 t = time.monotonic()
                 slot = self._current.get(key)
@@ -598,6 +601,13 @@ class LocalLedger(Ledger):
         )
         return Reservation(answer, UsageEvent(customer, feature, units))
 
+    async def _settle_lease(self, key: tuple[str, str]) -> None:
+        """Wait for a lease transaction whose requester was cancelled (its result applies)."""
+        running = self._leasing.get(key)
+        if running is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(running)
+
     async def _lease(
         self,
         key: tuple[str, str],
@@ -620,6 +630,7 @@ class LocalLedger(Ledger):
         store = self._ready_store()
         future = self._submit(store.lease, key[0], key[1], now, need, gives)
         future.add_done_callback(functools.partial(self._leased, key, t, slot, gives))
+        self._leasing[key] = future
         return await asyncio.shield(future)
 
     def _leased(
@@ -631,6 +642,8 @@ class LocalLedger(Ledger):
         future: asyncio.Future[LeaseGrant],
     ) -> None:
         """Apply a lease transaction's result (runs even if the requester was cancelled)."""
+        if self._leasing.get(key) is future:
+            del self._leasing[key]
         if future.cancelled() or future.exception() is not None:
             if giver is not None:  # rolled back: the units are still ours
                 giver.available += sum(units for _, units in gives)
@@ -673,6 +686,7 @@ class LocalLedger(Ledger):
             if lock is None:
                 lock = self._locks[key] = asyncio.Lock()
             async with lock:
+                await self._settle_lease(key)
                 now = self._clock()
                 t = time.monotonic()
                 if (

@@ -1,0 +1,537 @@
+"""LocalLedger specifics: the SQLite file, several processes on it, crashes, close, pricing.
+
+Two LocalLedger instances on one file behave like two processes (each has its own lease
+owner), so cross-process rules are tested in-process too; a few tests use real processes.
+Waits are bounded polls, never timed assertions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import sqlite3
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from usage_middleware.errors import ConfigurationError, LedgerError, PricingError
+from usage_middleware.ledger import LocalLedger
+from usage_middleware.ledger.store import LedgerStore
+from usage_middleware.models import UsageEvent
+
+PRICING = {
+    "plans": {
+        "plan:free@1": {
+            "features": {
+                "feature:convert": {"tiers": [{"upto": 100}]},
+                "feature:small": {"tiers": [{"upto": 10}]},
+                "feature:big": {"tiers": [{"upto": 1_000_000}]},
+            }
+        },
+        "plan:pro@1": {"features": {"feature:small": {"tiers": [{"upto": 1000}]}}},
+    }
+}
+ACME = "org:acme"
+CONVERT = "feature:convert"
+SMALL = "feature:small"
+BIG = "feature:big"
+
+
+async def prepared(path: pathlib.Path) -> None:
+    """Store PRICING in a fresh file and put org:acme on plan:free@1."""
+    async with LocalLedger(path, pricing=PRICING) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        await ledger.subscribe(ACME, "plan:free@1")
+
+
+def query(path: pathlib.Path, sql: str) -> list[tuple[Any, ...]]:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchall()
+
+
+async def use(ledger: LocalLedger, feature: str, units: int = 1) -> bool:
+    reservation = await ledger.reserve(ACME, feature, units)
+    if reservation.answer.ok:
+        await ledger.commit(reservation)
+    return reservation.answer.ok
+
+
+async def used(ledger: LocalLedger, feature: str) -> int:
+    return next(r.used for r in await ledger.usage(ACME) if r.feature == feature)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 15.0) -> None:
+    """Poll ``check`` every 50 ms until it holds (bounded)."""
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+def count_calls(store: LedgerStore, name: str) -> list[str]:
+    """Wrap a store method; the returned list gets the worker thread's name per call."""
+    calls: list[str] = []
+    original = getattr(store, name)
+
+    def wrapper(*args: Any) -> Any:
+        calls.append(threading.current_thread().name)
+        return original(*args)
+
+    setattr(store, name, wrapper)
+    return calls
+
+
+def store_of(ledger: LocalLedger) -> LedgerStore:
+    store = ledger._store
+    assert store is not None
+    return store
+
+
+# -- the file ------------------------------------------------------------------------------
+
+
+async def test_the_file_is_in_wal_mode(tmp_path: pathlib.Path) -> None:
+    """The ledger file uses SQLite's WAL journal (readers never block the writer)."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    assert query(path, "PRAGMA journal_mode") == [("wal",)]
+
+
+async def test_sqlite_work_runs_on_the_worker_thread(tmp_path: pathlib.Path) -> None:
+    """Lease and flush transactions run on the ledger's thread, never the event loop's."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        leases = count_calls(store_of(ledger), "lease")
+        flushes = count_calls(store_of(ledger), "flush")
+        assert await use(ledger, CONVERT)
+        await ledger.usage(ACME)
+    assert leases and flushes
+    assert {*leases, *flushes} <= {t.name for t in threading.enumerate()} | {*leases, *flushes}
+    assert all(name.startswith("usage-middleware-ledger") for name in leases + flushes)
+
+
+async def test_warm_requests_run_no_transaction_each(tmp_path: pathlib.Path) -> None:
+    """1000 reserve+commit on a warm customer take a handful of lease and flush transactions."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, lease_size=64) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        leases = count_calls(store_of(ledger), "lease")
+        flushes = count_calls(store_of(ledger), "flush")
+        for _ in range(1000):
+            assert await use(ledger, BIG)
+        assert await used(ledger, BIG) == 1000
+    assert len(leases) <= 1000 // 64 + 3
+    assert len(flushes) <= 20
+
+
+async def test_concurrent_cold_reserves_make_one_lease_transaction(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Single-flight: 100 concurrent first reservations of one customer share one lease."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, lease_size=1000) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        leases = count_calls(store_of(ledger), "lease")
+        reservations = await asyncio.gather(*(ledger.reserve(ACME, BIG) for _ in range(100)))
+        assert all(r.answer.ok for r in reservations)
+        assert len(leases) == 1
+
+
+async def test_a_refusal_is_remembered_briefly(tmp_path: pathlib.Path) -> None:
+    """An exhausted or unknown customer hammering the API costs no transaction per request."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        for _ in range(10):
+            assert await use(ledger, SMALL)
+        leases = count_calls(store_of(ledger), "lease")
+        for _ in range(100):
+            assert not (await ledger.reserve(ACME, SMALL)).answer.ok
+            assert not (await ledger.reserve("org:nobody", SMALL)).answer.ok
+        assert len(leases) <= 4
+
+
+# -- several owners on one file ------------------------------------------------------------
+
+
+async def test_leases_shrink_near_the_limit(tmp_path: pathlib.Path) -> None:
+    """Far from the limit a lease is lease_size units; near it, a quarter of what is left."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, lease_size=64) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        assert (await ledger.reserve(ACME, BIG)).answer.ok
+        assert (await ledger.reserve(ACME, SMALL)).answer.ok
+        rows = dict(query(path, "SELECT feature, units FROM leases"))
+        assert rows == {BIG: 64, SMALL: 2}
+
+
+async def test_units_leased_by_one_owner_are_not_granted_to_another(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Two ledgers on one file never together hand out more than the limit."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as first, LocalLedger(path) as second:
+        assert isinstance(first, LocalLedger) and isinstance(second, LocalLedger)
+        allowed = 0
+        for _ in range(30):
+            for ledger in (first, second):
+                allowed += await use(ledger, SMALL)
+        assert allowed == 10
+        await first.usage(ACME)  # write both owners' charges: their leases shrink
+        await second.usage(ACME)
+        assert query(path, "SELECT COALESCE(SUM(units), 0) FROM leases") == [(0,)]
+    assert query(path, "SELECT used FROM usage WHERE feature = 'feature:small'") == [(allowed,)]
+
+
+async def test_an_idle_lease_is_returned_for_others(tmp_path: pathlib.Path) -> None:
+    """Units parked in one owner's idle lease become usable by another within a few ticks."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, lease_ttl=0.8) as first, LocalLedger(path) as second:
+        assert isinstance(first, LocalLedger) and isinstance(second, LocalLedger)
+        assert await use(first, SMALL)  # leases 2, uses 1, parks 1
+        while await use(second, SMALL):
+            pass
+
+        async def second_gets_the_parked_unit() -> bool:
+            return await use(second, SMALL)
+
+        await eventually(second_gets_the_parked_unit)
+        assert await used(second, SMALL) == 10
+
+
+async def test_aclose_returns_unused_leases(tmp_path: pathlib.Path) -> None:
+    """Closing a ledger deletes its lease rows, so their units are free again."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        assert await use(ledger, BIG)
+        assert query(path, "SELECT COUNT(*) FROM leases") == [(1,)]
+    assert query(path, "SELECT COUNT(*) FROM leases") == [(0,)]
+
+
+async def test_a_plan_change_elsewhere_reaches_a_running_ledger(tmp_path: pathlib.Path) -> None:
+    """A subscribe made through another ledger on the file applies here within a few ticks."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, lease_ttl=0.8) as serving, LocalLedger(path) as admin:
+        assert isinstance(serving, LocalLedger) and isinstance(admin, LocalLedger)
+        while await use(serving, SMALL):
+            pass
+        await admin.subscribe(ACME, "plan:pro@1")
+
+        async def allowed_again() -> bool:
+            return await use(serving, SMALL)
+
+        await eventually(allowed_again)
+
+
+async def test_usage_reported_elsewhere_stops_a_running_ledger(tmp_path: pathlib.Path) -> None:
+    """Usage reported through another ledger revokes this one's lease within a few ticks."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, lease_ttl=0.8) as serving, LocalLedger(path) as admin:
+        assert isinstance(serving, LocalLedger) and isinstance(admin, LocalLedger)
+        assert await use(serving, CONVERT)  # holds a lease of 25
+        await admin.report([UsageEvent(ACME, CONVERT, 99)])
+
+        async def refused() -> bool:
+            return not (await serving.reserve(ACME, CONVERT)).answer.ok
+
+        await eventually(refused)
+        assert await used(serving, CONVERT) == 100
+
+
+# -- real processes --------------------------------------------------------------------------
+
+WORKER = r"""
+import asyncio, json, sys
+from usage_middleware.ledger import LocalLedger
+
+ACME, CONVERT = "org:acme", "feature:convert"
+
+async def hold(path):
+    ledger = LocalLedger(path, lease_ttl=2.0)
+    reservation = await ledger.reserve(ACME, CONVERT)
+    print(json.dumps({"ok": reservation.answer.ok}), flush=True)
+    await asyncio.sleep(120)
+
+async def share(path):
+    ledger = LocalLedger(path, lease_ttl=2.0)
+    await ledger.open()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    loop = asyncio.get_running_loop()
+    allowed = 0
+
+    async def task(n):
+        nonlocal allowed
+        denied_since = None
+        for i in range(5000):
+            reservation = await ledger.reserve(ACME, CONVERT)
+            if reservation.answer.ok:
+                denied_since = None
+                await asyncio.sleep(0.001)
+                if (n + i) % 7 == 0:
+                    await ledger.release(reservation)
+                else:
+                    allowed += 1
+                    await ledger.commit(reservation)
+                continue
+            denied_since = denied_since or loop.time()
+            if loop.time() - denied_since > 3.0:
+                return
+            await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(task(n) for n in range(10)))
+    await ledger.aclose()
+    print(json.dumps({"allowed": allowed}), flush=True)
+
+asyncio.run({"hold": hold, "share": share}[sys.argv[2]](sys.argv[1]))
+"""
+
+
+async def start_worker(path: pathlib.Path, mode: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WORKER,
+        str(path),
+        mode,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.mark.slow
+async def test_two_processes_together_charge_exactly_the_limit(tmp_path: pathlib.Path) -> None:
+    """Two processes reserving/committing/releasing concurrently charge exactly 100 of 100."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    workers = [await start_worker(path, "share") for _ in range(2)]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None
+            assert await asyncio.wait_for(worker.stdout.readline(), 60) == b"ready\n"
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write(b"go\n")
+            await worker.stdin.drain()
+        outputs = [await asyncio.wait_for(worker.communicate(), 120) for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    allowed = [json.loads(out.splitlines()[-1])["allowed"] for out, _ in outputs]
+    assert sum(allowed) == 100, allowed
+    assert query(path, "SELECT used FROM usage WHERE feature = 'feature:convert'") == [(100,)]
+    assert query(path, "SELECT COUNT(*), SUM(units) FROM charges") == [(100, 100)]
+    assert query(path, "SELECT COUNT(*) FROM leases") == [(0,)]
+
+
+@pytest.mark.slow
+async def test_a_killed_process_lease_comes_back_after_the_ttl(tmp_path: pathlib.Path) -> None:
+    """SIGKILL while holding a lease: its units are refused until the TTL, then usable again."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    worker = await start_worker(path, "hold")
+    try:
+        assert worker.stdout is not None
+        line = await asyncio.wait_for(worker.stdout.readline(), 60)
+        assert json.loads(line) == {"ok": True}
+    finally:
+        worker.kill()
+        await worker.wait()
+    [(units, expires_at)] = query(path, "SELECT units, expires_at FROM leases")
+    assert units == 25  # a quarter of the 100 free units
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        if time.time() < expires_at - 0.5:
+            assert not (await ledger.reserve(ACME, CONVERT, 100)).answer.ok
+        await asyncio.sleep(max(0.0, expires_at - time.time()) + 0.3)
+        reservation = await ledger.reserve(ACME, CONVERT, 100)
+        assert reservation.answer.ok
+        await ledger.commit(reservation)
+        assert await used(ledger, CONVERT) == 100  # the killed request was never charged
+
+
+# -- writing, closing ------------------------------------------------------------------------
+
+
+async def test_aclose_writes_pending_charges(tmp_path: pathlib.Path) -> None:
+    """Charges committed in memory are written by aclose() (they are not yet before it)."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    ledger = LocalLedger(path, flush_interval=3600)
+    for _ in range(5):
+        assert await use(ledger, CONVERT)
+    assert query(path, "SELECT COUNT(*) FROM charges") == [(0,)]
+    await ledger.aclose()
+    assert query(path, "SELECT COUNT(*), SUM(units) FROM charges") == [(5, 5)]
+    assert query(path, "SELECT used FROM usage") == [(5,)]
+
+
+async def test_a_failed_write_is_retried_not_dropped(tmp_path: pathlib.Path) -> None:
+    """When the group commit fails, its charges are written by a later attempt."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        store = store_of(ledger)
+        original = store.flush
+        failures = [sqlite3.OperationalError("disk I/O error")]
+
+        def flaky(batch: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return original(batch)
+
+        store.flush = flaky  # type: ignore[method-assign]
+        for _ in range(3):
+            assert await use(ledger, CONVERT)
+
+        async def written() -> bool:
+            return query(path, "SELECT COUNT(*) FROM charges") == [(3,)]
+
+        await eventually(written)
+        assert not failures
+        assert await used(ledger, CONVERT) == 3
+
+
+async def test_a_failed_lease_is_an_answer_with_err(tmp_path: pathlib.Path) -> None:
+    """A SQLite error while leasing gives ok=False with err and retry_after, never raises."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        store = store_of(ledger)
+        original = store.lease
+        error = sqlite3.OperationalError("database is locked")
+
+        def broken(*args: Any) -> Any:
+            raise error
+
+        store.lease = broken  # type: ignore[method-assign]
+        answer = (await ledger.reserve(ACME, CONVERT)).answer
+        assert (answer.ok, answer.err, answer.reason) == (False, error, "ledger unavailable")
+        assert answer.retry_after is not None
+        store.lease = original  # type: ignore[method-assign]
+        assert await use(ledger, CONVERT, 100)
+
+
+async def test_reopening_a_closed_ledger_raises(tmp_path: pathlib.Path) -> None:
+    """A closed ledger cannot be reopened; admin calls raise, reserve answers with err."""
+    ledger = LocalLedger(tmp_path / "usage.db", pricing=PRICING)
+    await ledger.open()
+    await ledger.aclose()
+    await ledger.aclose()  # idempotent
+    with pytest.raises(ConfigurationError, match="cannot be reopened"):
+        await ledger.open()
+    with pytest.raises(ConfigurationError, match="closed"):
+        await ledger.subscribe(ACME, "plan:free@1")
+    answer = (await ledger.reserve(ACME, CONVERT)).answer
+    assert not answer.ok and isinstance(answer.err, ConfigurationError)
+
+
+async def test_a_commit_after_close_is_still_written(tmp_path: pathlib.Path) -> None:
+    """A request that finishes after shutdown began is still charged."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    ledger = LocalLedger(path)
+    reservation = await ledger.reserve(ACME, CONVERT, 2)
+    assert reservation.answer.ok
+    await ledger.aclose()
+    await ledger.commit(reservation)
+    assert query(path, "SELECT used FROM usage") == [(2,)]
+
+
+async def test_an_unsettled_reservation_times_out(tmp_path: pathlib.Path) -> None:
+    """A reservation never settled is released after reservation_timeout; a late commit
+    still charges it."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, reservation_timeout=0.2, lease_ttl=0.8) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        forgotten = await ledger.reserve(ACME, SMALL, 10)
+        assert forgotten.answer.ok
+
+        async def released() -> bool:
+            return await use(ledger, SMALL, 10)
+
+        await eventually(released)
+        await ledger.commit(forgotten)
+        assert await used(ledger, SMALL) == 20
+
+
+async def test_cancelled_reservations_leak_nothing(tmp_path: pathlib.Path) -> None:
+    """Reservations cancelled while the lease transaction runs leave every unit usable."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        tasks = [asyncio.create_task(ledger.reserve(ACME, SMALL)) for _ in range(5)]
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(result, asyncio.CancelledError) for result in results)
+        assert await use(ledger, SMALL, 10)
+
+
+# -- pricing -----------------------------------------------------------------------------------
+
+
+def test_bad_pricing_is_refused_at_construction(tmp_path: pathlib.Path) -> None:
+    """An invalid pricing (dict or file) raises PricingError when the ledger is made."""
+    with pytest.raises(PricingError, match="plan 'free'"):
+        LocalLedger(tmp_path / "usage.db", pricing={"plans": {"free": {}}})
+    with pytest.raises(PricingError, match="not found"):
+        LocalLedger(tmp_path / "usage.db", pricing=tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("lease_size", 0), ("lease_ttl", 0), ("flush_interval", -1), ("reservation_timeout", 0)],
+)
+def test_bad_tuning_arguments(tmp_path: pathlib.Path, argument: str, value: int) -> None:
+    """Out-of-range tuning arguments raise ValueError naming the argument."""
+    with pytest.raises(ValueError, match=argument):
+        LocalLedger(tmp_path / "usage.db", **{argument: value})
+
+
+async def test_pricing_is_stored_in_the_file_and_replaced(tmp_path: pathlib.Path) -> None:
+    """The pricing given once is used by later ledgers without one; giving it again replaces it."""
+    path = tmp_path / "usage.db"
+    async with LocalLedger(path, pricing=PRICING):
+        pass
+    async with LocalLedger(path) as ledger:
+        await ledger.subscribe(ACME, "plan:free@1")
+        assert await use(ledger, SMALL)  # type: ignore[arg-type]
+    other = {"plans": {"plan:other@1": {"features": {SMALL: {"tiers": [{"upto": 1}]}}}}}
+    async with LocalLedger(path, pricing=other) as ledger:
+        with pytest.raises(LedgerError, match="known plans: plan:other@1"):
+            await ledger.subscribe(ACME, "plan:free@1")
+        await ledger.subscribe(ACME, "plan:other@1")
+
+
+async def test_subscribe_without_any_pricing_says_how_to_fix(tmp_path: pathlib.Path) -> None:
+    """A ledger file that never got a pricing refuses subscribe with the fix in the message."""
+    async with LocalLedger(tmp_path / "usage.db") as ledger:
+        with pytest.raises(LedgerError, match="pass pricing="):
+            await ledger.subscribe(ACME, "plan:free@1")
