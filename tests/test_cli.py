@@ -1,0 +1,339 @@
+"""The ``usage-middleware`` command: happy paths and every bad-input path (exit 2, one line)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from usage_middleware.cli import main
+from usage_middleware.ledger.local import LocalLedger
+
+ROOT = Path(__file__).resolve().parent.parent
+PRICING = ROOT / "examples" / "pricing.json"
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("USAGE_DB", raising=False)
+    monkeypatch.delenv("USAGE_PRICING", raising=False)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "usage.db"
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:
+    assert code == 2
+    assert out == ""
+    assert err.startswith("usage-middleware: error: ")
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+def charge(db: Path, customer: str, feature: str, units: int) -> None:
+    """Charge units through the ledger's reserve/commit cycle, as the middleware does."""
+
+    async def go() -> None:
+        async with LocalLedger(db) as ledger:
+            reservation = await ledger.reserve(customer, feature, units)
+            assert reservation.answer.ok
+            await ledger.commit(reservation)
+
+    asyncio.run(go())
+
+
+def table_row(out: str, feature: str) -> list[str]:
+    """The cells of the table line for ``feature`` (split on runs of 2+ spaces)."""
+    for line in out.splitlines():
+        if line.startswith(feature + " "):
+            return re.split(r"\s{2,}", line.strip())
+    raise AssertionError(f"no row for {feature} in:\n{out}")
+
+
+# -- happy paths -----------------------------------------------------------------------
+
+
+def test_plans_lists_every_plan_feature_limit_and_interval(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`plans` prints each plan's features with their limits (∞ for unlimited) and interval."""
+    code, out, err = run(capsys, "--pricing", PRICING, "plans")
+    assert (code, err) == (0, "")
+    assert "plan:free@1" in out and "plan:pro@1" in out
+    assert "@monthly" in out
+    lines = out.splitlines()
+    free = next(i for i, line in enumerate(lines) if line.startswith("plan:free@1"))
+    pro = next(i for i, line in enumerate(lines) if line.startswith("plan:pro@1"))
+    assert lines[free].split()[-2:] == ["feature:convert", "5"]
+    assert lines[free + 1].split() == ["feature:pages", "20"]
+    pro_rows = {line.split()[-2]: line.split()[-1] for line in lines[pro:]}
+    assert pro_rows == {"feature:convert": "∞", "feature:generate": "100", "feature:pages": "10000"}
+
+
+def test_subscribe_then_show_prints_the_plan_limits(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`subscribe` puts the customer on the plan; `show` prints limit, used 0, remaining."""
+    code, out, err = run(
+        capsys, "--db", db, "--pricing", PRICING, "subscribe", "org:acme", "plan:free@1"
+    )
+    assert (code, err) == (0, "")
+    assert "org:acme is on plan:free@1" in out
+
+    code, out, err = run(capsys, "--db", db, "show", "org:acme")
+    assert (code, err) == (0, "")
+    header = out.splitlines()[1].split()
+    assert header == ["FEATURE", "PLAN", "LIMIT", "USED", "CREDITS", "REMAINING", "PERIOD", "(UTC)"]
+    assert table_row(out, "feature:convert")[:6] == [
+        "feature:convert", "plan:free@1", "5", "0", "0", "5",
+    ]  # fmt: skip
+    assert table_row(out, "feature:pages")[:6] == [
+        "feature:pages", "plan:free@1", "20", "0", "0", "20",
+    ]  # fmt: skip
+    assert " to " in table_row(out, "feature:convert")[6]
+
+
+def test_show_reflects_charges_and_grants(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Units charged through the ledger and credits granted by the CLI show up in `show`."""
+    run(capsys, "--db", db, "--pricing", PRICING, "subscribe", "org:acme", "plan:free@1")
+    charge(db, "org:acme", "feature:convert", 2)
+
+    code, out, err = run(capsys, "--db", db, "grant", "org:acme", "feature:convert", "10")
+    assert (code, err) == (0, "")
+    assert "granted 10 units of feature:convert to org:acme; credit balance 10" in out
+
+    code, out, _ = run(capsys, "--db", db, "show", "org:acme")
+    assert code == 0
+    assert table_row(out, "feature:convert")[:6] == [
+        "feature:convert", "plan:free@1", "5", "2", "10", "13",
+    ]  # fmt: skip
+
+
+def test_grant_on_a_feature_outside_the_plan_shows_a_credit_only_row(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Credits for a feature the plan lacks appear as a credit-only row (no plan, limit 0)."""
+    run(capsys, "--db", db, "--pricing", PRICING, "subscribe", "org:acme", "plan:free@1")
+    code, out, _ = run(capsys, "--db", db, "grant", "org:acme", "feature:generate", "7")
+    assert code == 0 and "credit balance 7" in out
+    code, out, _ = run(capsys, "--db", db, "show", "org:acme")
+    assert code == 0
+    row = table_row(out, "feature:generate")
+    assert row[0] == "feature:generate"
+    assert row[1] == "- (credits only)"
+    assert row[2:6] == ["0", "0", "7", "7"]
+
+
+def test_show_prints_infinity_for_an_unlimited_feature(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A feature without `upto` shows ∞ as its limit and remaining."""
+    run(capsys, "--db", db, "--pricing", PRICING, "subscribe", "org:big", "plan:pro@1")
+    code, out, _ = run(capsys, "--db", db, "show", "org:big")
+    assert code == 0
+    assert table_row(out, "feature:convert")[2:6] == ["∞", "0", "0", "∞"]
+
+
+def test_plans_reads_the_pricing_stored_in_the_ledger(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """After the first command with --pricing, `plans` works from the ledger file alone."""
+    run(capsys, "--db", db, "--pricing", PRICING, "subscribe", "org:acme", "plan:free@1")
+    code, out, err = run(capsys, "--db", db, "plans")
+    assert (code, err) == (0, "")
+    assert "plan:free@1" in out and "plan:pro@1" in out
+
+
+def test_db_and_pricing_default_to_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """USAGE_DB and USAGE_PRICING stand in for --db and --pricing."""
+    monkeypatch.setenv("USAGE_DB", str(tmp_path / "env.db"))
+    monkeypatch.setenv("USAGE_PRICING", str(PRICING))
+    code, _, err = run(capsys, "subscribe", "org:acme", "plan:pro@1")
+    assert (code, err) == (0, "")
+    assert (tmp_path / "env.db").exists()
+    code, out, _ = run(capsys, "show", "org:acme")
+    assert code == 0 and "plan:pro@1" in out
+
+
+def test_python_dash_m_and_console_script_run_the_cli(db: Path) -> None:
+    """`python -m usage_middleware` and the `usage-middleware` script both work end to end."""
+    env = {k: v for k, v in os.environ.items() if k not in ("USAGE_DB", "USAGE_PRICING")}
+    result = subprocess.run(
+        [sys.executable, "-m", "usage_middleware", "--db", str(db), "--pricing", str(PRICING),
+         "subscribe", "org:acme", "plan:free@1"],
+        capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "org:acme is on plan:free@1" in result.stdout
+    script = shutil.which("usage-middleware")
+    assert script is not None, "pip install -e '.[dev]' installs the usage-middleware script"
+    result = subprocess.run(
+        [script, "--db", str(db), "show", "org:acme"],
+        capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "feature:convert" in result.stdout
+
+
+# -- bad input: one line on stderr, exit 2 ---------------------------------------------
+
+
+@pytest.fixture
+def ledger_db(db: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    """A ledger with org:acme on the free plan."""
+    code, _, _ = run(
+        capsys, "--db", db, "--pricing", PRICING, "subscribe", "org:acme", "plan:free@1"
+    )
+    assert code == 0
+    return db
+
+
+def test_unknown_plan_is_an_error(ledger_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Subscribing to a plan missing from the pricing exits 2 naming the plan."""
+    result = run(capsys, "--db", ledger_db, "subscribe", "org:acme", "plan:gold@1")
+    assert_one_line_error(*result, "plan:gold@1")
+
+
+def test_unknown_customer_is_an_error(ledger_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`show` for a customer with no subscription and no credits exits 2 naming the customer."""
+    result = run(capsys, "--db", ledger_db, "show", "org:ghost")
+    assert_one_line_error(*result)
+    assert "unknown customer" in result[2] or "org:ghost" in result[2]
+
+
+@pytest.mark.parametrize("units", ["abc", "1.5", "0", "-3", "", "1e3"])
+def test_units_must_be_a_positive_whole_number(
+    ledger_db: Path, units: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`grant` refuses units that are not a whole number > 0, and grants nothing."""
+    result = run(capsys, "--db", ledger_db, "grant", "org:acme", "feature:convert", units)
+    assert_one_line_error(*result, "units must be a whole number > 0")
+    code, out, _ = run(capsys, "--db", ledger_db, "show", "org:acme")
+    assert code == 0 and table_row(out, "feature:convert")[4] == "0"
+
+
+@pytest.mark.parametrize("command", [["plans"], ["subscribe", "org:acme", "plan:free@1"]])
+def test_missing_pricing_file_is_an_error(
+    db: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --pricing path that does not exist exits 2 naming the file, and creates no ledger."""
+    result = run(capsys, "--db", db, "--pricing", db.parent / "nope.json", *command)
+    assert_one_line_error(*result, "nope.json")
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("{not json", ""),
+        (json.dumps({"plans": {"plan:x@1": {"interval": "@hourly"}}}), "plan:x@1"),
+        (json.dumps({"plans": {"plan:x@1": {"features": {"feature_bad": {}}}}}), "feature_bad"),
+        (json.dumps({"plans": {"nope": {}}}), "nope"),
+    ],
+)
+def test_invalid_pricing_file_is_an_error(
+    db: Path, content: str, needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pricing file that does not validate exits 2 with the validator's reason."""
+    bad = db.parent / "bad.json"
+    bad.write_text(content)
+    assert_one_line_error(*run(capsys, "--pricing", bad, "plans"), needle)
+    result = run(capsys, "--db", db, "--pricing", bad, "subscribe", "org:acme", "plan:x@1")
+    assert_one_line_error(*result, needle)
+
+
+@pytest.mark.parametrize("customer", ["org acme", "", "a" * 256, "org:\tx"])
+@pytest.mark.parametrize("command", ["subscribe", "grant", "show"])
+def test_bad_customer_id_is_an_error(
+    ledger_db: Path, customer: str, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A malformed customer id exits 2 before the ledger is touched."""
+    extra = {"subscribe": ["plan:free@1"], "grant": ["feature:convert", "1"], "show": []}
+    result = run(capsys, "--db", ledger_db, command, customer, *extra[command])
+    assert_one_line_error(*result, "customer id")
+
+
+@pytest.mark.parametrize("feature", ["feature_x", "feature:bad-name", "convert", "feature:"])
+def test_bad_feature_name_is_an_error(
+    ledger_db: Path, feature: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`grant` with a name outside feature:[a-zA-Z0-9:]+ exits 2 naming the rule."""
+    result = run(capsys, "--db", ledger_db, "grant", "org:acme", feature, "5")
+    assert_one_line_error(*result, "feature:[a-zA-Z0-9:]+")
+
+
+def test_show_without_a_ledger_file_is_an_error(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`show` on a ledger file that does not exist exits 2 and does not create it."""
+    assert_one_line_error(*run(capsys, "--db", db, "show", "org:acme"), "no ledger at")
+    assert not db.exists()
+
+
+def test_plans_without_any_pricing_is_an_error(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`plans` with neither --pricing nor a ledger file exits 2 naming the fix."""
+    assert_one_line_error(*run(capsys, "--db", db, "plans"), "--pricing")
+
+
+def test_a_file_that_is_not_a_ledger_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --db file that is not a SQLite database exits 2 with one line."""
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not a database, just some bytes" * 100)
+    assert_one_line_error(*run(capsys, "--db", junk, "show", "org:acme"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        ([], "choose a command"),
+        (["frobnicate"], "invalid choice"),
+        (["grant", "org:acme"], "required"),
+        (["show", "org:acme", "extra"], "unrecognized arguments"),
+        (["--nope", "plans"], "unrecognized arguments"),
+    ],
+)
+def test_usage_errors_are_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """argparse's own errors follow the same one-line, exit-2 rule."""
+    assert_one_line_error(*run(capsys, *argv), needle)
+
+
+def test_errors_from_a_subprocess_have_no_traceback(ledger_db: Path) -> None:
+    """Through `python -m usage_middleware`, bad input gives exit 2 and one stderr line."""
+    for argv in (
+        ["grant", "org:acme", "feature:convert", "many"],
+        ["subscribe", "org:acme", "plan:gold@1"],
+        ["show", "org:nobody"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "usage_middleware", "--db", str(ledger_db), *argv],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert result.returncode == 2, (argv, result.stderr)
+        assert result.stdout == ""
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("usage-middleware: error: ")

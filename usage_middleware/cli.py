@@ -1,0 +1,356 @@
+"""The ``usage-middleware`` command: look after the embedded ledger, and run the demo.
+
+::
+
+    usage-middleware [--db PATH] [--pricing PATH] COMMAND
+
+    plans                              the plans, features, limits and intervals
+    subscribe CUSTOMER PLAN            put CUSTOMER on PLAN (e.g. plan:free@1)
+    grant CUSTOMER FEATURE UNITS       credit UNITS of FEATURE to CUSTOMER
+    show CUSTOMER                      CUSTOMER's limits, usage and credits this period
+    demo                               run the example app and meter it over real HTTP
+    outbox ...                         the delivery outbox (when usage_middleware.outbox_cli
+                                       is installed)
+
+``--db`` defaults to ``$USAGE_DB`` or ``usage.db``; ``--pricing`` (a Tier pricing.json)
+defaults to ``$USAGE_PRICING``. The ledger stores the pricing it was given, so only the
+first command against a new ledger file needs ``--pricing``.
+
+Exit status: 0 on success; 2 on bad input (unknown plan or customer, malformed units,
+customer or feature, a missing or invalid pricing file), with one line on stderr
+``usage-middleware: error: ...`` and no traceback; 130 when interrupted.
+
+Extra commands: a module ``usage_middleware.outbox_cli`` with
+``add_outbox_commands(subparsers)`` is wired in when present. Each command it adds calls
+``set_defaults(func=f)`` with ``f(args: argparse.Namespace) -> int | Awaitable[int]``;
+``args.db`` and ``args.pricing`` are set. Errors from the package's tree
+(:class:`~usage_middleware.errors.UsageMiddlewareError`), ``ValueError`` and ``OSError`` it
+raises become the one-line error above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import importlib.util
+import inspect
+import os
+import sqlite3
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from .errors import UsageMiddlewareError
+from .models import UNLIMITED, check_customer, check_feature
+
+if TYPE_CHECKING:
+    from .ledger.base import FeatureUsage
+    from .ledger.local import LocalLedger
+    from .pricing import Pricing
+
+__all__ = ["PROG", "CliError", "main", "render_plans", "render_usage"]
+
+PROG = "usage-middleware"
+
+Command = Callable[[argparse.Namespace], "int | Awaitable[int]"]
+
+
+class CliError(Exception):
+    """Bad command-line input: printed as one ``usage-middleware: error: ...`` line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (raised, printed by :func:`main`)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CliError(f"{message} (see '{PROG} --help')")
+
+
+# -- formatting ------------------------------------------------------------------------
+
+
+def _infinity() -> str:
+    """``∞`` where stdout can print it, else ``unlimited``."""
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    try:
+        "∞".encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        return "unlimited"
+    return "∞"
+
+
+def _units(n: int) -> str:
+    return _infinity() if n >= UNLIMITED else str(n)
+
+
+def _when(moment: datetime) -> str:
+    if (moment.hour, moment.minute, moment.second, moment.microsecond) == (0, 0, 0, 0):
+        return moment.strftime("%Y-%m-%d")
+    return moment.isoformat(timespec="seconds")
+
+
+def _period(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    last = end - timedelta(microseconds=1)
+    if _when(end) == end.strftime("%Y-%m-%d"):  # calendar periods: show the last day
+        return f"{_when(start)} to {last:%Y-%m-%d}"
+    return f"{_when(start)} to {_when(end)}"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
+        for line in [headers, *rows]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_usage(rows: Sequence[FeatureUsage]) -> str:
+    """A customer's standing (``Ledger.usage``) as a text table, one feature per line.
+
+    Columns: feature, plan (``-`` for a credit-only feature), limit (``∞`` for
+    ``UNLIMITED``), used, credits, remaining (units) and the usage period (UTC, first to
+    last day).
+    """
+    headers = ("FEATURE", "PLAN", "LIMIT", "USED", "CREDITS", "REMAINING", "PERIOD (UTC)")
+    body = [
+        (
+            row.feature,
+            row.plan or "- (credits only)",
+            _units(row.limit),
+            str(row.used),
+            str(row.credits),
+            _units(row.remaining),
+            _period(row.period_start, row.period_end),
+        )
+        for row in rows
+    ]
+    return _table(headers, body)
+
+
+def render_plans(pricing: Pricing) -> str:
+    """The plans of a pricing model as a text table, one feature per line."""
+    headers = ("PLAN", "TITLE", "INTERVAL", "FEATURE", "LIMIT")
+    body: list[tuple[str, str, str, str, str]] = []
+    for name in sorted(pricing.plans):
+        plan = pricing.plans[name]
+        features = sorted(plan.features.values(), key=lambda f: f.name)
+        if not features:
+            body.append((name, plan.title or "", plan.interval, "-", "-"))
+        for i, feature in enumerate(features):
+            first = i == 0
+            body.append(
+                (
+                    name if first else "",
+                    (plan.title or "") if first else "",
+                    plan.interval if first else "",
+                    feature.name,
+                    _units(feature.limit),
+                )
+            )
+    return _table(headers, body)
+
+
+# -- commands --------------------------------------------------------------------------
+
+
+def _ledger(args: argparse.Namespace, *, must_exist: bool = False) -> LocalLedger:
+    from .ledger.local import LocalLedger
+
+    if args.pricing is not None and not Path(args.pricing).is_file():
+        raise CliError(f"pricing file {args.pricing!r} not found")
+    if must_exist and args.pricing is None and not Path(args.db).exists():
+        raise CliError(
+            f"no ledger at {args.db!r}: pass --db PATH, or create it with "
+            f"'{PROG} --pricing pricing.json subscribe CUSTOMER PLAN'"
+        )
+    return LocalLedger(args.db, pricing=args.pricing)
+
+
+def _cmd_plans(args: argparse.Namespace) -> int:
+    from .pricing import load_pricing
+
+    if args.pricing is not None:
+        if not Path(args.pricing).is_file():
+            raise CliError(f"pricing file {args.pricing!r} not found")
+        print(render_plans(load_pricing(Path(args.pricing))))
+        return 0
+    print(render_plans(_stored_pricing(args.db)))
+    return 0
+
+
+def _stored_pricing(db: str) -> Pricing:
+    """The pricing stored in the ledger file ``db`` (read in one short transaction)."""
+    from .ledger.store import LedgerStore
+
+    if not Path(db).exists():
+        raise CliError(
+            f"no ledger at {db!r} to read plans from: pass --pricing FILE (or --db PATH)"
+        )
+    store = LedgerStore(db, f"cli-{os.getpid()}", lease_size=1, lease_ttl=1.0)
+    store.open(None)
+    try:
+        pricing = store.pricing
+    finally:
+        store.close()
+    if pricing is None:
+        raise CliError(f"the ledger at {db!r} has no pricing: pass --pricing FILE")
+    return pricing
+
+
+def _cmd_subscribe(args: argparse.Namespace) -> Awaitable[int]:
+    customer = check_customer(args.customer)
+    ledger = _ledger(args)
+
+    async def run() -> int:
+        async with ledger:
+            await ledger.subscribe(customer, args.plan)
+        print(f"{customer} is on {args.plan}")
+        return 0
+
+    return run()
+
+
+def _cmd_grant(args: argparse.Namespace) -> Awaitable[int]:
+    customer = check_customer(args.customer)
+    feature = check_feature(args.feature)
+    ledger = _ledger(args)
+
+    async def run() -> int:
+        async with ledger:
+            balance = await ledger.grant(customer, feature, args.units)
+        print(f"granted {args.units} units of {feature} to {customer}; credit balance {balance}")
+        return 0
+
+    return run()
+
+
+def _cmd_show(args: argparse.Namespace) -> Awaitable[int]:
+    customer = check_customer(args.customer)
+    ledger = _ledger(args, must_exist=True)
+
+    async def run() -> int:
+        async with ledger:
+            rows = await ledger.usage(customer)
+        print(f"{customer} (ledger {args.db})")
+        print(render_usage(rows))
+        return 0
+
+    return run()
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo()
+
+
+def _positive_units(text: str) -> int:
+    try:
+        units = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"units must be a whole number > 0, got {text!r}"
+        ) from None
+    if units <= 0:
+        raise argparse.ArgumentTypeError(f"units must be a whole number > 0, got {text!r}")
+    return units
+
+
+def _optional_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
+    """Wire in ``usage_middleware.outbox_cli`` when that module exists."""
+    name = f"{__package__}.outbox_cli"
+    if importlib.util.find_spec(name) is None:
+        return
+    module = importlib.import_module(name)
+    module.add_outbox_commands(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``usage-middleware`` (sub-commands set ``func``)."""
+    parser = _Parser(
+        prog=PROG,
+        description="Look after the embedded usage ledger, or run the demo.",
+        epilog=(
+            "The ledger stores the pricing it was first given; later commands on the same "
+            "--db need no --pricing."
+        ),
+    )
+    parser.add_argument(
+        "--db",
+        default=os.environ.get("USAGE_DB") or "usage.db",
+        metavar="PATH",
+        help="the ledger file (default: $USAGE_DB or usage.db)",
+    )
+    parser.add_argument(
+        "--pricing",
+        default=os.environ.get("USAGE_PRICING") or None,
+        metavar="PATH",
+        help="a Tier pricing.json (default: $USAGE_PRICING, else the one stored in the ledger)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("plans", help="list the plans, features, limits and intervals")
+    p.set_defaults(func=_cmd_plans)
+
+    p = sub.add_parser("subscribe", help="put a customer on a plan")
+    p.add_argument("customer", metavar="CUSTOMER", help="customer id, e.g. org:acme")
+    p.add_argument("plan", metavar="PLAN", help="plan name, e.g. plan:free@1")
+    p.set_defaults(func=_cmd_subscribe)
+
+    p = sub.add_parser("grant", help="credit units of a feature to a customer")
+    p.add_argument("customer", metavar="CUSTOMER", help="customer id, e.g. org:acme")
+    p.add_argument("feature", metavar="FEATURE", help="feature name, e.g. feature:convert")
+    p.add_argument("units", metavar="UNITS", type=_positive_units, help="whole units > 0")
+    p.set_defaults(func=_cmd_grant)
+
+    p = sub.add_parser("show", help="a customer's limits, usage and credits")
+    p.add_argument("customer", metavar="CUSTOMER", help="customer id, e.g. org:acme")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser(
+        "demo",
+        help="serve examples/fastapi_app.py on a fresh ledger and meter it over real HTTP",
+    )
+    p.set_defaults(func=_cmd_demo)
+
+    _optional_commands(sub)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``usage-middleware`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        func: Command | None = getattr(args, "func", None)
+        if func is None:
+            raise CliError(
+                f"choose a command: plans, subscribe, grant, show, demo (see '{PROG} --help')"
+            )
+        result = func(args)
+        if inspect.isawaitable(result):
+            result = asyncio.run(_await(result))
+        return int(result)
+    except (CliError, UsageMiddlewareError, ValueError, OSError, sqlite3.Error) as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+async def _await(awaitable: Awaitable[int]) -> int:
+    return await awaitable
