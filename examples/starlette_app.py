@@ -1,0 +1,90 @@
+"""The same metered API as ``fastapi_app.py``, on plain Starlette (no FastAPI needed).
+
+Run it from the repository root::
+
+    usage-middleware --pricing examples/pricing.json subscribe org:acme plan:free@1
+    uvicorn examples.starlette_app:app
+
+Environment: ``USAGE_DB`` (the ledger file, default ``usage.db``) and ``USAGE_PRICING``
+(default: the ``pricing.json`` next to this file).
+
+Routes: ``POST /convert`` (``feature:convert``, one unit), ``POST /summarize?pages=N``
+(``feature:pages``, N units), ``POST /generate`` (``feature:generate``, credit-funded on
+the free plan), ``GET /health`` (not metered).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from usage_middleware import LocalLedger, UsageMiddleware, metered
+from usage_middleware.customers import customer_from_header
+
+PRICING = os.environ.get("USAGE_PRICING") or str(Path(__file__).with_name("pricing.json"))
+DB = os.environ.get("USAGE_DB") or "usage.db"
+
+ledger = LocalLedger(DB, pricing=PRICING)
+
+
+def pages(request: Request) -> int:
+    """Units for /summarize: the `pages` query parameter (1 when absent or malformed;
+    the endpoint then answers 400, which is never charged)."""
+    try:
+        return max(1, int(request.query_params.get("pages", "1")))
+    except ValueError:
+        return 1
+
+
+async def health(request: Request) -> JSONResponse:
+    return JSONResponse({"status": "ok"})
+
+
+@metered("feature:convert")
+async def convert(request: Request) -> JSONResponse:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    text = body.get("text") if isinstance(body, dict) else None
+    if not isinstance(text, str):
+        return JSONResponse({"detail": "send {'text': '...'}"}, status_code=400)
+    return JSONResponse({"converted": text.upper()})
+
+
+@metered("feature:pages", units=pages)
+def summarize(request: Request) -> JSONResponse:
+    # A plain `def` endpoint: Starlette runs it in the threadpool, metered all the same.
+    raw = request.query_params.get("pages", "1")
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        return JSONResponse({"detail": "pages must be a whole number 1-1000"}, status_code=400)
+    return JSONResponse({"pages": int(raw), "summary": f"{raw} page(s), summarised"})
+
+
+@metered("feature:generate")
+async def generate(request: Request) -> JSONResponse:
+    return JSONResponse({"generated": "a short poem about metering"})
+
+
+app = Starlette(
+    routes=[
+        Route("/health", health),
+        Route("/convert", convert, methods=["POST"]),
+        Route("/summarize", summarize, methods=["POST"]),
+        Route("/generate", generate, methods=["POST"]),
+    ],
+    middleware=[
+        # UsageMiddleware opens the ledger at start-up (the lifespan), closes it at shutdown.
+        # The customer id comes from the `x-customer` header, which the helper trusts:
+        # only use it behind an authenticating proxy that sets the header itself and
+        # strips it from client requests (or use customer_from_user() with Starlette's
+        # AuthenticationMiddleware).
+        Middleware(UsageMiddleware, provider=ledger, customer=customer_from_header("x-customer")),
+    ],
+)
