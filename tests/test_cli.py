@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -337,3 +338,35 @@ def test_errors_from_a_subprocess_have_no_traceback(ledger_db: Path) -> None:
         assert result.stdout == ""
         assert result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith("usage-middleware: error: ")
+
+
+def test_outbox_commands_are_wired_in_when_the_module_exists(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A `usage_middleware.outbox_cli.add_outbox_commands` hook adds commands the CLI runs."""
+    import importlib.machinery
+    import types
+
+    module = types.ModuleType("usage_middleware.outbox_cli")
+    module.__spec__ = importlib.machinery.ModuleSpec("usage_middleware.outbox_cli", None)
+
+    async def status(args: object) -> int:
+        print(f"outbox status for {getattr(args, 'db', None)}")
+        return 0
+
+    def fail(args: object) -> int:
+        raise ValueError("nothing to retry")
+
+    def add_outbox_commands(subparsers: Any) -> None:
+        outbox = subparsers.add_parser("outbox", help="the delivery outbox")
+        commands = outbox.add_subparsers(dest="outbox_command", required=True)
+        commands.add_parser("status").set_defaults(func=status)
+        commands.add_parser("retry").set_defaults(func=fail)
+
+    module.add_outbox_commands = add_outbox_commands  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "usage_middleware.outbox_cli", module)
+
+    code, out, err = run(capsys, "--db", "x.db", "outbox", "status")
+    assert (code, out, err) == (0, "outbox status for x.db\n", "")
+    assert_one_line_error(*run(capsys, "outbox", "retry"), "nothing to retry")
+    assert_one_line_error(*run(capsys, "outbox", "nope"), "invalid choice")
