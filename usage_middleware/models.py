@@ -143,18 +143,20 @@ class UsageEvent:
 _set = object.__setattr__
 
 
-def trusted_event(customer: str, feature: str, units: int) -> UsageEvent:
-    """A :class:`UsageEvent` for now with a fresh key, skipping validation.
+def trusted_event(
+    customer: str, feature: str, units: int, at: datetime | None = None
+) -> UsageEvent:
+    """A :class:`UsageEvent` for ``at`` (default now) with a fresh key, skipping validation.
 
     For the request path only, where the customer, feature and units were validated
     already (at decoration time and when the customer was resolved). ~4x cheaper than the
-    validating constructor.
+    validating constructor. ``at``, when given, must be an aware UTC datetime.
     """
     event: UsageEvent = object.__new__(UsageEvent)
     _set(event, "customer", customer)
     _set(event, "feature", feature)
     _set(event, "units", units)
-    _set(event, "at", datetime.now(UTC))
+    _set(event, "at", datetime.now(UTC) if at is None else at)
     _set(event, "idempotency_key", f"{_key_prefix}{next(_key_counter):08x}")
     _set(event, "clobber", False)
     return event

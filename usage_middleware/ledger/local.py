@@ -89,6 +89,7 @@ from ..models import (
     check_customer,
     check_feature,
     check_units,
+    trusted_event,
 )
 from ..pricing import Pricing, load_pricing
 from ..providers.base import ProviderState
@@ -111,6 +112,14 @@ REASON_FAILED = "ledger unavailable"
 _EVICT_AFTER = 60.0  # seconds an empty, idle slot stays in memory
 _CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+
+
+def _utc(clock: Callable[[], datetime]) -> datetime:
+    """Read an injected clock, in UTC."""
+    at = clock()
+    if at.utcoffset() is None:
+        raise ConfigurationError(f"LocalLedger(now=...) must return aware datetimes, got {at!r}")
+    return at.astimezone(UTC)
 
 
 class _Slot:
@@ -241,7 +250,9 @@ class LocalLedger(Ledger):
         self._lease_ttl = float(lease_ttl)
         self._flush_interval = float(flush_interval)
         self._reservation_timeout = float(reservation_timeout)
-        self._clock: Callable[[], datetime] = now or functools.partial(datetime.now, UTC)
+        self._clock: Callable[[], datetime] = (
+            functools.partial(datetime.now, UTC) if now is None else functools.partial(_utc, now)
+        )
         self._tick = min(1.0, self._lease_ttl / 4)
         self._fresh_for = self._lease_ttl / 2
         self._deny_for = min(0.25, self._tick)
@@ -249,7 +260,6 @@ class LocalLedger(Ledger):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._store: LedgerStore | None = None
-        self._owner = ""
         self._wake: asyncio.Event | None = None
         self._open_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -262,7 +272,6 @@ class LocalLedger(Ledger):
         self._batch: list[_Charge] = []
         self._inflight: set[asyncio.Future[Any]] = set()
         self._generation = 0
-        self._seq = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -293,7 +302,7 @@ class LocalLedger(Ledger):
             except BaseException:
                 executor.shutdown(wait=False)
                 raise
-            self._loop, self._executor, self._store, self._owner = loop, executor, store, owner
+            self._loop, self._executor, self._store = loop, executor, store
             self._wake = asyncio.Event()
             self._spawn(self._flush_loop())
             self._spawn(self._tick_loop())
@@ -496,8 +505,7 @@ class LocalLedger(Ledger):
                 slot.refilling = True
                 self._spawn(self._refill(slot))
         slot.touched = t
-        self._seq += 1
-        event = UsageEvent(slot.customer, slot.feature, units, now, f"{self._owner}-{self._seq}")
+        event = trusted_event(slot.customer, slot.feature, units, now)
         reservation = Reservation(self._answer(slot, True, units), event, (slot, from_lease))
         self._outstanding[reservation] = t + self._reservation_timeout
         return reservation
@@ -529,7 +537,7 @@ class LocalLedger(Ledger):
 
     def _refuse(self, slot: _Slot, units: int) -> Reservation:
         return Reservation(
-            self._answer(slot, False, units), UsageEvent(slot.customer, slot.feature, units)
+            self._answer(slot, False, units), trusted_event(slot.customer, slot.feature, units)
         )
 
     async def _reserve_slow(
@@ -583,7 +591,7 @@ class LocalLedger(Ledger):
         if hold:
             return self._hold(slot, units, now, t)
         return Reservation(
-            self._answer(slot, True, units), UsageEvent(slot.customer, slot.feature, units)
+            self._answer(slot, True, units), trusted_event(slot.customer, slot.feature, units)
         )
 
     def _failed(
@@ -599,7 +607,7 @@ class LocalLedger(Ledger):
             retry_after=1.0,
             provider=self,
         )
-        return Reservation(answer, UsageEvent(customer, feature, units))
+        return Reservation(answer, trusted_event(customer, feature, units))
 
     async def _settle_lease(self, key: tuple[str, str]) -> None:
         """Wait for a lease transaction whose requester was cancelled (its result applies)."""
