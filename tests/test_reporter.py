@@ -462,3 +462,21 @@ asyncio.run(main())
     assert queued == 200_003
     assert in_memory <= 10_000
     assert grown < 100 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MB"
+
+
+async def test_senders_racing_for_the_queue_while_claims_find_nothing(
+    make: MakeReporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A sender whose claim came back empty while others emptied the queue keeps going."""
+    provider = FakeProvider(max_batch=50)
+    evs = events(16000)
+    caplog.set_level(logging.ERROR, logger="usage_middleware.reporter")
+    kw = {"concurrency": 8, "max_delay": 0.001, "poll_interval": 0.001, "stats_interval": 60}
+    async with make(provider, **kw) as reporter:
+        for i in range(0, len(evs), 2):
+            reporter.enqueue(evs[i])
+            reporter.enqueue(evs[i + 1])
+            await asyncio.sleep(0)
+        await provider.wait_delivered(keys(evs), within=60)
+    assert provider.deliveries == dict.fromkeys(keys(evs), 1)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

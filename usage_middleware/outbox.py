@@ -383,8 +383,8 @@ class Outbox:
                 [(lo, hi, owner) for lo, hi in _runs(deletes)],
             )
             db.executemany(
-                "UPDATE outbox SET owner = NULL, held = 0 WHERE id = ? AND owner = ?",
-                [(i, owner) for i in frees],
+                "UPDATE outbox SET owner = NULL, held = 0 WHERE id BETWEEN ? AND ? AND owner = ?",
+                [(lo, hi, owner) for lo, hi in _runs(frees)],
             )
             dead_rows = [(now, st, code, msg, i, owner) for i, st, code, msg in dead]
             if dead_rows:

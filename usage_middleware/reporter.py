@@ -442,7 +442,7 @@ class Reporter:
         entry.t = time.monotonic()
         if entry.rowid is None:
             return  # still being written; the writer routes it once it is durable
-        if len(self._ready) + self._inflight < self._max_queue:
+        if self._room() > 0:
             self._ready.append(entry)
             self._sender_wake.set()
         else:  # no room in memory: hand the row to whichever sender claims it
@@ -555,7 +555,7 @@ class Reporter:
             releases, self._releases = self._releases, []
             waiters, self._waiters = self._waiters, []
 
-            room = self._max_queue - len(self._ready) - self._inflight
+            room = self._room()
             inserts: list[tuple[UsageEvent, bool, bool]] = []
             written: list[_Entry] = []
             for e in entries:
@@ -607,7 +607,7 @@ class Reporter:
                 if e.state == _READY:
                     if not e.owned:
                         spilled = True
-                    elif len(self._ready) + self._inflight < self._max_queue:
+                    elif self._room() > 0:
                         self._ready.append(e)
                     else:  # prepared, then confirmed while being written; no room
                         self._frees.append(e.rowid)
@@ -731,9 +731,9 @@ class Reporter:
             now = time.monotonic()
             if n >= self.max_batch or (n and (self._closing or now >= ready[0].t + self.max_delay)):
                 return [ready.popleft() for _ in range(min(n, self.max_batch))]
-            if self._db_dirty and not self._claiming and n < self.max_batch:
-                if await self._claim():
-                    continue
+            if n < self.max_batch and self._db_dirty and not self._claiming and self._room() > 0:
+                await self._claim()
+                continue  # the queue changed while we were away: look again
             if n:
                 timeout: float | None = ready[0].t + self.max_delay - now
             elif self._closing:
@@ -756,19 +756,21 @@ class Reporter:
             except TimeoutError:
                 pass
 
+    def _room(self) -> int:
+        """Events that may still enter memory (``max_queue`` minus waiting and in flight)."""
+        return self._max_queue - len(self._ready) - self._inflight
+
     async def _claim(self) -> int:
         """Move free, due rows from the outbox into memory; return how many."""
         assert self._outbox is not None
-        room = self._max_queue - len(self._ready) - self._inflight
-        if room <= 0:
-            return 0
-        limit = min(room, self._claim_size)
+        limit = min(self._room(), self._claim_size)
         gen = self._dirty_gen
         self._claiming = True
         try:
             rows = await self._run(self._outbox.claim, self._owner, limit)
         except Exception:
             log.exception("cannot claim rows from the outbox %s", self.path)
+            self._db_dirty = False  # the housekeeper asks again after poll_interval
             return 0
         finally:
             self._claiming = False
