@@ -711,7 +711,12 @@ class Reporter:
 
     async def _sender(self) -> None:
         while True:
-            batch = await self._take()
+            try:
+                batch = await self._take()
+            except Exception:  # a bug here must not cost a sender for the process's life
+                log.exception("outbox sender failed; continuing")
+                await asyncio.sleep(self._poll_interval)
+                continue
             if batch is None:
                 return
             self._inflight += len(batch)
