@@ -233,7 +233,7 @@ def _run(say: _Out, examples: Path, pricing: Path, workdir: Path, db: Path) -> i
         say()
         say(f"6. Stopped the server{' cleanly' if stopped else ' (had to kill it)'}.")
         say()
-        say(f"   The ledger for {CUSTOMER} ('usage-middleware --db {db} show {CUSTOMER}'):")
+        say(f"   The ledger for {CUSTOMER}, as 'usage-middleware show {CUSTOMER}' prints it:")
         say()
         say("\n".join("   " + line for line in asyncio.run(_admin_table(db)).splitlines()))
         say()
