@@ -207,3 +207,33 @@ async def test_example_serves_over_real_uvicorn(
             server.should_exit = True
             await asyncio.wait_for(task, 15)
             sock.close()
+
+
+async def test_readme_quick_start_meters_as_described(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README's FastAPI quick start runs as printed: it serves, charges and refuses."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Quick start")
+    code = readme[readme.index("```python\n", start) + len("```python\n") :]
+    code = code[: code.index("```")]
+    (tmp_path / "pricing.json").write_text((EXAMPLES / "pricing.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme_quick_start"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    app, ledger = namespace["app"], namespace["ledger"]
+    async with lifespan(app):
+        await ledger.subscribe(CUSTOMER, "plan:free@1")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://readme", headers={"x-customer": CUSTOMER}
+        ) as client:
+            converted = await client.post("/convert", params={"text": "hi"})
+            assert converted.status_code == 200
+            assert converted.json() == {"converted": "HI"}
+            assert (await client.post("/summarize", params={"pages": 4})).status_code == 200
+            assert (await client.post("/summarize", params={"pages": 0})).status_code == 422
+            assert (await client.post("/summarize", params={"pages": 17})).status_code == 402
+        rows = {row.feature: row.used for row in await ledger.usage(CUSTOMER)}
+        assert rows["feature:convert"] == 1
+        assert rows["feature:pages"] == 4
