@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
@@ -44,6 +45,29 @@ async def local_ledger(
         await ledger.aclose()
 
 
+@contextlib.asynccontextmanager
+async def redis_ledger(
+    tmp_path: pathlib.Path, pricing: Mapping[str, Any], *, now: Clock | None = None
+) -> AsyncIterator[Ledger]:
+    """A RedisLedger on this process's test redis-server, under a fresh key prefix."""
+    from tests.redis_server import shared_server
+    from usage_middleware.ledger.redis import RedisLedger
+
+    ledger = RedisLedger(
+        shared_server().url,
+        pricing=pricing,
+        now=now,
+        prefix=f"t{uuid.uuid4().hex[:12]}:",
+        spool=tmp_path / "redis-spool.db",
+    )
+    await ledger.open()
+    try:
+        yield ledger
+    finally:
+        await ledger.aclose()
+
+
 LEDGERS: list[Any] = [
     pytest.param(local_ledger, id="local"),
+    pytest.param(redis_ledger, id="redis", marks=pytest.mark.redis),
 ]

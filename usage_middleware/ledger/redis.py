@@ -1,0 +1,913 @@
+"""The Redis ledger: one ledger shared by every replica of an app, on Redis.
+
+:class:`RedisLedger` keeps plans, subscriptions, credits, usage periods and reservations in
+Redis (``redis.asyncio``; install ``usage-middleware[redis]``), with the semantics of the
+embedded :class:`~usage_middleware.ledger.LocalLedger` (see :mod:`.base`): a charge is taken
+from the plan's allowance first, then from credits; ``reserve`` allows when
+``max(0, limit - used) + max(0, credits) - held >= units``.
+
+How a request is metered
+------------------------
+
+Each step is ONE atomic Lua script (``EVALSHA``, one round trip; the scripts and the key
+layout are in :mod:`._redis_scripts`). Python never reads a number and writes it back:
+
+* ``reserve`` drops the customer-feature's expired holds, reads the plan, usage and credits
+  and, if the units are free, adds a hold: a member ``<units>:<id>`` of a sorted set scored
+  by its expiry, ``reservation_ttl`` seconds ahead on the Redis server's clock. A replica
+  that dies holding units leaks nothing: its holds expire. A live replica renews the holds
+  of requests still running (a long stream) every ``reservation_ttl / 3`` seconds, for up
+  to ``reservation_timeout`` seconds.
+* ``commit`` drops the hold and adds the units to the period's usage (the overage beyond
+  the limit consumes credits), unless the event's idempotency key was charged before: the
+  script sets a marker ``ik:<key>`` that lives ``idempotency_ttl`` seconds (default one day,
+  as Stripe keeps idempotency keys). So a commit retried after a lost reply, or replayed
+  from the spool, is charged once. ``report`` runs the same script per event.
+* ``release`` drops the hold.
+
+Every key of a script belongs to one customer and carries it as a hash tag
+(``um:{org:acme}:usage``), so the scripts work on Redis Cluster (pass a ``RedisCluster``
+as ``client``).
+
+When Redis cannot be reached
+----------------------------
+
+A connection error or a timeout (``timeout`` seconds per command) opens a short breaker:
+for ``retry_after`` seconds calls do not try Redis. Meanwhile:
+
+* ``reserve``/``can`` answer with ``err`` set (a ``RetryableProviderError``) and, per
+  ``failure_policy``, ``ok=True`` (``"open"``: serve; the charge is recorded later) or
+  ``ok=False`` with ``retry_after`` (``"closed"``: the middleware answers 503).
+* ``commit`` writes the event to the **spool**, a durable SQLite outbox
+  (:class:`~usage_middleware.reporter.Reporter`, file ``spool``) that replays it through
+  ``report`` once Redis answers, with the same idempotency key: a charge is never lost
+  and never applied twice. This holds for both policies: a request reserved before Redis
+  went away and served is still charged. A served-open request of a customer Redis does
+  not know ends in the spool's dead letters (``usage-middleware outbox ...``).
+* ``release`` does nothing: the hold expires.
+
+Trade-offs, stated plainly:
+
+* **Crash window.** A process killed between sending a response and the commit's reply
+  loses that charge (one round trip); its hold expires. Redis's own durability applies on
+  top (``appendonly yes``; ``appendfsync everysec`` can lose a second of charges on a
+  Redis crash, ``always`` loses none). A failover to an asynchronous replica can lose
+  acknowledged writes.
+* **Idempotency window.** A replay later than ``idempotency_ttl`` after a commit that did
+  run (its reply lost) would charge again. Markers cost memory: about 100 bytes per charge
+  kept for ``idempotency_ttl``.
+* **Failing open** serves without a check: a customer may overspend by what is served
+  while Redis is down; the replay records it (beyond the limit, the balance may go
+  negative), as ``report`` does.
+* **Clocks.** Periods follow this process's clock (``now``); hold expiry follows Redis's.
+* **Round trips.** Every reserve and every commit is one round trip (~0.1 ms on loopback);
+  there is no local lease, so there is no staleness and no parked units between replicas.
+
+Pricing: the ``pricing`` given here is stored in Redis (``<prefix>pricing``) by
+:meth:`RedisLedger.open`; a ledger built without ``pricing`` (another replica, the CLI)
+uses the stored one and picks up a newer one within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import os
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+from asgiref.typing import HTTPScope
+
+from ..errors import (
+    ConfigurationError,
+    LedgerError,
+    PermanentProviderError,
+    RetryableProviderError,
+)
+from ..models import (
+    UNLIMITED,
+    Answer,
+    Reservation,
+    UsageEvent,
+    check_customer,
+    check_feature,
+    check_units,
+    trusted_event,
+)
+from ..pricing import (
+    DEFAULT_INTERVAL,
+    INTERVALS,
+    Pricing,
+    load_pricing,
+    loads_pricing,
+    period_bounds,
+)
+from ..providers.base import FailurePolicy, Provider, ProviderState
+from . import _redis_scripts as scripts
+from .base import FeatureUsage, Ledger
+from .local import REASON_CLOSED, REASON_FAILED, REASON_LIMIT, REASON_NOT_IN_PLAN, REASON_UNKNOWN
+from .store import period_key
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis, RedisCluster
+    from redis.commands.core import AsyncScript
+
+    from ..reporter import Reporter
+
+__all__ = ["RedisLedger", "customer_keys"]
+
+logger = logging.getLogger("usage_middleware.ledger")
+
+DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
+INSTALL_HINT: Final = "RedisLedger needs redis-py: install usage-middleware[redis]"
+
+_INTERVAL_INDEX: Final = {interval: index for index, interval in enumerate(INTERVALS, 1)}
+_LOG_EVERY = 5.0  # seconds between repeated log lines about one kind of failure
+
+
+def customer_keys(prefix: str, customer: str) -> dict[str, str]:
+    """The Redis keys of ``customer`` (one hash tag, so one Cluster slot), by role.
+
+    ``holds`` is the prefix of the per-feature holds keys (``holds:<feature>``), ``ik``
+    the prefix of the idempotency markers (``ik:<key>``). See :mod:`._redis_scripts`.
+    """
+    base = f"{prefix}{{{customer}}}:"
+    return {
+        "sub": base + "sub",
+        "credits": base + "credits",
+        "usage": base + "usage",
+        "holds": base + "holds:",
+        "ik": base + "ik:",
+    }
+
+
+def _marker(base: str, key: str) -> str:
+    """The idempotency marker key of event key ``key`` under a customer's ``base``."""
+    if "{" in key or "}" in key:  # keep the customer's hash tag and keys unambiguous
+        return f"{base}ih:{hashlib.sha256(key.encode()).hexdigest()}"
+    return f"{base}ik:{key}"
+
+
+def _seconds(what: str, value: object, *, zero: bool = False) -> float:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or value < 0
+        or (value == 0 and not zero)
+        or value != value  # NaN
+    ):
+        raise ValueError(f"{what} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+class _Spooled(Provider):
+    """The spool's delivery target: the ledger's own ``report`` (charge scripts)."""
+
+    name = "redis-spool"
+    max_batch = 100
+
+    def __init__(self, ledger: RedisLedger) -> None:
+        super().__init__()
+        self._ledger = ledger
+
+    async def report(self, events: Sequence[UsageEvent]) -> None:
+        await self._ledger._record(events)
+
+
+class RedisLedger(Ledger):
+    """A ledger in Redis, shared by every process and machine of an app.
+
+    See the module docstring for the design, the failure policy and its trade-offs. Use
+    one instance per event loop; it opens lazily on first use if :meth:`open` was not
+    called.
+
+    Args:
+        url: ``redis://[[user]:[password]@]host:port/db`` (``rediss://`` for TLS,
+            ``unix://`` for a socket); default the ``REDIS_URL`` environment variable, else
+            ``redis://127.0.0.1:6379/0``. Ignored when ``client`` is given.
+        pricing: a Tier pricing.json (path, decoded JSON or :class:`Pricing`); stored in
+            Redis by :meth:`open` for ledgers created without one.
+        prefix: prepended to every key (no ``{`` or ``}``), e.g. ``"um:"``.
+        reservation_ttl: seconds a hold lives unless its process renews it.
+        failure_policy: ``"closed"`` (refuse with 503 while Redis is unreachable) or
+            ``"open"`` (serve; charge later from the spool).
+        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use (not closed by the
+            ledger); default one built from ``url``.
+        now: the clock for usage periods, returning an aware datetime; default UTC now.
+        timeout: seconds to connect and per command, for the client built from ``url``.
+        retry_after: seconds calls skip Redis after it was found unreachable (also the
+            ``Retry-After`` of a failed-closed answer).
+        idempotency_ttl: seconds an event's idempotency key is remembered.
+        reservation_timeout: seconds a live process keeps renewing an unsettled hold.
+        spool: the SQLite file where charges wait while Redis is unreachable (shared by the
+            processes of one machine); ``None`` loses such charges (logged).
+        spool_options: keyword arguments for the spool's
+            :class:`~usage_middleware.reporter.Reporter` (e.g. ``retry_cooldown``).
+
+    Raises:
+        ConfigurationError: redis-py is not installed ("install usage-middleware[redis]"),
+            the URL or prefix is malformed, or ``failure_policy`` is unknown.
+        PricingError: ``pricing`` does not validate.
+        ValueError: a number of seconds is out of range.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        pricing: str | os.PathLike[str] | Mapping[str, Any] | Pricing | None = None,
+        prefix: str = "um:",
+        reservation_ttl: float = 30.0,
+        failure_policy: FailurePolicy = "closed",
+        client: Redis | RedisCluster | None = None,
+        now: Callable[[], datetime] | None = None,
+        timeout: float = 1.0,
+        retry_after: float = 1.0,
+        idempotency_ttl: float = 86400.0,
+        reservation_timeout: float = 300.0,
+        spool: str | os.PathLike[str] | None = "usage-redis-spool.db",
+        spool_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        try:
+            import redis.asyncio  # noqa: F401
+        except ImportError as exc:
+            raise ConfigurationError(INSTALL_HINT) from exc
+        if failure_policy not in ("open", "closed"):
+            raise ConfigurationError(
+                "RedisLedger(failure_policy=...) must be 'open' or 'closed', "
+                f"got {failure_policy!r}"
+            )
+        if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
+            raise ConfigurationError(
+                f"RedisLedger(prefix=...) must be a string without '{{' or '}}', got {prefix!r}"
+            )
+        if client is None:
+            url = url or os.environ.get("REDIS_URL") or DEFAULT_URL
+            scheme = urllib.parse.urlsplit(url).scheme
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ConfigurationError(
+                    "RedisLedger(url=...) must be a redis://, rediss:// or unix:// URL "
+                    f"(scheme {scheme!r} given)"
+                )
+        self._url = url
+        self._client_arg = client
+        self._pricing = (
+            pricing if pricing is None or isinstance(pricing, Pricing) else load_pricing(pricing)
+        )
+        self._pricing_given = pricing is not None
+        self._prefix = prefix
+        self._ttl_ms = int(_seconds("reservation_ttl", reservation_ttl) * 1000) or 1
+        self._timeout = _seconds("timeout", timeout)
+        self._retry_after = _seconds("retry_after", retry_after)
+        self._idem_ms = int(_seconds("idempotency_ttl", idempotency_ttl) * 1000) or 1
+        self._reservation_timeout = _seconds("reservation_timeout", reservation_timeout)
+        self.failure_policy: FailurePolicy = failure_policy
+        self._clock: Callable[[], datetime] = now or functools.partial(datetime.now, UTC)
+        self._spool_path = None if spool is None else os.fspath(spool)
+        self._spool_options = dict(spool_options or {})
+        self._tick = min(1.0, reservation_ttl / 3)
+        # Set by open(), inside the running loop.
+        self._client: Redis | RedisCluster | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._reporter: Reporter | None = None
+        self._open_lock: asyncio.Lock | None = None
+        self._upkeep: asyncio.Task[None] | None = None
+        self._unreachable: tuple[type[BaseException], ...] = ()
+        self._redis_error: type[BaseException] = Exception
+        # Event-loop state.
+        self._pricing_json: str | None = None  # what Redis held when last read
+        self._synced = False  # the pricing was stored in (or read from) Redis
+        self._triples: dict[str, tuple[str, ...]] = {}
+        self._periods: dict[int, tuple[str, str, str, str]] = {}
+        self._outstanding: dict[Reservation, float] = {}  # held -> monotonic reserve time
+        self._down_until = 0.0
+        self._down_error: RetryableProviderError | None = None
+        self._logged: dict[str, float] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def spool(self) -> Reporter | None:
+        """The spool's :class:`~usage_middleware.reporter.Reporter` (after :meth:`open`)."""
+        return self._reporter
+
+    @property
+    def client(self) -> Redis | RedisCluster | None:
+        """The Redis client in use (after :meth:`open`)."""
+        return self._client
+
+    async def open(self) -> None:
+        """Build the client, register the scripts, open the spool, sync the pricing.
+
+        Idempotent while open. Redis being unreachable is not an error here (the failure
+        policy applies to requests; the pricing is synced once Redis answers).
+
+        Raises:
+            ConfigurationError: the ledger was closed (no reopen), or the spool file
+                cannot be opened.
+        """
+        if self._state is ProviderState.OPEN:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self.state is ProviderState.OPEN:  # opened while we waited
+                return
+            if self.state is ProviderState.CLOSED:
+                await super().open()  # raises: no reopen
+            import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
+            from redis.exceptions import RedisError
+            from redis.exceptions import TimeoutError as RedisTimeoutError
+
+            from ..reporter import Reporter
+
+            self._unreachable = (RedisConnectionError, RedisTimeoutError, OSError)
+            self._redis_error = RedisError
+            client = self._client_arg
+            if client is None:
+                assert self._url is not None
+                client = aioredis.Redis.from_url(
+                    self._url,
+                    socket_timeout=self._timeout,
+                    socket_connect_timeout=self._timeout,
+                    # One immediate retry on a broken connection (a pooled socket that
+                    # died with a Redis restart); none on a timeout. Every script is
+                    # idempotent, so a retry never holds or charges twice.
+                    retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
+                )
+            self._scripts = {
+                name: client.register_script(getattr(scripts, name))
+                for name in ("RESERVE", "CHARGE", "RELEASE", "RENEW", "GRANT", "USAGE")
+            }
+            reporter = None
+            if self._spool_path is not None:
+                reporter = Reporter(_Spooled(self), path=self._spool_path, **self._spool_options)
+                try:
+                    await reporter.open()
+                except BaseException:
+                    if self._client_arg is None:
+                        await client.aclose()
+                    raise
+            self._client, self._reporter = client, reporter
+            await super().open()
+            try:
+                await self._sync_pricing()
+            except self._unreachable as exc:
+                self._trip(exc)
+            except RedisError:
+                logger.exception("redis ledger: reading or storing the pricing failed")
+            self._upkeep = asyncio.get_running_loop().create_task(
+                self._upkeep_loop(), name="usage-redis-ledger-upkeep"
+            )
+
+    async def aclose(self) -> None:
+        """Stop renewing holds, drain the spool (up to its ``drain_timeout``), close the
+        client it built. Idempotent. Unsettled holds expire by themselves."""
+        was_open = self._state is ProviderState.OPEN
+        await super().aclose()
+        if not was_open:
+            return
+        if self._upkeep is not None:
+            self._upkeep.cancel()
+            await asyncio.gather(self._upkeep, return_exceptions=True)
+        try:
+            if self._reporter is not None:
+                await self._reporter.aclose()
+        finally:
+            if self._client_arg is None and self._client is not None:
+                await self._client.aclose()
+
+    # -- the hot path --------------------------------------------------------------------
+
+    async def reserve(
+        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+    ) -> Reservation:
+        """Check and hold ``units`` of ``feature`` for ``customer`` (one script call).
+
+        The answer's numbers are Redis's at that moment: ``limit`` (``UNLIMITED``; 0 outside
+        the plan), ``used`` (units charged this period), ``remaining`` (what is left after
+        this hold and every other live hold). While Redis is unreachable the answer has
+        ``err`` set and follows ``failure_policy``.
+
+        Raises:
+            ValueError: malformed customer id or units.
+            ConfigurationError: malformed feature name.
+        """
+        return await self._check(customer, feature, units, hold=True)
+
+    async def can(self, customer: str, feature: str, units: int = 1) -> Answer:
+        """Whether ``customer`` may use ``units`` of ``feature`` now. Holds nothing.
+
+        Numbers and errors as :meth:`reserve`.
+        """
+        return (await self._check(customer, feature, units, hold=False)).answer
+
+    async def prepare(self, reservation: Reservation) -> None:
+        """Nothing: :meth:`commit` charges in one script call."""
+
+    async def commit(self, reservation: Reservation) -> None:
+        """Charge a reservation (one script call); once per reservation and event key.
+
+        When Redis is unreachable (or the call is cancelled) the event goes to the spool
+        and is charged when Redis answers again. Settling twice, or a refused
+        reservation, does nothing. Never raises for Redis errors.
+        """
+        if reservation.settled:
+            return
+        reservation.settled = True
+        if not reservation.answer.ok:
+            return
+        self._outstanding.pop(reservation, None)
+        event = reservation.event
+        if time.monotonic() < self._down_until:
+            self._spool(event, "redis is unreachable")
+            return
+        try:
+            status, _, _ = await self._charge(event, reservation.token)
+        except asyncio.CancelledError:
+            self._spool(event, "the commit was cancelled")
+            raise
+        except Exception as exc:
+            if not self._failed(exc, "commit"):
+                raise
+            self._spool(event, "the commit failed")
+            return
+        if status < 0:
+            self._spool(event, "redis does not know the customer")
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give a reservation's hold back (one script call). Once only.
+
+        When Redis is unreachable the hold simply expires (``reservation_ttl``).
+        """
+        if reservation.settled:
+            return
+        reservation.settled = True
+        token = reservation.token
+        if not reservation.answer.ok or token is None:
+            return
+        self._outstanding.pop(reservation, None)
+        if time.monotonic() < self._down_until:
+            return
+        holds, member = token
+        try:
+            await self._scripts["RELEASE"](keys=[holds], args=[member])
+        except Exception as exc:
+            if not self._failed(exc, "release"):
+                raise
+
+    # -- admin ---------------------------------------------------------------------------
+
+    async def report(self, events: Sequence[UsageEvent]) -> None:
+        """Record usage events; they are in Redis when this returns.
+
+        An event whose ``idempotency_key`` was charged within ``idempotency_ttl`` is
+        ignored; ``clobber`` sets the period's ``used`` to ``units``. This bypasses holds
+        and may go beyond the limit (the overage consumes credits).
+
+        Raises:
+            PermanentProviderError: an event's customer is unknown (checked before anything
+                is recorded; ``code="unknown_customer"``).
+            RetryableProviderError: Redis is unreachable or failed.
+        """
+        await self._opened()
+        await self._record(events)
+
+    async def subscribe(self, customer: str, plan: str) -> None:
+        """Put ``customer`` on ``plan``, replacing any earlier plan.
+
+        Raises:
+            LedgerError: the plan is not in the pricing (the message lists the known plans),
+                or no pricing was ever given.
+            ValueError: malformed customer id.
+            RetryableProviderError: Redis is unreachable or failed.
+        """
+        check_customer(customer)
+        client = await self._opened()
+        await self._ready_pricing()
+        if self._pricing is None:
+            raise LedgerError(
+                f"cannot subscribe {customer!r} to {plan!r}: the ledger has no pricing; "
+                "pass pricing='pricing.json' to RedisLedger once"
+            )
+        if plan not in self._pricing.plans:
+            known = ", ".join(sorted(self._pricing.plans)) or "none"
+            raise LedgerError(f"unknown plan {plan!r}; known plans: {known}")
+        since = self._clock().astimezone(UTC).isoformat()
+        key = customer_keys(self._prefix, customer)["sub"]
+        await self._admin(client.hset(key, mapping={"plan": plan, "since": since}))
+
+    async def grant(self, customer: str, feature: str, units: int) -> int:
+        """Credit ``units`` (> 0) of ``feature`` to ``customer``; return the new balance.
+
+        Raises:
+            ValueError: units is not a whole number > 0, or a malformed customer id.
+            ConfigurationError: malformed feature name.
+            RetryableProviderError: Redis is unreachable or failed.
+        """
+        check_customer(customer)
+        check_feature(feature)
+        check_units(units)
+        await self._opened()
+        key = customer_keys(self._prefix, customer)["credits"]
+        balance = await self._admin(self._scripts["GRANT"](keys=[key], args=[feature, units]))
+        return int(balance)
+
+    async def usage(self, customer: str) -> list[FeatureUsage]:
+        """The customer's standing per feature this period, sorted by feature name.
+
+        Raises:
+            LedgerError: the customer is unknown (no subscription and no credits).
+            RetryableProviderError: Redis is unreachable or failed.
+        """
+        check_customer(customer)
+        await self._opened()
+        await self._ready_pricing()
+        names = customer_keys(self._prefix, customer)
+        plan_raw, credit_list, usage_list = await self._admin(
+            self._scripts["USAGE"](keys=[names["sub"], names["credits"], names["usage"]])
+        )
+        if plan_raw is None and not credit_list:
+            raise LedgerError(
+                f"unknown customer {customer!r}: it has no subscription and no credits"
+            )
+        plan = None
+        if plan_raw is not None:
+            plan_name = plan_raw.decode()
+            plan = None if self._pricing is None else self._pricing.plans.get(plan_name)
+            if plan is None:
+                logger.warning(
+                    "customer %s is on plan %s, which the pricing lacks", customer, plan_name
+                )
+        start, end = period_bounds(
+            DEFAULT_INTERVAL if plan is None else plan.interval, self._clock()
+        )
+        period = period_key(start, end)
+        credits: dict[str, int] = {}
+        for field, value in zip(credit_list[::2], credit_list[1::2], strict=True):
+            name = field.decode()
+            sign = 1 if name[0] == "+" else -1
+            credits[name[1:]] = credits.get(name[1:], 0) + sign * int(value)
+        used: dict[str, int] = {}
+        suffix = "@" + period
+        for field, value in zip(usage_list[::2], usage_list[1::2], strict=True):
+            name = field.decode()
+            if name.endswith(suffix):
+                used[name[: -len(suffix)]] = int(value)
+        features = set(credits) | set(used) | set(() if plan is None else plan.features)
+        rows = []
+        for feature in sorted(features):
+            plan_feature = None if plan is None else plan.features.get(feature)
+            limit = 0 if plan_feature is None else plan_feature.limit
+            balance = credits.get(feature, 0)
+            units = used.get(feature, 0)
+            remaining = UNLIMITED if limit >= UNLIMITED else max(0, max(0, limit - units) + balance)
+            in_plan = plan is not None and plan_feature is not None
+            rows.append(
+                FeatureUsage(
+                    feature=feature,
+                    plan=plan.name if in_plan and plan is not None else None,
+                    limit=limit,
+                    used=units,
+                    credits=balance,
+                    remaining=remaining,
+                    period_start=start if in_plan else None,
+                    period_end=end if in_plan else None,
+                )
+            )
+        return rows
+
+    # -- internals: checking -------------------------------------------------------------
+
+    async def _check(self, customer: str, feature: str, units: int, *, hold: bool) -> Reservation:
+        check_customer(customer)
+        check_feature(feature)
+        check_units(units)
+        at = self._clock()
+        if at.tzinfo is not UTC:
+            if at.utcoffset() is None:
+                raise ValueError(f"RedisLedger(now=...) must return aware datetimes, got {at!r}")
+            at = at.astimezone(UTC)
+        event = trusted_event(customer, feature, units, at)
+        if self._state is not ProviderState.OPEN:
+            if self._state is ProviderState.NEW:
+                await self.open()
+            if self._state is ProviderState.CLOSED:
+                closed = ConfigurationError(f"{type(self).__name__} is closed")
+                answer = Answer(
+                    False, customer, feature, units, err=closed, reason=REASON_CLOSED,
+                    retry_after=self._retry_after, provider=self,
+                )  # fmt: skip
+                return Reservation(answer, event)
+        t = time.monotonic()
+        if t < self._down_until:
+            return self._unavailable(event, self._down_error, self._down_until - t)
+        base = f"{self._prefix}{{{customer}}}:"
+        holds = f"{base}holds:{feature}"
+        try:
+            if not self._synced and not self._pricing_given:
+                await self._sync_pricing()
+            result = await self._scripts["RESERVE"](
+                keys=[base + "sub", base + "credits", base + "usage", holds],
+                args=[
+                    feature, units, event.idempotency_key if hold else "", self._ttl_ms,
+                    *self._period_keys(at), *self._plan_terms(feature),
+                ],
+            )  # fmt: skip
+        except Exception as exc:
+            if not self._failed(exc, "reserve"):
+                raise
+            if isinstance(exc, self._unreachable):
+                return self._unavailable(event, self._down_error, None)
+            error = RetryableProviderError(
+                f"the Redis ledger failed: {exc!r}",
+                retry_after=self._retry_after,
+                original_error=exc,
+            )
+            return self._unavailable(event, error, None)
+        status, limit, used, balance, held, period, in_plan = result
+        if status < 0:
+            answer = Answer(
+                False, customer, feature, units, 0, 0, 0, reason=REASON_UNKNOWN, provider=self
+            )
+            return Reservation(answer, event)
+        ok = status == 1
+        if limit < 0:
+            limit = remaining = UNLIMITED
+        else:
+            remaining = max(0, max(0, limit - used) + max(0, balance) - held)
+        reason = None if ok else (REASON_LIMIT if in_plan else REASON_NOT_IN_PLAN)
+        answer = Answer(
+            ok, customer, feature, units, limit, used, remaining, reason=reason, provider=self
+        )
+        if not (ok and hold) or limit == UNLIMITED:
+            return Reservation(answer, event)
+        member = f"{units}:{period.decode()}:{event.idempotency_key}"
+        reservation = Reservation(answer, event, (holds, member))
+        self._outstanding[reservation] = t
+        return reservation
+
+    def _unavailable(
+        self, event: UsageEvent, error: RetryableProviderError | None, wait: float | None
+    ) -> Reservation:
+        """The answer while Redis cannot answer: per ``failure_policy``, nothing held."""
+        if error is None:
+            error = RetryableProviderError(
+                "the Redis ledger could not be reached", retry_after=self._retry_after
+            )
+        answer = Answer(
+            self.failure_policy == "open",
+            event.customer,
+            event.feature,
+            event.units,
+            err=error,
+            reason=REASON_FAILED,
+            retry_after=self._retry_after if wait is None else max(wait, 0.001),
+            provider=self,
+        )
+        return Reservation(answer, event)
+
+    def _period_keys(self, at: datetime) -> tuple[str, str, str, str]:
+        """The period keys of ``at`` for each interval (day, week, month, year)."""
+        day = at.toordinal() if at.tzinfo is UTC else at.astimezone(UTC).toordinal()
+        keys = self._periods.get(day)
+        if keys is None:
+            if len(self._periods) > 8:
+                self._periods.clear()
+            b = [period_key(*period_bounds(interval, at)) for interval in INTERVALS]
+            keys = self._periods[day] = (b[0], b[1], b[2], b[3])
+        return keys
+
+    def _plan_terms(self, feature: str) -> tuple[str, ...]:
+        """``plan, limit, interval`` triples of every plan for ``feature`` (script ARGV)."""
+        terms = self._triples.get(feature)
+        if terms is None:
+            flat: list[str] = []
+            if self._pricing is not None:
+                for plan in self._pricing.plans.values():
+                    plan_feature = plan.features.get(feature)
+                    limit = (
+                        ""
+                        if plan_feature is None
+                        else "-1"
+                        if plan_feature.unlimited
+                        else str(plan_feature.limit)
+                    )
+                    flat += (plan.name, limit, str(_INTERVAL_INDEX[plan.interval]))
+            if len(self._triples) > 10_000:
+                self._triples.clear()
+            terms = self._triples[feature] = tuple(flat)
+        return terms
+
+    # -- internals: charging ---------------------------------------------------------------
+
+    def _charge(
+        self, event: UsageEvent, token: tuple[str, str] | None = None, client: Any = None
+    ) -> Any:
+        """Run the charge script for ``event`` (on ``client``, e.g. a pipeline).
+
+        ``token`` is the reservation's (holds key, member); without it the script drops
+        the hold such an event's reservation would have made, if any.
+        """
+        base = f"{self._prefix}{{{event.customer}}}:"
+        return self._scripts["CHARGE"](
+            keys=[
+                base + "sub", base + "credits", base + "usage",
+                f"{base}holds:{event.feature}", _marker(base, event.idempotency_key),
+            ],
+            args=[
+                event.feature, event.units, "1" if event.clobber else "0",
+                "" if token is None else token[1], event.idempotency_key, self._idem_ms,
+                *self._period_keys(event.at), *self._plan_terms(event.feature),
+            ],
+            client=client,
+        )  # fmt: skip
+
+    async def _record(self, events: Sequence[UsageEvent]) -> None:
+        """Charge ``events`` (pipelined charge scripts); the raw path of report and spool."""
+        if not events:
+            return
+        client = self._client
+        if client is None:
+            raise RetryableProviderError("the Redis ledger is not open")
+        try:
+            if not self._synced and not self._pricing_given:
+                await self._sync_pricing()
+            customers = sorted({event.customer for event in events})
+            check = client.pipeline(transaction=False)
+            for customer in customers:
+                names = customer_keys(self._prefix, customer)
+                check.exists(names["sub"], names["credits"])
+            unknown = [c for c, n in zip(customers, await check.execute(), strict=True) if not n]
+            if unknown:
+                raise PermanentProviderError(
+                    f"unknown customer {unknown[0]!r}: subscribe it to a plan or grant it "
+                    "credits before reporting usage",
+                    code="unknown_customer",
+                )
+            pipe = client.pipeline(transaction=False)
+            for event in events:
+                await self._charge(event, None, pipe)
+            results = await pipe.execute()
+        except self._unreachable as exc:
+            self._trip(exc)
+            raise RetryableProviderError(
+                f"the Redis ledger could not be reached: {exc}", original_error=exc
+            ) from exc
+        except self._redis_error as exc:
+            raise RetryableProviderError(
+                f"the Redis ledger failed: {exc}", original_error=exc
+            ) from exc
+        for event, (status, _, _) in zip(events, results, strict=True):
+            if status < 0:
+                raise PermanentProviderError(
+                    f"unknown customer {event.customer!r}", code="unknown_customer"
+                )
+
+    def _spool(self, event: UsageEvent, why: str) -> None:
+        reporter = self._reporter
+        if reporter is None:
+            logger.error(
+                "redis ledger: %s and there is no spool; charge of %d units of %s for %s lost",
+                why, event.units, event.feature, event.customer,
+            )  # fmt: skip
+            return
+        self._log_once(
+            "spool", logging.WARNING, "redis ledger: %s; charges go to %s", why, reporter.path
+        )
+        reporter.enqueue(event)
+
+    # -- internals: failures ---------------------------------------------------------------
+
+    def _failed(self, exc: BaseException, what: str) -> bool:
+        """Note a failed Redis call; False if ``exc`` is not a Redis failure (re-raise it)."""
+        if isinstance(exc, self._unreachable):
+            self._trip(exc)
+            return True
+        if isinstance(exc, self._redis_error):
+            self._log_once(what, logging.ERROR, "redis ledger: %s failed: %r", what, exc)
+            return True
+        return False
+
+    def _trip(self, exc: BaseException) -> None:
+        """Redis is unreachable: skip it for ``retry_after`` seconds."""
+        t = time.monotonic()
+        if t >= self._down_until:
+            logger.warning(
+                "redis ledger: Redis is unreachable (%s); %s for %.1fs",
+                exc,
+                "serving without checks" if self.failure_policy == "open" else "refusing (503)",
+                self._retry_after,
+            )
+        self._down_until = t + self._retry_after
+        self._down_error = RetryableProviderError(
+            f"the Redis ledger could not be reached: {exc}",
+            retry_after=self._retry_after,
+            original_error=exc,
+        )
+
+    def _log_once(self, kind: str, level: int, message: str, *args: object) -> None:
+        t = time.monotonic()
+        if t - self._logged.get(kind, -_LOG_EVERY) >= _LOG_EVERY:
+            self._logged[kind] = t
+            logger.log(level, message, *args)
+
+    async def _admin(self, call: Any) -> Any:
+        """Await an admin call; Redis failures become ``RetryableProviderError``."""
+        try:
+            return await call
+        except self._unreachable as exc:
+            self._trip(exc)
+            raise RetryableProviderError(
+                f"the Redis ledger could not be reached: {exc}", original_error=exc
+            ) from exc
+        except self._redis_error as exc:
+            raise RetryableProviderError(
+                f"the Redis ledger failed: {exc}", original_error=exc
+            ) from exc
+
+    async def _opened(self) -> Redis | RedisCluster:
+        if self._state is ProviderState.NEW:
+            await self.open()
+        if self._state is ProviderState.CLOSED or self._client is None:
+            raise ConfigurationError(f"{type(self).__name__} is closed; create a new one")
+        return self._client
+
+    # -- internals: pricing and upkeep -----------------------------------------------------
+
+    async def _ready_pricing(self) -> None:
+        if not self._synced and not self._pricing_given:
+            await self._admin(self._sync_pricing())
+
+    async def _sync_pricing(self) -> None:
+        """Store the given pricing in Redis, or read (a newer) one stored there."""
+        client = self._client
+        assert client is not None
+        key = f"{self._prefix}pricing"
+        if self._pricing_given:
+            if not self._synced:
+                assert self._pricing is not None
+                await client.set(key, self._pricing.to_json())
+                self._synced = True
+            return
+        raw = await client.get(key)
+        text = raw if raw is None or isinstance(raw, str) else raw.decode()
+        if text != self._pricing_json or not self._synced:
+            self._pricing = None if text is None else loads_pricing(text, origin="stored pricing")
+            self._pricing_json = text
+            self._triples.clear()
+        self._synced = True
+
+    async def _upkeep_loop(self) -> None:
+        """Every tick: renew the holds of running requests, sync the pricing."""
+        while True:
+            await asyncio.sleep(self._tick)
+            if time.monotonic() < self._down_until:
+                continue
+            try:
+                await self._renew()
+                if not self._synced or not self._pricing_given:
+                    await self._sync_pricing()
+            except Exception as exc:
+                if not self._failed(exc, "upkeep"):
+                    logger.exception("redis ledger: upkeep failed")
+
+    async def _renew(self) -> None:
+        t = time.monotonic()
+        due = t - self._ttl_ms / 3000
+        members: dict[str, list[str]] = {}
+        expired = []
+        for reservation, since in self._outstanding.items():
+            if since > due:
+                break  # insertion order: the rest are younger
+            if t - since >= self._reservation_timeout:
+                expired.append(reservation)
+                continue
+            holds, member = reservation.token
+            members.setdefault(holds, []).append(member)
+        for reservation in expired:
+            del self._outstanding[reservation]
+        if expired:
+            logger.warning(
+                "redis ledger: stopped renewing %d holds unsettled after %.0fs",
+                len(expired),
+                self._reservation_timeout,
+            )
+        if not members:
+            return
+        assert self._client is not None
+        pipe: Any = self._client.pipeline(transaction=False)
+        for holds, held in members.items():
+            await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
+        await pipe.execute()
