@@ -13,7 +13,10 @@
    * ``backlog``: the events are already in the outbox file (a restart after an outage);
      the reporter claims and delivers them.
 
-2. **Latency** (target: p50 and p99 within 5 % of the instant provider's): a Starlette app
+2. **Memory** (target: under +100 MB RSS): with the provider down, ``--backlog`` events
+   (default 1,000,000) are enqueued in chunks of 1,000; RSS (psutil) before and after.
+
+3. **Latency** (target: p50 and p99 within 5 % of the instant provider's): a Starlette app
    with ``UsageMiddleware`` and ``@metered`` on a provider whose charges go through the
    Reporter (``prepare`` before the final body, ``confirm`` after). Its provider answers
    ``report()`` at once, or after 500 ms. ``--concurrency`` clients drive it in-process
@@ -25,6 +28,7 @@ Run from the repository root::
 
     python bench/bench_reporter.py                       # both parts
     python bench/bench_reporter.py --part throughput --events 1000000
+    python bench/bench_reporter.py --part memory --backlog 1000000
 
 Exits 1 when an event was lost or duplicated, or a request was not answered 200.
 """
@@ -51,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from reporter_fakes import OutboxedProvider
 
-from usage_middleware import Provider, UsageEvent
+from usage_middleware import Provider, RetryableProviderError, UsageEvent
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.middleware import UsageMiddleware
@@ -128,6 +132,41 @@ async def _through(path: str, n: int, max_batch: int) -> tuple[float, float, flo
         rates.append(n / elapsed)
         print(f"  {name:16s} {n / elapsed:>10,.0f} events/s  ({n:,} events in {elapsed:.2f} s)")
     return rates[0], rates[1], rates[2]
+
+
+async def _memory(path: str, n: int) -> None:
+    import gc
+
+    import psutil
+
+    sink = Sink(max_batch=100)
+    down = RetryableProviderError("down", status=503)
+
+    async def refuse(events: Sequence[UsageEvent]) -> None:
+        raise down
+
+    sink.report = refuse  # type: ignore[method-assign]
+    reporter = Reporter(sink, path=f"{path}-memory.db", retry_cooldown=60, drain_timeout=0.2)
+    await reporter.open()
+    reporter.enqueue(UsageEvent("org:acme", "feature:x", 1))
+    await reporter.flush()
+    gc.collect()
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    start = time.perf_counter()
+    for _ in range(n // 1000):
+        for _ in range(1000):
+            reporter.enqueue(UsageEvent("org:acme", "feature:x", 1))
+        await reporter.flush()
+    elapsed = time.perf_counter() - start
+    gc.collect()
+    grown = proc.memory_info().rss - before
+    stats = reporter.stats()
+    await reporter.aclose()
+    print(
+        f"  {n:,} events queued in {elapsed:.1f} s while the provider is down:"
+        f" RSS +{grown / 2**20:.1f} MB (in memory: {stats.in_memory:,} events)"
+    )
 
 
 def _app(provider: OutboxedProvider) -> Callable[..., Awaitable[None]]:
@@ -236,9 +275,10 @@ async def _latency(path: str, rounds: int, concurrency: int, seconds: float) -> 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=["throughput", "latency", "all"], default="all")
+    parser.add_argument("--part", choices=["throughput", "memory", "latency", "all"], default="all")
     parser.add_argument("--events", type=int, default=300_000)
     parser.add_argument("--max-batch", type=int, default=1000)
+    parser.add_argument("--backlog", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=2.0)
@@ -248,6 +288,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.part in ("throughput", "all"):
             print(f"throughput, max_batch {args.max_batch} (target >= 50,000 events/s):")
             asyncio.run(_through(path, args.events, args.max_batch))
+        if args.part in ("memory", "all"):
+            print("memory with a backlog (target: under +100 MB RSS):")
+            asyncio.run(_memory(path, args.backlog))
         if args.part in ("latency", "all"):
             print(
                 f"latency of a metered request, {args.concurrency} concurrent clients,"
