@@ -12,11 +12,13 @@ How a request is metered (the design, and what it trades)
 period) it leases a block of units in one ``BEGIN IMMEDIATE`` transaction, which grants
 ``n`` only if ``leased + n <= max(0, limit - used) + credits``, where ``leased`` counts the
 live leases of every process (this one's included). The block is
-``min(lease_size, max(units, free // 4))`` (``free`` = what is left after all leases): far
-from the limit a process leases ``lease_size`` units, and refills in the background when
-half is used; near the limit it leases a quarter of what is left, down to exactly what
-the request needs, and only on demand, so the last units go to whoever asks first and no
-process parks many of them. A lease row expires ``lease_ttl`` seconds after its last
+``min(block, max(units, free // 4))`` (``free`` = what is left after all leases). Far from
+the limit a process leases ``block`` units and refills in the background before they run
+out; ``block`` starts at ``lease_size`` and doubles (up to 64 x ``lease_size``) for a key
+whose requests ran dry while a refill was still on its way, so a hot key stops waiting
+on the worker thread. Near the limit a process leases a quarter of what is left, down to
+exactly what the request needs, and only on demand, so the last units go to whoever asks
+first and no process parks many of them. A lease row expires ``lease_ttl`` seconds after its last
 renewal; the process renews its rows every ``min(1, lease_ttl / 4)`` seconds (one *tick*)
 while alive. An unlimited feature needs no lease (its usage is still recorded).
 
@@ -111,6 +113,7 @@ REASON_FAILED = "ledger unavailable"
 
 _EVICT_AFTER = 60.0  # seconds an empty, idle slot stays in memory
 _CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
+_MAX_BLOCK = 64  # a hot key's lease block grows to at most this many times lease_size
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
 
@@ -131,11 +134,15 @@ class _Slot:
     ``credits``, ``others`` and ``spare`` (units free for any process) are the file's numbers
     at the last transaction that read them; a refusal is repeated without I/O until
     ``denied_until`` for requests above ``available + spare``.
+    ``block`` is the lease block this key asks for (units): ``lease_size``, doubled after
+    requests ran dry while a refill was in flight (``starved``). ``low_water``: refill
+    below this.
     Times (``fresh_until``, ``denied_until``, ``touched``) are ``time.monotonic()`` seconds.
     """
 
     __slots__ = (
         "available",
+        "block",
         "credits",
         "customer",
         "denied_until",
@@ -153,6 +160,7 @@ class _Slot:
         "refilling",
         "retired",
         "spare",
+        "starved",
         "touched",
         "unlimited",
         "used",
@@ -174,8 +182,10 @@ class _Slot:
         self.credits = 0
         self.others = 0
         self.spare = 0
+        self.block = 0
         self.low_water = 0
         self.refilling = False
+        self.starved = False
         self.fresh_until = 0.0
         self.denied_until = 0.0
         self.touched = 0.0
@@ -205,7 +215,8 @@ class LocalLedger(Ledger):
         pricing: a Tier pricing.json (path, decoded JSON or :class:`Pricing`). Validated
             here and stored in the file by :meth:`open`, replacing what was stored, so a
             later ``LocalLedger(path)`` without ``pricing`` (the CLI, another worker) uses it.
-        lease_size: the most units one lease block takes (units, >= 1).
+        lease_size: the lease block in units (>= 1); a hot key's block grows up to 64 times
+            this, never beyond a quarter of the units still free.
         lease_ttl: seconds a lease lives unrenewed; a killed process's units come back
             after this.
         flush_interval: seconds the flusher waits to group commits into one transaction;
@@ -292,9 +303,7 @@ class LocalLedger(Ledger):
                 await super().open()  # raises: no reopen
             loop = asyncio.get_running_loop()
             owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            store = LedgerStore(
-                self.path, owner, lease_size=self._lease_size, lease_ttl=self._lease_ttl
-            )
+            store = LedgerStore(self.path, owner, lease_ttl=self._lease_ttl)
             executor = ThreadPoolExecutor(1, thread_name_prefix="usage-middleware-ledger")
             pricing_json = None if self._pricing is None else self._pricing.to_json()
             try:
@@ -557,6 +566,9 @@ class LocalLedger(Ledger):
                 REASON_CLOSED,
             )
         key = (customer, feature)
+        slot = self._current.get(key)
+        if slot is not None and slot.refilling:
+            slot.starved = True  # ran dry before the refill came back: lease more next time
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
@@ -636,7 +648,8 @@ class LocalLedger(Ledger):
             gives.append((slot.period, slot.available))
             slot.available = 0
         store = self._ready_store()
-        future = self._submit(store.lease, key[0], key[1], now, need, gives)
+        want = self._lease_size if slot is None else max(slot.block, self._lease_size)
+        future = self._submit(store.lease, key[0], key[1], now, need, want, gives)
         future.add_done_callback(functools.partial(self._leased, key, t, slot, gives))
         self._leasing[key] = future
         return await asyncio.shield(future)
@@ -678,7 +691,11 @@ class LocalLedger(Ledger):
             slot.others = grant.others
             slot.spare = grant.spare
             slot.available += grant.take
-            slot.low_water = self._lease_size // 2 if grant.roomy else 0
+            slot.block = max(slot.block, self._lease_size)
+            if slot.starved:
+                slot.block = min(2 * slot.block, _MAX_BLOCK * self._lease_size)
+                slot.starved = False
+            slot.low_water = slot.block // 2 if grant.roomy else 0
             slot.fresh_until = t + self._fresh_for
             slot.denied_until = 0.0
             slot.touched = max(slot.touched, t)
@@ -773,7 +790,7 @@ class LocalLedger(Ledger):
     def _write_late(self, charge: _Charge) -> None:
         """Write a charge committed after close, on a short-lived connection (a thread)."""
         slot, units, event, _ = charge
-        store = LedgerStore(self.path, f"{os.getpid()}-late", lease_size=1, lease_ttl=1.0)
+        store = LedgerStore(self.path, f"{os.getpid()}-late", lease_ttl=1.0)
         store.open(None)
         try:
             limit = UNLIMITED if slot.unlimited else slot.limit

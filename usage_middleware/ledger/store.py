@@ -117,10 +117,9 @@ class LedgerStore:
     an expired row.
     """
 
-    def __init__(self, path: str, owner: str, *, lease_size: int, lease_ttl: float) -> None:
+    def __init__(self, path: str, owner: str, *, lease_ttl: float) -> None:
         self.path = path
         self.owner = owner
-        self.lease_size = lease_size
         self.lease_ttl = lease_ttl
         self.pricing: Pricing | None = None
         self._pricing_generation: int | None = None
@@ -380,9 +379,14 @@ class LedgerStore:
         feature: str,
         at: datetime,
         need: int,
+        want: int,
         gives: Sequence[tuple[str, int]],
     ) -> LeaseGrant:
-        """Return ``gives`` (period, units) and lease at least ``need`` units if they are free."""
+        """Return ``gives`` (period, units); lease ``need`` units or more if they are free.
+
+        The block taken is ``min(want, free // 4)`` units, at least ``need``, where ``free``
+        is what no live lease holds (so near the limit blocks shrink to what is asked).
+        """
         now = time.time()
         with self._write():
             for period, units in gives:
@@ -412,9 +416,9 @@ class LedgerStore:
             mine = self._row(customer, feature, period)
             free = max(0, limit - grant.used) + grant.credits - grant.others - mine
             if need <= free:
-                grant.take = min(free, max(need, min(self.lease_size, free // 4)))
+                grant.take = min(free, max(need, min(want, free // 4)))
             grant.spare = max(0, free - grant.take)
-            grant.roomy = grant.spare >= 4 * self.lease_size
+            grant.roomy = grant.spare >= 4 * want
             if grant.take or mine:
                 self._claim(customer, feature, period, mine + grant.take, now)
             return grant
