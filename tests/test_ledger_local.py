@@ -479,6 +479,26 @@ async def test_an_unsettled_reservation_times_out(tmp_path: pathlib.Path) -> Non
         assert await used(ledger, SMALL) == 20
 
 
+async def test_closing_while_reservations_are_in_flight(tmp_path: pathlib.Path) -> None:
+    """aclose() during cold reservations: each gets an answer, no lease row is left behind."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    ledger = LocalLedger(path)
+    await ledger.open()
+    tasks = [asyncio.create_task(ledger.reserve(ACME, CONVERT)) for _ in range(20)]
+    await asyncio.sleep(0)
+    await ledger.aclose()
+    reservations = await asyncio.gather(*tasks)
+    for reservation in reservations:
+        if reservation.answer.ok:
+            await ledger.commit(reservation)  # written on a short-lived connection
+        else:
+            assert reservation.answer.reason == "ledger closed"
+    assert query(path, "SELECT COUNT(*) FROM leases") == [(0,)]
+    charged = sum(r.answer.ok for r in reservations)
+    assert query(path, "SELECT COALESCE(SUM(used), 0) FROM usage") == [(charged,)]
+
+
 async def test_cancelled_reservations_leak_nothing(tmp_path: pathlib.Path) -> None:
     """Reservations cancelled while the lease transaction runs leave every unit usable."""
     path = tmp_path / "usage.db"

@@ -345,13 +345,13 @@ class LocalLedger(Ledger):
                 self.path,
                 len(self._batch),
             )
-        self._current.clear()
-        self._slots.clear()
         try:
-            await self._submit(self._ready_store().close)
+            await self._submit(self._ready_store().close)  # after every queued transaction
         finally:
             assert self._executor is not None
             self._executor.shutdown(wait=False)
+            self._current.clear()
+            self._slots.clear()
 
     # -- the hot path --------------------------------------------------------------------
 
@@ -558,13 +558,7 @@ class LocalLedger(Ledger):
         if self._state is ProviderState.NEW:
             await self.open()
         if self._state is ProviderState.CLOSED:
-            return self._failed(
-                customer,
-                feature,
-                units,
-                ConfigurationError(f"{type(self).__name__} is closed"),
-                REASON_CLOSED,
-            )
+            return self._closed(customer, feature, units)
         key = (customer, feature)
         slot = self._current.get(key)
         if slot is not None and slot.refilling:
@@ -575,6 +569,8 @@ class LocalLedger(Ledger):
         async with lock:
             for _ in range(3):
                 await self._settle_lease(key)
+                if self._closing():  # closed while we waited
+                    return self._closed(customer, feature, units)
                 now = self._clock()
                 t = time.monotonic()
                 slot = self._current.get(key)
@@ -588,6 +584,8 @@ class LocalLedger(Ledger):
                 except Exception as exc:
                     logger.exception("ledger %s: leasing %s %s failed", self.path, *key)
                     return self._failed(customer, feature, units, exc, REASON_FAILED)
+                if self._closing():
+                    return self._closed(customer, feature, units)
                 slot = self._current[key]
                 if slot.unlimited or slot.available >= units:
                     return self._serve(slot, units, now, t, hold=hold)
@@ -605,6 +603,14 @@ class LocalLedger(Ledger):
         return Reservation(
             self._answer(slot, True, units), trusted_event(slot.customer, slot.feature, units)
         )
+
+    def _closing(self) -> bool:
+        """Whether aclose() has begun (a method, so checks after an await are not narrowed)."""
+        return self._state is ProviderState.CLOSED
+
+    def _closed(self, customer: str, feature: str, units: int) -> Reservation:
+        error = ConfigurationError(f"{type(self).__name__} is closed")
+        return self._failed(customer, feature, units, error, REASON_CLOSED)
 
     def _failed(
         self, customer: str, feature: str, units: int, error: Exception, reason: str
@@ -665,6 +671,8 @@ class LocalLedger(Ledger):
         """Apply a lease transaction's result (runs even if the requester was cancelled)."""
         if self._leasing.get(key) is future:
             del self._leasing[key]
+        if self._state is ProviderState.CLOSED:
+            return  # close() gives every lease back
         if future.cancelled() or future.exception() is not None:
             if giver is not None:  # rolled back: the units are still ours
                 giver.available += sum(units for _, units in gives)
@@ -715,7 +723,8 @@ class LocalLedger(Ledger):
                 now = self._clock()
                 t = time.monotonic()
                 if (
-                    self._current.get(key) is slot
+                    self.state is ProviderState.OPEN
+                    and self._current.get(key) is slot
                     and slot.available < slot.low_water
                     and t < slot.fresh_until
                     and now < slot.end
