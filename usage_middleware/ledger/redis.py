@@ -199,7 +199,10 @@ class RedisLedger(Ledger):
         client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use (not closed by the
             ledger); default one built from ``url``.
         now: the clock for usage periods, returning an aware datetime; default UTC now.
-        timeout: seconds to connect and per command, for the client built from ``url``.
+        timeout: seconds to connect, to wait for a free pooled connection, and per
+            command, for the client built from ``url``.
+        max_connections: connections of that client's pool; more concurrent calls wait
+            for one (up to ``timeout``).
         retry_after: seconds calls skip Redis after it was found unreachable (also the
             ``Retry-After`` of a failed-closed answer).
         idempotency_ttl: seconds an event's idempotency key is remembered.
@@ -229,6 +232,7 @@ class RedisLedger(Ledger):
         client: Redis | RedisCluster | None = None,
         now: Callable[[], datetime] | None = None,
         timeout: float = 1.0,
+        max_connections: int = 50,
         retry_after: float = 1.0,
         idempotency_ttl: float = 86400.0,
         reservation_timeout: float = 300.0,
@@ -266,6 +270,7 @@ class RedisLedger(Ledger):
         self._prefix = prefix
         self._ttl_ms = int(_seconds("reservation_ttl", reservation_ttl) * 1000) or 1
         self._timeout = _seconds("timeout", timeout)
+        self._max_connections = check_units(max_connections, what="max_connections")
         self._retry_after = _seconds("retry_after", retry_after)
         self._idem_ms = int(_seconds("idempotency_ttl", idempotency_ttl) * 1000) or 1
         self._reservation_timeout = _seconds("reservation_timeout", reservation_timeout)
@@ -337,8 +342,10 @@ class RedisLedger(Ledger):
             client = self._client_arg
             if client is None:
                 assert self._url is not None
-                client = aioredis.Redis.from_url(
+                pool = aioredis.BlockingConnectionPool.from_url(
                     self._url,
+                    max_connections=self._max_connections,
+                    timeout=self._timeout,  # waiting for a free connection
                     socket_timeout=self._timeout,
                     socket_connect_timeout=self._timeout,
                     # One immediate retry on a broken connection (a pooled socket that
@@ -346,6 +353,7 @@ class RedisLedger(Ledger):
                     # idempotent, so a retry never holds or charges twice.
                     retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
                 )
+                client = aioredis.Redis.from_pool(pool)
             self._scripts = {
                 name: client.register_script(getattr(scripts, name))
                 for name in ("RESERVE", "CHARGE", "RELEASE", "RENEW", "GRANT", "USAGE")
@@ -760,6 +768,7 @@ class RedisLedger(Ledger):
             for event in events:
                 await self._charge(event, None, pipe)
             results = await pipe.execute()
+            self._down_until = 0.0  # Redis answers again
         except self._unreachable as exc:
             self._trip(exc)
             raise RetryableProviderError(
@@ -826,7 +835,7 @@ class RedisLedger(Ledger):
     async def _admin(self, call: Any) -> Any:
         """Await an admin call; Redis failures become ``RetryableProviderError``."""
         try:
-            return await call
+            result = await call
         except self._unreachable as exc:
             self._trip(exc)
             raise RetryableProviderError(
@@ -836,6 +845,8 @@ class RedisLedger(Ledger):
             raise RetryableProviderError(
                 f"the Redis ledger failed: {exc}", original_error=exc
             ) from exc
+        self._down_until = 0.0  # Redis answers again
+        return result
 
     async def _opened(self) -> Redis | RedisCluster:
         if self._state is ProviderState.NEW:
