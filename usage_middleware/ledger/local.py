@@ -254,9 +254,9 @@ class LocalLedger(Ledger):
         ):
             raise ValueError(f"flush_interval must be seconds >= 0, got {flush_interval!r}")
         self.path = os.fspath(path)
-        self._pricing = (
-            pricing if pricing is None or isinstance(pricing, Pricing) else (load_pricing(pricing))
-        )
+        if pricing is not None and not isinstance(pricing, Pricing):
+            pricing = load_pricing(pricing)
+        self._pricing = pricing
         self._lease_size = lease_size
         self._lease_ttl = float(lease_ttl)
         self._flush_interval = float(flush_interval)

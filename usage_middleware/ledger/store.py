@@ -85,8 +85,8 @@ class LeaseGrant:
     """What a lease transaction decided for one (customer, feature).
 
     ``known`` False means an unknown customer (nothing else is set). Otherwise: the period
-    (``start``, ``end``, ``period`` key), the plan the feature comes from (``None`` outside
-    the plan), ``limit`` (``UNLIMITED``, or 0 outside the plan), ``used`` this period,
+    (``end``, exclusive, and the ``period`` key), whether the feature is ``in_plan``,
+    ``limit`` (``UNLIMITED``, or 0 outside the plan), ``used`` this period,
     ``credits`` (balance, negative shown as 0), ``others`` (units of this period's capacity
     held by other processes' leases or promised to another period's leases), ``take``
     (units added to this process's lease), ``spare`` (units still free for any process
@@ -95,9 +95,7 @@ class LeaseGrant:
     """
 
     known: bool
-    plan: str | None = None
     in_plan: bool = False
-    start: datetime | None = None
     end: datetime | None = None
     period: str = ""
     limit: int = 0
@@ -401,9 +399,7 @@ class LedgerStore:
             limit = 0 if plan_feature is None else plan_feature.limit
             grant = LeaseGrant(
                 known=True,
-                plan=None if plan_feature is None or plan is None else plan.name,
                 in_plan=plan_feature is not None,
-                start=start,
                 end=end,
                 period=period,
                 limit=limit,
