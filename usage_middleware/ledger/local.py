@@ -31,9 +31,10 @@ waiters are served from the block it brought). A refusal is remembered for
 ``release`` gives the units back to the in-memory lease, with no I/O.
 
 **commit** appends the charge to an in-memory list and wakes the flusher, which waits
-``flush_interval`` seconds and then writes every pending charge in ONE transaction (group
-commit): a ``charges`` row each (unique ``idempotency_key``), the period's ``used``, the
-credits consumed beyond the limit, and the lease shrunk by the settled units.
+``flush_interval`` seconds and then writes every pending charge in one transaction per
+1000 charges (group commit): a ``charges`` row each (unique ``idempotency_key``), the
+period's ``used``, the credits consumed beyond the limit, and the lease shrunk by the
+settled units.
 
 Trade-offs, stated plainly:
 
@@ -114,6 +115,7 @@ REASON_FAILED = "ledger unavailable"
 _EVICT_AFTER = 60.0  # seconds an empty, idle slot stays in memory
 _CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
 _MAX_BLOCK = 64  # a hot key's lease block grows to at most this many times lease_size
+_MAX_FLUSH = 1000  # charges per group-commit transaction, so a lease never waits long
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 
 
@@ -746,7 +748,8 @@ class LocalLedger(Ledger):
                 await asyncio.sleep(self._flush_interval)
             self._wake.clear()
             try:
-                await self._flush_once()
+                while self._batch:
+                    await self._flush_once()
                 backoff = 0.05
             except Exception:
                 logger.exception("ledger %s: writing charges failed; will retry", self.path)
@@ -755,10 +758,11 @@ class LocalLedger(Ledger):
                 self._wake.set()
 
     async def _flush_once(self) -> None:
-        batch = self._batch
+        """Write up to ``_MAX_FLUSH`` pending charges in one transaction."""
+        batch = self._batch[:_MAX_FLUSH]
         if not batch:
             return
-        self._batch = []
+        del self._batch[:_MAX_FLUSH]
         stored: list[StoredCharge] = [
             (
                 slot.customer,
