@@ -387,6 +387,28 @@ async def test_aclose_writes_pending_charges(tmp_path: pathlib.Path) -> None:
     assert query(path, "SELECT used FROM usage") == [(5,)]
 
 
+async def test_a_backlog_is_written_in_bounded_transactions(tmp_path: pathlib.Path) -> None:
+    """2500 pending charges are written in transactions of at most 1000 charges each."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path, flush_interval=3600) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        store = store_of(ledger)
+        original = store.flush
+        sizes: list[int] = []
+
+        def flush(batch: Any) -> Any:
+            sizes.append(len(batch))
+            return original(batch)
+
+        store.flush = flush  # type: ignore[method-assign]
+        for _ in range(2500):
+            assert await use(ledger, BIG)
+        assert await used(ledger, BIG) == 2500
+    assert sizes == [1000, 1000, 500]
+    assert query(path, "SELECT COUNT(*), SUM(units) FROM charges") == [(2500, 2500)]
+
+
 async def test_a_failed_write_is_retried_not_dropped(tmp_path: pathlib.Path) -> None:
     """When the group commit fails, its charges are written by a later attempt."""
     path = tmp_path / "usage.db"
@@ -540,9 +562,13 @@ async def test_pricing_is_stored_in_the_file_and_replaced(tmp_path: pathlib.Path
     path = tmp_path / "usage.db"
     async with LocalLedger(path, pricing=PRICING):
         pass
+    unopened = LocalLedger(path)
+    assert unopened.pricing is None
     async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        assert ledger.pricing == LocalLedger(path, pricing=PRICING).pricing
         await ledger.subscribe(ACME, "plan:free@1")
-        assert await use(ledger, SMALL)  # type: ignore[arg-type]
+        assert await use(ledger, SMALL)
     other = {"plans": {"plan:other@1": {"features": {SMALL: {"tiers": [{"upto": 1}]}}}}}
     async with LocalLedger(path, pricing=other) as ledger:
         with pytest.raises(LedgerError, match="known plans: plan:other@1"):

@@ -286,6 +286,17 @@ class LocalLedger(Ledger):
         self._inflight: set[asyncio.Future[Any]] = set()
         self._generation = 0
 
+    @property
+    def pricing(self) -> Pricing | None:
+        """The pricing model in use: the one stored in the file once open, else the one given.
+
+        ``None`` when neither exists (then :meth:`subscribe` refuses). A pricing replaced by
+        another process is picked up here at this ledger's next transaction.
+        """
+        if self._store is not None:
+            return self._store.pricing
+        return self._pricing
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:

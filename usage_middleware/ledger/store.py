@@ -115,7 +115,12 @@ class LedgerStore:
     an expired row.
     """
 
-    def __init__(self, path: str, owner: str, *, lease_ttl: float) -> None:
+    def __init__(
+        self, path: str, owner: str, *, lease_ttl: float, lease_size: int | None = None
+    ) -> None:
+        # lease_size is accepted and ignored: the block size now comes with each lease()
+        # call. Kept for the CLI's _stored_pricing(); remove once it uses LocalLedger.pricing.
+        del lease_size
         self.path = path
         self.owner = owner
         self.lease_ttl = lease_ttl
