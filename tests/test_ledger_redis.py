@@ -162,7 +162,7 @@ async def test_an_unsettled_hold_expires_after_the_ttl(server: RedisServer, tmp_
         await alive.subscribe(ACME, "plan:free@1")
         held = await dead.reserve(ACME, CONVERT, 10)
         assert held.answer.ok
-        dead._outstanding.clear()  # a dead process renews nothing
+        await dead.aclose()  # gone without settling: nothing renews or releases its hold
         assert not (await alive.reserve(ACME, CONVERT)).answer.ok
 
         async def freed() -> bool:
@@ -173,7 +173,8 @@ async def test_an_unsettled_hold_expires_after_the_ttl(server: RedisServer, tmp_
 
         await eventually(freed, 10)
         assert await used(alive) == 10
-        await dead.commit(held)  # a late commit is still charged (once), beyond the limit
+        await alive.commit(held)  # a late commit is still charged (once), beyond the limit
+        await alive.report([held.event])
         assert await used(alive) == 20
 
 
@@ -235,8 +236,7 @@ async def test_a_retried_reserve_script_holds_once(server: RedisServer, tmp_path
         again = await ledger._scripts["RESERVE"](
             keys=[base + "sub", base + "credits", base + "usage", base + "holds:" + CONVERT],
             args=[
-                CONVERT, 6, event.idempotency_key, 30_000,
-                *ledger._period_keys(event.at), *ledger._plan_terms(CONVERT),
+                CONVERT, 6, event.idempotency_key, 30_000, ledger._terms(CONVERT, event.at),
             ],
         )  # fmt: skip
         assert again[0] == 1

@@ -20,11 +20,12 @@ Keys of customer ``C`` under prefix ``P`` (see :func:`~usage_middleware.ledger.r
 * ``P{C}:ik:<key>``       idempotency marker of a charged event (``PX`` = the idempotency
                           window); a charge whose marker exists is not applied again.
 
-Plan terms come from the caller as ``ARGV`` triples ``plan, limit, interval`` for every plan
-of the pricing (``limit`` ``-1`` = unlimited, ``""`` = the plan lacks the feature; interval
-1-4 = day, week, month, year), followed by nothing else; the four period keys of the
-moment being charged or checked come just before them. A customer whose plan is missing
-from the triples gets limit 0 on the monthly period (as the SQLite ledger).
+The plan terms come from the caller as ONE argument, the *terms* (fewer arguments to
+encode: cheaper on the client): lines joined by ``\n``, first the four period keys of the
+moment being checked or charged (day, week, month, year), then for every plan of the
+pricing three lines ``plan``, ``limit`` (``-1`` = unlimited, empty = the plan lacks the
+feature) and ``interval`` (1-4 = day, week, month, year). A customer whose plan is not in
+the terms gets limit 0 on the monthly period (as the SQLite ledger).
 """
 
 from __future__ import annotations
@@ -78,6 +79,20 @@ local function keep(key, ttl)
   end
 end
 
+-- The lines of a terms argument.
+local function split(s)
+  local t, i = {}, 1
+  while true do
+    local j = string.find(s, '\n', i, true)
+    if not j then
+      t[#t + 1] = string.sub(s, i)
+      return t
+    end
+    t[#t + 1] = string.sub(s, i, j - 1)
+    i = j + 1
+  end
+end
+
 -- The customer's terms for a feature: known, plan (or false), limit, interval index,
 -- in_plan. limit: -1 unlimited, else units (0 when the plan lacks the feature).
 local function terms(sub_key, credits_key, argv, first)
@@ -108,7 +123,7 @@ end
 
 #: Check (and with a hold id, hold) units.
 #: KEYS: sub, credits, usage, holds. ARGV: feature, units, hold id ('' = check only),
-#: ttl_ms, the four period keys, then plan triples.
+#: ttl_ms, terms.
 #: Returns {status, limit, used, balance, held, period, in_plan}: status 1 allowed (held),
 #: 0 refused, -1 unknown customer; limit -1 = unlimited; balance = credits (may be < 0);
 #: held = units this period's capacity cannot give (live holds, this one included, and
@@ -117,9 +132,10 @@ RESERVE = (
     _COMMON
     + r"""
 local feature, units, id, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local known, plan, limit, interval, in_plan = terms(KEYS[1], KEYS[2], ARGV, 9)
+local lines = split(ARGV[5])
+local known, plan, limit, interval, in_plan = terms(KEYS[1], KEYS[2], lines, 5)
 if not known then return {-1, 0, 0, 0, 0, '', 0} end
-local period = ARGV[4 + interval]
+local period = lines[interval]
 local used = tonumber(redis.call('HGET', KEYS[3], feature .. '@' .. period) or '0')
 local balance = balance_of(KEYS[2], feature)
 local flag = 0
@@ -162,16 +178,16 @@ return {1, limit, used, balance, held, period, flag}
 #: Charge an event (commit of a reservation, or a reported event), once per idempotency key.
 #: KEYS: sub, credits, usage, holds, marker. ARGV: feature, units, clobber ('1'/'0'),
 #: the hold to drop (member; '' = the one this event would have made: units, period of its
-#: time, key), the event's idempotency key, marker_ttl_ms, the four period keys of the
-#: event's time, then plan triples.
+#: time, key), the event's idempotency key, marker_ttl_ms, terms (of the event's time).
 #: Returns {status, used, balance}: 1 charged, 0 already charged (nothing done), -1 unknown
 #: customer (nothing done).
 CHARGE = (
     _COMMON
     + r"""
 local feature, units, clobber, member = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local known, plan, limit, interval = terms(KEYS[1], KEYS[2], ARGV, 11)
-local period = ARGV[6 + interval]
+local lines = split(ARGV[7])
+local known, plan, limit, interval = terms(KEYS[1], KEYS[2], lines, 5)
+local period = lines[interval]
 if member == '' then member = units .. ':' .. period .. ':' .. ARGV[5] end
 unhold(KEYS[4], member)
 if redis.call('EXISTS', KEYS[5]) == 1 then return {0, 0, 0} end

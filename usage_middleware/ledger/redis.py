@@ -290,8 +290,7 @@ class RedisLedger(Ledger):
         # Event-loop state.
         self._pricing_json: str | None = None  # what Redis held when last read
         self._synced = False  # the pricing was stored in (or read from) Redis
-        self._triples: dict[str, tuple[str, ...]] = {}
-        self._periods: dict[int, tuple[str, str, str, str]] = {}
+        self._terms_cache: dict[tuple[str, int], bytes] = {}
         self._outstanding: dict[Reservation, float] = {}  # held -> monotonic reserve time
         self._down_until = 0.0
         self._down_error: RetryableProviderError | None = None
@@ -371,10 +370,11 @@ class RedisLedger(Ledger):
             await super().open()
             try:
                 await self._sync_pricing()
-            except self._unreachable as exc:
-                self._trip(exc)
-            except RedisError:
-                logger.exception("redis ledger: reading or storing the pricing failed")
+            except Exception as exc:  # retried by the upkeep task and on first use
+                if isinstance(exc, self._unreachable):
+                    self._trip(exc)
+                else:
+                    logger.exception("redis ledger: reading or storing the pricing failed")
             self._upkeep = asyncio.get_running_loop().create_task(
                 self._upkeep_loop(), name="usage-redis-ledger-upkeep"
             )
@@ -630,7 +630,7 @@ class RedisLedger(Ledger):
                 keys=[base + "sub", base + "credits", base + "usage", holds],
                 args=[
                     feature, units, event.idempotency_key if hold else "", self._ttl_ms,
-                    *self._period_keys(at), *self._plan_terms(feature),
+                    self._terms(feature, at),
                 ],
             )  # fmt: skip
         except Exception as exc:
@@ -686,36 +686,26 @@ class RedisLedger(Ledger):
         )
         return Reservation(answer, event)
 
-    def _period_keys(self, at: datetime) -> tuple[str, str, str, str]:
-        """The period keys of ``at`` for each interval (day, week, month, year)."""
+    def _terms(self, feature: str, at: datetime) -> bytes:
+        """The script's terms argument for ``feature`` at ``at`` (see :mod:`._redis_scripts`):
+        the period keys of ``at``, then ``plan, limit, interval`` of every plan. Cached per
+        feature and UTC day."""
         day = at.toordinal() if at.tzinfo is UTC else at.astimezone(UTC).toordinal()
-        keys = self._periods.get(day)
-        if keys is None:
-            if len(self._periods) > 8:
-                self._periods.clear()
-            b = [period_key(*period_bounds(interval, at)) for interval in INTERVALS]
-            keys = self._periods[day] = (b[0], b[1], b[2], b[3])
-        return keys
-
-    def _plan_terms(self, feature: str) -> tuple[str, ...]:
-        """``plan, limit, interval`` triples of every plan for ``feature`` (script ARGV)."""
-        terms = self._triples.get(feature)
-        if terms is None:
-            flat: list[str] = []
-            if self._pricing is not None:
-                for plan in self._pricing.plans.values():
-                    plan_feature = plan.features.get(feature)
-                    limit = (
-                        ""
-                        if plan_feature is None
-                        else "-1"
-                        if plan_feature.unlimited
-                        else str(plan_feature.limit)
-                    )
-                    flat += (plan.name, limit, str(_INTERVAL_INDEX[plan.interval]))
-            if len(self._triples) > 10_000:
-                self._triples.clear()
-            terms = self._triples[feature] = tuple(flat)
+        cached = self._terms_cache.get((feature, day))
+        if cached is not None:
+            return cached
+        lines = [period_key(*period_bounds(interval, at)) for interval in INTERVALS]
+        if self._pricing is not None:
+            for plan in self._pricing.plans.values():
+                plan_feature = plan.features.get(feature)
+                if plan_feature is None:
+                    limit = ""
+                else:
+                    limit = "-1" if plan_feature.unlimited else str(plan_feature.limit)
+                lines += (plan.name, limit, str(_INTERVAL_INDEX[plan.interval]))
+        if len(self._terms_cache) >= 10_000:
+            self._terms_cache.clear()
+        terms = self._terms_cache[feature, day] = "\n".join(lines).encode()
         return terms
 
     # -- internals: charging ---------------------------------------------------------------
@@ -737,7 +727,7 @@ class RedisLedger(Ledger):
             args=[
                 event.feature, event.units, "1" if event.clobber else "0",
                 "" if token is None else token[1], event.idempotency_key, self._idem_ms,
-                *self._period_keys(event.at), *self._plan_terms(event.feature),
+                self._terms(event.feature, event.at),
             ],
             client=client,
         )  # fmt: skip
@@ -877,7 +867,7 @@ class RedisLedger(Ledger):
         if text != self._pricing_json or not self._synced:
             self._pricing = None if text is None else loads_pricing(text, origin="stored pricing")
             self._pricing_json = text
-            self._triples.clear()
+            self._terms_cache.clear()
         self._synced = True
 
     async def _upkeep_loop(self) -> None:
