@@ -300,14 +300,14 @@ class UsageMiddleware:
                 )
                 state.denied = True
                 return problems.billing_unavailable(spec.feature, _retry_after(exc, None))
-            answer = reservation.answer
-            if answer.ok:
+            if reservation.ok:
                 if state.reservations is None:
                     state.reservations = [reservation]
                 else:
                     state.reservations.append(reservation)
                 continue
             state.denied = True
+            answer = reservation.answer
             if answer.err is not None:
                 return problems.billing_unavailable(
                     spec.feature, _retry_after(answer.err, answer.retry_after)

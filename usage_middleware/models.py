@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -213,13 +214,10 @@ class Answer:
         """
         if self.provider is None:
             raise ConfigurationError("this Answer has no provider to report to")
-        event = UsageEvent(
-            self.customer, self.feature, n, at=at or _now(), clobber=clobber
-        )
+        event = UsageEvent(self.customer, self.feature, n, at=at or _now(), clobber=clobber)
         await self.provider.report([event])
 
 
-@dataclass(slots=True, eq=False)
 class Reservation:
     """A hold on ``units`` of a feature for one request, from :meth:`Provider.reserve`.
 
@@ -227,29 +225,89 @@ class Reservation:
     request succeeded, :meth:`Provider.release` otherwise. ``token`` is the provider's own
     handle (opaque to everyone else).
 
+    ``Reservation(answer, event, token=None)`` is the plain form. A ledger serving from
+    memory builds :meth:`lazy` reservations instead: the :class:`Answer` and the
+    :class:`UsageEvent` are made on first access (usually never, on an allowed request),
+    which keeps the request path cheap.
+
     Attributes:
-        answer: the entitlement answer the reservation was made on; ``answer.ok`` False
-            means nothing is held and the request must be refused.
-        event: the usage event that commit records; its idempotency key is fixed here, at
-            reservation time, so every retry of its delivery carries the same key.
+        ok: whether units are held (``answer.ok``); False means the request must be refused.
+        customer, feature, units: what is held.
+        answer: the entitlement answer the reservation was made on.
+        event: the usage event that commit records; its idempotency key is fixed when first
+            read and never changes, so every retry of its delivery carries the same key.
         token: provider-private state.
         settled: set by the provider once committed or released.
     """
 
-    answer: Answer
-    event: UsageEvent
-    token: Any = None
-    settled: bool = False
+    __slots__ = (
+        "_answer",
+        "_event",
+        "_make_answer",
+        "customer",
+        "feature",
+        "ok",
+        "settled",
+        "token",
+        "units",
+    )
+
+    def __init__(
+        self, answer: Answer, event: UsageEvent, token: Any = None, settled: bool = False
+    ) -> None:
+        self._answer: Answer | None = answer
+        self._event: UsageEvent | None = event
+        self._make_answer: Callable[[Reservation], Answer] | None = None
+        self.ok = answer.ok
+        self.customer = event.customer
+        self.feature = event.feature
+        self.units = event.units
+        self.token = token
+        self.settled = settled
+
+    @classmethod
+    def lazy(
+        cls,
+        customer: str,
+        feature: str,
+        units: int,
+        ok: bool,
+        make_answer: Callable[[Reservation], Answer],
+        token: Any = None,
+    ) -> Reservation:
+        """A reservation whose answer is ``make_answer(reservation)``, built on first access.
+
+        The arguments must be valid already (this is the request path: no checks).
+        """
+        self = object.__new__(cls)
+        self._answer = None
+        self._event = None
+        self._make_answer = make_answer
+        self.ok = ok
+        self.customer = customer
+        self.feature = feature
+        self.units = units
+        self.token = token
+        self.settled = False
+        return self
 
     @property
-    def customer(self) -> str:
-        return self.event.customer
+    def answer(self) -> Answer:
+        answer = self._answer
+        if answer is None:
+            assert self._make_answer is not None
+            answer = self._answer = self._make_answer(self)
+        return answer
 
     @property
-    def feature(self) -> str:
-        return self.event.feature
+    def event(self) -> UsageEvent:
+        event = self._event
+        if event is None:
+            event = self._event = trusted_event(self.customer, self.feature, self.units)
+        return event
 
-    @property
-    def units(self) -> int:
-        return self.event.units
-
+    def __repr__(self) -> str:
+        return (
+            f"Reservation(customer={self.customer!r}, feature={self.feature!r}, "
+            f"units={self.units}, ok={self.ok}, settled={self.settled})"
+        )

@@ -434,7 +434,7 @@ class RedisLedger(Ledger):
         if reservation.settled:
             return
         reservation.settled = True
-        if not reservation.answer.ok:
+        if not reservation.ok:
             return
         self._outstanding.pop(reservation, None)
         event = reservation.event
@@ -463,7 +463,7 @@ class RedisLedger(Ledger):
             return
         reservation.settled = True
         token = reservation.token
-        if not reservation.answer.ok or token is None:
+        if not reservation.ok or token is None:
             return
         self._outstanding.pop(reservation, None)
         if time.monotonic() < self._down_until:

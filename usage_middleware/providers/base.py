@@ -6,7 +6,7 @@ a :class:`~usage_middleware.models.Reservation` before the route runs and settle
 once afterwards::
 
     reservation = await provider.reserve(customer, feature, units)   # before the route
-    if not reservation.answer.ok: ...                                 # 402 (or 503)
+    if not reservation.ok: ...                                        # 402 (or 503)
     await provider.prepare(reservation)   # the final 2xx body is about to be sent
     await provider.commit(reservation)    # ...and it was sent: charge
     await provider.release(reservation)   # ...or it was not (error, 4xx/5xx, disconnect)
