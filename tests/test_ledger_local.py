@@ -102,8 +102,8 @@ async def test_the_file_is_in_wal_mode(tmp_path: pathlib.Path) -> None:
     assert query(path, "PRAGMA journal_mode") == [("wal",)]
 
 
-async def test_sqlite_work_runs_on_the_worker_thread(tmp_path: pathlib.Path) -> None:
-    """Lease and flush transactions run on the ledger's thread, never the event loop's."""
+async def test_short_transactions_run_inline_when_the_file_is_free(tmp_path: pathlib.Path) -> None:
+    """With no lock held elsewhere, lease and group commit run on the loop thread (no hop)."""
     path = tmp_path / "usage.db"
     await prepared(path)
     async with LocalLedger(path) as ledger:
@@ -111,10 +111,48 @@ async def test_sqlite_work_runs_on_the_worker_thread(tmp_path: pathlib.Path) -> 
         leases = count_calls(store_of(ledger), "lease")
         flushes = count_calls(store_of(ledger), "flush")
         assert await use(ledger, CONVERT)
-        await ledger.usage(ACME)
+
+        async def flushed() -> bool:
+            return bool(flushes)
+
+        await eventually(flushed)
     assert leases and flushes
-    assert {*leases, *flushes} <= {t.name for t in threading.enumerate()} | {*leases, *flushes}
-    assert all(name.startswith("usage-middleware-ledger") for name in leases + flushes)
+    loop_thread = threading.current_thread().name
+    assert set(leases + flushes) == {loop_thread}
+
+
+async def test_a_locked_file_never_blocks_the_event_loop(tmp_path: pathlib.Path) -> None:
+    """While another process holds the write lock, the lease waits on the worker thread and
+    the event loop keeps serving; the reservation succeeds once the lock is released."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        leases = count_calls(store_of(ledger), "lease")
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the write lock, as another process would hold it
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        reserving = asyncio.create_task(ledger.reserve(ACME, CONVERT, 1))
+        await asyncio.sleep(0.3)
+        assert not reserving.done()
+        assert ticks >= 10  # the loop was not blocked while the lease waited
+        other.execute("COMMIT")
+        other.close()
+        reservation = await asyncio.wait_for(reserving, 10)
+        ticking.cancel()
+        assert reservation.ok
+        await ledger.release(reservation)
+    # Tried inline first (refused at once: locked), then done on the worker thread.
+    assert leases[0] == threading.current_thread().name
+    assert leases[-1].startswith("usage-middleware-ledger")
 
 
 async def test_warm_requests_run_no_transaction_each(tmp_path: pathlib.Path) -> None:
@@ -341,7 +379,7 @@ async def test_two_processes_together_charge_exactly_the_limit(tmp_path: pathlib
     allowed = [json.loads(out.splitlines()[-1])["allowed"] for out, _ in outputs]
     assert sum(allowed) == 100, allowed
     assert query(path, "SELECT used FROM usage WHERE feature = 'feature:convert'") == [(100,)]
-    assert query(path, "SELECT COUNT(*), SUM(units) FROM charges") == [(100, 100)]
+    assert query(path, "SELECT SUM(requests), SUM(units) FROM charges") == [(100, 100)]
     assert query(path, "SELECT COUNT(*) FROM leases") == [(0,)]
 
 
@@ -383,12 +421,12 @@ async def test_aclose_writes_pending_charges(tmp_path: pathlib.Path) -> None:
         assert await use(ledger, CONVERT)
     assert query(path, "SELECT COUNT(*) FROM charges") == [(0,)]
     await ledger.aclose()
-    assert query(path, "SELECT COUNT(*), SUM(units) FROM charges") == [(5, 5)]
+    assert query(path, "SELECT COUNT(*), SUM(requests), SUM(units) FROM charges") == [(1, 5, 5)]
     assert query(path, "SELECT used FROM usage") == [(5,)]
 
 
-async def test_a_backlog_is_written_in_bounded_transactions(tmp_path: pathlib.Path) -> None:
-    """2500 pending charges are written in transactions of at most 1000 charges each."""
+async def test_a_group_commit_writes_one_row_per_customer_feature(tmp_path: pathlib.Path) -> None:
+    """2500 pending charges of one customer feature are one transaction and one summed row."""
     path = tmp_path / "usage.db"
     await prepared(path)
     async with LocalLedger(path, flush_interval=3600) as ledger:
@@ -405,8 +443,10 @@ async def test_a_backlog_is_written_in_bounded_transactions(tmp_path: pathlib.Pa
         for _ in range(2500):
             assert await use(ledger, BIG)
         assert await used(ledger, BIG) == 2500
-    assert sizes == [1000, 1000, 500]
-    assert query(path, "SELECT COUNT(*), SUM(units) FROM charges") == [(2500, 2500)]
+    assert sizes == [1]
+    assert query(path, "SELECT COUNT(*), SUM(requests), SUM(units) FROM charges") == [
+        (1, 2500, 2500)
+    ]
 
 
 async def test_a_failed_write_is_retried_not_dropped(tmp_path: pathlib.Path) -> None:
@@ -429,7 +469,7 @@ async def test_a_failed_write_is_retried_not_dropped(tmp_path: pathlib.Path) -> 
             assert await use(ledger, CONVERT)
 
         async def written() -> bool:
-            return query(path, "SELECT COUNT(*) FROM charges") == [(3,)]
+            return query(path, "SELECT SUM(requests) FROM charges") == [(3,)]
 
         await eventually(written)
         assert not failures

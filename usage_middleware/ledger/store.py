@@ -12,8 +12,10 @@ Tables (one file, WAL):
 * ``credits`` (customer, feature, credited, consumed): balance = credited - consumed.
 * ``usage`` (customer, feature, period, used): units charged per period; ``period`` is an
   ISO 8601 date interval such as ``2026-11-01/2026-12-01``.
-* ``charges`` (customer, feature, period, units, at, idempotency_key UNIQUE, clobber): one
-  row per charge, so a charge is never recorded twice.
+* ``charges`` (customer, feature, period, units, requests, at, idempotency_key UNIQUE,
+  clobber): the audit trail. A group commit writes one row per (customer, feature, period)
+  it settles, summing ``requests`` charges (``at`` = the last one's time); an event given to
+  ``report()`` gets a row of its own with its idempotency key, so it is never recorded twice.
 * ``leases`` (customer, feature, period, owner, units, expires_at): the units each process
   holds (``owner`` = pid plus a random tag); rows past ``expires_at`` (wall clock) are dead.
 * ``changes`` (customer, generation): which customer the last admin writes touched.
@@ -27,7 +29,7 @@ import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from ..errors import ConfigurationError, LedgerError, PermanentProviderError
@@ -39,7 +41,10 @@ __all__ = ["LeaseGrant", "LedgerStore", "StoredCharge", "period_key"]
 
 logger = logging.getLogger("usage_middleware.ledger")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+#: Seconds a transaction on the worker thread waits for another process's write lock.
+BUSY_TIMEOUT = 30.0
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID",
@@ -54,8 +59,8 @@ _SCHEMA = (
     " used INTEGER NOT NULL, PRIMARY KEY (customer, feature, period)) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS charges ("
     " id INTEGER PRIMARY KEY, customer TEXT NOT NULL, feature TEXT NOT NULL,"
-    " period TEXT NOT NULL, units INTEGER NOT NULL, at TEXT NOT NULL,"
-    " idempotency_key TEXT NOT NULL UNIQUE, clobber INTEGER NOT NULL DEFAULT 0)",
+    " period TEXT NOT NULL, units INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 1,"
+    " at TEXT NOT NULL, idempotency_key TEXT UNIQUE, clobber INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS leases ("
     " customer TEXT NOT NULL, feature TEXT NOT NULL, period TEXT NOT NULL,"
     " owner TEXT NOT NULL, units INTEGER NOT NULL, expires_at REAL NOT NULL,"
@@ -71,13 +76,18 @@ def period_key(start: datetime, end: datetime) -> str:
     return f"{start.date().isoformat()}/{end.date().isoformat()}"
 
 
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat()
+
+
 def _overage(used: int, limit: int) -> int:
     return 0 if limit >= UNLIMITED else max(0, used - limit)
 
 
-#: A committed charge handed to :meth:`LedgerStore.flush`: customer, feature, period key,
-#: the limit it was leased under, units, the event, and whether the units came from a lease.
-StoredCharge = tuple[str, str, str, int, int, UsageEvent, bool]
+#: One (customer, feature, period)'s charges in a group commit, for :meth:`LedgerStore.flush`:
+#: customer, feature, period key, the limit they were leased under, units, how many of those
+#: came from this owner's lease, how many requests, and the last charge's time (epoch s).
+StoredCharge = tuple[str, str, str, int, int, int, int, float]
 
 
 @dataclass(slots=True)
@@ -127,6 +137,8 @@ class LedgerStore:
         self.pricing: Pricing | None = None
         self._pricing_generation: int | None = None
         self._conn: sqlite3.Connection | None = None
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._waits = True
         self._rows: dict[tuple[str, str], dict[str, int]] = {}
         self._staged: dict[tuple[str, str, str], int] = {}
 
@@ -140,13 +152,22 @@ class LedgerStore:
 
     def open(self, pricing_json: str | None) -> int:
         """Connect, set WAL, create the schema, store or load the pricing; return the generation."""
-        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        # One connection, used by one thread at a time: the ledger's worker thread, or the
+        # event loop thread for short transactions with the busy timeout at 0 (see
+        # LocalLedger._run). Checkpoints run on a connection of their own (checkpoint()).
+        conn = sqlite3.connect(
+            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
         self._conn = conn
+        self._waits = True
         try:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 logger.warning("ledger %s: journal_mode is %s, not wal", self.path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
+            # No checkpoint inside a commit (it may fsync): checkpoint() runs them on the
+            # worker thread, every tick.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             with self._write():
                 for statement in _SCHEMA:
                     conn.execute(statement)
@@ -168,8 +189,25 @@ class LedgerStore:
             self._conn = None
             raise
 
+    def wait_when_busy(self, wait: bool) -> None:
+        """Set whether a locked file waits (up to ``BUSY_TIMEOUT``) or fails at once."""
+        if wait != self._waits:
+            self.conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000) if wait else 0}")
+            self._waits = wait
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database (PASSIVE: never blocks writers). Worker thread only."""
+        if self._checkpoint_conn is None:
+            self._checkpoint_conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None
+            )
+        self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     def close(self) -> None:
         """Give back every lease of this owner and close the connection."""
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
         if self._conn is None:
             return
         try:
@@ -425,45 +463,24 @@ class LedgerStore:
             return grant
 
     def flush(self, batch: Sequence[StoredCharge]) -> dict[tuple[str, str, str], tuple[int, int]]:
-        """Write charges in one transaction (group commit); return (used, balance) per key.
+        """Write group-committed charges in one transaction; return (used, balance) per key.
 
-        A charge whose idempotency key is already recorded is skipped. The lease-funded
-        units of each key come off this owner's lease row.
+        Each entry adds its units to the period's ``used`` (units beyond the limit consume
+        credits), takes its lease-funded units off this owner's lease row, and leaves one
+        ``charges`` row.
         """
         now = time.time()
-        rows = [
-            (customer, feature, period, units, event.at.isoformat(), event.idempotency_key)
-            for customer, feature, period, _, units, event, _ in batch
-        ]
+        result: dict[tuple[str, str, str], tuple[int, int]] = {}
         with self._write():
-            conn = self.conn
-            last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM charges").fetchone()[0]
-            before = conn.total_changes
-            conn.executemany(
-                "INSERT OR IGNORE INTO charges"
-                " (customer, feature, period, units, at, idempotency_key)"
+            self.conn.executemany(
+                "INSERT INTO charges (customer, feature, period, units, requests, at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
+                [
+                    (customer, feature, period, units, requests, _iso(at))
+                    for customer, feature, period, _, units, _, requests, at in batch
+                ],
             )
-            fresh: set[str] | None = None
-            if conn.total_changes - before != len(rows):
-                fresh = {
-                    key
-                    for (key,) in conn.execute(
-                        "SELECT idempotency_key FROM charges WHERE id > ?", (last_id,)
-                    )
-                }
-            totals: dict[tuple[str, str, str], list[int]] = {}
-            for customer, feature, period, limit, units, event, from_lease in batch:
-                if fresh is not None:
-                    if event.idempotency_key not in fresh:
-                        continue
-                    fresh.discard(event.idempotency_key)
-                total = totals.setdefault((customer, feature, period), [0, 0, limit])
-                total[0] += units
-                total[1] += units if from_lease else 0
-            result: dict[tuple[str, str, str], tuple[int, int]] = {}
-            for (customer, feature, period), (units, leased, limit) in totals.items():
+            for customer, feature, period, limit, units, leased, _, _ in batch:
                 result[customer, feature, period] = self._add_usage(
                     customer, feature, period, units, limit, clobber=False
                 )
