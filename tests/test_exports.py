@@ -15,6 +15,7 @@ PUBLIC_MODULES = [
 
 def test_all_is_sorted_and_importable() -> None:
     """__all__ is sorted (isort style) and every name in it resolves."""
+
     def isort_key(name: str) -> tuple[int, str]:
         # ruff's RUF022 order: CONSTANTS, then Classes, then functions.
         return (0 if name.isupper() else 1 if name[0].isupper() else 2, name)
