@@ -230,10 +230,27 @@ class Outbox:
         self._db = sqlite3.connect(
             self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
         )
+        self._busy_timeout = busy_timeout
+        self._waits = True
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         if create:
             self._db.executescript(_SCHEMA)
+
+    def wait_when_busy(self, wait: bool) -> None:
+        """Set whether a locked file waits (``busy_timeout``) or fails at once (for inline use)."""
+        if wait != self._waits:
+            ms = int(self._busy_timeout * 1000) if wait else 0
+            self._db.execute(f"PRAGMA busy_timeout={ms}")
+            self._waits = wait
+
+    def no_autocheckpoint(self) -> None:
+        """Never checkpoint inside a commit; the owner calls :meth:`checkpoint` instead."""
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database (PASSIVE: never blocks writers)."""
+        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def close(self) -> None:
         """Close the connection. Idempotent."""

@@ -97,6 +97,7 @@ from typing import Any, TypeVar
 
 from asgiref.typing import HTTPScope
 
+from .._utils import is_sqlite_busy
 from ..errors import ConfigurationError
 from ..models import (
     UNLIMITED,
@@ -224,15 +225,6 @@ class _Slot:
             return UNLIMITED
         free = max(0, self.limit - self.used) + self.credits - self.others
         return max(0, free - self.held - self.pending)
-
-
-def _is_busy(exc: sqlite3.OperationalError) -> bool:
-    """Whether SQLite refused for a lock held elsewhere (SQLITE_BUSY / SQLITE_LOCKED)."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
-    text = str(exc)
-    return "locked" in text or "busy" in text
 
 
 def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
@@ -1059,7 +1051,7 @@ class LocalLedger(Ledger):
                 self._loop.call_soon(_resolve, future, fn(*args), None)
                 return future
             except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
+                if not is_sqlite_busy(exc):
                     self._loop.call_soon(_resolve, future, None, exc)
                     return future
             except Exception as exc:
