@@ -49,6 +49,7 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
+from ._http import retry_after
 from .base import FailurePolicy
 from .remote import Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
@@ -150,17 +151,6 @@ def _error_text(response: httpx.Response) -> str:
     return ""
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 def _ares_error(response: httpx.Response, what: str, token: AccessToken) -> ProviderError:
     """The typed error for a non-2xx ARES answer (never carrying the token)."""
     status = response.status_code
@@ -172,7 +162,7 @@ def _ares_error(response: httpx.Response, what: str, token: AccessToken) -> Prov
         code = _TOKEN_CODES.get(text.strip().lower(), "token_rejected")
         return AresTokenError(message, status=status, code=code)
     if status == 429 or status >= 500:
-        return RetryableProviderError(message, status=status, retry_after=_retry_after(response))
+        return RetryableProviderError(message, status=status, retry_after=retry_after(response))
     return PermanentProviderError(message, status=status, code="rejected")
 
 

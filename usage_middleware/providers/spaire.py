@@ -62,6 +62,7 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UsageEvent, check_customer, check_units
+from ._http import retry_after
 from .remote import Entitlement, RemoteProvider
 
 __all__ = ["SERVERS", "SpaireProvider"]
@@ -704,17 +705,17 @@ class SpaireProvider(RemoteProvider):
 def _error(r: httpx.Response, what: str) -> ProviderError:
     status = r.status_code
     code, detail = _error_body(r)
-    retry_after = _retry_after(r.headers.get("retry-after"))
+    retry_after_s = retry_after(r)
     if status == 429:
         return RetryableProviderError(
-            f"Spaire {what}: rate limited", status=status, code=code, retry_after=retry_after
+            f"Spaire {what}: rate limited", status=status, code=code, retry_after=retry_after_s
         )
     if status >= 500 or status == 408:
         return RetryableProviderError(
             f"Spaire {what}: server error: {detail or r.reason_phrase}",
             status=status,
             code=code,
-            retry_after=retry_after,
+            retry_after=retry_after_s,
         )
     if status == 404 and code != "ResourceNotFound":
         # No such route: a wrong base_url, not the events' fault. Keep them for later.
@@ -755,23 +756,6 @@ def _error_body(r: httpx.Response) -> tuple[str | None, str]:
             parts.append(f"{'.'.join(loc) or 'body'}: {item.get('msg')}")
         return code or "validation_error", "; ".join(parts)
     return code, str(detail)[:500] if detail is not None else ""
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def _server_time(r: httpx.Response) -> float | None:

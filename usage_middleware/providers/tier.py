@@ -11,7 +11,6 @@ admin methods ``GET /v1/whois``, ``GET /v1/phase``, ``POST /v1/subscribe``,
 from __future__ import annotations
 
 import base64
-import email.utils
 import importlib.metadata
 import json
 import logging
@@ -33,6 +32,7 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, UsageEvent
+from ._http import retry_after
 from .base import FailurePolicy
 from .remote import Entitlement, RemoteProvider, ReporterLike
 
@@ -185,23 +185,6 @@ def _bad_response(path: str, why: str, status: int | None = 200) -> RetryablePro
         status=status,
         code="invalid_response",
     )
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 #: Exceptions raised before the request reached the sidecar: retrying cannot double-count.
@@ -787,7 +770,7 @@ class TierProvider(RemoteProvider):
             or (status >= 500 and code != "TERR1050")
         )
         cls = RetryableProviderError if retryable else PermanentProviderError
-        return cls(message, status=status, code=code, retry_after=_retry_after(response))
+        return cls(message, status=status, code=code, retry_after=retry_after(response))
 
 
 def _user_agent() -> str:

@@ -43,6 +43,7 @@ from ..errors import (
     ProviderError,
     RetryableProviderError,
 )
+from ._http import retry_after
 
 __all__ = [
     "AccessToken",
@@ -475,7 +476,7 @@ class ClerkTokenSource(TokenSource):
             error_type: type[ProviderError] = (
                 RetryableProviderError if status == 429 or status >= 500 else PermanentProviderError
             )
-            raise error_type(text, status=status, code=code, retry_after=_retry_after(response))
+            raise error_type(text, status=status, code=code, retry_after=retry_after(response))
         return self._parse(customer, response)
 
     def _parse(self, customer: str, response: httpx.Response) -> AccessToken | None:
@@ -510,14 +511,3 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """Mark a single-flight task's exception as retrieved (its waiters may be gone)."""
     if not task.cancelled():
         task.exception()
-
-
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
