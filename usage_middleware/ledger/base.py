@@ -24,13 +24,15 @@ pins them):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+from ..models import UNLIMITED
+from ..pricing import Plan
 from ..providers.base import Provider
 
-__all__ = ["FeatureUsage", "Ledger"]
+__all__ = ["FeatureUsage", "Ledger", "usage_rows"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,47 @@ class FeatureUsage:
     remaining: int
     period_start: datetime | None
     period_end: datetime | None
+
+
+def usage_rows(
+    plan: Plan | None,
+    credits: Mapping[str, int],
+    used: Mapping[str, int],
+    start: datetime,
+    end: datetime,
+) -> list[FeatureUsage]:
+    """The rows of :meth:`Ledger.usage`, the same for every ledger.
+
+    Args:
+        plan: the customer's plan, or ``None`` for a credit-only customer.
+        credits: credit balance in units per feature.
+        used: units charged this period per feature.
+        start, end: the current period of the plan (aware UTC).
+
+    Returns one row per feature of the plan, with credits, or with usage, sorted by name.
+    """
+    features = set(credits) | set(used) | set(() if plan is None else plan.features)
+    rows = []
+    for feature in sorted(features):
+        plan_feature = None if plan is None else plan.features.get(feature)
+        limit = 0 if plan_feature is None else plan_feature.limit
+        balance = credits.get(feature, 0)
+        units = used.get(feature, 0)
+        remaining = UNLIMITED if limit >= UNLIMITED else max(0, max(0, limit - units) + balance)
+        in_plan = plan is not None and plan_feature is not None
+        rows.append(
+            FeatureUsage(
+                feature=feature,
+                plan=plan.name if plan is not None and plan_feature is not None else None,
+                limit=limit,
+                used=units,
+                credits=balance,
+                remaining=remaining,
+                period_start=start if in_plan else None,
+                period_end=end if in_plan else None,
+            )
+        )
+    return rows
 
 
 class Ledger(Provider):

@@ -109,7 +109,7 @@ from ..pricing import (
 )
 from ..providers.base import FailurePolicy, Provider, ProviderState
 from . import _redis_scripts as scripts
-from .base import FeatureUsage, Ledger
+from .base import FeatureUsage, Ledger, usage_rows
 from .local import REASON_CLOSED, REASON_FAILED, REASON_LIMIT, REASON_NOT_IN_PLAN, REASON_UNKNOWN
 from .store import period_key
 
@@ -573,28 +573,7 @@ class RedisLedger(Ledger):
             name = field.decode()
             if name.endswith(suffix):
                 used[name[: -len(suffix)]] = int(value)
-        features = set(credits) | set(used) | set(() if plan is None else plan.features)
-        rows = []
-        for feature in sorted(features):
-            plan_feature = None if plan is None else plan.features.get(feature)
-            limit = 0 if plan_feature is None else plan_feature.limit
-            balance = credits.get(feature, 0)
-            units = used.get(feature, 0)
-            remaining = UNLIMITED if limit >= UNLIMITED else max(0, max(0, limit - units) + balance)
-            in_plan = plan is not None and plan_feature is not None
-            rows.append(
-                FeatureUsage(
-                    feature=feature,
-                    plan=plan.name if in_plan and plan is not None else None,
-                    limit=limit,
-                    used=units,
-                    credits=balance,
-                    remaining=remaining,
-                    period_start=start if in_plan else None,
-                    period_end=end if in_plan else None,
-                )
-            )
-        return rows
+        return usage_rows(plan, credits, used, start, end)
 
     # -- internals: checking -------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import Any
 from ..errors import ConfigurationError, LedgerError, PermanentProviderError
 from ..models import UNLIMITED, UsageEvent
 from ..pricing import DEFAULT_INTERVAL, Interval, Plan, Pricing, loads_pricing, period_bounds
-from .base import FeatureUsage
+from .base import FeatureUsage, usage_rows
 
 __all__ = ["LeaseGrant", "LedgerStore", "StoredCharge", "period_key"]
 
@@ -632,25 +632,4 @@ class LedgerStore:
                     (customer, period),
                 )
             }
-        features = set(credits) | set(used) | set(() if plan is None else plan.features)
-        rows = []
-        for feature in sorted(features):
-            plan_feature = None if plan is None else plan.features.get(feature)
-            limit = 0 if plan_feature is None else plan_feature.limit
-            balance = credits.get(feature, 0)
-            units = used.get(feature, 0)
-            remaining = UNLIMITED if limit >= UNLIMITED else max(0, max(0, limit - units) + balance)
-            in_plan = plan is not None and plan_feature is not None
-            rows.append(
-                FeatureUsage(
-                    feature=feature,
-                    plan=plan.name if in_plan and plan is not None else None,
-                    limit=limit,
-                    used=units,
-                    credits=balance,
-                    remaining=remaining,
-                    period_start=start if in_plan else None,
-                    period_end=end if in_plan else None,
-                )
-            )
-        return rows
+        return usage_rows(plan, credits, used, start, end)
