@@ -32,7 +32,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -102,6 +102,9 @@ CREATE TABLE IF NOT EXISTS owners (
 """
 
 _EVENT_COLUMNS = "idempotency_key, customer, feature, units, at_us, clobber, created"
+_INSERT = (
+    f"INSERT INTO outbox ({_EVENT_COLUMNS}, owner, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def encode_at(at: datetime) -> int:
@@ -345,10 +348,10 @@ class Outbox:
         owner: int,
         inserts: Sequence[tuple[UsageEvent, bool, bool]] = (),
         *,
-        deletes: Iterable[int] = (),
-        frees: Iterable[int] = (),
-        dead: Iterable[tuple[int, int | None, str | None, str | None]] = (),
-        releases: Iterable[tuple[int, float, str]] = (),
+        deletes: Collection[int] = (),
+        frees: Collection[int] = (),
+        dead: Collection[tuple[int, int | None, str | None, str | None]] = (),
+        releases: Collection[tuple[int, float, str]] = (),
     ) -> int:
         """Apply one batch of the reporter's changes in one write transaction.
 
@@ -370,41 +373,42 @@ class Outbox:
         db = self._db
         with self._write():
             if inserts:
-                row = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-                base = max(
-                    row[0] if row else 0,
-                    db.execute("SELECT COALESCE(MAX(id), 0) FROM outbox").fetchone()[0],
-                )
-                first = base + 1
+                # AUTOINCREMENT under the write lock: the rows get consecutive ids after the
+                # largest ever used, so the first id follows from the last one.
+                rows = [
+                    (
+                        ev.idempotency_key,
+                        ev.customer,
+                        ev.feature,
+                        ev.units,
+                        (ev.at - _EPOCH) // _US,
+                        ev.clobber,
+                        now,
+                        owner if owned else None,
+                        held,
+                    )
+                    for ev, owned, held in inserts
+                ]
+                if len(rows) == 1:
+                    last = db.execute(_INSERT, rows[0]).lastrowid
+                else:
+                    db.executemany(_INSERT, rows)
+                    last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                assert last is not None
+                first = last - len(rows) + 1
+            if deletes:
                 db.executemany(
-                    "INSERT INTO outbox (id, idempotency_key, customer, feature, units, at_us,"
-                    " clobber, created, owner, held) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            first + i,
-                            ev.idempotency_key,
-                            ev.customer,
-                            ev.feature,
-                            ev.units,
-                            (ev.at - _EPOCH) // _US,
-                            ev.clobber,
-                            now,
-                            owner if owned else None,
-                            held,
-                        )
-                        for i, (ev, owned, held) in enumerate(inserts)
-                    ],
+                    "DELETE FROM outbox WHERE id BETWEEN ? AND ? AND owner = ?",
+                    [(lo, hi, owner) for lo, hi in _runs(deletes)],
                 )
-            db.executemany(
-                "DELETE FROM outbox WHERE id BETWEEN ? AND ? AND owner = ?",
-                [(lo, hi, owner) for lo, hi in _runs(deletes)],
-            )
-            db.executemany(
-                "UPDATE outbox SET owner = NULL, held = 0 WHERE id BETWEEN ? AND ? AND owner = ?",
-                [(lo, hi, owner) for lo, hi in _runs(frees)],
-            )
-            dead_rows = [(now, st, code, msg, i, owner) for i, st, code, msg in dead]
-            if dead_rows:
+            if frees:
+                db.executemany(
+                    "UPDATE outbox SET owner = NULL, held = 0"
+                    " WHERE id BETWEEN ? AND ? AND owner = ?",
+                    [(lo, hi, owner) for lo, hi in _runs(frees)],
+                )
+            if dead:
+                dead_rows = [(now, st, code, msg, i, owner) for i, st, code, msg in dead]
                 db.executemany(
                     f"INSERT INTO dead_letters ({_EVENT_COLUMNS}, failed, attempts, status,"
                     f" code, message) SELECT {_EVENT_COLUMNS}, ?, attempts, ?, ?, ?"
@@ -415,11 +419,12 @@ class Outbox:
                     "DELETE FROM outbox WHERE id = ? AND owner = ?",
                     [(r[4], owner) for r in dead_rows],
                 )
-            db.executemany(
-                "UPDATE outbox SET owner = NULL, held = 0, attempts = attempts + 1,"
-                " not_before = ?, last_error = ? WHERE id = ? AND owner = ?",
-                [(nb, err, i, owner) for i, nb, err in releases],
-            )
+            if releases:
+                db.executemany(
+                    "UPDATE outbox SET owner = NULL, held = 0, attempts = attempts + 1,"
+                    " not_before = ?, last_error = ? WHERE id = ? AND owner = ?",
+                    [(nb, err, i, owner) for i, nb, err in releases],
+                )
         return first
 
     def claim(self, owner: int, limit: int) -> list[StoredEvent]:
