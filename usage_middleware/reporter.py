@@ -443,6 +443,24 @@ class Reporter:
         self._pending.append(entry)
         await self._flushed()
 
+    async def prepare_alone(self, event: UsageEvent) -> None:
+        """:meth:`prepare` for a caller that knows no other prepare can join this group
+        commit (one request in flight): commit at once, inline, without waiting a turn of
+        the event loop for the writer task. Falls back to :meth:`prepare`'s group commit
+        when the file is busy. Same guarantees as :meth:`prepare`.
+        """
+        key = event.idempotency_key
+        if key in self._held:
+            return
+        if self._state is not ProviderState.OPEN or self._closing:
+            await self.prepare(event)
+            return
+        entry = _Entry(event, _HELD, 0.0)
+        self._held[key] = entry
+        self._pending.append(entry)
+        if not self._commit_inline():
+            await self._flushed()
+
     def confirm(self, event: UsageEvent) -> None:
         """Let a prepared ``event`` be delivered. O(1); never raises.
 
@@ -627,19 +645,7 @@ class Reporter:
             releases, self._releases = self._releases, []
             waiters, self._waiters = self._waiters, []
 
-            room = self._room()
-            inserts: list[tuple[UsageEvent, bool, bool]] = []
-            written: list[_Entry] = []
-            for e in entries:
-                if e.state == _CANCELLED:
-                    continue
-                held = e.state == _HELD
-                owned = held or room > 0
-                if not held and owned:
-                    room -= 1
-                e.owned = owned
-                inserts.append((e.event, owned, held))
-                written.append(e)
+            inserts, written = self._plan(entries)
             self._writing = len(written)
             try:
                 first = await self._apply(
@@ -672,23 +678,87 @@ class Reporter:
                 continue
             failures = 0
             self._writing = 0
-            spilled = False
-            for i, e in enumerate(written):
-                e.rowid = first + i
-                if e.state == _READY:
-                    if not e.owned:
-                        spilled = True
-                    elif self._room() > 0:
-                        self._push_ready(e)
-                    else:  # prepared, then confirmed while being written; no room
-                        self._frees.append(e.rowid)
-                elif e.state == _CANCELLED:  # cancelled while being written
-                    self._deletes.append(e.rowid)
+            self._route(written, first)
             _resolve(waiters)
-            if spilled:
-                self._mark_dirty()
-            elif self._closing:  # a closing sender waits for held/pending to empty
-                self._sender_wake.set()
+
+    def _plan(
+        self, entries: list[_Entry]
+    ) -> tuple[list[tuple[UsageEvent, bool, bool]], list[_Entry]]:
+        """The rows a group commit inserts for ``entries`` (cancelled ones skipped), and
+        which entries they are. A ready row is owned (kept in memory) while there is room."""
+        room = self._room()
+        inserts: list[tuple[UsageEvent, bool, bool]] = []
+        written: list[_Entry] = []
+        for e in entries:
+            if e.state == _CANCELLED:
+                continue
+            held = e.state == _HELD
+            owned = held or room > 0
+            if not held and owned:
+                room -= 1
+            e.owned = owned
+            inserts.append((e.event, owned, held))
+            written.append(e)
+        return inserts, written
+
+    def _route(self, written: list[_Entry], first: int) -> None:
+        """After a group commit: give entries their row ids and send on the ready ones."""
+        spilled = False
+        for i, e in enumerate(written):
+            e.rowid = first + i
+            if e.state == _READY:
+                if not e.owned:
+                    spilled = True
+                elif self._room() > 0:
+                    self._push_ready(e)
+                else:  # prepared, then confirmed while being written; no room
+                    self._frees.append(e.rowid)
+            elif e.state == _CANCELLED:  # cancelled while being written
+                self._deletes.append(e.rowid)
+        if spilled:
+            self._mark_dirty()
+        elif self._closing:  # a closing sender waits for held/pending to empty
+            self._sender_wake.set()
+
+    def _commit_inline(self) -> bool:
+        """Run the group commit now, in the caller's step, when nothing else is writing.
+
+        Whether it committed. False (nothing changed) when the writer or the reporter's
+        thread is busy, the reporter is not open, or the file is locked by another process
+        or failing; the writer task then does it (waiting for the lock, logging errors).
+        """
+        outbox = self._outbox
+        if (
+            self._state is not ProviderState.OPEN
+            or self._closing
+            or self._writing
+            or self._on_thread
+            or outbox is None
+        ):
+            return False
+        inserts, written = self._plan(self._pending)
+        outbox.wait_when_busy(False)
+        try:
+            first = outbox.apply(
+                self._owner,
+                inserts,
+                deletes=self._deletes,
+                frees=self._frees,
+                dead=self._dead,
+                releases=self._releases,
+            )
+        except Exception:
+            self._writer_wake.set()
+            return False
+        self._pending = []
+        self._deletes = []
+        self._frees = []
+        self._dead = []
+        self._releases = []
+        waiters, self._waiters = self._waiters, []
+        self._route(written, first)
+        _resolve(waiters)
+        return True
 
     def _senders_alive(self) -> bool:
         return any(not t.done() for t in self._senders)

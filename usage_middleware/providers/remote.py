@@ -67,7 +67,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -415,6 +415,8 @@ class RemoteProvider(Provider):
         self._logged_at = float("-inf")
         self._suppressed = 0
         self._closing = False
+        self._holding = 0  # reservations holding units, not yet settled (all keys)
+        self._prepare_alone: Callable[[UsageEvent], Awaitable[None]] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -531,6 +533,7 @@ class RemoteProvider(Provider):
             await delivery.aclose()
             return
         self._delivery = delivery
+        self._prepare_alone = getattr(delivery, "prepare_alone", None)
         await super().open()
 
     async def aclose(self) -> None:
@@ -604,9 +607,12 @@ class RemoteProvider(Provider):
                 hold.unseen = unseen
                 hold.remaining = remaining
                 hold.at = self._clock()
+                self._holding += 1
                 return Reservation.lazy(customer, feature, units, True, self._held_answer, hold)
         event = UsageEvent(customer, feature, units)  # validates all three
         answer, held = await self._decide(customer, feature, units, scope, hold=True)
+        if held is not None:
+            self._holding += 1
         return Reservation(answer=answer, event=event, token=held)
 
     def _held_answer(self, reservation: Reservation) -> Answer:
@@ -641,8 +647,11 @@ class RemoteProvider(Provider):
         if delivery is None:
             return
         hold.prepared = True  # a cancelled prepare may have written: settle it either way
+        # The only reservation held in this process: no other prepare can share a group
+        # commit, so commit at once instead of waiting a loop turn for the writer.
+        prepare = self._prepare_alone if self._holding == 1 else None
         try:
-            await delivery.prepare(reservation.event)
+            await (prepare or delivery.prepare)(reservation.event)
         except Exception:
             hold.prepared = False
             logger.exception(
@@ -657,6 +666,7 @@ class RemoteProvider(Provider):
         hold = reservation.token
         if not isinstance(hold, _Hold):
             return  # denied or failed closed: nothing was held, nothing to charge
+        self._holding -= 1
         account = hold.account
         account.inflight -= hold.units
         account.add(self._clock(), hold.units, hold.units, self._grain)
@@ -682,6 +692,7 @@ class RemoteProvider(Provider):
         hold = reservation.token
         if not isinstance(hold, _Hold):
             return
+        self._holding -= 1
         hold.account.inflight -= hold.units
         if hold.prepared and self._delivery is not None:
             await self._delivery.cancel(reservation.event)
