@@ -72,6 +72,10 @@ log = logging.getLogger("usage_middleware.reporter")
 
 _T = TypeVar("_T")
 
+#: Group commits between two WAL checkpoints (besides the housekeeper's, every
+#: ``stats_interval``).
+_CHECKPOINT_EVERY: Final = 1000
+
 # Entry states.
 _READY: Final = 0  # enqueued or confirmed: to be delivered
 _HELD: Final = 1  # prepared: durable, not deliverable until confirmed
@@ -252,6 +256,8 @@ class Reporter:
         self._senders: list[asyncio.Task[None]] = []
         self._closed: asyncio.Event | None = None
         self._stop_housekeeper = asyncio.Event()
+        self._checkpoint_wake = asyncio.Event()
+        self._commits = 0  # group commits since the last checkpoint was asked for
 
         # Event plumbing (touched only on the loop thread).
         self._pending: list[_Entry] = []  # accepted, not yet handed to the writer
@@ -321,6 +327,7 @@ class Reporter:
         self._tasks = [
             asyncio.create_task(self._writer(), name="usage-outbox-writer"),
             asyncio.create_task(self._housekeeper(), name="usage-outbox-heartbeat"),
+            asyncio.create_task(self._checkpointer(), name="usage-outbox-checkpoint"),
         ]
         self._senders = [
             asyncio.create_task(self._sender(), name=f"usage-outbox-sender-{i}")
@@ -365,6 +372,8 @@ class Reporter:
             await _cancel(self._senders)
             self._stop_housekeeper.set()
             await self._tasks[1]  # the housekeeper finishes its round and returns
+            self._checkpoint_wake.set()
+            await self._tasks[2]
             self._writer_wake.set()
             await self._tasks[0]  # the writer flushes what is pending, then returns
             # From here on enqueue()/confirm() write to the file directly and cancel()
@@ -719,6 +728,10 @@ class Reporter:
             self._mark_dirty()
         elif self._closing:  # a closing sender waits for held/pending to empty
             self._sender_wake.set()
+        self._commits += 1
+        if self._commits >= _CHECKPOINT_EVERY:
+            self._commits = 0
+            self._checkpoint_wake.set()
 
     def _commit_inline(self) -> bool:
         """Run the group commit now, in the caller's step, when nothing else is writing.
@@ -838,6 +851,29 @@ class Reporter:
         finally:
             if reader is not None:
                 reader.close()
+
+    async def _checkpointer(self) -> None:
+        """Copy the WAL into the database every ``_CHECKPOINT_EVERY`` group commits, on a
+        connection of its own, off the event loop. A WAL left to grow between the
+        housekeeper's rounds made every commit slower (15 -> 40 us at a few hundred MB)."""
+        conn: Outbox | None = None
+        try:
+            while True:
+                await self._checkpoint_wake.wait()
+                self._checkpoint_wake.clear()
+                if self._stop_housekeeper.is_set():
+                    return
+                try:
+                    if conn is None:
+                        conn = await asyncio.to_thread(
+                            Outbox, self.path, synchronous=self._synchronous, create=False
+                        )
+                    await asyncio.to_thread(conn.checkpoint)
+                except Exception:
+                    log.exception("outbox %s checkpoint failed", self.path)
+        finally:
+            if conn is not None:
+                conn.close()
 
     async def _reregister(self) -> None:
         """Our lease expired (the loop stalled) and our rows were freed: start afresh."""
