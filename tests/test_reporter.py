@@ -275,6 +275,40 @@ async def test_concurrent_prepares_share_group_commits(make: MakeReporter) -> No
     assert provider.deliveries == dict.fromkeys(keys(evs), 1)
 
 
+async def test_prepare_alone_is_durable_on_return_without_a_loop_turn(
+    make: MakeReporter, outbox_path: Path
+) -> None:
+    """prepare_alone commits the row in the caller's step; confirm then delivers it once."""
+    provider = FakeProvider(max_batch=10)
+    (ev,) = events(1)
+    async with make(provider) as reporter:
+        step = reporter.prepare_alone(ev).__await__()
+        with pytest.raises(StopIteration):  # finished without suspending
+            next(step)
+        assert rows(outbox_path) == [(ev.idempotency_key, 1, 1)]
+        reporter.confirm(ev)
+        await provider.wait_delivered([ev.idempotency_key])
+        await reporter.cancel(ev)  # already confirmed: ignored
+    assert provider.deliveries == {ev.idempotency_key: 1}
+    assert rows(outbox_path) == []
+
+
+async def test_close_drains_confirmed_rows_that_did_not_fit_in_memory(
+    make: MakeReporter, outbox_path: Path
+) -> None:
+    """Confirms beyond max_queue hand rows back to the file; the close drain still sends them."""
+    provider = FakeProvider(max_batch=10)
+    evs = events(60)
+    async with make(provider, max_queue=20, max_delay=10.0, poll_interval=60.0) as reporter:
+        await reporter.flush()
+        await asyncio.sleep(0.05)  # the senders' first look at the outbox finds it empty
+        for e in evs:  # no loop turn in between: the senders cannot keep up
+            await reporter.prepare_alone(e)
+            reporter.confirm(e)
+    assert provider.deliveries == dict.fromkeys(keys(evs), 1)
+    assert rows(outbox_path) == []
+
+
 async def test_confirm_without_prepare_enqueues(make: MakeReporter) -> None:
     """A commit whose prepare never happened still delivers the charge."""
     provider = FakeProvider(max_batch=10)

@@ -687,7 +687,7 @@ class Reporter:
                 continue
             failures = 0
             self._writing = 0
-            self._route(written, first)
+            self._route(written, first, freed=bool(frees or releases))
             _resolve(waiters)
 
     def _plan(
@@ -710,9 +710,13 @@ class Reporter:
             written.append(e)
         return inserts, written
 
-    def _route(self, written: list[_Entry], first: int) -> None:
-        """After a group commit: give entries their row ids and send on the ready ones."""
-        spilled = False
+    def _route(self, written: list[_Entry], first: int, *, freed: bool) -> None:
+        """After a group commit: give entries their row ids and send on the ready ones.
+
+        ``freed``: the commit handed rows back to the outbox; a sender should claim them
+        (a draining reporter stops once it thinks the outbox holds nothing for it).
+        """
+        spilled = freed
         for i, e in enumerate(written):
             e.rowid = first + i
             if e.state == _READY:
@@ -750,6 +754,7 @@ class Reporter:
         ):
             return False
         inserts, written = self._plan(self._pending)
+        freed = bool(self._frees or self._releases)
         outbox.wait_when_busy(False)
         try:
             first = outbox.apply(
@@ -769,7 +774,7 @@ class Reporter:
         self._dead = []
         self._releases = []
         waiters, self._waiters = self._waiters, []
-        self._route(written, first)
+        self._route(written, first, freed=freed)
         _resolve(waiters)
         return True
 
