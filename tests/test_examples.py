@@ -228,7 +228,7 @@ async def test_readme_quick_start_meters_as_described(
         async with httpx.AsyncClient(
             transport=transport, base_url="http://readme", headers={"x-customer": CUSTOMER}
         ) as client:
-            converted = await client.post("/convert", params={"text": "hi"})
+            converted = await client.post("/convert", json={"text": "hi"})
             assert converted.status_code == 200
             assert converted.json() == {"converted": "HI"}
             assert (await client.post("/summarize", params={"pages": 4})).status_code == 200
