@@ -66,7 +66,7 @@ from starlette.requests import HTTPConnection, Request
 from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .middleware import SCOPE_KEY, MeteringState
-from .models import check_feature
+from .models import MAX_UNITS, check_feature
 from .routes import FEATURES_ATTR, MARK_ATTR, WRAPPER_ATTR, is_metered_wrapper
 
 __all__ = ["REQUEST_PARAM", "UnitsFunction", "metered"]
@@ -135,8 +135,9 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
 
     Args:
         feature: a Tier feature name, ``feature:[a-zA-Z0-9:]+`` (e.g. ``"feature:convert"``).
-        units: units of usage one request uses: an int > 0, or a sync or async callable of
-            the request returning one.
+        units: units of usage one request uses: an int from 1 to
+            :data:`~usage_middleware.models.MAX_UNITS`, or a sync or async callable of the
+            request returning one.
 
     Returns a decorator turning the endpoint into an ``async def`` wrapper (see the module
     docstring for what it keeps and how it behaves).
@@ -147,11 +148,11 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
     """
     check_feature(feature)
     if not callable(units) and (
-        isinstance(units, bool) or not isinstance(units, int) or units <= 0
+        isinstance(units, bool) or not isinstance(units, int) or not 0 < units <= MAX_UNITS
     ):
         raise ConfigurationError(
-            f"@metered({feature!r}, units={units!r}): units must be an int > 0 or a "
-            "callable of the request returning one"
+            f"@metered({feature!r}, units={units!r}): units must be an int from 1 to "
+            f"MAX_UNITS ({MAX_UNITS}) or a callable of the request returning one"
         )
     spec = _Spec(feature, units)
 

@@ -2,6 +2,16 @@
 
 Units are always whole units of usage of one feature (Tier's ``n``). Customer ids are
 strings such as Tier's ``org:acme``; feature names follow Tier's ``feature:[a-zA-Z0-9:]+``.
+
+Constants:
+
+* ``UNLIMITED`` (an int, ``2**63 - 1``): Tier's "infinite" limit. A plan's ``limit`` (and
+  an answer's ``remaining``) equal to it means the feature has no limit; compare with
+  ``limit >= UNLIMITED``, never do arithmetic with it.
+* ``MAX_UNITS`` (an int, ``10**15``): the most units of usage one request or one event
+  may use. :func:`check_units` (and so ``@metered``, :class:`UsageEvent` and every
+  provider's ``reserve``/``can``/``report``) refuses more. It keeps sums of many charges
+  far below the signed 64-bit integers SQLite and Redis count in.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ if TYPE_CHECKING:
     from .providers.base import Provider
 
 __all__ = [
+    "MAX_UNITS",
     "UNLIMITED",
     "Answer",
     "Reservation",
@@ -33,6 +44,10 @@ __all__ = [
 
 #: Tier's "infinite" limit (``1<<63 - 1``), used for a feature with no ``upto``.
 UNLIMITED = 9223372036854775807
+
+#: The most units of usage one request or one event may use (``10**15``). Far below the
+#: signed 64-bit limits of SQLite and Redis, so sums of many charges cannot overflow.
+MAX_UNITS = 10**15
 
 FEATURE_RE = re.compile(r"feature:[a-zA-Z0-9:]+")
 _CUSTOMER_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
@@ -67,11 +82,18 @@ def check_customer(customer: object) -> str:
 
 
 def check_units(units: object, *, what: str = "units", allow_zero: bool = False) -> int:
-    """Return ``units`` if it is a whole number of units (> 0, or >= 0); else ValueError."""
+    """Return ``units`` if it is a whole number of units (> 0, or >= 0) up to MAX_UNITS.
+
+    Raises:
+        ValueError: ``units`` is not an int (``bool`` included), is negative (or zero
+            without ``allow_zero``), or is above :data:`MAX_UNITS`.
+    """
     if isinstance(units, bool) or not isinstance(units, int):
         raise ValueError(f"{what} must be a whole number of units (int), got {units!r}")
     if units < 0 or (units == 0 and not allow_zero):
         raise ValueError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {units}")
+    if units > MAX_UNITS:
+        raise ValueError(f"{what} must be at most MAX_UNITS ({MAX_UNITS}), got {units}")
     return units
 
 
