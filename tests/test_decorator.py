@@ -166,3 +166,12 @@ async def test_called_without_a_request_is_an_error() -> None:
 
     with pytest.raises(ConfigurationError, match="without a request"):
         await endpoint(q=2)
+
+
+def test_metered_without_parentheses_names_the_fix() -> None:
+    """@metered applied directly to a function says to call it with a feature name."""
+    with pytest.raises(ConfigurationError, match=r"with parentheses"):
+
+        @metered  # type: ignore[arg-type]
+        async def endpoint(request: Request) -> Response:
+            return PlainTextResponse("")

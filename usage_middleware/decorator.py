@@ -143,9 +143,16 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
     docstring for what it keeps and how it behaves).
 
     Raises:
-        ConfigurationError: at decoration time, for a bad feature name, bad units, a
-            feature already metered on the same function, a generator or non-function.
+        ConfigurationError: at decoration time, for a bad feature name (or bare
+            ``@metered`` without parentheses), bad units (a units callable must take the
+            request as its one positional argument), a feature already metered on the
+            same function, a generator or non-function.
     """
+    if callable(feature):
+        raise ConfigurationError(
+            f"@metered needs a feature name: use @metered(\"feature:name\") with parentheses, "
+            f"not bare @metered on {getattr(feature, '__qualname__', feature)!r}"
+        )
     check_feature(feature)
     if not callable(units) and (
         isinstance(units, bool) or not isinstance(units, int) or not 0 < units <= MAX_UNITS
