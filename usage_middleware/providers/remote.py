@@ -585,8 +585,10 @@ class RemoteProvider(Provider):
         # The warm path: a cached answer that allows it. Only a checked customer and
         # feature can be in the cache, so nothing needs validating but the units; the
         # Answer and the event are built when first read (the middleware reads neither).
-        key = (customer, feature)
-        entry = self._cache.get(key)
+        try:
+            entry: _Entry | None = self._cache[customer, feature]  # (.get() looks twice)
+        except KeyError:
+            entry = None
         if (
             entry is not None
             and type(units) is int
@@ -646,6 +648,8 @@ class RemoteProvider(Provider):
         delivery = self._delivery
         if delivery is None:
             return
+        if isinstance(delivery, _MemoryDelivery):
+            return  # nothing to make durable: commit enqueues it, release forgets it
         hold.prepared = True  # a cancelled prepare may have written: settle it either way
         # The only reservation held in this process: no other prepare can share a group
         # commit, so commit at once instead of waiting a loop turn for the writer.
