@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -175,3 +176,37 @@ def test_metered_without_parentheses_names_the_fix() -> None:
         @metered  # type: ignore[arg-type]
         async def endpoint(request: Request) -> Response:
             return PlainTextResponse("")
+
+
+class _UnitsObject:
+    def __call__(self, request: Request) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        lambda request: 1,
+        lambda request, extra=2: 1,
+        lambda *args: 1,
+        _UnitsObject(),
+        functools.partial(lambda scale, request: scale, 3),
+    ],
+)
+def test_units_callables_taking_the_request_are_accepted(units: Any) -> None:
+    """A units callable accepting one positional argument (the request) is accepted."""
+    metered("feature:a", units=units)
+
+
+async def _async_no_args() -> int:
+    return 1
+
+
+@pytest.mark.parametrize(
+    "units",
+    [lambda: 3, lambda request, other: 3, lambda *, request: 3, _async_no_args],
+)
+def test_units_callable_with_the_wrong_arity_raises_at_decoration(units: Any) -> None:
+    """A units callable that cannot be called with just the request fails at decoration."""
+    with pytest.raises(ConfigurationError, match="one positional argument"):
+        metered("feature:a", units=units)

@@ -28,6 +28,7 @@ from usage_middleware import UNLIMITED, ConfigurationError
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.middleware import SCOPE_KEY, MeteringState, UsageMiddleware
+from usage_middleware.models import MAX_UNITS
 
 ACME = [("X-Customer", "org:acme")]
 by_header = customer_from_header("X-Customer")
@@ -382,19 +383,105 @@ async def test_units_callables_sync_and_async(provider: RecordingProvider) -> No
     assert provider.charged_units("org:acme", "feature:b") == 7
 
 
-async def test_units_callable_returning_zero_is_a_server_error(
-    provider: RecordingProvider,
-) -> None:
-    """A units callable returning a non-positive int is a bug: 500, nothing held."""
+def _query_units(request: Request) -> int:
+    return int(request.query_params["n"])
 
-    @metered("feature:a", units=lambda request: 0)
+
+async def _async_query_units(request: Request) -> int:
+    return int(request.query_params["n"])
+
+
+@pytest.mark.parametrize("units_fn", [_query_units, _async_query_units])
+@pytest.mark.parametrize("query", ["?n=x", "?n=", "", "?n=0", "?n=-3", f"?n={MAX_UNITS + 1}"])
+async def test_units_from_bad_client_input_are_a_400(
+    provider: RecordingProvider, units_fn: Any, query: str
+) -> None:
+    """A units callable raising ValueError/KeyError or giving units outside 1..MAX_UNITS: 400."""
+
+    @metered("feature:a", units=units_fn)
     async def endpoint(request: Request) -> Response:
         return PlainTextResponse("ok")
 
     app = make_app(provider, [Route("/", endpoint)])
     async with client(app) as c:
-        assert (await c.get("/")).status_code == 500
+        r = await c.get("/" + query)
+    assert r.status_code == 400
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["type"] == "tag:usage-middleware,2025:invalid-units"
+    assert body["status"] == 400 and body["feature"] == "feature:a"
+    assert "units" in body["detail"]
     assert provider.ops("reserve") == []
+
+
+async def test_out_of_range_units_detail_names_the_range(provider: RecordingProvider) -> None:
+    """The 400 for out-of-range units says the allowed range 1..MAX_UNITS."""
+
+    @metered("feature:a", units=lambda request: MAX_UNITS + 1)
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = make_app(provider, [Route("/", endpoint)])
+    async with client(app) as c:
+        r = await c.get("/")
+    assert r.status_code == 400 and f"1 to {MAX_UNITS}" in r.json()["detail"]
+
+
+async def test_bad_units_of_a_later_feature_reserve_nothing(provider: RecordingProvider) -> None:
+    """With two features, a bad units value of the second holds nothing for the first."""
+
+    @metered("feature:a", units=2)
+    @metered("feature:b", units=_query_units)
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = make_app(provider, [Route("/", endpoint)])
+    async with client(app) as c:
+        assert (await c.get("/?n=nope")).status_code == 400
+    assert provider.ops("reserve") == []
+    provider.assert_settled()
+
+
+@pytest.mark.parametrize("value", [None, "x", "3", 2.0, True])
+async def test_units_callable_returning_a_non_int_is_a_500_problem(
+    provider: RecordingProvider, value: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A units callable returning a non-int is a bug: logged, 500 problem+json naming it."""
+
+    async def async_value(request: Request) -> Any:
+        return value
+
+    @metered("feature:a", units=async_value)
+    async def convert_things(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = make_app(provider, [Route("/", convert_things)])
+    with caplog.at_level(logging.ERROR, logger="usage_middleware"):
+        async with client(app) as c:
+            r = await c.get("/")
+    assert r.status_code == 500
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["status"] == 500 and body["feature"] == "feature:a"
+    assert "convert_things" in body["detail"]
+    assert provider.ops("reserve") == []
+    assert any("convert_things" in rec.getMessage() for rec in caplog.records)
+
+
+async def test_units_callable_http_exception_passes_through(provider: RecordingProvider) -> None:
+    """A units callable raising HTTPException gets that exception's response, nothing held."""
+
+    def units(request: Request) -> int:
+        raise HTTPException(413, "too many items")
+
+    @metered("feature:a", units=units)
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = make_app(provider, [Route("/", endpoint)])
+    async with client(app) as c:
+        r = await c.get("/")
+    assert r.status_code == 413 and provider.ops("reserve") == []
 
 
 async def test_no_customer_is_401(provider: RecordingProvider) -> None:

@@ -28,10 +28,20 @@ Endpoints:
   ``from __future__ import annotations`` (FastAPI evaluates them in the original's module
   through ``__wrapped__``). Dicts, models and ``Response`` objects are returned unchanged.
 
-``units``: an int > 0, or a callable of the request returning one, sync or async (decided
-once, at decoration). The callable runs on the event loop before the endpoint; for bad
-client input it should raise ``HTTPException(400)``. A value that is not an int > 0 is a
-bug in the callable: ``ConfigurationError`` is raised (the server answers 500 and logs it).
+``units``: an int from 1 to :data:`~usage_middleware.models.MAX_UNITS`, or a callable of
+the request returning one, sync or async (decided once, at decoration; it must accept the
+request as its one positional argument, else ``ConfigurationError`` at decoration). The
+callables of all features of an endpoint run on the event loop before anything is reserved:
+
+* it raises ``ValueError`` or ``KeyError`` (bad or missing client input, e.g.
+  ``int(request.query_params["n"])``), or returns an int outside 1..MAX_UNITS: the request
+  answers 400 ``application/problem+json`` (``type`` :data:`~usage_middleware.problems.
+  INVALID_UNITS`) and nothing is reserved;
+* it returns something that is not an int (``None``, ``"3"``, ``2.0``, ``True``): a bug in
+  the callable; it is logged and the request answers 500 ``application/problem+json``
+  naming the endpoint (:data:`~usage_middleware.problems.UNITS_FUNCTION_ERROR`);
+* it raises anything else (``HTTPException`` included): that exception propagates like one
+  raised by the endpoint, and nothing is reserved.
 
 Several ``@metered`` on one function merge into one wrapper and one all-or-nothing
 decision, in top-down order; naming the same feature twice is an error.
@@ -111,18 +121,17 @@ class _Spec:
             self.units_fn = None
             self.units_async = False
 
-    async def units_for(self, request: Request) -> int:
+    async def units_for(self, request: Request) -> object:
+        """What the units callable returns for ``request`` (awaited), unchecked.
+
+        The middleware checks it (an int from 1 to MAX_UNITS) and maps exceptions.
+        """
         fn = self.units_fn
         if fn is None:
             return self.units
         value: Any = fn(request)
         if self.units_async or inspect.isawaitable(value):
             value = await value
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ConfigurationError(
-                f"@metered({self.feature!r}, units=...): the units function returned "
-                f"{value!r}; it must return an int > 0 (raise HTTPException for bad input)"
-            )
         return value
 
     def __repr__(self) -> str:
@@ -150,7 +159,7 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
     """
     if callable(feature):
         raise ConfigurationError(
-            f"@metered needs a feature name: use @metered(\"feature:name\") with parentheses, "
+            f'@metered needs a feature name: use @metered("feature:name") with parentheses, '
             f"not bare @metered on {getattr(feature, '__qualname__', feature)!r}"
         )
     check_feature(feature)
@@ -161,6 +170,8 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
             f"@metered({feature!r}, units={units!r}): units must be an int from 1 to "
             f"MAX_UNITS ({MAX_UNITS}) or a callable of the request returning one"
         )
+    if callable(units):
+        _check_units_callable(feature, units)
     spec = _Spec(feature, units)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -178,6 +189,22 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
         return _wrap(original, specs)
 
     return decorate
+
+
+def _check_units_callable(feature: str, units: Callable[..., Any]) -> None:
+    """Raise ``ConfigurationError`` unless ``units(request)`` is a valid call."""
+    try:
+        sig = inspect.signature(units)
+    except (TypeError, ValueError):  # a builtin without a readable signature: trust it
+        return
+    try:
+        sig.bind(None)
+    except TypeError:
+        raise ConfigurationError(
+            f"@metered({feature!r}, units={units!r}): a units callable must accept exactly "
+            f"one positional argument, the request, e.g. units=lambda request: "
+            f"int(request.query_params['n']); its signature is {sig}"
+        ) from None
 
 
 def _request_param(func: Callable[..., Any], sig: inspect.Signature) -> str | None:

@@ -54,7 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
-from .models import Reservation
+from .models import MAX_UNITS, Reservation
 from .providers.base import FailurePolicy, Provider
 from .routes import document_routes, misplaced_endpoints
 
@@ -94,8 +94,8 @@ class UnitsSpec(Protocol):
     def units_fn(self) -> object | None:
         """The units callable, or ``None`` for fixed units."""
 
-    async def units_for(self, request: Request) -> int:
-        """The units this request uses (calls :attr:`units_fn`)."""
+    async def units_for(self, request: Request) -> object:
+        """What :attr:`units_fn` returns for this request (the middleware checks it)."""
 
 
 class MeteringState:
@@ -279,10 +279,20 @@ class UsageMiddleware:
             state.denied = True
             return problems.customer_required("the customer id of this request is malformed")
 
+        units_of: list[int] = []
+        for spec in specs:
+            if spec.units_fn is None:
+                units_of.append(spec.units)
+                continue
+            units = await self._units(request, spec)
+            if isinstance(units, Response):
+                state.denied = True
+                return units
+            units_of.append(units)
+
         provider = self.provider
         scope = cast("HTTPScope", request.scope)
-        for spec in specs:
-            units = spec.units if spec.units_fn is None else await spec.units_for(request)
+        for spec, units in zip(specs, units_of, strict=True):
             try:
                 reservation = await provider.reserve(customer, spec.feature, units, scope=scope)
             except Exception as exc:
@@ -314,6 +324,42 @@ class UsageMiddleware:
                 )
             return problems.quota_exceeded(answer, units)
         return None
+
+    async def _units(self, request: Request, spec: UnitsSpec) -> int | Response:
+        """The units ``spec``'s callable gives for ``request``, or the 400/500 to send."""
+        feature = spec.feature
+        try:
+            value = await spec.units_for(request)
+        except (ValueError, KeyError) as exc:
+            logger.info(
+                "usage_middleware: the units of %s for %s %s could not be determined: %r",
+                feature,
+                request.method,
+                request.url.path,
+                exc,
+            )
+            return problems.invalid_units(
+                feature, "the units this request uses could not be determined from its input"
+            )
+        if isinstance(value, bool) or not isinstance(value, int):
+            endpoint = _endpoint_name(request.scope)
+            logger.error(
+                "usage_middleware: the units function %r of @metered(%r) on %s returned %r "
+                "(%s), not an int from 1 to MAX_UNITS; answering 500",
+                spec.units_fn,
+                feature,
+                endpoint,
+                value,
+                type(value).__name__,
+            )
+            return problems.units_function_error(feature, endpoint, type(value).__name__)
+        if not 0 < value <= MAX_UNITS:
+            return problems.invalid_units(
+                feature,
+                f"this request would use {value} units; units must be from 1 to {MAX_UNITS}",
+                units=value,
+            )
+        return value
 
     # -- settlement ---------------------------------------------------------------------------
 
@@ -432,6 +478,17 @@ class UsageMiddleware:
             await send(message)
 
         await self.app(scope, receive_wrapper, send_wrapper)
+
+
+def _endpoint_name(scope: Scope) -> str:
+    """``module.qualname`` of the routed endpoint plus its method and route path."""
+    endpoint = scope.get("endpoint")
+    name = getattr(endpoint, "__qualname__", None) or repr(endpoint)
+    module = getattr(endpoint, "__module__", None)
+    if module:
+        name = f"{module}.{name}"
+    path = getattr(scope.get("route"), "path", None) or scope.get("path", "?")
+    return f"{name} ({scope.get('method', '?')} {path})"
 
 
 def _retry_after(err: BaseException | None, retry_after: float | None) -> float:

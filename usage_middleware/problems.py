@@ -1,11 +1,18 @@
 """RFC 9457 ``application/problem+json`` responses for refused metered requests.
 
-Three problems, each a Starlette :class:`~starlette.responses.Response` built on the spot
+Five problems, each a Starlette :class:`~starlette.responses.Response` built on the spot
 (a refusal is rare next to a success, and building one costs one ``json.dumps``):
 
+* 400 :data:`INVALID_UNITS`: the units of the request could not be determined from its
+  input (the ``units`` callable raised ``ValueError``/``KeyError``) or are out of range
+  (not 1 to :data:`~usage_middleware.models.MAX_UNITS`);
 * 401 :data:`CUSTOMER_REQUIRED`: no customer id for a metered route, or a malformed one;
 * 402 :data:`QUOTA_EXCEEDED`: the provider said no (``Answer.ok`` False, no ``err``);
+* 500 :data:`UNITS_FUNCTION_ERROR`: the ``units`` callable returned something that is
+  not an int (a bug in the endpoint's ``@metered``; logged);
 * 503 :data:`BILLING_UNAVAILABLE`: the check itself failed closed (with ``Retry-After``).
+
+Every problem carries ``Cache-Control: no-store`` and, except 401, a ``feature`` member.
 
 The 402 body carries ``feature``, ``units`` (asked for), ``limit``, ``used`` and
 ``remaining`` (units of usage, ``null`` where the provider does not know) and, when the
@@ -36,12 +43,16 @@ from .models import UNLIMITED, Answer
 __all__ = [
     "BILLING_UNAVAILABLE",
     "CUSTOMER_REQUIRED",
+    "INVALID_UNITS",
     "PROBLEM_JSON",
     "QUOTA_EXCEEDED",
+    "UNITS_FUNCTION_ERROR",
     "billing_unavailable",
     "customer_required",
+    "invalid_units",
     "problem",
     "quota_exceeded",
+    "units_function_error",
 ]
 
 #: The media type of every problem body (RFC 9457 section 3).
@@ -53,6 +64,10 @@ QUOTA_EXCEEDED = "tag:usage-middleware,2025:quota-exceeded"
 CUSTOMER_REQUIRED = "tag:usage-middleware,2025:customer-required"
 #: ``type`` of the 503 problem: the entitlement check failed and the policy is closed.
 BILLING_UNAVAILABLE = "tag:usage-middleware,2025:billing-unavailable"
+#: ``type`` of the 400 problem: the request's units are undeterminable or out of range.
+INVALID_UNITS = "tag:usage-middleware,2025:invalid-units"
+#: ``type`` of the 500 problem: a ``units`` callable returned a non-int (a server bug).
+UNITS_FUNCTION_ERROR = "tag:usage-middleware,2025:units-function-error"
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -125,4 +140,31 @@ def billing_unavailable(feature: str, retry_after: float) -> Response:
         f"{feature}: the usage check could not be made; retry later",
         headers={"Retry-After": str(seconds), "Cache-Control": "no-store"},
         feature=feature,
+    )
+
+
+def invalid_units(feature: str, detail: str, **members: Any) -> Response:
+    """400 for a request whose units of ``feature`` are undeterminable or out of range."""
+    return problem(
+        400,
+        INVALID_UNITS,
+        "Bad Request",
+        f"{feature}: {detail}",
+        headers={"Cache-Control": "no-store"},
+        feature=feature,
+        **members,
+    )
+
+
+def units_function_error(feature: str, endpoint: str, returned: str) -> Response:
+    """500 for a ``units`` callable of ``endpoint`` that returned a ``returned`` (type name)."""
+    return problem(
+        500,
+        UNITS_FUNCTION_ERROR,
+        "Internal Server Error",
+        f"{feature}: the units function of {endpoint} returned a {returned}, not an int; "
+        "this is a bug in the server's @metered(units=...)",
+        headers={"Cache-Control": "no-store"},
+        feature=feature,
+        endpoint=endpoint,
     )
