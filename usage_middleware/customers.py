@@ -87,8 +87,11 @@ def customer_from_header(name: str, *, prefix: str = "") -> CustomerResolver:
         prefix: prepended to the header's value, e.g. ``"org:"`` turns ``acme`` into
             ``org:acme``.
 
-    Returns a sync resolver: ``None`` when the header is missing or empty (the route
-    answers 401), else ``prefix + value`` with surrounding whitespace stripped.
+    Returns a sync resolver: ``None`` when the header is missing or empty, or appears
+    more than once (the route answers 401), else ``prefix + value`` with surrounding
+    whitespace stripped. A repeated header is refused rather than read first-copy-wins:
+    a proxy that appends its own header instead of replacing the client's would otherwise
+    let the client pick who is billed.
 
     Raises:
         ConfigurationError: ``name`` is not a header name or ``prefix`` not a string.
@@ -102,11 +105,16 @@ def customer_from_header(name: str, *, prefix: str = "") -> CustomerResolver:
     key = name.lower().encode("latin-1")
 
     def resolve(request: Request, /) -> str | None:
+        found: bytes | None = None
         for k, v in request.scope["headers"]:
             if k == key:
-                value = v.decode("latin-1").strip()
-                return prefix + value if value else None
-        return None
+                if found is not None:
+                    return None  # sent twice: which copy is the proxy's is unknowable
+                found = v
+        if found is None:
+            return None
+        value = found.decode("latin-1").strip()
+        return prefix + value if value else None
 
     resolve.__qualname__ = resolve.__name__ = f"customer_from_header({name!r})"
     return resolve
