@@ -34,6 +34,16 @@ def test_duplicate_header_names_no_customer() -> None:
     assert resolve(_request((b"x-customer", b"acme"), (b"x-customer", b"acme"))) is None
 
 
+def test_utf8_header_is_decoded_as_utf8() -> None:
+    """A UTF-8 header value decodes to the same string the CLI subscribed (not latin-1 mojibake)."""
+    assert resolve(_request((b"x-customer", "äcme".encode()))) == "org:äcme"
+
+
+def test_invalid_utf8_header_names_no_customer() -> None:
+    """Bytes that are not valid UTF-8 give None (the route answers 401)."""
+    assert resolve(_request((b"x-customer", b"\xe4cme"))) is None
+
+
 async def test_duplicate_header_is_a_401_and_nothing_is_charged() -> None:
     """End to end: a request with two customer headers is refused 401 and reserves nothing."""
     provider = RecordingProvider({("org:acme", "feature:a"): 10, ("org:evil", "feature:a"): 10})

@@ -89,7 +89,9 @@ def customer_from_header(name: str, *, prefix: str = "") -> CustomerResolver:
 
     Returns a sync resolver: ``None`` when the header is missing or empty, or appears
     more than once (the route answers 401), else ``prefix + value`` with surrounding
-    whitespace stripped. A repeated header is refused rather than read first-copy-wins:
+    whitespace stripped. The value is decoded as UTF-8 (so ``org:äcme`` sent as UTF-8
+    matches the id subscribed with the CLI); bytes that are not valid UTF-8 give ``None``.
+    A repeated header is refused rather than read first-copy-wins:
     a proxy that appends its own header instead of replacing the client's would otherwise
     let the client pick who is billed.
 
@@ -113,7 +115,10 @@ def customer_from_header(name: str, *, prefix: str = "") -> CustomerResolver:
                 found = v
         if found is None:
             return None
-        value = found.decode("latin-1").strip()
+        try:
+            value = found.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return None
         return prefix + value if value else None
 
     resolve.__qualname__ = resolve.__name__ = f"customer_from_header({name!r})"
