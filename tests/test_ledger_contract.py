@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import sqlite3
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
@@ -11,7 +12,8 @@ import pytest
 from ledgers import LEDGERS, LedgerFactory
 
 from usage_middleware.errors import ConfigurationError, LedgerError, PermanentProviderError
-from usage_middleware.ledger import FeatureUsage, Ledger
+from usage_middleware.ledger import FeatureUsage, Ledger, LocalLedger
+from usage_middleware.ledger.store import period_key
 from usage_middleware.models import UNLIMITED, UsageEvent
 
 PRICING = {
@@ -415,3 +417,45 @@ async def test_concurrent_reserve_commit_release_never_overspends(ledger: Ledger
     await asyncio.gather(*(worker(n) for n in range(20)))
     usage = await row(ledger, ACME, "feature:search")
     assert usage.used == allowed == 100
+
+
+async def seed_totals(
+    ledger: Ledger, customer: str, feature: str, *, used: int, credited: int, consumed: int
+) -> None:
+    """Write raw totals into a ledger's storage (2**63-1 is out of reach of 10**15-unit calls)."""
+    current = await row(ledger, customer, feature)
+    assert current.period_start is not None and current.period_end is not None
+    period = period_key(current.period_start, current.period_end)
+    if isinstance(ledger, LocalLedger):
+        with sqlite3.connect(ledger.path) as conn:
+            conn.execute(
+                "INSERT INTO usage (customer, feature, period, used) VALUES (?, ?, ?, ?)",
+                (customer, feature, period, used),
+            )
+            conn.execute(
+                "INSERT INTO credits (customer, feature, credited, consumed) VALUES (?, ?, ?, ?)",
+                (customer, feature, credited, consumed),
+            )
+        return
+    from usage_middleware.ledger.redis import RedisLedger, customer_keys
+
+    assert isinstance(ledger, RedisLedger) and ledger.client is not None
+    keys = customer_keys(ledger._prefix, customer)
+    await ledger.client.hset(keys["usage"], f"{feature}@{period}", used)
+    await ledger.client.hset(
+        keys["credits"], mapping={f"+{feature}": credited, f"-{feature}": consumed}
+    )
+
+
+async def test_totals_stop_at_2_63_minus_1_instead_of_failing(ledger: Ledger) -> None:
+    """Credit and usage sums past 2**63-1 clamp at UNLIMITED; the ledger keeps charging."""
+    await ledger.subscribe(ACME, "plan:free@1")
+    await ledger.subscribe("org:other", "plan:free@1")
+    await seed_totals(ledger, ACME, CONVERT, used=UNLIMITED - 5, credited=UNLIMITED - 1, consumed=0)
+    assert await ledger.grant(ACME, CONVERT, 10) == UNLIMITED  # credited clamped, an int
+    assert await use(ledger, ACME, CONVERT, 10)
+    assert await use(ledger, "org:other", CONVERT, 3)
+    assert (await row(ledger, ACME, CONVERT)).used == UNLIMITED
+    assert (await row(ledger, "org:other", CONVERT)).used == 3
+    assert await use(ledger, "org:other", CONVERT, 2)
+    assert (await row(ledger, "org:other", CONVERT)).used == 5

@@ -22,7 +22,7 @@ import pytest
 from usage_middleware.errors import ConfigurationError, LedgerError, PricingError
 from usage_middleware.ledger import LocalLedger
 from usage_middleware.ledger.store import LedgerStore
-from usage_middleware.models import UsageEvent
+from usage_middleware.models import UNLIMITED, UsageEvent
 
 PRICING = {
     "plans": {
@@ -474,6 +474,58 @@ async def test_a_failed_write_is_retried_not_dropped(tmp_path: pathlib.Path) -> 
         await eventually(written)
         assert not failures
         assert await used(ledger, CONVERT) == 3
+
+
+async def test_one_unwritable_charge_never_blocks_the_others(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A charge failing on its own data is logged and left out; other customers' get written."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        await ledger.subscribe("org:b", "plan:free@1")
+        store = store_of(ledger)
+        original = store._add_usage
+
+        def poisoned(customer: str, *args: Any, **kwargs: Any) -> Any:
+            if customer == ACME:
+                raise OverflowError("Python int too large to convert to SQLite INTEGER")
+            return original(customer, *args, **kwargs)
+
+        store._add_usage = poisoned  # type: ignore[method-assign]
+        first = await ledger.reserve(ACME, CONVERT)
+        second = await ledger.reserve("org:b", CONVERT)
+        await ledger.commit(first)
+        await ledger.commit(second)
+
+        async def written() -> bool:
+            return query(path, "SELECT customer, used FROM usage") == [("org:b", 1)]
+
+        await eventually(written, within=5.0)
+    assert query(path, "SELECT customer, units FROM charges") == [("org:b", 1)]
+    assert "dropped a charge that cannot be written: 1 units of feature:convert for org:acme" in (
+        caplog.text
+    )
+
+
+async def test_a_usage_total_past_2_63_is_clamped_not_an_endless_retry(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A charge taking a period's used past 2**63-1 stores UNLIMITED (an integer), not a failure."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    big = {"plans": {"plan:free@1": {"features": {"feature:open": {}}}}}
+    async with LocalLedger(path, pricing=big) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        assert await use(ledger, "feature:open", 1)
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"UPDATE usage SET used = {UNLIMITED - 5}")
+    async with LocalLedger(path) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        assert await use(ledger, "feature:open", 10)
+    assert query(path, "SELECT used, typeof(used) FROM usage") == [(UNLIMITED, "integer")]
+    assert query(path, "SELECT SUM(units) FROM charges") == [(11,)]
 
 
 async def test_a_failed_lease_is_an_answer_with_err(tmp_path: pathlib.Path) -> None:

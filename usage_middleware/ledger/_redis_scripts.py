@@ -115,6 +115,29 @@ local function balance_of(credits_key, feature)
   return (tonumber(c[1]) or 0) - (tonumber(c[2]) or 0)
 end
 
+-- Redis integers are 64-bit: a total stops at 2^63-1 (MAX_TEXT) instead of failing the
+-- script. Lua numbers are doubles, where 2^63-1 reads as 2^63 (MAX).
+local MAX_TEXT = '9223372036854775807'
+local MAX = tonumber(MAX_TEXT)
+
+-- HINCRBY, clamped at 2^63-1 when it would overflow; the new value.
+local function incr_capped(key, field, n)
+  local r = redis.pcall('HINCRBY', key, field, n)
+  if type(r) == 'table' and r.err then
+    if not string.find(r.err, 'overflow', 1, true) then error(r) end
+    redis.call('HSET', key, field, MAX_TEXT)
+    return MAX
+  end
+  return r
+end
+
+-- A number for a reply: Redis casts a Lua number to a 64-bit integer, which 2^63 is not;
+-- the clamped total is returned as its decimal text instead.
+local function reply(n)
+  if n >= MAX then return MAX_TEXT end
+  return n
+end
+
 local function overage(used, limit)
   if limit < 0 or used <= limit then return 0 end
   return used - limit
@@ -140,7 +163,7 @@ local used = tonumber(redis.call('HGET', KEYS[3], feature .. '@' .. period) or '
 local balance = balance_of(KEYS[2], feature)
 local flag = 0
 if in_plan then flag = 1 end
-if limit < 0 then return {1, -1, used, balance, 0, period, flag} end
+if limit < 0 then return {1, -1, reply(used), reply(balance), 0, period, flag} end
 local now = now_ms()
 expire(KEYS[4], now)
 local held = 0
@@ -157,21 +180,21 @@ for i = 1, #totals, 2 do
 end
 local member = units .. ':' .. period .. ':' .. id
 if id ~= '' and redis.call('ZSCORE', KEYS[4], member) then  -- a retried call: held already
-  return {1, limit, used, balance, held, period, flag}
+  return {1, limit, reply(used), reply(balance), held, period, flag}
 end
 local credits = balance
 if credits < 0 then credits = 0 end
 local free = limit - used
 if free < 0 then free = 0 end
 free = free + credits - held
-if units > free then return {0, limit, used, balance, held, period, flag} end
+if units > free then return {0, limit, reply(used), reply(balance), held, period, flag} end
 if id ~= '' then
   redis.call('ZADD', KEYS[4], now + ttl, member)
   add_held(KEYS[4], period, units)
   held = held + units
   keep(KEYS[4], ttl)
 end
-return {1, limit, used, balance, held, period, flag}
+return {1, limit, reply(used), reply(balance), held, period, flag}
 """
 )
 
@@ -199,21 +222,22 @@ if clobber == '1' then
   redis.call('HSET', KEYS[3], field, units)
   new = tonumber(units)
 else
-  new = redis.call('HINCRBY', KEYS[3], field, units)
+  new = incr_capped(KEYS[3], field, units)
 end
 local delta = overage(new, limit) - overage(old, limit)
 if delta > 0 then
-  redis.call('HINCRBY', KEYS[2], '-' .. feature, delta)
+  incr_capped(KEYS[2], '-' .. feature, delta)
 elseif delta < 0 then
+  -- HINCRBY, not HSET of a computed double (which Lua would write as 1e+17 text)
   local consumed = tonumber(redis.call('HGET', KEYS[2], '-' .. feature) or '0')
-  if consumed > 0 then
-    local left = consumed + delta
-    if left < 0 then left = 0 end
-    redis.call('HSET', KEYS[2], '-' .. feature, left)
+  if consumed + delta <= 0 then
+    if consumed > 0 then redis.call('HSET', KEYS[2], '-' .. feature, 0) end
+  else
+    redis.call('HINCRBY', KEYS[2], '-' .. feature, delta)
   end
 end
 redis.call('SET', KEYS[5], '1', 'PX', ARGV[6])
-return {1, new, balance_of(KEYS[2], feature)}
+return {1, reply(new), reply(balance_of(KEYS[2], feature))}
 """
 )
 
@@ -246,12 +270,17 @@ return renewed
 """
 )
 
-#: Credit units. KEYS: credits. ARGV: feature, units. Returns the new balance.
-GRANT = r"""
-local credited = redis.call('HINCRBY', KEYS[1], '+' .. ARGV[1], ARGV[2])
-local consumed = tonumber(redis.call('HGET', KEYS[1], '-' .. ARGV[1]) or '0')
-return credited - consumed
+#: Credit units (the credited sum stops at 2**63-1). KEYS: credits. ARGV: feature, units.
+#: Returns {credited, consumed} as the stored decimal texts (exact: Lua numbers are
+#: doubles, which cannot subtract totals near 2**63); the balance is their difference.
+GRANT = (
+    _COMMON
+    + r"""
+incr_capped(KEYS[1], '+' .. ARGV[1], ARGV[2])
+return {redis.call('HGET', KEYS[1], '+' .. ARGV[1]),
+        redis.call('HGET', KEYS[1], '-' .. ARGV[1]) or '0'}
 """
+)
 
 #: A consistent read of a customer. KEYS: sub, credits, usage.
 #: Returns {plan or false, credits hash as a flat list, usage hash as a flat list}.

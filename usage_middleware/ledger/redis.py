@@ -529,8 +529,10 @@ class RedisLedger(Ledger):
         check_units(units)
         await self._opened()
         key = customer_keys(self._prefix, customer)["credits"]
-        balance = await self._admin(self._scripts["GRANT"](keys=[key], args=[feature, units]))
-        return int(balance)
+        credited, consumed = await self._admin(
+            self._scripts["GRANT"](keys=[key], args=[feature, units])
+        )
+        return int(credited) - int(consumed)
 
     async def usage(self, customer: str) -> list[FeatureUsage]:
         """The customer's standing per feature this period, sorted by feature name.
@@ -624,6 +626,7 @@ class RedisLedger(Ledger):
             )
             return self._unavailable(event, error, None)
         status, limit, used, balance, held, period, in_plan = result
+        used, balance = int(used), int(balance)  # text when clamped at 2**63-1 (see scripts)
         if status < 0:
             answer = Answer(
                 False, customer, feature, units, 0, 0, 0, reason=REASON_UNKNOWN, provider=self

@@ -84,6 +84,35 @@ def _overage(used: int, limit: int) -> int:
     return 0 if limit >= UNLIMITED else max(0, used - limit)
 
 
+def _capped(units: int) -> int:
+    """``units`` clamped at ``UNLIMITED`` (2**63-1): SQLite integers are 64-bit.
+
+    Past it SQLite either refuses a parameter (``OverflowError``) or silently turns the sum
+    into a REAL; a usage or credit total that large means "no end" anyway.
+    """
+    return units if units < UNLIMITED else UNLIMITED
+
+
+#: ``column + ?`` for a column and an addend in 0..UNLIMITED, clamped at UNLIMITED without
+#: ever computing a sum past 2**63-1 (parameters: the addend's headroom, UNLIMITED, addend).
+_CAPPED_ADD = "CASE WHEN {0} > ? THEN ? ELSE {0} + ? END"
+
+
+#: Errors that one charge's data can cause (a group commit then writes entry by entry).
+_BAD_ENTRY: tuple[type[Exception], ...] = (
+    ArithmeticError,
+    ValueError,
+    TypeError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+)
+
+
+def _capped_add_args(units: int) -> tuple[int, int, int]:
+    return UNLIMITED - units, UNLIMITED, units
+
+
 #: One (customer, feature, period)'s charges in a group commit, for :meth:`LedgerStore.flush`:
 #: customer, feature, period key, the limit they were leased under, units, how many of those
 #: came from this owner's lease, how many requests, and the last charge's time (epoch s).
@@ -391,7 +420,7 @@ class LedgerStore:
         Returns the period's new ``used`` and the credit balance.
         """
         old = self._used(customer, feature, period)
-        new = units if clobber else old + units
+        new = _capped(units if clobber else old + units)
         self.conn.execute(
             "INSERT INTO usage (customer, feature, period, used) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (customer, feature, period) DO UPDATE SET used = excluded.used",
@@ -401,8 +430,9 @@ class LedgerStore:
         if delta > 0:
             self.conn.execute(
                 "INSERT INTO credits (customer, feature, credited, consumed) VALUES (?, ?, 0, ?)"
-                " ON CONFLICT (customer, feature) DO UPDATE SET consumed = consumed + ?",
-                (customer, feature, delta, delta),
+                " ON CONFLICT (customer, feature) DO UPDATE SET consumed = "
+                + _CAPPED_ADD.format("consumed"),
+                (customer, feature, delta, *_capped_add_args(delta)),
             )
         elif delta < 0:
             self.conn.execute(
@@ -466,27 +496,87 @@ class LedgerStore:
         """Write group-committed charges in one transaction; return (used, balance) per key.
 
         Each entry adds its units to the period's ``used`` (units beyond the limit consume
-        credits), takes its lease-funded units off this owner's lease row, and leaves one
-        ``charges`` row.
+        credits; sums stop at ``UNLIMITED``), takes its lease-funded units off this owner's
+        lease row, and leaves one ``charges`` row.
+
+        One bad entry never blocks the others: when the transaction fails with an error that
+        belongs to one entry's data (:data:`_BAD_ENTRY`: an overflow, a bad value, a
+        constraint), the batch is written again entry by entry (a savepoint each) and an
+        entry that still fails so is logged (error, with its customer, feature and units)
+        and left out of the result. Other errors (locked, busy, I/O) are worth retrying whole.
+
+        Raises:
+            sqlite3.Error: nothing was written; retry the whole batch.
         """
+        try:
+            return self._flush(batch, isolate=False)
+        except _BAD_ENTRY:
+            logger.warning(
+                "ledger %s: a group commit of %d charges failed; writing them one by one",
+                self.path,
+                len(batch),
+                exc_info=True,
+            )
+            return self._flush(batch, isolate=True)
+
+    def _flush(
+        self, batch: Sequence[StoredCharge], *, isolate: bool
+    ) -> dict[tuple[str, str, str], tuple[int, int]]:
         now = time.time()
         result: dict[tuple[str, str, str], tuple[int, int]] = {}
         with self._write():
-            self.conn.executemany(
-                "INSERT INTO charges (customer, feature, period, units, requests, at)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (customer, feature, period, units, requests, _iso(at))
-                    for customer, feature, period, _, units, _, requests, at in batch
-                ],
-            )
-            for customer, feature, period, limit, units, leased, _, _ in batch:
-                result[customer, feature, period] = self._add_usage(
-                    customer, feature, period, units, limit, clobber=False
+            if not isolate:
+                self.conn.executemany(
+                    "INSERT INTO charges (customer, feature, period, units, requests, at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (customer, feature, period, _capped(units), _capped(requests), _iso(at))
+                        for customer, feature, period, _, units, _, requests, at in batch
+                    ],
                 )
-                if leased:
-                    self._shrink(customer, feature, period, leased, now)
+                for entry in batch:
+                    self._flush_entry(entry, now, result)
+                return result
+            for entry in batch:
+                staged = dict(self._staged)
+                self.conn.execute("SAVEPOINT charge")
+                try:
+                    customer, feature, period, _, units, _, requests, at = entry
+                    self.conn.execute(
+                        "INSERT INTO charges (customer, feature, period, units, requests, at)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        (customer, feature, period, _capped(units), _capped(requests), _iso(at)),
+                    )
+                    self._flush_entry(entry, now, result)
+                except _BAD_ENTRY:
+                    self.conn.execute("ROLLBACK TO charge")
+                    self._staged = staged
+                    result.pop(entry[:3], None)
+                    logger.error(
+                        "ledger %s: dropped a charge that cannot be written: %d units of %s "
+                        "for %s (period %s)",
+                        self.path,
+                        entry[4],
+                        entry[1],
+                        entry[0],
+                        entry[2],
+                        exc_info=True,
+                    )
+                self.conn.execute("RELEASE charge")
         return result
+
+    def _flush_entry(
+        self,
+        entry: StoredCharge,
+        now: float,
+        result: dict[tuple[str, str, str], tuple[int, int]],
+    ) -> None:
+        customer, feature, period, limit, units, leased, _, _ = entry
+        result[customer, feature, period] = self._add_usage(
+            customer, feature, period, units, limit, clobber=False
+        )
+        if leased:
+            self._shrink(customer, feature, period, leased, now)
 
     def maintain(
         self, gives: Sequence[tuple[str, str, str, int]], seen: int
@@ -553,11 +643,14 @@ class LedgerStore:
             self._bump(customer)
 
     def grant(self, customer: str, feature: str, units: int) -> int:
+        """Credit ``units``; the credited sum stops at ``UNLIMITED`` (never a REAL)."""
+        units = _capped(units)
         with self._write():
             self.conn.execute(
                 "INSERT INTO credits (customer, feature, credited) VALUES (?, ?, ?)"
-                " ON CONFLICT (customer, feature) DO UPDATE SET credited = credited + ?",
-                (customer, feature, units, units),
+                " ON CONFLICT (customer, feature) DO UPDATE SET credited = "
+                + _CAPPED_ADD.format("credited"),
+                (customer, feature, units, *_capped_add_args(units)),
             )
             self._bump(customer)
             return self._balance(customer, feature)
@@ -588,7 +681,7 @@ class LedgerStore:
                         event.customer,
                         event.feature,
                         period,
-                        event.units,
+                        _capped(event.units),
                         event.at.isoformat(),
                         event.idempotency_key,
                         int(event.clobber),
