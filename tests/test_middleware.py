@@ -938,3 +938,57 @@ async def test_default_provider_is_a_local_ledger(
 
     mw = UsageMiddleware(Starlette(), customer=by_header)
     assert isinstance(mw.provider, LocalLedger)
+
+
+async def test_head_and_options_are_free_by_default(provider: RecordingProvider) -> None:
+    """HEAD (run by the GET handler) and OPTIONS on a metered route: not checked, not charged."""
+
+    @metered("feature:a")
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("body")
+
+    app = make_app(provider, [Route("/", endpoint, methods=["GET", "OPTIONS"])])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as c:  # no customer header at all: still served
+        head = await c.head("/")
+        options = await c.options("/")
+    assert head.status_code == 200 and head.content == b""
+    assert options.status_code == 200
+    assert provider.ops("reserve", "prepare", "commit", "release") == []
+
+
+async def test_free_methods_empty_meters_head(provider: RecordingProvider) -> None:
+    """free_methods=() meters HEAD like GET: 401 without a customer, charged with one."""
+    app = make_app(provider, [Route("/", ok_endpoint)], free_methods=())
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as c:
+        assert (await c.head("/")).status_code == 401
+        assert (await c.head("/", headers=dict(ACME))).status_code == 200
+    assert provider.charged_units("org:acme", "feature:a") == 1
+    provider.assert_settled()
+
+
+async def test_free_methods_custom_set(provider: RecordingProvider) -> None:
+    """A custom free_methods set makes exactly those methods free (here GET), others metered."""
+
+    @metered("feature:a")
+    async def endpoint(request: Request) -> Response:
+        return PlainTextResponse("ok")
+
+    app = make_app(provider, [Route("/", endpoint, methods=["GET", "POST"])], free_methods={"GET"})
+    async with client(app) as c:
+        assert (await c.get("/")).status_code == 200
+        assert (await c.post("/")).status_code == 200
+    assert [c.op for c in provider.ops("reserve")] == ["reserve"]
+    assert provider.charged_units("org:acme", "feature:a") == 1
+
+
+@pytest.mark.parametrize("free", ["HEAD", {"head"}, {"HEAD", 3}, {""}, {"GET POST"}, None])
+def test_free_methods_is_validated(free: Any) -> None:
+    """free_methods must be a set of upper-case method names, else construction fails."""
+    with pytest.raises(ConfigurationError, match="free_methods"):
+        UsageMiddleware(
+            ok_endpoint, provider=RecordingProvider(), customer=by_header, free_methods=free
+        )

@@ -32,6 +32,14 @@ A pure ASGI middleware (no ``BaseHTTPMiddleware``). It does three things:
 
 ``websocket`` and other scopes pass through untouched.
 
+**Free methods.** Requests whose method is in ``free_methods`` (default ``HEAD`` and
+``OPTIONS``) are neither checked nor charged on metered routes: no customer is needed, the
+endpoint runs unmetered. Starlette and FastAPI answer ``HEAD`` on a ``GET`` route by
+running the ``GET`` handler and discarding its body, so a ``HEAD`` gets headers only and
+nothing of value is given away (the handler's work is still done; meter ``HEAD`` with
+``free_methods=()`` if that work is what you sell). Monitors and link checkers send
+``HEAD``; charging them used up customers' quota.
+
 ``failure_policy`` covers provider exceptions the middleware itself sees (a provider that
 raises from ``reserve`` or ``prepare`` instead of answering with ``Answer.err``):
 ``"closed"`` (default) refuses with 503 (``reserve``) or aborts the response before its
@@ -44,7 +52,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol, cast
 
 from starlette.requests import Request
@@ -74,6 +82,7 @@ DEFAULT_RETRY_AFTER: Final = 5.0
 logger = logging.getLogger("usage_middleware")
 
 _CUSTOMER_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
+_METHOD_RE = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token, upper case
 
 
 def _is_2xx(status: int) -> bool:
@@ -136,6 +145,8 @@ class UsageMiddleware:
         charge_if: ``status -> bool``: which final statuses are charged (default 2xx).
         failure_policy: ``"closed"`` or ``"open"``: what to do when ``reserve``/``prepare``
             raise (see the module docstring).
+        free_methods: a set of upper-case HTTP method names that are neither checked nor
+            charged on metered routes (see the module docstring); ``()`` meters them all.
 
     Raises:
         ConfigurationError: an argument is missing or of the wrong kind (the message names
@@ -150,6 +161,7 @@ class UsageMiddleware:
         customer: CustomerResolver | None = None,
         charge_if: Callable[[int], bool] = _is_2xx,
         failure_policy: FailurePolicy = "closed",
+        free_methods: Collection[str] = frozenset({"HEAD", "OPTIONS"}),
     ) -> None:
         if not callable(app):
             raise ConfigurationError(f"UsageMiddleware(app): app must be an ASGI app, got {app!r}")
@@ -173,6 +185,18 @@ class UsageMiddleware:
                 f"UsageMiddleware(failure_policy=...) must be 'open' or 'closed', "
                 f"got {failure_policy!r}"
             )
+        if (
+            isinstance(free_methods, str | bytes)
+            or not isinstance(free_methods, Collection)
+            or not all(
+                isinstance(m, str) and _METHOD_RE.fullmatch(m) is not None for m in free_methods
+            )
+        ):
+            raise ConfigurationError(
+                "UsageMiddleware(free_methods=...) must be a set of upper-case HTTP method "
+                f"names such as {{'HEAD', 'OPTIONS'}}, or () to meter every method; "
+                f"got {free_methods!r}"
+            )
         if provider is None:
             from .ledger.local import LocalLedger
 
@@ -187,6 +211,7 @@ class UsageMiddleware:
         self.customer = customer
         self.charge_if = charge_if
         self.failure_policy = failure_policy
+        self.free_methods = frozenset(free_methods)
         self._customer_is_async = is_async_callable(customer)
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
@@ -262,9 +287,13 @@ class UsageMiddleware:
 
         Returns ``None`` when the endpoint may run (the reservations are in ``state``), or
         the refusal to send instead: 401 (no or malformed customer), 402 (a feature was
-        refused), 503 (a check failed closed). Holds taken before a refusal are released by
-        the middleware after the refusal is sent.
+        refused), 503 (a check failed closed), 400/500 (bad units, see
+        :mod:`usage_middleware.decorator`). Holds taken before a refusal are released by
+        the middleware after the refusal is sent. A request whose method is in
+        ``free_methods`` returns ``None`` at once: nothing is checked or reserved.
         """
+        if request.scope["method"] in self.free_methods:
+            return None
         customer: Any = self.customer(request)
         if self._customer_is_async or (
             customer is not None
