@@ -371,6 +371,24 @@ class Outbox:
         now = time.time()
         first = 0
         db = self._db
+        if len(inserts) == 1 and not (deletes or frees or dead or releases):
+            # One row (a prepare at one request in flight): a statement is its own
+            # transaction, two statements fewer than BEGIN ... COMMIT.
+            ev, owned, held = inserts[0]
+            row = (
+                ev.idempotency_key,
+                ev.customer,
+                ev.feature,
+                ev.units,
+                (ev.at - _EPOCH) // _US,
+                ev.clobber,
+                now,
+                owner if owned else None,
+                held,
+            )
+            rowid = db.execute(_INSERT, row).lastrowid
+            assert rowid is not None
+            return rowid
         with self._write():
             if inserts:
                 # AUTOINCREMENT under the write lock: the rows get consecutive ids after the
