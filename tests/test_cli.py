@@ -370,3 +370,23 @@ def test_outbox_commands_are_wired_in_when_the_module_exists(
     assert (code, out, err) == (0, "outbox status for x.db\n", "")
     assert_one_line_error(*run(capsys, "outbox", "retry"), "nothing to retry")
     assert_one_line_error(*run(capsys, "outbox", "nope"), "invalid choice")
+
+
+def test_a_pricing_that_drops_a_subscribed_plan_is_refused(
+    ledger_db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--pricing without a plan customers are on exits 2 naming plan and count; nothing changes."""
+    other = ledger_db.parent / "other.json"
+    other.write_text(json.dumps({"plans": {"plan:other@1": {"features": {}}}}))
+    result = run(capsys, "--db", ledger_db, "--pricing", other, "show", "org:acme")
+    assert_one_line_error(*result, "plan:free@1 (1 customer)", "usage-middleware subscribe")
+    code, out, _ = run(capsys, "--db", ledger_db, "plans")
+    assert code == 0 and "plan:free@1" in out and "plan:other@1" not in out
+
+
+def test_help_says_the_ledger_keeps_the_last_pricing(capsys: pytest.CaptureFixture[str]) -> None:
+    """--help says the stored pricing is the one last given, not the first."""
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "pricing it was last given" in out and "first given" not in out

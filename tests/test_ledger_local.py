@@ -661,11 +661,43 @@ async def test_pricing_is_stored_in_the_file_and_replaced(tmp_path: pathlib.Path
         assert ledger.pricing == LocalLedger(path, pricing=PRICING).pricing
         await ledger.subscribe(ACME, "plan:free@1")
         assert await use(ledger, SMALL)
-    other = {"plans": {"plan:other@1": {"features": {SMALL: {"tiers": [{"upto": 1}]}}}}}
+    other = {
+        "plans": {
+            "plan:free@1": {"features": {SMALL: {"tiers": [{"upto": 1}]}}},
+            "plan:other@1": {"features": {SMALL: {"tiers": [{"upto": 1}]}}},
+        }
+    }
     async with LocalLedger(path, pricing=other) as ledger:
-        with pytest.raises(LedgerError, match="known plans: plan:other@1"):
-            await ledger.subscribe(ACME, "plan:free@1")
+        with pytest.raises(LedgerError, match="known plans: plan:free@1, plan:other@1"):
+            await ledger.subscribe(ACME, "plan:pro@1")
         await ledger.subscribe(ACME, "plan:other@1")
+        assert not await use(ledger, CONVERT)  # the new plan:free@1 has no feature:convert
+
+
+async def test_a_pricing_dropping_a_subscribed_plan_is_refused(tmp_path: pathlib.Path) -> None:
+    """A new pricing without a plan customers are on is refused, naming plan, count and fix."""
+    path = tmp_path / "usage.db"
+    await prepared(path)
+    async with LocalLedger(path) as ledger:
+        await ledger.subscribe("org:b", "plan:free@1")
+        await ledger.subscribe("org:c", "plan:pro@1")
+    other = {"plans": {"plan:other@1": {"features": {SMALL: {"tiers": [{"upto": 1}]}}}}}
+    with pytest.raises(ConfigurationError) as caught:
+        async with LocalLedger(path, pricing=other):
+            pass
+    message = str(caught.value)
+    assert "plan:free@1 (2 customers), plan:pro@1 (1 customer)" in message
+    assert "usage-middleware subscribe" in message
+    async with LocalLedger(path) as ledger:  # the stored pricing is unchanged
+        assert isinstance(ledger, LocalLedger) and ledger.pricing is not None
+        assert set(ledger.pricing.plans) == {"plan:free@1", "plan:pro@1"}
+        assert await use(ledger, CONVERT)
+    kept = {"plans": {**other["plans"], "plan:free@1": PRICING["plans"]["plan:free@1"]}}
+    async with LocalLedger(path) as ledger:
+        await ledger.subscribe("org:c", "plan:free@1")
+    async with LocalLedger(path, pricing=kept) as ledger:  # plan:pro@1 has no one left
+        assert isinstance(ledger, LocalLedger) and ledger.pricing is not None
+        assert set(ledger.pricing.plans) == {"plan:free@1", "plan:other@1"}
 
 
 async def test_subscribe_without_any_pricing_says_how_to_fix(tmp_path: pathlib.Path) -> None:

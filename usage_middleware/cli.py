@@ -13,8 +13,9 @@
                                        is installed)
 
 ``--db`` defaults to ``$USAGE_DB`` or ``usage.db``; ``--pricing`` (a Tier pricing.json)
-defaults to ``$USAGE_PRICING``. The ledger stores the pricing it was given, so only the
-first command against a new ledger file needs ``--pricing``.
+defaults to ``$USAGE_PRICING``. The ledger stores the pricing it was last given (a later
+``--pricing`` replaces it, unless it drops a plan that customers are still on), so only
+the first command against a new ledger file needs ``--pricing``.
 
 Exit status: 0 on success; 2 on bad input (unknown plan or customer, malformed units,
 customer or feature, a missing or invalid pricing file), with one line on stderr
@@ -280,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Look after the embedded usage ledger, or run the demo.",
         epilog=(
-            "The ledger stores the pricing it was first given; later commands on the same "
+            "The ledger stores the pricing it was last given (a new --pricing replaces it, "
+            "unless it drops a plan customers are still on); later commands on the same "
             "--db need no --pricing."
         ),
     )

@@ -252,6 +252,8 @@ class LocalLedger(Ledger):
         pricing: a Tier pricing.json (path, decoded JSON or :class:`Pricing`). Validated
             here and stored in the file by :meth:`open`, replacing what was stored, so a
             later ``LocalLedger(path)`` without ``pricing`` (the CLI, another worker) uses it.
+            :meth:`open` refuses (``ConfigurationError``) a pricing that drops a plan
+            customers are still on.
         lease_size: the lease block in units (>= 1); a hot key's block grows up to 64 times
             this, never beyond a quarter of the units still free.
         lease_ttl: seconds a lease lives unrenewed; a killed process's units come back
@@ -338,8 +340,10 @@ class LocalLedger(Ledger):
     async def open(self) -> None:
         """Open the file (WAL), store the pricing if given, start the flusher and renewer.
 
-        Idempotent while open. Raises ``ConfigurationError`` once closed (no reopen), and
-        ``sqlite3.Error`` when the file cannot be opened.
+        Idempotent while open. Raises ``ConfigurationError`` once closed (no reopen) or
+        when the pricing given drops a plan that customers in the file are still on (the
+        message names the plans and counts), and ``sqlite3.Error`` when the file cannot be
+        opened.
         """
         if self._state is ProviderState.OPEN:
             return

@@ -209,6 +209,7 @@ class LedgerStore:
                         f"usage_middleware understands ({SCHEMA_VERSION}); upgrade it"
                     )
                 if pricing_json is not None and self._meta("pricing") != pricing_json:
+                    self._check_dropped_plans(pricing_json)
                     self._set_meta("pricing", pricing_json)
                     self._set_meta("pricing_generation", self._bump(None))
                 self._refresh_pricing()
@@ -217,6 +218,35 @@ class LedgerStore:
             conn.close()
             self._conn = None
             raise
+
+    def _check_dropped_plans(self, pricing_json: str) -> None:
+        """Refuse a new pricing that drops a plan customers are still on (in a transaction).
+
+        Raises:
+            ConfigurationError: naming each dropped plan, how many customers are on it, and
+                the fix.
+        """
+        self._refresh_pricing()
+        if self.pricing is None:
+            return
+        kept = loads_pricing(pricing_json, origin="the new pricing").plans
+        dropped = [name for name in self.pricing.plans if name not in kept]
+        if not dropped:
+            return
+        marks = ", ".join("?" * len(dropped))
+        counts = self.conn.execute(
+            f"SELECT plan, COUNT(*) FROM subscriptions WHERE plan IN ({marks})"
+            " GROUP BY plan ORDER BY plan",
+            dropped,
+        ).fetchall()
+        if not counts:
+            return
+        on = ", ".join(f"{plan} ({n} customer{'' if n == 1 else 's'})" for plan, n in counts)
+        raise ConfigurationError(
+            f"the new pricing drops plans that customers of the ledger {self.path!r} are "
+            f"still on: {on}; keep those plans in the pricing, or first move the customers "
+            "to another plan with 'usage-middleware subscribe CUSTOMER PLAN'"
+        )
 
     def wait_when_busy(self, wait: bool) -> None:
         """Set whether a locked file waits (up to ``BUSY_TIMEOUT``) or fails at once."""
