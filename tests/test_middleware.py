@@ -992,3 +992,40 @@ def test_free_methods_is_validated(free: Any) -> None:
         UsageMiddleware(
             ok_endpoint, provider=RecordingProvider(), customer=by_header, free_methods=free
         )
+
+
+async def test_401_carries_www_authenticate(provider: RecordingProvider) -> None:
+    """A 401 for a missing or malformed customer carries WWW-Authenticate (Bearer by default)."""
+    app = make_app(provider, [Route("/", ok_endpoint)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as c:
+        missing = await c.get("/")
+        malformed = await c.get("/", headers={"X-Customer": "org:a\x7fb"})
+    for r in (missing, malformed):
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+
+
+async def test_www_authenticate_is_configurable(provider: RecordingProvider) -> None:
+    """www_authenticate= sets the challenge sent on 401s; successful responses get none."""
+    challenge = 'Basic realm="api", charset="UTF-8"'
+    app = make_app(provider, [Route("/", ok_endpoint)], www_authenticate=challenge)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as c:
+        r = await c.get("/")
+        ok = await c.get("/", headers=dict(ACME))
+    assert r.status_code == 401 and r.headers["www-authenticate"] == challenge
+    assert ok.status_code == 200 and "www-authenticate" not in ok.headers
+
+
+@pytest.mark.parametrize("challenge", ["", "Bearer\r\nX-Evil: 1", None, 3])
+def test_www_authenticate_is_validated(challenge: Any) -> None:
+    """www_authenticate must be a non-empty single-line string."""
+    with pytest.raises(ConfigurationError, match="www_authenticate"):
+        UsageMiddleware(
+            ok_endpoint,
+            provider=RecordingProvider(),
+            customer=by_header,
+            www_authenticate=challenge,
+        )

@@ -147,6 +147,9 @@ class UsageMiddleware:
             raise (see the module docstring).
         free_methods: a set of upper-case HTTP method names that are neither checked nor
             charged on metered routes (see the module docstring); ``()`` meters them all.
+        www_authenticate: the ``WWW-Authenticate`` challenge sent with every 401 (no or
+            malformed customer), as RFC 9110 section 15.5.2 requires; e.g. ``"Bearer"``
+            (default) or ``'Basic realm="api"'``. A non-empty single-line string.
 
     Raises:
         ConfigurationError: an argument is missing or of the wrong kind (the message names
@@ -162,6 +165,7 @@ class UsageMiddleware:
         charge_if: Callable[[int], bool] = _is_2xx,
         failure_policy: FailurePolicy = "closed",
         free_methods: Collection[str] = frozenset({"HEAD", "OPTIONS"}),
+        www_authenticate: str = "Bearer",
     ) -> None:
         if not callable(app):
             raise ConfigurationError(f"UsageMiddleware(app): app must be an ASGI app, got {app!r}")
@@ -197,6 +201,15 @@ class UsageMiddleware:
                 f"names such as {{'HEAD', 'OPTIONS'}}, or () to meter every method; "
                 f"got {free_methods!r}"
             )
+        if (
+            not isinstance(www_authenticate, str)
+            or not www_authenticate.strip()
+            or any(c in www_authenticate for c in "\r\n\x00")
+        ):
+            raise ConfigurationError(
+                "UsageMiddleware(www_authenticate=...) must be a non-empty single-line "
+                f"challenge such as 'Bearer', got {www_authenticate!r}"
+            )
         if provider is None:
             from .ledger.local import LocalLedger
 
@@ -212,6 +225,7 @@ class UsageMiddleware:
         self.charge_if = charge_if
         self.failure_policy = failure_policy
         self.free_methods = frozenset(free_methods)
+        self.www_authenticate = www_authenticate
         self._customer_is_async = is_async_callable(customer)
         self._opened = False
         self._open_lock: asyncio.Lock | None = None
@@ -303,10 +317,13 @@ class UsageMiddleware:
             customer = await customer
         if customer is None:
             state.denied = True
-            return problems.customer_required()
+            return problems.customer_required(www_authenticate=self.www_authenticate)
         if not isinstance(customer, str) or _CUSTOMER_RE.fullmatch(customer) is None:
             state.denied = True
-            return problems.customer_required("the customer id of this request is malformed")
+            return problems.customer_required(
+                "the customer id of this request is malformed",
+                www_authenticate=self.www_authenticate,
+            )
 
         units_of: list[int] = []
         for spec in specs:

@@ -6,7 +6,8 @@ Five problems, each a Starlette :class:`~starlette.responses.Response` built on 
 * 400 :data:`INVALID_UNITS`: the units of the request could not be determined from its
   input (the ``units`` callable raised ``ValueError``/``KeyError``) or are out of range
   (not 1 to :data:`~usage_middleware.models.MAX_UNITS`);
-* 401 :data:`CUSTOMER_REQUIRED`: no customer id for a metered route, or a malformed one;
+* 401 :data:`CUSTOMER_REQUIRED`: no customer id for a metered route, or a malformed one
+  (with the middleware's ``WWW-Authenticate`` challenge, ``Bearer`` by default);
 * 402 :data:`QUOTA_EXCEEDED`: the provider said no (``Answer.ok`` False, no ``err``);
 * 500 :data:`UNITS_FUNCTION_ERROR`: the ``units`` callable returned something that is
   not an int (a bug in the endpoint's ``@metered``; logged);
@@ -123,11 +124,20 @@ def quota_exceeded(answer: Answer, units: int) -> Response:
     return problem(402, QUOTA_EXCEEDED, "Payment Required", detail, headers=headers, **members)
 
 
-def customer_required(detail: str = "this route is metered and needs a customer") -> Response:
-    """401 for a metered request whose customer could not be identified."""
-    return problem(
-        401, CUSTOMER_REQUIRED, "Unauthorized", detail, headers={"Cache-Control": "no-store"}
-    )
+def customer_required(
+    detail: str = "this route is metered and needs a customer",
+    *,
+    www_authenticate: str | None = None,
+) -> Response:
+    """401 for a metered request whose customer could not be identified.
+
+    ``www_authenticate``, when given, is sent as the ``WWW-Authenticate`` challenge that
+    RFC 9110 section 15.5.2 requires on a 401 (e.g. ``"Bearer"``).
+    """
+    headers = {"Cache-Control": "no-store"}
+    if www_authenticate is not None:
+        headers["WWW-Authenticate"] = www_authenticate
+    return problem(401, CUSTOMER_REQUIRED, "Unauthorized", detail, headers=headers)
 
 
 def billing_unavailable(feature: str, retry_after: float) -> Response:
