@@ -37,3 +37,12 @@ def test_fixed_units_above_the_bound_raise_at_decoration() -> None:
     assert metered("feature:a", units=MAX_UNITS) is not None
     with pytest.raises(ConfigurationError, match="MAX_UNITS"):
         metered("feature:a", units=MAX_UNITS + 1)
+
+
+def test_models_docstring_describes_the_constants() -> None:
+    """help(usage_middleware.models) explains UNLIMITED and MAX_UNITS (ints carry no docstring)."""
+    import usage_middleware.models as models
+
+    doc = models.__doc__ or ""
+    assert "``UNLIMITED``" in doc and "no limit" in doc
+    assert "``MAX_UNITS``" in doc and "10**15" in doc

@@ -90,7 +90,11 @@ _SPECS_ATTR = "__usage_specs__"
 
 
 class UnitsFunction(Protocol):
-    """``(request) -> int``, sync or async: the units one request uses (> 0)."""
+    """``(request) -> int``, sync or async: the units one request uses (1 to MAX_UNITS).
+
+    Raise ``ValueError`` (or ``KeyError``) for bad or missing client input: the request
+    answers 400. Returning a non-int is a bug: 500 (see the module docstring).
+    """
 
     def __call__(self, request: Request, /) -> int | Awaitable[int]: ...
 
