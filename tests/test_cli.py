@@ -221,7 +221,9 @@ def test_unknown_customer_is_an_error(ledger_db: Path, capsys: pytest.CaptureFix
     assert "unknown customer" in result[2] or "org:ghost" in result[2]
 
 
-@pytest.mark.parametrize("units", ["abc", "1.5", "0", "-3", "", "1e3"])
+@pytest.mark.parametrize(
+    "units", ["abc", "1.5", "0", "-3", "", "1e3", " 5", "5 ", "+5", "1_000", "\u0663", "00"]
+)
 def test_units_must_be_a_positive_whole_number(
     ledger_db: Path, units: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -230,6 +232,29 @@ def test_units_must_be_a_positive_whole_number(
     assert_one_line_error(*result, "units must be a whole number > 0")
     code, out, _ = run(capsys, "--db", ledger_db, "show", "org:acme")
     assert code == 0 and table_row(out, "feature:convert")[4] == "0"
+
+
+@pytest.mark.parametrize("units", ["1000000000000001", "99999999999999999999999", "9" * 5000])
+def test_units_above_10_15_are_an_error(
+    ledger_db: Path, units: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`grant` refuses more than 10**15 units in one line (no traceback), and grants nothing."""
+    result = run(capsys, "--db", ledger_db, "grant", "org:acme", "feature:convert", units)
+    assert_one_line_error(*result, "units must be at most 1000000000000000")
+    code, out, _ = run(capsys, "--db", ledger_db, "show", "org:acme")
+    assert code == 0 and table_row(out, "feature:convert")[4] == "0"
+
+
+def test_grant_takes_10_15_units_and_leading_zeros(
+    ledger_db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`grant` accepts exactly 10**15 units, and ASCII digits with leading zeros."""
+    code, _, _ = run(capsys, "--db", ledger_db, "grant", "org:acme", "feature:convert", "0007")
+    assert code == 0
+    code, out, _ = run(
+        capsys, "--db", ledger_db, "grant", "org:acme", "feature:convert", "1000000000000000"
+    )
+    assert code == 0 and "credit balance 1000000000000007" in out
 
 
 @pytest.mark.parametrize("command", [["plans"], ["subscribe", "org:acme", "plan:free@1"]])

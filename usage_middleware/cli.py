@@ -254,15 +254,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
+#: The most units one ``grant`` takes (as ``models.check_units`` allows per call).
+MAX_UNITS = 10**15
+
+
 def _positive_units(text: str) -> int:
-    try:
-        units = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"units must be a whole number > 0, got {text!r}"
-        ) from None
+    """``UNITS``: ASCII digits only (no sign, spaces, ``_`` or other scripts' digits), > 0."""
+    shown = _clip(text)
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"units must be a whole number > 0, got {shown!r}")
+    digits = text.lstrip("0")
+    units = int(digits or "0") if len(digits) <= 16 else MAX_UNITS + 1  # no 4300-digit parse
     if units <= 0:
-        raise argparse.ArgumentTypeError(f"units must be a whole number > 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"units must be a whole number > 0, got {shown!r}")
+    if units > MAX_UNITS:
+        raise argparse.ArgumentTypeError(f"units must be at most {MAX_UNITS} (10**15), got {shown}")
     return units
 
 
@@ -326,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _optional_commands(sub)
     return parser
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """``text`` cut to its first ``limit`` characters plus ``…`` when longer."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _one_line(exc: BaseException) -> str:
