@@ -25,7 +25,7 @@ from .errors import (
 )
 from .ledger import FeatureUsage, Ledger, LocalLedger
 from .middleware import UsageMiddleware
-from .models import UNLIMITED, Answer, Reservation, UsageEvent
+from .models import MAX_UNITS, UNLIMITED, Answer, Reservation, UsageEvent
 from .providers.ares import AresProvider
 from .providers.base import FailurePolicy, Provider
 from .providers.remote import Entitlement, RemoteProvider
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .ledger.redis import RedisLedger
 
 __all__ = [
+    "MAX_UNITS",
     "UNLIMITED",
     "Answer",
     "AresProvider",

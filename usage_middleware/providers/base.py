@@ -16,6 +16,11 @@ nothing, ``commit`` reports the reservation's event, ``release`` does nothing. L
 override all three with real holds so concurrent requests cannot overspend; remote
 providers route ``commit`` through the durable outbox.
 
+``FailurePolicy`` is ``Literal["open", "closed"]``: what a route does when the entitlement
+check itself fails (provider down, timeout). ``"open"`` serves the request, records the
+charge for later delivery and sets ``Answer.err``; ``"closed"`` refuses it with 503
+problem+json and ``Retry-After``.
+
 Lifecycle: a provider is an async context manager. ``open()`` runs inside the running event
 loop (the ASGI lifespan, or lazily on the first request when the server sends no lifespan);
 ``aclose()`` drains and closes, is idempotent, and a closed provider cannot be reopened.
