@@ -195,10 +195,42 @@ def test_cli_retry_and_purge(path: Path) -> None:
 def test_cli_refuses_ambiguous_or_missing_targets(
     path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """retry/purge need ids or --all; a missing outbox file is exit status 1, not a new file."""
+    """retry/purge need ids or --all; a missing outbox file is the CLI's one-line exit 2."""
     with pytest.raises(SystemExit) as exc:
         _cli("outbox", "purge", "--outbox", str(path))
     assert exc.value.code == 2
-    assert main(["outbox", "status", "--outbox", str(path)]) == 1
-    assert "no outbox at" in capsys.readouterr().err
+    capsys.readouterr()
+    for command in ("status", "retry --all", "purge --all"):
+        assert main(["outbox", *command.split(), "--outbox", str(path)]) == 2
+        assert capsys.readouterr().err == (
+            f"usage-middleware: error: no outbox at {path}: pass --outbox PATH "
+            "(or set $USAGE_OUTBOX)\n"
+        )
     assert not path.exists()
+
+
+def test_cli_refuses_files_that_are_not_outboxes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A directory, a text file or a ledger as --outbox: one line naming the path, exit 2."""
+    from usage_middleware.cli import main as cli_main
+
+    text = tmp_path / "README.md"
+    text.write_text("# not a database\n" * 10)
+    ledger = tmp_path / "usage.db"
+    pricing = Path(__file__).resolve().parent.parent / "examples" / "pricing.json"
+    argv = ["--db", str(ledger), "--pricing", str(pricing), "subscribe", "org:a", "plan:free@1"]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+    ledger_before = ledger.read_bytes()
+    for target, why in (
+        (tmp_path, "it is a directory"),
+        (text, "not a SQLite database"),
+        (ledger, "a usage ledger"),
+    ):
+        assert cli_main(["outbox", "status", "--outbox", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"usage-middleware: error: {target} is not an outbox file ({why}); pass --outbox PATH\n"
+        )
+    assert ledger.read_bytes() == ledger_before

@@ -14,7 +14,10 @@ back into the outbox (same idempotency key); a running reporter delivers them wi
 ``$USAGE_OUTBOX`` or ``usage-outbox.db``.
 
 Each command's handler is stored as ``func`` on the parsed namespace and returns the exit
-status: 0 done, 1 no outbox at the path.
+status 0. A path with no file, or a file that is not an outbox (a directory, not SQLite,
+a usage ledger), raises :class:`~usage_middleware.cli.CliError`: the CLI prints one line
+``usage-middleware: error: no outbox at PATH ...`` or ``... PATH is not an outbox file
+(why) ...`` and exits 2. Nothing is created or written before that check.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TextIO
 
+from .cli import CliError
 from .outbox import Outbox, OutboxStatus
 
 __all__ = ["add_outbox_commands", "main"]
@@ -65,18 +69,52 @@ def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         cmd.set_defaults(func=_retry if name == "retry" else _purge, _parser=cmd)
 
 
-def _open(args: argparse.Namespace, out: TextIO) -> Outbox | None:
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_TABLES = {"outbox", "dead_letters", "owners"}
+
+
+def _open(args: argparse.Namespace) -> Outbox:
+    """The outbox file at ``--outbox``, checked before anything is written to it.
+
+    Raises:
+        CliError: no file there, or it is not an outbox file (a directory, not SQLite, or
+            a SQLite file without the outbox tables, such as a ledger).
+    """
+    path = os.fspath(args.outbox)
+
+    def not_outbox(why: str) -> CliError:
+        return CliError(f"{path} is not an outbox file ({why}); pass --outbox PATH")
+
+    if not os.path.exists(path):
+        raise CliError(f"no outbox at {path}: pass --outbox PATH (or set $USAGE_OUTBOX)")
+    if os.path.isdir(path):
+        raise not_outbox("it is a directory")
     try:
-        return Outbox(args.outbox, create=False)
-    except (FileNotFoundError, sqlite3.Error) as exc:
-        print(f"usage-middleware outbox: {exc}", file=out)
-        return None
+        with open(path, "rb") as file:
+            header = file.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise not_outbox(f"cannot read it: {exc.strerror or exc}") from None
+    if header != _SQLITE_HEADER:
+        raise not_outbox("not a SQLite database")
+    try:
+        probe = sqlite3.connect(path)
+        try:
+            tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master")}
+        finally:
+            probe.close()
+    except sqlite3.Error as exc:
+        raise not_outbox(f"SQLite says: {exc}") from None
+    if not _TABLES <= tables:
+        kind = "a usage ledger" if "subscriptions" in tables else "no outbox tables"
+        raise not_outbox(kind)
+    try:
+        return Outbox(path, create=False)
+    except sqlite3.Error as exc:
+        raise not_outbox(f"SQLite says: {exc}") from None
 
 
 def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    outbox = _open(args, sys.stderr)
-    if outbox is None:
-        return 1
+    outbox = _open(args)
     try:
         st = outbox.status()
         dead = outbox.dead_letters(limit=max(args.limit, 0))
@@ -156,9 +194,7 @@ def _ids(args: argparse.Namespace) -> list[int] | None:
 
 def _retry(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     ids = _ids(args)
-    outbox = _open(args, sys.stderr)
-    if outbox is None:
-        return 1
+    outbox = _open(args)
     try:
         n = outbox.retry_dead(ids)
     finally:
@@ -169,9 +205,7 @@ def _retry(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 def _purge(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     ids = _ids(args)
-    outbox = _open(args, sys.stderr)
-    if outbox is None:
-        return 1
+    outbox = _open(args)
     try:
         n = outbox.purge_dead(ids)
     finally:
@@ -181,11 +215,13 @@ def _purge(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``outbox ...`` on its own (``python -m usage_middleware.outbox_cli outbox status``)."""
-    parser = argparse.ArgumentParser(prog="usage-middleware")
-    add_outbox_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args))
+    """Run ``outbox ...`` on its own (``python -m usage_middleware.outbox_cli outbox status``).
+
+    The same as ``usage-middleware outbox ...``: errors are one line, exit status 2.
+    """
+    from .cli import main as cli_main
+
+    return cli_main(argv)
 
 
 if __name__ == "__main__":
