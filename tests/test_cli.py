@@ -415,3 +415,94 @@ def test_help_says_the_ledger_keeps_the_last_pricing(capsys: pytest.CaptureFixtu
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "pricing it was last given" in out and "first given" not in out
+
+
+def test_subscribe_on_a_fresh_file_without_pricing_names_the_flag(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`subscribe` with no ledger and no pricing says --pricing FILE and creates no file."""
+    result = run(capsys, "--db", db, "subscribe", "org:acme", "plan:free@1")
+    assert_one_line_error(*result, "--pricing FILE")
+    assert "LocalLedger" not in result[2]
+    assert not db.exists()
+
+
+def test_subscribe_on_a_ledger_without_pricing_names_the_flag(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`subscribe` on a ledger file that never got a pricing says --pricing FILE."""
+    assert run(capsys, "--db", db, "grant", "org:acme", "feature:convert", "1")[0] == 0
+    result = run(capsys, "--db", db, "subscribe", "org:acme", "plan:free@1")
+    assert_one_line_error(*result, "has no pricing: pass --pricing FILE")
+
+
+def test_a_directory_as_pricing_is_an_error(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--pricing naming a directory says so (exit 2), for plans and for ledger commands."""
+    folder = db.parent / "pricing.d"
+    folder.mkdir()
+    assert_one_line_error(*run(capsys, "--pricing", folder, "plans"), "is a directory")
+    result = run(capsys, "--db", db, "--pricing", folder, "subscribe", "org:acme", "plan:free@1")
+    assert_one_line_error(*result, "is a directory")
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    "command", [["plans"], ["show", "org:acme"], ["grant", "org:a", "feature:x", "1"]]
+)
+def test_a_db_that_is_not_a_ledger_names_the_path(
+    tmp_path: Path, command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--db naming a directory, a text file or an outbox: '<path> is not a usage ledger'."""
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\n")
+    outbox = tmp_path / "usage-outbox.db"
+    from usage_middleware.outbox import Outbox
+
+    Outbox(outbox).close()
+    before = outbox.read_bytes()
+    for target in (tmp_path, text, outbox):
+        result = run(capsys, "--db", target, *command)
+        assert_one_line_error(*result, f"{target} is not a usage ledger (SQLite) file")
+    assert outbox.read_bytes() == before
+
+
+def test_choose_a_command_lists_outbox(capsys: pytest.CaptureFixture[str]) -> None:
+    """With no command the error lists every command, outbox included."""
+    result = run(capsys)
+    assert_one_line_error(*result, "choose a command: plans, subscribe, grant, show, demo, outbox")
+
+
+def test_db_and_pricing_may_follow_the_command(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`subscribe ... --db X --pricing P` and `show ... --db X` work like the options before."""
+    argv = ["subscribe", "org:acme", "plan:free@1", "--db", db, "--pricing", PRICING]
+    assert run(capsys, *argv)[:2] == (0, "org:acme is on plan:free@1\n")
+    code, out, _ = run(capsys, "show", "org:acme", "--db", db)
+    assert code == 0 and f"(ledger {db})" in out
+    code, out, _ = run(capsys, "--db", db, "show", "org:acme")
+    assert code == 0 and f"(ledger {db})" in out
+    assert run(capsys, "plans", "--pricing", PRICING)[0] == 0
+
+
+@pytest.mark.parametrize("command", ["show", "grant", "subscribe"])
+def test_long_customer_ids_are_clipped_in_errors(
+    ledger_db: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A customer id longer than 60 characters shows as its first 60 plus '…' in the error."""
+    customer = "org:" + "x" * 200 + ("" if command == "show" else "\t")  # unknown / malformed
+    extra = {"subscribe": ["plan:gold@1"], "grant": ["feature:convert", "1"], "show": []}
+    result = run(capsys, "--db", ledger_db, command, customer, *extra[command])
+    assert_one_line_error(*result, "'" + "org:" + "x" * 56 + "…'")
+    assert "x" * 57 not in result[2]
+
+
+def test_grant_of_a_feature_in_no_plan_prints_a_note(
+    ledger_db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`grant` of a feature no plan has succeeds with a note on stderr (a likely typo)."""
+    code, out, err = run(capsys, "--db", ledger_db, "grant", "org:acme", "feature:convrt", "5")
+    assert code == 0 and "credit balance 5" in out
+    assert err.startswith("usage-middleware: note: feature:convrt is in no plan")
+    code, _, err = run(capsys, "--db", ledger_db, "grant", "org:acme", "feature:convert", "5")
+    assert code == 0 and err == ""

@@ -12,6 +12,7 @@
     outbox ...                         the delivery outbox (when usage_middleware.outbox_cli
                                        is installed)
 
+``--db`` and ``--pricing`` may also follow the command (``show org:acme --db x.db``).
 ``--db`` defaults to ``$USAGE_DB`` or ``usage.db``; ``--pricing`` (a Tier pricing.json)
 defaults to ``$USAGE_PRICING``. The ledger stores the pricing it was last given (a later
 ``--pricing`` replaces it, unless it drops a plan that customers are still on), so only
@@ -19,7 +20,9 @@ the first command against a new ledger file needs ``--pricing``.
 
 Exit status: 0 on success; 2 on bad input (unknown plan or customer, malformed units,
 customer or feature, a missing or invalid pricing file), with one line on stderr
-``usage-middleware: error: ...`` and no traceback; 130 when interrupted.
+``usage-middleware: error: ...`` and no traceback (a customer id past 60 characters is
+shown cut, ending in ``…``); 130 when interrupted. ``grant`` of a feature that no plan of
+the pricing has succeeds with a ``usage-middleware: note: ...`` line on stderr.
 
 Extra commands: a module ``usage_middleware.outbox_cli`` with
 ``add_outbox_commands(subparsers)`` is wired in when present. Each command it adds calls
@@ -45,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from .errors import UsageMiddlewareError
-from .models import UNLIMITED, check_customer, check_feature
+from .models import MAX_UNITS, UNLIMITED, check_customer, check_feature
 
 if TYPE_CHECKING:
     from .ledger.base import FeatureUsage
@@ -163,11 +166,56 @@ def render_plans(pricing: Pricing) -> str:
 # -- commands --------------------------------------------------------------------------
 
 
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def _check_pricing_path(pricing: str | None) -> None:
+    if pricing is None:
+        return
+    path = Path(pricing)
+    if path.is_dir():
+        raise CliError(f"pricing file {pricing!r} is a directory; pass a Tier pricing.json file")
+    if not path.is_file():
+        raise CliError(f"pricing file {pricing!r} not found")
+
+
+def _check_db(db: str) -> None:
+    """Refuse a ``--db`` that exists but is not a ledger file, before SQLite touches it."""
+
+    def not_ledger(why: str) -> CliError:
+        return CliError(f"{db} is not a usage ledger (SQLite) file ({why}); pass --db PATH")
+
+    path = Path(db)
+    if path.is_dir():
+        raise not_ledger("it is a directory")
+    if not path.exists():
+        return
+    try:
+        with open(path, "rb") as file:
+            header = file.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise not_ledger(f"cannot read it: {exc.strerror or exc}") from None
+    if not header:
+        return  # an empty file: SQLite makes it a ledger
+    if header != _SQLITE_HEADER:
+        raise not_ledger("not a SQLite database")
+    try:
+        probe = sqlite3.connect(path)
+        try:
+            tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master")}
+        finally:
+            probe.close()
+    except sqlite3.Error as exc:
+        raise not_ledger(f"SQLite says: {exc}") from None
+    if tables and not {"meta", "subscriptions", "usage"} <= tables:
+        raise not_ledger("it holds other tables" + (", an outbox" if "outbox" in tables else ""))
+
+
 def _ledger(args: argparse.Namespace, *, must_exist: bool = False) -> LocalLedger:
     from .ledger.local import LocalLedger
 
-    if args.pricing is not None and not Path(args.pricing).is_file():
-        raise CliError(f"pricing file {args.pricing!r} not found")
+    _check_pricing_path(args.pricing)
+    _check_db(args.db)
     if must_exist and args.pricing is None and not Path(args.db).exists():
         raise CliError(
             f"no ledger at {args.db!r}: pass --db PATH, or create it with "
@@ -180,8 +228,7 @@ def _cmd_plans(args: argparse.Namespace) -> int:
     from .pricing import load_pricing
 
     if args.pricing is not None:
-        if not Path(args.pricing).is_file():
-            raise CliError(f"pricing file {args.pricing!r} not found")
+        _check_pricing_path(args.pricing)
         print(render_plans(load_pricing(Path(args.pricing))))
         return 0
     print(render_plans(_stored_pricing(args.db)))
@@ -192,11 +239,12 @@ def _stored_pricing(db: str) -> Pricing:
     """The pricing stored in the ledger file ``db`` (read in one short transaction)."""
     from .ledger.store import LedgerStore
 
+    _check_db(db)
     if not Path(db).exists():
         raise CliError(
             f"no ledger at {db!r} to read plans from: pass --pricing FILE (or --db PATH)"
         )
-    store = LedgerStore(db, f"cli-{os.getpid()}", lease_size=1, lease_ttl=1.0)
+    store = LedgerStore(db, f"cli-{os.getpid()}", lease_ttl=1.0)
     store.open(None)
     try:
         pricing = store.pricing
@@ -209,10 +257,17 @@ def _stored_pricing(db: str) -> Pricing:
 
 def _cmd_subscribe(args: argparse.Namespace) -> Awaitable[int]:
     customer = check_customer(args.customer)
+    if args.pricing is None and not Path(args.db).exists():
+        raise CliError(
+            f"no ledger at {args.db!r} and no pricing to create it with: pass --pricing FILE "
+            "(a Tier pricing.json)"
+        )
     ledger = _ledger(args)
 
     async def run() -> int:
         async with ledger:
+            if ledger.pricing is None:
+                raise CliError(f"the ledger at {args.db!r} has no pricing: pass --pricing FILE")
             await ledger.subscribe(customer, args.plan)
         print(f"{customer} is on {args.plan}")
         return 0
@@ -228,7 +283,14 @@ def _cmd_grant(args: argparse.Namespace) -> Awaitable[int]:
     async def run() -> int:
         async with ledger:
             balance = await ledger.grant(customer, feature, args.units)
+            pricing = ledger.pricing
         print(f"granted {args.units} units of {feature} to {customer}; credit balance {balance}")
+        if pricing is not None and not any(feature in p.features for p in pricing.plans.values()):
+            print(
+                f"{PROG}: note: {feature} is in no plan of the pricing (a typo?); the credits "
+                "are kept, and a route metering that feature can spend them",
+                file=sys.stderr,
+            )
         return 0
 
     return run()
@@ -252,10 +314,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo()
-
-
-#: The most units one ``grant`` takes (as ``models.check_units`` allows per call).
-MAX_UNITS = 10**15
 
 
 def _positive_units(text: str) -> int:
@@ -304,23 +362,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a Tier pricing.json (default: $USAGE_PRICING, else the one stored in the ledger)",
     )
+    # The same options after the command (`show org:acme --db x.db`); SUPPRESS keeps the
+    # value given before the command (or the default) when they are not repeated.
+    ledger_options = _Parser(add_help=False)
+    ledger_options.add_argument("--db", default=argparse.SUPPRESS, metavar="PATH", help="as above")
+    ledger_options.add_argument(
+        "--pricing", default=argparse.SUPPRESS, metavar="PATH", help="as above"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    p = sub.add_parser("plans", help="list the plans, features, limits and intervals")
+    p = sub.add_parser(
+        "plans", parents=[ledger_options], help="list the plans, features, limits and intervals"
+    )
     p.set_defaults(func=_cmd_plans)
 
-    p = sub.add_parser("subscribe", help="put a customer on a plan")
+    p = sub.add_parser("subscribe", parents=[ledger_options], help="put a customer on a plan")
     p.add_argument("customer", metavar="CUSTOMER", help="customer id, e.g. org:acme")
     p.add_argument("plan", metavar="PLAN", help="plan name, e.g. plan:free@1")
     p.set_defaults(func=_cmd_subscribe)
 
-    p = sub.add_parser("grant", help="credit units of a feature to a customer")
+    p = sub.add_parser(
+        "grant", parents=[ledger_options], help="credit units of a feature to a customer"
+    )
     p.add_argument("customer", metavar="CUSTOMER", help="customer id, e.g. org:acme")
     p.add_argument("feature", metavar="FEATURE", help="feature name, e.g. feature:convert")
     p.add_argument("units", metavar="UNITS", type=_positive_units, help="whole units > 0")
     p.set_defaults(func=_cmd_grant)
 
-    p = sub.add_parser("show", help="a customer's limits, usage and credits")
+    p = sub.add_parser(
+        "show", parents=[ledger_options], help="a customer's limits, usage and credits"
+    )
     p.add_argument("customer", metavar="CUSTOMER", help="customer id, e.g. org:acme")
     p.set_defaults(func=_cmd_show)
 
@@ -334,7 +405,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _clip(text: str, limit: int = 60) -> str:
+#: Characters of a customer id shown in an error message (then ``…``).
+_CLIP = 60
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's command names, in the order they were added."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
+def _clip(text: str, limit: int = _CLIP) -> str:
     """``text`` cut to its first ``limit`` characters plus ``…`` when longer."""
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -346,19 +429,26 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``usage-middleware`` with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    args: argparse.Namespace | None = None
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         func: Command | None = getattr(args, "func", None)
         if func is None:
             raise CliError(
-                f"choose a command: plans, subscribe, grant, show, demo (see '{PROG} --help')"
+                f"choose a command: {', '.join(_commands(parser))} (see '{PROG} --help')"
             )
         result = func(args)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
         return int(result)
     except (CliError, UsageMiddlewareError, ValueError, OSError, sqlite3.Error) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        message = _one_line(exc)
+        customer = getattr(args, "customer", None)
+        if isinstance(customer, str) and len(customer) > _CLIP:  # one readable line
+            for text in (repr(customer)[1:-1], customer):
+                message = message.replace(text, _clip(customer))
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
