@@ -125,6 +125,24 @@ def test_to_json_round_trips() -> None:
         (plan_with({"aggregate": "avg"}), r"aggregate 'avg' is not one of sum, max"),
         (plan_with({"divide": {"by": 2, "round": "up"}}), r"'divide': unknown key 'round'"),
         (plan_with({"divide": {"rounding": "down"}}), r"divide.rounding must be 'up'"),
+        (plan_with({"tiers": [{"upto": 10**23}]}), r"tiers\[0\]: 'upto' 1000.* is above 9223"),
+        (plan_with({"tiers": [{"upto": 2**63}]}), r"'upto' 9223372036854775808 is above"),
+        (plan_with({"tiers": [{"upto": 1e23}]}), r"tiers\[0\]: 'upto' must be a whole number"),
+        (
+            plan_with({"tiers": [{"upto": 50}, {"upto": 10}]}),
+            r"feature 'feature:x' tiers\[1\]: 'upto' 10 is not above the previous tier's 50; "
+            r"list tiers in ascending 'upto' order",
+        ),
+        (plan_with({"tiers": [{"upto": 5}, {"upto": 5}]}), r"tiers\[1\]: 'upto' 5 is not above"),
+        (
+            plan_with({"tiers": [{"price": 1}, {"upto": 100}]}),
+            r"tiers\[0\]: only the last tier may leave out 'upto'",
+        ),
+        (plan_with({"tiers": [{}, {}]}), r"tiers\[0\]: only the last tier may leave out"),
+        (plan_with({"tiers": [{"price": -0.01}]}), r"tiers\[0\]: 'price' must be >= 0"),
+        (plan_with({"tiers": [{"base": -1}]}), r"tiers\[0\]: 'base' must be >= 0"),
+        (plan_with({"base": -100}), r"feature 'feature:x': 'base' must be >= 0"),
+        (plan_with({"tiers": [{"price": float("nan")}]}), r"'price' must be a finite number"),
     ],
 )
 def test_bad_pricing_names_the_plan_feature_and_fix(document: object, expected: str) -> None:
@@ -203,3 +221,61 @@ def test_period_bounds_reject_naive_times_and_bad_intervals() -> None:
         period_bounds("@daily", datetime(2026, 3, 1))
     with pytest.raises(ValueError, match="interval"):
         period_bounds("@hourly", datetime(2026, 3, 1, tzinfo=UTC))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '{"plans": {"plan:free@1": {}, "plan:free@1": {"features": {}}}}',
+            r"pricing: 'plans': key 'plan:free@1' appears more than once",
+        ),
+        (
+            '{"plans": {"plan:free@1": {"features": {"feature:x": {"tiers": [{"upto": 5}]},'
+            ' "feature:x": {}}}}}',
+            r"plan 'plan:free@1': 'features': key 'feature:x' appears more than once",
+        ),
+        (
+            '{"plans": {"plan:free@1": {"features": {"feature:x": {"tiers": [{"upto": 5,'
+            ' "upto": 500}]}}}}}',
+            r"tiers\[0\]: key 'upto' appears more than once",
+        ),
+    ],
+)
+def test_duplicate_keys_in_json_text_are_errors(
+    tmp_path: pathlib.Path, text: str, expected: str
+) -> None:
+    """A plan, feature or any key given twice in the JSON text is refused (not last-wins)."""
+    with pytest.raises(PricingError, match=expected):
+        loads_pricing(text)
+    path = tmp_path / "pricing.json"
+    path.write_text(text)
+    with pytest.raises(PricingError, match=expected.replace("pricing: ", "")):
+        load_pricing(path)
+
+
+def test_empty_or_missing_tiers_and_an_open_last_tier_are_unlimited() -> None:
+    """No tiers, empty tiers, or an open-ended last tier: limit UNLIMITED (Tier: limit Inf)."""
+    pricing = load_pricing(
+        {
+            "plans": {
+                "plan:free@1": {
+                    "features": {
+                        "feature:a": {},
+                        "feature:b": {"tiers": []},
+                        "feature:c": {"tiers": [{"upto": 1}, {"upto": 9}, {"price": 2}]},
+                        "feature:d": {"tiers": [{"upto": 1}, {"upto": UNLIMITED}]},
+                        "feature:e": {"tiers": [{"upto": 0}, {"upto": 7, "price": 0}]},
+                    }
+                }
+            }
+        }
+    )
+    limits = {n: f.limit for n, f in pricing.plans["plan:free@1"].features.items()}
+    assert limits == {
+        "feature:a": UNLIMITED,
+        "feature:b": UNLIMITED,
+        "feature:c": UNLIMITED,
+        "feature:d": UNLIMITED,
+        "feature:e": 7,
+    }

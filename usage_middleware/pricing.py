@@ -9,14 +9,19 @@ What the ledgers take from it (Tier's own rules, reference ``tier.md`` §2 "limi
 
 * plan names are ``plan:<name>@<version>`` (``[a-zA-Z0-9:]+`` then ``@[a-zA-Z0-9]+``);
   feature names are ``feature:[a-zA-Z0-9:]+``.
-* A feature's limit is the largest ``upto`` across its tiers, in units per period. A tier
-  without ``upto``, or a feature without tiers, means unlimited
-  (:data:`~usage_middleware.models.UNLIMITED`).
+* Tiers are listed in ascending ``upto`` order; only the last may leave ``upto`` out
+  (open-ended). ``upto`` is a whole number from 0 to 2**63-1.
+* A feature's limit is the largest (last) ``upto``, in units per period. A last tier
+  without ``upto``, or a feature with no or empty ``tiers``, means unlimited
+  (:data:`~usage_middleware.models.UNLIMITED`) -- as Tier, where a licensed feature without
+  tiers has limit Inf.
 * ``interval`` (``@daily``, ``@weekly``, ``@monthly``, ``@yearly``) is the usage period; a
   plan without one gets ``@monthly``, Tier's default.
 
 Validation is hand-written and as strict as Tier's decoder (unknown keys are errors, also
-inside ``divide``, which the published schema leaves open by mistake). ``price``, ``base``,
+inside ``divide``, which the published schema leaves open by mistake; so is a key given
+twice in one object of a pricing read from text). ``price`` and ``base`` must be finite
+numbers >= 0. ``price``, ``base``,
 ``mode``, ``aggregate``, ``currency`` and ``divide`` are checked for shape but not used by
 the ledgers: a ledger always sums units per period.
 """
@@ -24,6 +29,7 @@ the ledgers: a ledger always sums units per period.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -166,7 +172,7 @@ def loads_pricing(text: str, *, origin: str = "pricing") -> Pricing:
         PricingError: as :func:`load_pricing`.
     """
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=_Decoded.from_pairs)
     except json.JSONDecodeError as exc:
         raise PricingError(
             f"{origin} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -260,7 +266,7 @@ def _limit(document: object, where: str) -> int:
             raise PricingError(
                 f"{where}: {key} {feature[key]!r} is not one of {', '.join(_ENUMS[key])}"
             )
-    _number(feature.get("base", 0), f"{where}: 'base'")
+    _amount(feature.get("base", 0), f"{where}: 'base'")
     if "divide" in feature:
         divide = _object(feature["divide"], f"{where}: 'divide'", 'an object like {"by": 100}')
         _keys(divide, _DIVIDE_KEYS, f"{where}: 'divide'")
@@ -270,15 +276,15 @@ def _limit(document: object, where: str) -> int:
     tiers = feature.get("tiers", [])
     if not isinstance(tiers, list):
         raise PricingError(f"{where}: 'tiers' must be a list of tiers, got {_kind(tiers)}")
-    limit = 0 if tiers else UNLIMITED
+    uptos: list[int | None] = []
     for index, tier_doc in enumerate(tiers):
         tier_where = f"{where} tiers[{index}]"
         tier = _object(tier_doc, tier_where, 'an object like {"upto": 100, "price": 0.01}')
         _keys(tier, _TIER_KEYS, tier_where)
-        _number(tier.get("price", 0), f"{tier_where}: 'price'")
-        _number(tier.get("base", 0), f"{tier_where}: 'base'")
+        _amount(tier.get("price", 0), f"{tier_where}: 'price'")
+        _amount(tier.get("base", 0), f"{tier_where}: 'base'")
         if "upto" not in tier:
-            limit = UNLIMITED
+            uptos.append(None)
             continue
         upto = tier["upto"]
         if isinstance(upto, bool) or not isinstance(upto, int) or upto < 0:
@@ -286,8 +292,28 @@ def _limit(document: object, where: str) -> int:
                 f"{tier_where}: 'upto' must be a whole number of units >= 0, got {upto!r}; "
                 "leave 'upto' out for no limit"
             )
-        limit = max(limit, min(upto, UNLIMITED))
-    return limit
+        if upto > UNLIMITED:
+            raise PricingError(
+                f"{tier_where}: 'upto' {upto} is above {UNLIMITED} (2**63-1), the most a ledger "
+                "can count; lower it, or leave 'upto' out of the last tier for no limit"
+            )
+        uptos.append(upto)
+    for index, upto in enumerate(uptos[:-1]):
+        if upto is None:
+            raise PricingError(
+                f"{where} tiers[{index}]: only the last tier may leave out 'upto' (no limit); "
+                "give this tier an 'upto', or move it to the end"
+            )
+        following = uptos[index + 1]
+        if following is not None and following <= upto:
+            raise PricingError(
+                f"{where} tiers[{index + 1}]: 'upto' {following} is not above the previous "
+                f"tier's {upto}; list tiers in ascending 'upto' order"
+            )
+    # No tiers, or a last tier without 'upto': unlimited. Else the last (largest) upto.
+    if not uptos or uptos[-1] is None:
+        return UNLIMITED
+    return uptos[-1]
 
 
 def _check_plan_name(name: object, origin: str) -> None:
@@ -303,9 +329,32 @@ def _check_plan_name(name: object, origin: str) -> None:
     raise PricingError(f"{origin}: plan {name!r}: {why} (Tier's naming rule)")
 
 
+class _Decoded(dict[str, Any]):
+    """A JSON object as decoded from text, remembering the keys it had more than once."""
+
+    __slots__ = ("duplicates",)
+
+    duplicates: list[str]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> _Decoded:
+        decoded = cls()
+        decoded.duplicates = []
+        for key, value in pairs:
+            if key in decoded:
+                decoded.duplicates.append(key)
+            decoded[key] = value
+        return decoded
+
+
 def _object(value: object, where: str, expected: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
         raise PricingError(f"{where} must be {expected}, got {_kind(value)}")
+    if isinstance(value, _Decoded) and value.duplicates:
+        raise PricingError(
+            f"{where}: key {value.duplicates[0]!r} appears more than once (JSON would keep "
+            "only the last); merge the two or rename one"
+        )
     return value
 
 
@@ -325,6 +374,15 @@ def _string(value: object, where: str) -> None:
 def _number(value: object, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise PricingError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise PricingError(f"{where} must be a finite number, got {value!r}")
+
+
+def _amount(value: object, where: str) -> None:
+    """A price or base: a finite number >= 0."""
+    _number(value, where)
+    if cast(float, value) < 0:
+        raise PricingError(f"{where} must be >= 0 (an amount charged), got {value!r}")
 
 
 def _kind(value: object) -> str:
