@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -966,3 +967,70 @@ async def test_end_to_end_charges_served_requests_only(fake: FakeTier, tmp_path:
     assert fake.used("org:acme", "feature:convert") == 4
     assert fake.used("org:small", "feature:convert") == 0
     assert fake.used("org:other", "feature:convert") == 2
+
+
+def _seats_app(provider: Any) -> Any:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from usage_middleware.customers import customer_from_header
+    from usage_middleware.decorator import metered
+    from usage_middleware.middleware import UsageMiddleware
+
+    def seats(request: Any) -> int:
+        return int(request.query_params["n"])
+
+    @metered("feature:seats", units=seats, clobber=True)
+    async def set_seats(request: Any) -> JSONResponse:
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/seats", set_seats, methods=["POST"])])
+    return UsageMiddleware(app, provider=provider, customer=customer_from_header("x-org"))
+
+
+async def test_metered_clobber_sets_usage_in_tier(fake: FakeTier, tmp_path: Path) -> None:
+    """@metered(clobber=True): a set within the limit is served and reported as clobber:true
+    (the count becomes n, not used + n); a set above the limit is refused with 402."""
+    fake.add_org("org:acme", {"feature:seats": 10})
+    tier = TierProvider(FAKE_URL, client=fake.client(), outbox=tmp_path / "outbox.db")
+    transport = httpx.ASGITransport(app=_seats_app(tier))
+    headers = {"x-org": "org:acme"}
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as http:
+            assert (await http.post("/seats?n=7", headers=headers)).status_code == 200
+            await drain(tier)
+            assert (await http.post("/seats?n=4", headers=headers)).status_code == 200
+            await drain(tier)
+            refused = await http.post("/seats?n=11", headers=headers)
+            assert refused.status_code == 402
+    finally:
+        await tier.aclose()
+    assert fake.used("org:acme", "feature:seats") == 4
+    assert [(r["n"], r["clobber"]) for r in fake.reports] == [(7, True), (4, True)]
+
+
+async def test_clobber_on_a_provider_that_only_adds_fails_at_start_up(tmp_path: Path) -> None:
+    """@metered(clobber=True) with LocalLedger: the lifespan start-up fails, naming the fix."""
+    from usage_middleware.ledger import LocalLedger
+
+    app = _seats_app(LocalLedger(tmp_path / "usage.db"))
+    sent: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    messages: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    messages.put_nowait({"type": "lifespan.startup"})
+
+    async def send(message: dict[str, Any]) -> None:
+        await sent.put(message)
+
+    task = asyncio.create_task(
+        app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, messages.get, send)
+    )
+    try:
+        first = await asyncio.wait_for(sent.get(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await app.provider.aclose()
+    assert first["type"] == "lifespan.startup.failed"
+    assert "clobber=True" in first["message"] and "TierProvider" in first["message"]

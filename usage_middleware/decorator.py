@@ -112,10 +112,11 @@ class _MeteredDecorator(Protocol):
 class _Spec:
     """One metered feature: its name and how to get the units for a request."""
 
-    __slots__ = ("feature", "units", "units_async", "units_fn")
+    __slots__ = ("clobber", "feature", "units", "units_async", "units_fn")
 
-    def __init__(self, feature: str, units: int | UnitsFunction) -> None:
+    def __init__(self, feature: str, units: int | UnitsFunction, clobber: bool = False) -> None:
         self.feature = feature
+        self.clobber = clobber
         if callable(units):
             self.units = 0
             self.units_fn: UnitsFunction | None = units
@@ -143,7 +144,9 @@ class _Spec:
         return f"metered({self.feature!r}, units={units!r})"
 
 
-def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
+def metered(
+    feature: str, units: int | UnitsFunction = 1, *, clobber: bool = False
+) -> _MeteredDecorator:
     """Meter an endpoint: reserve ``units`` of ``feature`` before it runs, charge after.
 
     Args:
@@ -151,6 +154,10 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
         units: units of usage one request uses: an int from 1 to
             :data:`~usage_middleware.models.MAX_UNITS`, or a sync or async callable of the
             request returning one.
+        clobber: the charge *sets* the period's usage of the feature to ``units`` instead
+            of adding to it (Tier's ``clobber``: seats, storage, other gauges); allowed
+            when ``units`` is within the limit. Only providers that support it (Tier);
+            start-up fails with ``ConfigurationError`` on any other.
 
     Returns a decorator turning the endpoint into an ``async def`` wrapper (see the module
     docstring for what it keeps and how it behaves).
@@ -176,7 +183,9 @@ def metered(feature: str, units: int | UnitsFunction = 1) -> _MeteredDecorator:
         )
     if callable(units):
         _check_units_callable(feature, units)
-    spec = _Spec(feature, units)
+    if not isinstance(clobber, bool):
+        raise ConfigurationError(f"@metered({feature!r}, clobber=...) must be a bool")
+    spec = _Spec(feature, units, clobber)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         specs: tuple[_Spec, ...] = (spec,)

@@ -64,7 +64,7 @@ from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .models import MAX_UNITS, Reservation
 from .providers.base import FailurePolicy, Provider
-from .routes import document_routes, misplaced_endpoints
+from .routes import clobber_endpoints, document_routes, misplaced_endpoints
 
 if TYPE_CHECKING:
     from asgiref.typing import HTTPScope
@@ -94,6 +94,10 @@ class UnitsSpec(Protocol):
 
     @property
     def feature(self) -> str: ...
+
+    @property
+    def clobber(self) -> bool:
+        """Whether the charge sets the period's usage (``@metered(..., clobber=True)``)."""
 
     @property
     def units(self) -> int:
@@ -340,7 +344,12 @@ class UsageMiddleware:
         scope = cast("HTTPScope", request.scope)
         for spec, units in zip(specs, units_of, strict=True):
             try:
-                reservation = await provider.reserve(customer, spec.feature, units, scope=scope)
+                if getattr(spec, "clobber", False):
+                    reservation = await provider.reserve(
+                        customer, spec.feature, units, scope=scope, clobber=True
+                    )
+                else:
+                    reservation = await provider.reserve(customer, spec.feature, units, scope=scope)
             except Exception as exc:
                 if self.failure_policy == "open":
                     logger.exception(
@@ -481,6 +490,14 @@ class UsageMiddleware:
                 "not metered: " + ", ".join(misplaced) + ". Put @metered(...) directly "
                 "above the function, below @app.get(...)/@router.post(...)."
             )
+        if not self.provider.supports_clobber:
+            clobbering = clobber_endpoints(self.app)
+            if clobbering:
+                raise ConfigurationError(
+                    f"@metered(..., clobber=True) on {', '.join(clobbering)} needs a provider "
+                    f"that can set usage (TierProvider); {type(self.provider).__name__} only "
+                    "adds. Drop clobber=True or change the provider."
+                )
         try:
             document_routes(self.app)
         except Exception:  # documentation is best effort; never break a request

@@ -29,6 +29,7 @@ from typing import Any
 __all__ = [
     "MARK_ATTR",
     "WRAPPER_ATTR",
+    "clobber_endpoints",
     "document_routes",
     "iter_endpoints",
     "metered_features",
@@ -123,6 +124,17 @@ def misplaced_endpoints(app: object) -> list[str]:
             path = getattr(route, "path", "?")
             problems.append(f"{name} (path {path!r})")
     return problems
+
+
+def clobber_endpoints(app: object) -> list[str]:
+    """Describe every endpoint with a ``@metered(..., clobber=True)`` feature."""
+    found: list[str] = []
+    for route, endpoint in iter_endpoints(app):
+        specs = getattr(endpoint, "__usage_specs__", ())
+        if any(getattr(spec, "clobber", False) for spec in specs):
+            name = getattr(endpoint, "__qualname__", repr(endpoint))
+            found.append(f"{name} (path {getattr(route, 'path', '?')!r})")
+    return found
 
 
 def _problem_response(features: tuple[str, ...]) -> dict[str, Any]:

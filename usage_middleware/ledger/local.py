@@ -409,7 +409,13 @@ class LocalLedger(Ledger):
     # -- the hot path --------------------------------------------------------------------
 
     async def reserve(
-        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+        self,
+        customer: str,
+        feature: str,
+        units: int = 1,
+        *,
+        scope: HTTPScope | None = None,
+        clobber: bool = False,
     ) -> Reservation:
         """Check and hold ``units`` of ``feature`` for one request of ``customer``.
 
@@ -426,6 +432,11 @@ class LocalLedger(Ledger):
             ValueError: malformed customer id or units.
             ConfigurationError: malformed feature name.
         """
+        if clobber:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot set usage (clobber) on a request; use "
+                "report([UsageEvent(..., clobber=True)]) for that"
+            )
         slot = self._current.get((customer, feature))
         if slot is not None and type(units) is int and units > 0:
             now = self._clock()

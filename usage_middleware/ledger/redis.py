@@ -399,7 +399,13 @@ class RedisLedger(Ledger):
     # -- the hot path --------------------------------------------------------------------
 
     async def reserve(
-        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+        self,
+        customer: str,
+        feature: str,
+        units: int = 1,
+        *,
+        scope: HTTPScope | None = None,
+        clobber: bool = False,
     ) -> Reservation:
         """Check and hold ``units`` of ``feature`` for ``customer`` (one script call).
 
@@ -412,6 +418,11 @@ class RedisLedger(Ledger):
             ValueError: malformed customer id or units.
             ConfigurationError: malformed feature name.
         """
+        if clobber:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot set usage (clobber) on a request; use "
+                "report([UsageEvent(..., clobber=True)]) for that"
+            )
         return await self._check(customer, feature, units, hold=True)
 
     async def can(self, customer: str, feature: str, units: int = 1) -> Answer:

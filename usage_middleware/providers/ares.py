@@ -651,13 +651,24 @@ class AresProvider(RemoteProvider):
         )
 
     async def reserve(
-        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+        self,
+        customer: str,
+        feature: str,
+        units: int = 1,
+        *,
+        scope: HTTPScope | None = None,
+        clobber: bool = False,
     ) -> Reservation:
         """Check and hold (``charge="after"``) or charge now (``charge="before"``).
 
         ``answer.ok`` False means nothing is held or charged: ``err`` None -> 402 (too few
         credits, no token, token refused), ``err`` set -> the check failed closed (503).
         """
+        if clobber:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot set usage (clobber) on a request; use "
+                "report([UsageEvent(..., clobber=True)]) for that"
+            )
         event = UsageEvent(customer, feature, units)  # validates all three
         if self.charge == "before":
             return await self._reserve_before(event, scope)

@@ -69,6 +69,10 @@ class Provider:
 
     max_batch: int = 1
     name: str = "provider"
+    #: Whether :meth:`reserve` takes ``clobber=True`` (a charge that *sets* the period's
+    #: usage, Tier's ``clobber``); ``@metered(..., clobber=True)`` is refused at start-up
+    #: for a provider without it.
+    supports_clobber: bool = False
 
     def __init__(self) -> None:
         self._state = ProviderState.NEW
@@ -134,7 +138,13 @@ class Provider:
     # -- reservations (overridden by ledgers) ----------------------------------------------
 
     async def reserve(
-        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+        self,
+        customer: str,
+        feature: str,
+        units: int = 1,
+        *,
+        scope: HTTPScope | None = None,
+        clobber: bool = False,
     ) -> Reservation:
         """Check and hold ``units`` for one request.
 
@@ -142,12 +152,16 @@ class Provider:
             customer, feature, units: as :meth:`can`.
             scope: the request's ASGI scope, for providers that act for the signed-in user
                 (ARES reads the user's bearer token from it); ``None`` outside a request.
+            clobber: the charge sets the period's usage to ``units`` instead of adding to
+                it; only for providers with :attr:`supports_clobber`.
 
         Returns a :class:`Reservation` whose ``answer.ok`` says whether anything is held.
         The default asks :meth:`can` and holds nothing.
         """
         answer = await self.can(customer, feature, units)
-        return Reservation(answer=answer, event=UsageEvent(customer, feature, units))
+        return Reservation(
+            answer=answer, event=UsageEvent(customer, feature, units, clobber=clobber)
+        )
 
     async def prepare(self, reservation: Reservation) -> None:
         """Called just before the final 2xx body is sent; the charge is likely.

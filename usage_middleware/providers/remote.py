@@ -61,6 +61,7 @@ Delivery
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
@@ -576,12 +577,24 @@ class RemoteProvider(Provider):
         return answer
 
     async def reserve(
-        self, customer: str, feature: str, units: int = 1, *, scope: HTTPScope | None = None
+        self,
+        customer: str,
+        feature: str,
+        units: int = 1,
+        *,
+        scope: HTTPScope | None = None,
+        clobber: bool = False,
     ) -> Reservation:
         """Check as :meth:`can` and hold ``units`` in flight when allowed (or failed open).
 
+        With ``clobber`` (providers with ``supports_clobber``) the charge sets the period's
+        usage to ``units``: it is allowed when ``units`` is within the limit, whatever was
+        used before, and holds nothing against the balance.
+
         Returns a :class:`Reservation`; ``answer.ok`` False means nothing is held.
         """
+        if clobber:
+            return await self._reserve_clobber(customer, feature, units, scope)
         # The warm path: a cached answer that allows it. Only a checked customer and
         # feature can be in the cache, so nothing needs validating but the units; the
         # Answer and the event are built when first read (the middleware reads neither).
@@ -616,6 +629,33 @@ class RemoteProvider(Provider):
         if held is not None:
             self._holding += 1
         return Reservation(answer=answer, event=event, token=held)
+
+    async def _reserve_clobber(
+        self, customer: str, feature: str, units: int, scope: HTTPScope | None
+    ) -> Reservation:
+        if not self.supports_clobber:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot set usage (clobber); report increments instead"
+            )
+        event = UsageEvent(customer, feature, units, clobber=True)  # validates all three
+        answer = await self.can(customer, feature, 1, scope=scope)
+        if answer.err is None and answer.limit is not None:
+            ok = answer.limit >= UNLIMITED or units <= answer.limit
+            answer = dataclasses.replace(
+                answer,
+                ok=ok,
+                units=units,
+                remaining=None,
+                reason=None if ok else f"{units} unit(s) exceed the limit of {answer.limit}",
+            )
+        else:
+            answer = dataclasses.replace(answer, units=units)
+        if not answer.ok:
+            return Reservation(answer=answer, event=event)
+        self._holding += 1
+        return Reservation(
+            answer=answer, event=event, token=_Hold(self._account((customer, feature)), 0)
+        )
 
     def _held_answer(self, reservation: Reservation) -> Answer:
         """The answer of a warm reservation (numbers as of :meth:`reserve`), built lazily."""

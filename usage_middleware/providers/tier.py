@@ -256,6 +256,7 @@ class TierProvider(RemoteProvider):
 
     name = "tier"
     max_batch = 1
+    supports_clobber = True
     #: Seconds until a delivered report shows in ``/v1/limits``. The sidecar has no cache
     #: (§2: each call reads Stripe's upcoming invoice, and legacy usage records are
     #: written synchronously), so this is a small safety margin: for this long after a
