@@ -525,3 +525,19 @@ def test_without_redis_py_the_package_imports_and_the_ledger_names_the_extra() -
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     ).stdout
     assert "install usage-middleware[redis]" in out
+
+
+async def test_a_pricing_that_drops_a_subscribed_plan_is_refused(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """Opening with a pricing that lacks a plan customers are on fails, naming plan and
+    count; the stored pricing is left as it was."""
+    async with opened(server, tmp_path) as ledger:
+        plan = next(iter(PRICING["plans"]))
+        await ledger.subscribe(ACME, plan)
+    other = {"plans": {"plan:other@1": {"features": {CONVERT: {"tiers": [{"upto": 3}]}}}}}
+    ledger = RedisLedger(server.url, pricing=other, spool=tmp_path / "spool-x.db")
+    with pytest.raises(ConfigurationError, match=rf"{plan} \(1 customers\)"):
+        await ledger.open()
+    async with opened(server, tmp_path) as again:  # the original pricing still works
+        assert await again.usage(ACME)

@@ -370,6 +370,9 @@ class RedisLedger(Ledger):
             await super().open()
             try:
                 await self._sync_pricing()
+            except ConfigurationError:  # the pricing would cut customers off: refuse to start
+                await self.aclose()
+                raise
             except Exception as exc:  # retried by the upkeep task and on first use
                 if isinstance(exc, self._unreachable):
                     self._trip(exc)
@@ -852,6 +855,7 @@ class RedisLedger(Ledger):
         if self._pricing_given:
             if not self._synced:
                 assert self._pricing is not None
+                await self._refuse_dropped_plans(key, self._pricing)
                 await client.set(key, self._pricing.to_json())
                 self._synced = True
             return
@@ -862,6 +866,35 @@ class RedisLedger(Ledger):
             self._pricing_json = text
             self._terms_cache.clear()
         self._synced = True
+
+    async def _refuse_dropped_plans(self, key: str, pricing: Pricing) -> None:
+        """Raise ``ConfigurationError`` if ``pricing`` drops a stored plan customers are on.
+
+        Like the SQLite ledger: replacing the pricing must not silently cut off paying
+        customers. Scans the subscription keys (``SCAN``, once, when the pricing changes).
+        """
+        client = self._client
+        assert client is not None
+        raw = await client.get(key)
+        if raw is None:
+            return
+        stored = loads_pricing(raw if isinstance(raw, str) else raw.decode(), origin="stored")
+        dropped = set(stored.plans) - set(pricing.plans)
+        if not dropped:
+            return
+        counts: dict[str, int] = {}
+        async for sub_key in client.scan_iter(match=f"{self._prefix}{{*}}:sub", count=1000):
+            plan = await client.hget(sub_key, "plan")
+            name = plan if plan is None or isinstance(plan, str) else plan.decode()
+            if name in dropped:
+                counts[name] = counts.get(name, 0) + 1
+        if counts:
+            listed = ", ".join(f"{plan} ({n} customers)" for plan, n in sorted(counts.items()))
+            raise ConfigurationError(
+                f"the new pricing drops plans customers are still on: {listed}. Keep those "
+                "plans in the pricing, or move the customers to another plan first "
+                "(RedisLedger.subscribe)"
+            )
 
     async def _upkeep_loop(self) -> None:
         """Every tick: renew the holds of running requests, sync the pricing."""
