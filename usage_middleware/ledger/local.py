@@ -152,7 +152,8 @@ class _Slot:
     at the last transaction that read them; a refusal is repeated without I/O until
     ``denied_until`` for requests above ``available + spare``.
     ``block`` is the lease block this key asks for (units): ``lease_size``, doubled after
-    requests ran dry while a refill was in flight (``starved``). ``low_water``: refill
+    requests ran dry while a refill was in flight (``starved``) or after a block lasted
+    less than a tick (``leased_at``). ``low_water``: refill
     below this.
     Times (``fresh_until``, ``denied_until``, ``touched``) are ``time.monotonic()`` seconds.
     """
@@ -169,6 +170,7 @@ class _Slot:
         "fresh_until",
         "held",
         "known",
+        "leased_at",
         "limit",
         "low_water",
         "others",
@@ -209,6 +211,7 @@ class _Slot:
         self.refilling = False
         self.starved = False
         self.fresh_until = 0.0
+        self.leased_at = 0.0  # monotonic time of the last lease granted to this slot
         self.denied_until = 0.0
         self.touched = 0.0
         self.retired = False
@@ -776,9 +779,13 @@ class LocalLedger(Ledger):
             slot.spare = grant.spare
             slot.available += grant.take
             slot.block = max(slot.block, self._lease_size)
-            if slot.starved:
+            # A key that ran dry before its refill came back, or that needs a new block
+            # within a tick, is hot: double its block so leases stay rare (each one is a
+            # transaction). Near the limit the grant itself stays small (free // 4).
+            if slot.starved or (slot.leased_at and t - slot.leased_at < self._tick):
                 slot.block = min(2 * slot.block, _MAX_BLOCK * self._lease_size)
                 slot.starved = False
+            slot.leased_at = t
             slot.low_water = slot.block // 2 if grant.roomy else 0
             slot.fresh_until = t + self._fresh_for
             slot.denied_until = 0.0
