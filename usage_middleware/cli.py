@@ -47,6 +47,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from ._utils import sqlite_tables
 from .errors import UsageMiddlewareError
 from .models import MAX_UNITS, UNLIMITED, check_customer, check_feature
 
@@ -166,9 +167,6 @@ def render_plans(pricing: Pricing) -> str:
 # -- commands --------------------------------------------------------------------------
 
 
-_SQLITE_HEADER = b"SQLite format 3\x00"
-
-
 def _check_pricing_path(pricing: str | None) -> None:
     if pricing is None:
         return
@@ -191,22 +189,9 @@ def _check_db(db: str) -> None:
     if not path.exists():
         return
     try:
-        with open(path, "rb") as file:
-            header = file.read(len(_SQLITE_HEADER))
-    except OSError as exc:
-        raise not_ledger(f"cannot read it: {exc.strerror or exc}") from None
-    if not header:
-        return  # an empty file: SQLite makes it a ledger
-    if header != _SQLITE_HEADER:
-        raise not_ledger("not a SQLite database")
-    try:
-        probe = sqlite3.connect(path)
-        try:
-            tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master")}
-        finally:
-            probe.close()
-    except sqlite3.Error as exc:
-        raise not_ledger(f"SQLite says: {exc}") from None
+        tables = sqlite_tables(db)
+    except ValueError as exc:
+        raise not_ledger(str(exc)) from None
     if tables and not {"meta", "subscriptions", "usage"} <= tables:
         raise not_ledger("it holds other tables" + (", an outbox" if "outbox" in tables else ""))
 

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TextIO
 
+from ._utils import sqlite_tables
 from .cli import CliError
 from .outbox import Outbox, OutboxStatus
 
@@ -69,7 +70,6 @@ def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.Argument
         cmd.set_defaults(func=_retry if name == "retry" else _purge, _parser=cmd)
 
 
-_SQLITE_HEADER = b"SQLite format 3\x00"
 _TABLES = {"outbox", "dead_letters", "owners"}
 
 
@@ -90,20 +90,9 @@ def _open(args: argparse.Namespace) -> Outbox:
     if os.path.isdir(path):
         raise not_outbox("it is a directory")
     try:
-        with open(path, "rb") as file:
-            header = file.read(len(_SQLITE_HEADER))
-    except OSError as exc:
-        raise not_outbox(f"cannot read it: {exc.strerror or exc}") from None
-    if header != _SQLITE_HEADER:
-        raise not_outbox("not a SQLite database")
-    try:
-        probe = sqlite3.connect(path)
-        try:
-            tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master")}
-        finally:
-            probe.close()
-    except sqlite3.Error as exc:
-        raise not_outbox(f"SQLite says: {exc}") from None
+        tables = sqlite_tables(path)
+    except ValueError as exc:
+        raise not_outbox(str(exc)) from None
     if not _TABLES <= tables:
         kind = "a usage ledger" if "subscriptions" in tables else "no outbox tables"
         raise not_outbox(kind)
