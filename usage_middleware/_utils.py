@@ -6,8 +6,8 @@ import functools
 import inspect
 import os
 import sqlite3
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 __all__ = ["is_async_callable", "is_sqlite_busy", "sqlite_tables"]
 
