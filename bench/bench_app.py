@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
+from asgi_driver import Driver
 from asgiref.typing import HTTPScope
 from slowapi import Limiter, _rate_limit_exceeded_handler
 from slowapi.errors import RateLimitExceeded
@@ -143,86 +144,6 @@ def slowapi_app() -> ASGIApp:
     app.state.limiter = limiter
     app.add_exception_handler(RateLimitExceeded, _rate_limit_exceeded_handler)  # type: ignore[arg-type]
     return app
-
-
-def make_scope() -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/item",
-        "raw_path": b"/item",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [
-            (b"host", b"bench"),
-            (b"accept", b"application/json"),
-            (b"x-customer", CUSTOMER.encode()),
-        ],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-
-
-class Driver:
-    """Calls an ASGI app directly and counts 200 responses."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.ok = 0
-        self.other: dict[int, int] = {}
-
-    async def one(self) -> None:
-        status = 0
-        sent = False
-
-        async def receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await asyncio.Event().wait()  # never: the route does not read twice
-            raise AssertionError
-
-        async def send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-
-        await self.app(make_scope(), receive, send)
-        # One event-loop iteration per request, as under a real server: background work
-        # (the ledger's group commit, lease refills) runs during the measurement, not after.
-        await asyncio.sleep(0)
-        if status == 200:
-            self.ok += 1
-        else:
-            self.other[status] = self.other.get(status, 0) + 1
-
-    async def run_for(
-        self, seconds: float, concurrency: int, batch: int = 100
-    ) -> tuple[float, float]:
-        """Requests per wall-clock second and per CPU second (this process) over ``seconds``."""
-        done = 0
-        start = time.perf_counter()
-        cpu = time.process_time()
-        deadline = start + seconds
-        while True:
-            if concurrency == 1:
-                for _ in range(batch):
-                    await self.one()
-            else:
-                await asyncio.gather(*(self._worker(batch) for _ in range(concurrency)))
-            done += batch * concurrency
-            now = time.perf_counter()
-            if now >= deadline:
-                return done / (now - start), done / max(1e-9, time.process_time() - cpu)
-
-    async def _worker(self, n: int) -> None:
-        for _ in range(n):
-            await self.one()
 
 
 async def bench(args: argparse.Namespace) -> int:

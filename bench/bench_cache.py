@@ -44,6 +44,7 @@ from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from asgi_driver import Driver
 from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -139,80 +140,6 @@ def fastapi_metered_app(provider: RemoteProvider) -> ASGIApp:
 APPS = {"starlette": (bare_app, metered_app), "fastapi": (fastapi_bare_app, fastapi_metered_app)}
 
 
-def make_scope(customer: str) -> Scope:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/item",
-        "raw_path": b"/item",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"bench"), (b"x-customer", customer.encode())],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-        "state": {},
-    }
-
-
-class Driver:
-    """Calls an ASGI app directly; counts statuses; optionally records latencies."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.statuses: dict[int, int] = {}
-        self.latencies: list[float] = []
-
-    async def one(self, customer: str = "org:bench", timed: bool = False) -> int:
-        status = 0
-        sent = False
-
-        async def receive() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": b"", "more_body": False}
-            await asyncio.Event().wait()
-            raise AssertionError
-
-        async def send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-
-        start = time.perf_counter() if timed else 0.0
-        await self.app(make_scope(customer), receive, send)
-        # One event-loop iteration per request, as under a real server: background work
-        # (the outbox's group commit, the senders) runs during the measurement, not after.
-        await asyncio.sleep(0)
-        if timed:
-            self.latencies.append(time.perf_counter() - start)
-        self.statuses[status] = self.statuses.get(status, 0) + 1
-        return status
-
-    async def run_for(self, seconds: float, concurrency: int = 1, batch: int = 100) -> float:
-        """Requests per second over about ``seconds``, ``concurrency`` in flight."""
-        done = 0
-        start = time.perf_counter()
-        deadline = start + seconds
-        while True:
-            if concurrency == 1:
-                for _ in range(batch):
-                    await self.one()
-            else:
-                await asyncio.gather(*(self._worker(batch) for _ in range(concurrency)))
-            done += batch * concurrency
-            now = time.perf_counter()
-            if now >= deadline:
-                return done / (now - start)
-
-    async def _worker(self, n: int) -> None:
-        for _ in range(n):
-            await self.one()
-
-
 async def cycle_cost(provider: RemoteProvider, n: int = 5000) -> float:
     """Microseconds of one warm reserve + prepare + commit + one loop turn (best of 3)."""
     best = float("inf")
@@ -242,7 +169,7 @@ async def throughput(
         names = list(drivers)
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else names[::-1]:
-                rates[name].append(await drivers[name].run_for(args.seconds, args.concurrency))
+                rates[name].append((await drivers[name].run_for(args.seconds, args.concurrency))[0])
         bare = statistics.median(rates["bare"])
         met = statistics.median(rates["metered"])
         cost = await cycle_cost(provider)
