@@ -1034,3 +1034,9 @@ async def test_clobber_on_a_provider_that_only_adds_fails_at_start_up(tmp_path: 
         await app.provider.aclose()
     assert first["type"] == "lifespan.startup.failed"
     assert "clobber=True" in first["message"] and "TierProvider" in first["message"]
+
+
+def test_drain_timeout_reaches_the_outbox_reporter(tmp_path: Path) -> None:
+    """RemoteProvider(drain_timeout=...) sets how long the durable outbox drains at close."""
+    tier = TierProvider(FAKE_URL, drain_timeout=30, outbox=tmp_path / "outbox.db")
+    assert tier.make_reporter().drain_timeout == 30

@@ -345,7 +345,9 @@ class RemoteProvider(Provider):
         timeout: seconds every provider call may take (> 0).
         breaker_failures: consecutive failed checks that open the circuit breaker (>= 1).
         breaker_cooldown: seconds the breaker stays open before one probe (>= 0).
-        drain_timeout: seconds :meth:`aclose` waits for the in-memory queue (outbox=None).
+        drain_timeout: seconds :meth:`aclose` spends delivering what is queued (the
+            outbox's Reporter, or the in-memory queue with outbox=None); what is left stays
+            in the outbox for the next start.
         clock: monotonic seconds; tests inject a fake one.
 
     Raises:
@@ -475,7 +477,7 @@ class RemoteProvider(Provider):
 
         if self._outbox is None:
             raise ConfigurationError("make_reporter() needs an outbox path (outbox=None given)")
-        return Reporter(self, path=self._outbox)
+        return Reporter(self, path=self._outbox, drain_timeout=self.drain_timeout)
 
     @property
     def outbox(self) -> str | os.PathLike[str] | None:

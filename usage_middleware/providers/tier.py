@@ -359,7 +359,12 @@ class TierProvider(RemoteProvider):
         from ..reporter import Reporter
 
         assert self.outbox is not None
-        return Reporter(self, path=self.outbox, call_timeout=max(30.0, self.report_timeout + 5.0))
+        return Reporter(
+            self,
+            path=self.outbox,
+            call_timeout=max(30.0, self.report_timeout + 5.0),
+            drain_timeout=self.drain_timeout,
+        )
 
     # -- the provider hooks ---------------------------------------------------------------
 
