@@ -279,3 +279,9 @@ def test_empty_or_missing_tiers_and_an_open_last_tier_are_unlimited() -> None:
         "feature:d": UNLIMITED,
         "feature:e": 7,
     }
+
+
+def test_a_deeply_nested_document_is_a_pricing_error() -> None:
+    """JSON nested thousands deep is a PricingError, not a RecursionError traceback."""
+    with pytest.raises(PricingError, match="nested too deeply"):
+        loads_pricing('{"plans":' * 5000 + "1" + "}" * 5000)

@@ -177,6 +177,8 @@ def loads_pricing(text: str, *, origin: str = "pricing") -> Pricing:
         raise PricingError(
             f"{origin} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from None
+    except RecursionError:
+        raise PricingError(f"{origin} is nested too deeply to be a pricing.json") from None
     return _validate(document, origin=origin)
 
 
