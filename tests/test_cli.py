@@ -506,3 +506,21 @@ def test_grant_of_a_feature_in_no_plan_prints_a_note(
     assert err.startswith("usage-middleware: note: feature:convrt is in no plan")
     code, _, err = run(capsys, "--db", ledger_db, "grant", "org:acme", "feature:convert", "5")
     assert code == 0 and err == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("outbox", "status", "--limit", "99999999999999999999999"),
+        ("outbox", "retry", "99999999999999999999999"),
+        ("outbox", "purge", "-1"),
+    ],
+)
+def test_outbox_numbers_beyond_sqlite_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """Dead-letter ids and --limit beyond 2**63-1 (or negative) exit 2 with one line."""
+    code, _, err = run(capsys, *argv, "--outbox", tmp_path / "outbox.db")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("usage-middleware: error:")
+    assert "Traceback" not in err

@@ -59,13 +59,13 @@ def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     )
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument(
-        "--limit", type=int, default=50, metavar="N", help="dead letters to list (default 50)"
+        "--limit", type=_count, default=50, metavar="N", help="dead letters to list (default 50)"
     )
     status.set_defaults(func=_status)
 
     for name, verb in (("retry", "move back into the outbox"), ("purge", "delete for good")):
         cmd = commands.add_parser(name, parents=[common], help=f"dead letters: {verb}")
-        cmd.add_argument("ids", nargs="*", type=int, metavar="ID", help="dead letter ids")
+        cmd.add_argument("ids", nargs="*", type=_count, metavar="ID", help="dead letter ids")
         cmd.add_argument("--all", action="store_true", help="every dead letter")
         cmd.set_defaults(func=_retry if name == "retry" else _purge, _parser=cmd)
 
@@ -173,6 +173,13 @@ def _totals(st: OutboxStatus) -> dict[str, int]:
         "retried": sum(o.retried for o in st.owners),
         "dead_lettered": sum(o.dead_lettered for o in st.owners),
     }
+
+
+def _count(text: str) -> int:
+    """A whole number from 0 to 2**63-1 (what SQLite stores), for ids and --limit."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) >= 2**63:
+        raise argparse.ArgumentTypeError(f"{text[:30]!r} is not a whole number from 0 to 2**63-1")
+    return int(text)
 
 
 def _ids(args: argparse.Namespace) -> list[int] | None:
