@@ -705,3 +705,12 @@ async def test_subscribe_without_any_pricing_says_how_to_fix(tmp_path: pathlib.P
     async with LocalLedger(tmp_path / "usage.db") as ledger:
         with pytest.raises(LedgerError, match="pass pricing="):
             await ledger.subscribe(ACME, "plan:free@1")
+
+
+@pytest.mark.parametrize(
+    "option", [{"flush_interval": float("inf")}, {"lease_ttl": float("nan")}, {"lease_ttl": 0}]
+)
+def test_unbounded_timings_are_refused(tmp_path: pathlib.Path, option: dict[str, float]) -> None:
+    """flush_interval bounds the crash window and lease_ttl the leak: both must be finite."""
+    with pytest.raises(ValueError, match=r"finite"):
+        LocalLedger(tmp_path / "usage.db", **option)

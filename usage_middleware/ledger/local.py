@@ -86,6 +86,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import os
 import sqlite3
 import time
@@ -287,14 +288,21 @@ class LocalLedger(Ledger):
         super().__init__()
         check_units(lease_size, what="lease_size")
         for what, value in (("lease_ttl", lease_ttl), ("reservation_timeout", reservation_timeout)):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"{what} must be a number of seconds > 0, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf
+            ):
+                raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
         if (
             isinstance(flush_interval, bool)
             or not isinstance(flush_interval, int | float)
-            or flush_interval < 0
+            or not 0 <= flush_interval < math.inf
         ):
-            raise ValueError(f"flush_interval must be seconds >= 0, got {flush_interval!r}")
+            raise ValueError(
+                "flush_interval must be a finite number of seconds >= 0 (it bounds the crash "
+                f"window), got {flush_interval!r}"
+            )
         self.path = os.fspath(path)
         if pricing is not None and not isinstance(pricing, Pricing):
             pricing = load_pricing(pricing)

@@ -892,8 +892,9 @@ class RedisLedger(Ledger):
             listed = ", ".join(f"{plan} ({n} customers)" for plan, n in sorted(counts.items()))
             raise ConfigurationError(
                 f"the new pricing drops plans customers are still on: {listed}. Keep those "
-                "plans in the pricing, or move the customers to another plan first "
-                "(RedisLedger.subscribe)"
+                "plans in the pricing, or move the customers first: load a pricing with both "
+                "the old and the new plans, subscribe each customer to a new plan, then load "
+                "the pricing without the old plan"
             )
 
     async def _upkeep_loop(self) -> None:

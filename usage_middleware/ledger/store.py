@@ -244,8 +244,9 @@ class LedgerStore:
         on = ", ".join(f"{plan} ({n} customer{'' if n == 1 else 's'})" for plan, n in counts)
         raise ConfigurationError(
             f"the new pricing drops plans that customers of the ledger {self.path!r} are "
-            f"still on: {on}; keep those plans in the pricing, or first move the customers "
-            "to another plan with 'usage-middleware subscribe CUSTOMER PLAN'"
+            f"still on: {on}; keep those plans in the pricing, or move the customers first: "
+            "load a pricing with both the old and the new plans, 'usage-middleware subscribe "
+            "CUSTOMER NEWPLAN' each customer, then load the pricing without the old plan"
         )
 
     def wait_when_busy(self, wait: bool) -> None:
