@@ -51,15 +51,13 @@ class ConvertIn(BaseModel):
 
 
 def pages(request: Request) -> int:
-    """Units for /summarize: the `pages` query parameter.
-
-    A missing or malformed value counts 1 here; the route's own validation then answers
-    422, and a 4xx is never charged.
-    """
-    try:
-        return max(1, int(request.query_params.get("pages", "1")))
-    except ValueError:
-        return 1
+    """Units for /summarize: the `pages` query parameter, a whole number from 1 to 1000
+    (default 1). Anything else raises ValueError, which UsageMiddleware answers with a 400
+    problem before any check (nothing is reserved or charged)."""
+    raw = request.query_params.get("pages", "1")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
+        raise ValueError("pages must be a whole number from 1 to 1000")
+    return int(raw)
 
 
 @app.get("/health")

@@ -34,12 +34,13 @@ ledger = LocalLedger(DB, pricing=PRICING)
 
 
 def pages(request: Request) -> int:
-    """Units for /summarize: the `pages` query parameter (1 when absent or malformed;
-    the endpoint then answers 400, which is never charged)."""
-    try:
-        return max(1, int(request.query_params.get("pages", "1")))
-    except ValueError:
-        return 1
+    """Units for /summarize: the `pages` query parameter, a whole number from 1 to 1000
+    (default 1). Anything else raises ValueError, which UsageMiddleware answers with a 400
+    problem before any check (nothing is reserved or charged)."""
+    raw = request.query_params.get("pages", "1")
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
+        raise ValueError("pages must be a whole number from 1 to 1000")
+    return int(raw)
 
 
 async def health(request: Request) -> JSONResponse:
@@ -61,10 +62,9 @@ async def convert(request: Request) -> JSONResponse:
 @metered("feature:pages", units=pages)
 def summarize(request: Request) -> JSONResponse:
     # A plain `def` endpoint: Starlette runs it in the threadpool, metered all the same.
-    raw = request.query_params.get("pages", "1")
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        return JSONResponse({"detail": "pages must be a whole number 1-1000"}, status_code=400)
-    return JSONResponse({"pages": int(raw), "summary": f"{raw} page(s), summarised"})
+    # `pages` was validated by the units function before the check.
+    n = pages(request)
+    return JSONResponse({"pages": n, "summary": f"{n} page(s), summarised"})
 
 
 @metered("feature:generate")

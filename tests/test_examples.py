@@ -237,3 +237,14 @@ async def test_readme_quick_start_meters_as_described(
         rows = {row.feature: row.used for row in await ledger.usage(CUSTOMER)}
         assert rows["feature:convert"] == 1
         assert rows["feature:pages"] == 4
+
+
+@pytest.mark.parametrize("pages", ["²", "1_000", "1001", "0", "x"])
+async def test_malformed_pages_are_a_4xx_and_charge_nothing(
+    example: ModuleType, client: httpx.AsyncClient, pages: str
+) -> None:
+    """A page count that is not 1-1000 in ASCII digits is a 4xx (never a 500 or a 402) and
+    charges nothing, in both example apps."""
+    response = await client.post("/summarize", params={"pages": pages})
+    assert response.status_code in (400, 422), response.text
+    assert await used(example, "feature:pages") == (0, 0)

@@ -125,7 +125,7 @@ def quota_exceeded(answer: Answer, units: int) -> Response:
 
 
 def customer_required(
-    detail: str = "this route is metered and needs a customer",
+    detail: str = "this route is metered and needs one customer id; the request has none",
     *,
     www_authenticate: str | None = None,
 ) -> Response:
