@@ -86,7 +86,11 @@ def usage_rows(
         limit = 0 if plan_feature is None else plan_feature.limit
         balance = credits.get(feature, 0)
         units = used.get(feature, 0)
-        remaining = min(UNLIMITED, max(0, max(0, limit - units) + balance))
+        remaining = (
+            UNLIMITED
+            if limit >= UNLIMITED
+            else min(UNLIMITED, max(0, max(0, limit - units) + balance))
+        )
         in_plan = plan is not None and plan_feature is not None
         rows.append(
             FeatureUsage(
