@@ -167,6 +167,7 @@ class _Slot:
         "denied_until",
         "dirty",
         "end",
+        "end_mono",
         "feature",
         "fresh_until",
         "held",
@@ -212,6 +213,7 @@ class _Slot:
         self.refilling = False
         self.starved = False
         self.fresh_until = 0.0
+        self.end_mono = math.inf  # time.monotonic() at the period's end (set when leased)
         self.leased_at = 0.0  # monotonic time of the last lease granted to this slot
         self.denied_until = 0.0
         self.touched = 0.0
@@ -311,6 +313,9 @@ class LocalLedger(Ledger):
         self._lease_ttl = float(lease_ttl)
         self._flush_interval = float(flush_interval)
         self._reservation_timeout = float(reservation_timeout)
+        # With the real clock the hot path checks the period's end on time.monotonic()
+        # (fresh_until never passes it); an injected clock may jump, so it is asked.
+        self._clock_injected = now is not None
         self._clock: Callable[[], datetime] = (
             functools.partial(datetime.now, UTC) if now is None else functools.partial(_utc, now)
         )
@@ -450,11 +455,10 @@ class LocalLedger(Ledger):
             )
         slot = self._current.get((customer, feature))
         if slot is not None and type(units) is int and units > 0:
-            now = self._clock()
             t = time.monotonic()
-            if t < slot.fresh_until and now < slot.end:
+            if t < slot.fresh_until and (not self._clock_injected or self._clock() < slot.end):
                 if slot.unlimited or slot.available >= units:
-                    return self._hold(slot, units, now, t)
+                    return self._hold(slot, units, t)
                 if t < slot.denied_until and units > slot.available + slot.spare:
                     return self._refuse(slot, units)
         return await self._reserve_slow(customer, feature, units, hold=True)
@@ -586,7 +590,7 @@ class LocalLedger(Ledger):
 
     # -- internals: serving ----------------------------------------------------------------
 
-    def _hold(self, slot: _Slot, units: int, now: datetime, t: float) -> Reservation:
+    def _hold(self, slot: _Slot, units: int, t: float) -> Reservation:
         from_lease = not slot.unlimited
         if from_lease:
             slot.available -= units
@@ -686,7 +690,7 @@ class LocalLedger(Ledger):
         self, slot: _Slot, units: int, now: datetime, t: float, *, hold: bool
     ) -> Reservation:
         if hold:
-            return self._hold(slot, units, now, t)
+            return self._hold(slot, units, t)
         return Reservation(
             self._answer(slot, True, units), trusted_event(slot.customer, slot.feature, units)
         )
@@ -795,7 +799,8 @@ class LocalLedger(Ledger):
                 slot.starved = False
             slot.leased_at = t
             slot.low_water = slot.block // 2 if grant.roomy else 0
-            slot.fresh_until = t + self._fresh_for
+            slot.end_mono = time.monotonic() + (slot.end - self._clock()).total_seconds()
+            slot.fresh_until = min(t + self._fresh_for, slot.end_mono)
             slot.denied_until = 0.0
             slot.touched = max(slot.touched, t)
         if old is not None and old is not slot:
@@ -994,7 +999,7 @@ class LocalLedger(Ledger):
                 slot.fresh_until = 0.0  # re-validate on next use
                 slot.denied_until = 0.0
             elif slot.fresh_until:
-                slot.fresh_until = max(slot.fresh_until, t + self._fresh_for)
+                slot.fresh_until = min(max(slot.fresh_until, t + self._fresh_for), slot.end_mono)
 
     def _expire_reservations(self, t: float) -> None:
         expired = []
