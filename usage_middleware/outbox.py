@@ -198,6 +198,21 @@ def _event(
     )
 
 
+def _row(ev: UsageEvent, owned: bool, held: bool, owner: int, now: float) -> tuple[object, ...]:
+    """The outbox row of one event, in ``_INSERT``'s column order."""
+    return (
+        ev.idempotency_key,
+        ev.customer,
+        ev.feature,
+        ev.units,
+        (ev.at - _EPOCH) // _US,
+        ev.clobber,
+        now,
+        owner if owned else None,
+        held,
+    )
+
+
 class Outbox:
     """A connection to one outbox file. Blocking; use from one thread at a time.
 
@@ -375,38 +390,14 @@ class Outbox:
             # One row (a prepare at one request in flight): a statement is its own
             # transaction, two statements fewer than BEGIN ... COMMIT.
             ev, owned, held = inserts[0]
-            row = (
-                ev.idempotency_key,
-                ev.customer,
-                ev.feature,
-                ev.units,
-                (ev.at - _EPOCH) // _US,
-                ev.clobber,
-                now,
-                owner if owned else None,
-                held,
-            )
-            rowid = db.execute(_INSERT, row).lastrowid
+            rowid = db.execute(_INSERT, _row(ev, owned, held, owner, now)).lastrowid
             assert rowid is not None
             return rowid
         with self._write():
             if inserts:
                 # AUTOINCREMENT under the write lock: the rows get consecutive ids after the
                 # largest ever used, so the first id follows from the last one.
-                rows = [
-                    (
-                        ev.idempotency_key,
-                        ev.customer,
-                        ev.feature,
-                        ev.units,
-                        (ev.at - _EPOCH) // _US,
-                        ev.clobber,
-                        now,
-                        owner if owned else None,
-                        held,
-                    )
-                    for ev, owned, held in inserts
-                ]
+                rows = [_row(ev, owned, held, owner, now) for ev, owned, held in inserts]
                 if len(rows) == 1:
                     last = db.execute(_INSERT, rows[0]).lastrowid
                 else:
