@@ -327,7 +327,6 @@ class LocalLedger(Ledger):
         self._executor: ThreadPoolExecutor | None = None
         self._store: LedgerStore | None = None
         self._wake: asyncio.Event | None = None
-        self._open_lock: asyncio.Lock | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Event-loop state.
         self._current: dict[tuple[str, str], _Slot] = {}
@@ -361,30 +360,24 @@ class LocalLedger(Ledger):
         message names the plans and counts), and ``sqlite3.Error`` when the file cannot be
         opened.
         """
-        if self._state is ProviderState.OPEN:
-            return
-        if self._open_lock is None:
-            self._open_lock = asyncio.Lock()
-        async with self._open_lock:
-            if self.state is ProviderState.OPEN:  # opened while we waited
-                return
-            if self.state is ProviderState.CLOSED:
-                await super().open()  # raises: no reopen
-            loop = asyncio.get_running_loop()
-            owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-            store = LedgerStore(self.path, owner, lease_ttl=self._lease_ttl)
-            executor = ThreadPoolExecutor(1, thread_name_prefix="usage-middleware-ledger")
-            pricing_json = None if self._pricing is None else self._pricing.to_json()
-            try:
-                self._generation = await loop.run_in_executor(executor, store.open, pricing_json)
-            except BaseException:
-                executor.shutdown(wait=False)
-                raise
-            self._loop, self._executor, self._store = loop, executor, store
-            self._wake = asyncio.Event()
-            self._spawn(self._flush_loop())
-            self._spawn(self._tick_loop())
-            await super().open()
+        await self._open_once(self._start)
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        store = LedgerStore(self.path, owner, lease_ttl=self._lease_ttl)
+        executor = ThreadPoolExecutor(1, thread_name_prefix="usage-middleware-ledger")
+        pricing_json = None if self._pricing is None else self._pricing.to_json()
+        try:
+            self._generation = await loop.run_in_executor(executor, store.open, pricing_json)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        self._loop, self._executor, self._store = loop, executor, store
+        self._wake = asyncio.Event()
+        self._spawn(self._flush_loop())
+        self._spawn(self._tick_loop())
+        await super().open()
 
     async def aclose(self) -> None:
         """Write every pending charge, give back unused leases, close the file. Idempotent.

@@ -283,7 +283,6 @@ class RedisLedger(Ledger):
         self._client: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._reporter: Reporter | None = None
-        self._open_lock: asyncio.Lock | None = None
         self._upkeep: asyncio.Task[None] | None = None
         self._unreachable: tuple[type[BaseException], ...] = ()
         self._redis_error: type[BaseException] = Exception
@@ -318,69 +317,63 @@ class RedisLedger(Ledger):
             ConfigurationError: the ledger was closed (no reopen), or the spool file
                 cannot be opened.
         """
-        if self._state is ProviderState.OPEN:
-            return
-        if self._open_lock is None:
-            self._open_lock = asyncio.Lock()
-        async with self._open_lock:
-            if self.state is ProviderState.OPEN:  # opened while we waited
-                return
-            if self.state is ProviderState.CLOSED:
-                await super().open()  # raises: no reopen
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
-            from redis.exceptions import ConnectionError as RedisConnectionError
-            from redis.exceptions import RedisError
-            from redis.exceptions import TimeoutError as RedisTimeoutError
+        await self._open_once(self._start)
 
-            from ..reporter import Reporter
+    async def _start(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import RedisError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
 
-            self._unreachable = (RedisConnectionError, RedisTimeoutError, OSError)
-            self._redis_error = RedisError
-            client = self._client_arg
-            if client is None:
-                assert self._url is not None
-                pool = aioredis.BlockingConnectionPool.from_url(
-                    self._url,
-                    max_connections=self._max_connections,
-                    timeout=self._timeout,  # waiting for a free connection
-                    socket_timeout=self._timeout,
-                    socket_connect_timeout=self._timeout,
-                    # One immediate retry on a broken connection (a pooled socket that
-                    # died with a Redis restart); none on a timeout. Every script is
-                    # idempotent, so a retry never holds or charges twice.
-                    retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-                )
-                client = aioredis.Redis.from_pool(pool)
-            self._scripts = {
-                name: client.register_script(getattr(scripts, name))
-                for name in ("RESERVE", "CHARGE", "RELEASE", "RENEW", "GRANT", "USAGE")
-            }
-            reporter = None
-            if self._spool_path is not None:
-                reporter = Reporter(_Spooled(self), path=self._spool_path, **self._spool_options)
-                try:
-                    await reporter.open()
-                except BaseException:
-                    if self._client_arg is None:
-                        await client.aclose()
-                    raise
-            self._client, self._reporter = client, reporter
-            await super().open()
-            try:
-                await self._sync_pricing()
-            except ConfigurationError:  # the pricing would cut customers off: refuse to start
-                await self.aclose()
-                raise
-            except Exception as exc:  # retried by the upkeep task and on first use
-                if isinstance(exc, self._unreachable):
-                    self._trip(exc)
-                else:
-                    logger.exception("redis ledger: reading or storing the pricing failed")
-            self._upkeep = asyncio.get_running_loop().create_task(
-                self._upkeep_loop(), name="usage-redis-ledger-upkeep"
+        from ..reporter import Reporter
+
+        self._unreachable = (RedisConnectionError, RedisTimeoutError, OSError)
+        self._redis_error = RedisError
+        client = self._client_arg
+        if client is None:
+            assert self._url is not None
+            pool = aioredis.BlockingConnectionPool.from_url(
+                self._url,
+                max_connections=self._max_connections,
+                timeout=self._timeout,  # waiting for a free connection
+                socket_timeout=self._timeout,
+                socket_connect_timeout=self._timeout,
+                # One immediate retry on a broken connection (a pooled socket that
+                # died with a Redis restart); none on a timeout. Every script is
+                # idempotent, so a retry never holds or charges twice.
+                retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
             )
+            client = aioredis.Redis.from_pool(pool)
+        self._scripts = {
+            name: client.register_script(getattr(scripts, name))
+            for name in ("RESERVE", "CHARGE", "RELEASE", "RENEW", "GRANT", "USAGE")
+        }
+        reporter = None
+        if self._spool_path is not None:
+            reporter = Reporter(_Spooled(self), path=self._spool_path, **self._spool_options)
+            try:
+                await reporter.open()
+            except BaseException:
+                if self._client_arg is None:
+                    await client.aclose()
+                raise
+        self._client, self._reporter = client, reporter
+        await super().open()
+        try:
+            await self._sync_pricing()
+        except ConfigurationError:  # the pricing would cut customers off: refuse to start
+            await self.aclose()
+            raise
+        except Exception as exc:  # retried by the upkeep task and on first use
+            if isinstance(exc, self._unreachable):
+                self._trip(exc)
+            else:
+                logger.exception("redis ledger: reading or storing the pricing failed")
+        self._upkeep = asyncio.get_running_loop().create_task(
+            self._upkeep_loop(), name="usage-redis-ledger-upkeep"
+        )
 
     async def aclose(self) -> None:
         """Stop renewing holds, drain the spool (up to its ``drain_timeout``), close the

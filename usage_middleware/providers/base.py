@@ -29,8 +29,9 @@ Nothing is started at import time or in ``__init__``.
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Literal, Self
 
@@ -76,6 +77,7 @@ class Provider:
 
     def __init__(self) -> None:
         self._state = ProviderState.NEW
+        self._open_lock: asyncio.Lock | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -93,6 +95,24 @@ class Provider:
                 f"{type(self).__name__} was closed and cannot be reopened; create a new one"
             )
         self._state = ProviderState.OPEN
+
+    async def _open_once(self, start: Callable[[], Awaitable[None]]) -> None:
+        """Run ``start`` (which ends by calling :meth:`Provider.open`) once.
+
+        For subclasses whose start-up awaits: concurrent callers wait for the first one,
+        a call while open returns at once, and a closed provider raises
+        ``ConfigurationError`` (no reopen).
+        """
+        if self._state is ProviderState.OPEN:
+            return
+        if self._open_lock is None:
+            self._open_lock = asyncio.Lock()
+        async with self._open_lock:
+            if self.state is ProviderState.OPEN:  # opened while we waited
+                return
+            if self.state is ProviderState.CLOSED:
+                await Provider.open(self)  # raises: no reopen
+            await start()
 
     async def aclose(self) -> None:
         """Drain pending work and release resources. Idempotent."""
