@@ -908,7 +908,17 @@ class RemoteProvider(Provider):
     def _deny_ttl(self, feature: str) -> float:
         return min(self.deny_ttl, self._feature_ttl.get(feature, self.cache_ttl))
 
+    def account_key(self, customer: str, feature: str) -> tuple[str, str]:
+        """The key under which units held and charged here are accounted.
+
+        ``(customer, feature)`` by default. A provider whose features draw on one balance
+        (Spaire's meter credits) returns one key for all of a customer's features, so a
+        hold on one feature is seen by a check on another.
+        """
+        return (customer, feature)
+
     def _account(self, key: _Key) -> _Account:
+        key = self.account_key(*key)
         now = self._clock()
         account = self._accounts.get(key)
         if account is None:
@@ -926,14 +936,10 @@ class RemoteProvider(Provider):
         just got a fetch's result still finds the same account).
         """
         quiet = self.timeout + 60.0
+        in_use = {self.account_key(*key) for key in (*self._cache.keys(), *self._flights)}
         for key, account in list(self._accounts.items()):
             account.unreflected(now, self.balance_lag, self.delivery_allowance)
-            if (
-                account.idle()
-                and now - account.touched > quiet
-                and key not in self._cache
-                and key not in self._flights
-            ):
+            if account.idle() and now - account.touched > quiet and key not in in_use:
                 del self._accounts[key]
         self._sweep_at = max(self._sweep_at, 2 * len(self._accounts))
 

@@ -435,23 +435,12 @@ class SpaireProvider(RemoteProvider):
     # -- one balance for all features -------------------------------------------------
     # Every feature draws on the same Spaire meter, so the base class's local accounting
     # (units in flight and charged but unseen) is pooled per customer: a request for
-    # feature:a must see the units feature:b holds. RemoteProvider keys its accounts by
-    # (customer, feature); these two overrides map every feature to one key.
+    # feature:a must see the units feature:b holds: account_key maps every feature to one
+    # key.
 
-    def _account(self, key: tuple[str, str]) -> Any:
-        return super()._account((key[0], _ALL_FEATURES))
-
-    def _sweep(self, *args: Any, **kwargs: Any) -> None:
-        # The base keeps an account while a cache entry or fetch with its key exists; the
-        # pooled key never is one, so protect the accounts of customers still in use.
-        live = {k[0] for k in list(self._cache.keys())} | {k[0] for k in self._flights}
-        keep = {k: a for k, a in self._accounts.items() if k[0] in live}
-        for k in keep:
-            del self._accounts[k]
-        try:
-            super()._sweep(*args, **kwargs)
-        finally:
-            self._accounts.update(keep)
+    def account_key(self, customer: str, feature: str) -> tuple[str, str]:
+        """Every feature of a customer draws on the one meter balance: one account."""
+        return (customer, _ALL_FEATURES)
 
     def _forget_cached(self, customer: str) -> None:
         """Drop cached entitlements of ``customer`` (after a grant changed its balance)."""
