@@ -37,6 +37,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mutabl
 from pathlib import Path
 from typing import Any
 
+from asgi_driver import http_scope
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -146,25 +147,11 @@ def metered_app(ledger: Ledger) -> ASGIApp:
     return Starlette(
         routes=[Route("/item", metered(FEATURE)(metered_item))],
         middleware=[
-            Middleware(UsageMiddleware, provider=ledger, customer=customer_from_header("x-c"))
+            Middleware(
+                UsageMiddleware, provider=ledger, customer=customer_from_header("x-customer")
+            )
         ],
     )
-
-
-SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.4"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/item",
-    "raw_path": b"/item",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [(b"host", b"bench"), (b"x-c", CUSTOMER.encode())],
-    "client": ("127.0.0.1", 50000),
-    "server": ("127.0.0.1", 8000),
-}
 
 
 async def request(app: ASGIApp) -> int:
@@ -178,7 +165,7 @@ async def request(app: ASGIApp) -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app({**SCOPE, "state": {}}, receive, send)
+    await app(http_scope(CUSTOMER), receive, send)
     return status
 
 

@@ -53,6 +53,7 @@ from starlette.routing import Route
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from asgi_driver import http_scope
 from reporter_fakes import OutboxedProvider
 
 from usage_middleware import Provider, RetryableProviderError, UsageEvent
@@ -184,22 +185,6 @@ def _app(provider: OutboxedProvider) -> Callable[..., Awaitable[None]]:
     )
 
 
-_SCOPE: dict[str, Any] = {
-    "type": "http",
-    "asgi": {"version": "3.0", "spec_version": "2.3"},
-    "http_version": "1.1",
-    "method": "GET",
-    "scheme": "http",
-    "path": "/item",
-    "raw_path": b"/item",
-    "root_path": "",
-    "query_string": b"",
-    "headers": [(b"host", b"bench"), (b"x-customer", b"org:acme")],
-    "client": ("127.0.0.1", 1234),
-    "server": ("bench", 80),
-}
-
-
 async def _request(app: Callable[..., Awaitable[None]]) -> int:
     status = 0
 
@@ -211,7 +196,7 @@ async def _request(app: Callable[..., Awaitable[None]]) -> int:
         if message["type"] == "http.response.start":
             status = message["status"]
 
-    await app(dict(_SCOPE, headers=list(_SCOPE["headers"])), receive, send)
+    await app(http_scope("org:acme"), receive, send)
     return status
 
 
