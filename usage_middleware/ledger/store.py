@@ -154,12 +154,7 @@ class LedgerStore:
     an expired row.
     """
 
-    def __init__(
-        self, path: str, owner: str, *, lease_ttl: float, lease_size: int | None = None
-    ) -> None:
-        # lease_size is accepted and ignored: the block size now comes with each lease()
-        # call. Kept for the CLI's _stored_pricing(); remove once it uses LocalLedger.pricing.
-        del lease_size
+    def __init__(self, path: str, owner: str, *, lease_ttl: float) -> None:
         self.path = path
         self.owner = owner
         self.lease_ttl = lease_ttl
