@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from .._utils import is_sqlite_busy
 from ..errors import ConfigurationError, LedgerError, PermanentProviderError
@@ -188,6 +189,7 @@ class LedgerStore:
         self.pricing: Pricing | None = None
         self._pricing_generation: int | None = None
         self._conn: sqlite3.Connection | None = None
+        self._read_only = False
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._waits = True
         self._rows: dict[tuple[str, str], dict[str, int]] = {}
@@ -213,6 +215,7 @@ class LedgerStore:
         except sqlite3.Error as exc:
             raise cannot_open(self.path, exc) from exc
         self._conn = conn
+        self._read_only = False
         self._waits = True
         try:
             try:
@@ -247,6 +250,38 @@ class LedgerStore:
                     self._check_dropped_plans(pricing_json)
                     self._set_meta("pricing", pricing_json)
                     self._set_meta("pricing_generation", self._bump(None))
+                self._refresh_pricing()
+                return int(self._meta("generation") or 0)
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def open_read_only(self) -> int:
+        """Connect read-only (SQLite ``mode=ro``) for reads only: write nothing; the generation.
+
+        For the CLI's read commands. Creates no schema and stores no pricing; :meth:`close`
+        then writes nothing either.
+
+        Raises:
+            sqlite3.Error: the file cannot be read (for a WAL file in a directory this user
+                cannot write to, SQLite cannot create the ``-shm`` file it needs).
+            ConfigurationError: the file's schema is newer than this package.
+        """
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        self._conn = conn
+        self._read_only = True
+        try:
+            with self._read():
+                version = self._meta("schema")
+                if version is not None and int(version) > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"ledger file {self.path!r} has schema {version}, newer than this "
+                        f"usage_middleware understands ({SCHEMA_VERSION}); upgrade it"
+                    )
                 self._refresh_pricing()
                 return int(self._meta("generation") or 0)
         except BaseException:
@@ -304,6 +339,10 @@ class LedgerStore:
             self._checkpoint_conn.close()
             self._checkpoint_conn = None
         if self._conn is None:
+            return
+        if self._read_only:
+            self.conn.close()
+            self._conn = None
             return
         try:
             with self._write():
