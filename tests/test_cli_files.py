@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,11 +46,21 @@ def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _as_other_user(argv: list[str]) -> tuple[int, str, str]:
     """``main(argv)`` as a user that file modes apply to: (exit status, stdout, stderr)."""
-    if os.geteuid() != 0:
+
+    def run() -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(argv)
         return code, out.getvalue(), err.getvalue()
+
+    code, out, err = _run_as_other_user(run)
+    return code, out, err
+
+
+def _run_as_other_user(fn: Callable[[], Any]) -> Any:
+    """``fn()`` (its result JSON-able) as ``nobody`` in a forked child when we are root."""
+    if os.geteuid() != 0:
+        return fn()
     nobody = pwd.getpwnam("nobody")
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
@@ -61,10 +72,7 @@ def _as_other_user(argv: list[str]) -> tuple[int, str, str]:
             os.setgroups([])
             os.setgid(nobody.pw_gid)
             os.setuid(nobody.pw_uid)
-            out, err = io.StringIO(), io.StringIO()
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = main(argv)
-            payload = json.dumps([code, out.getvalue(), err.getvalue()]).encode()
+            payload = json.dumps(fn()).encode()
             with os.fdopen(write_end, "wb") as pipe:
                 pipe.write(payload)
         finally:
@@ -73,8 +81,7 @@ def _as_other_user(argv: list[str]) -> tuple[int, str, str]:
     with os.fdopen(read_end, "rb") as pipe:
         payload = pipe.read()
     os.waitpid(pid, 0)
-    code, out, err = json.loads(payload)
-    return code, out, err
+    return json.loads(payload)
 
 
 @pytest.fixture
@@ -253,3 +260,26 @@ def test_show_into_a_closed_pipe_exits_quietly(shared_dir: Path) -> None:
             child.kill()
     assert (code, child.stderr.read()) == (141, b"")
     child.stderr.close()
+
+
+def test_app_start_up_on_a_ledger_it_cannot_write_names_the_file_and_the_fix(
+    shared_dir: Path,
+) -> None:
+    """LocalLedger.open on a ledger in a read-only directory: ConfigurationError naming both."""
+    db = _ledger(shared_dir)
+    shared_dir.chmod(0o555)
+
+    def open_it() -> list[str]:
+        async def go() -> None:
+            async with LocalLedger(db):
+                pass
+
+        try:
+            asyncio.run(go())
+        except Exception as exc:  # the child reports what it got
+            return [type(exc).__name__, str(exc)]
+        return ["opened", ""]
+
+    kind, message = _run_as_other_user(open_it)
+    assert kind == "ConfigurationError", message
+    assert str(db) in message and "write access" in message and str(shared_dir) in message
