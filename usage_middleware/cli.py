@@ -256,7 +256,7 @@ def check_sqlite_file(
 def cannot_read(path: str, exc: sqlite3.Error, *, kind: str) -> CliError:
     """The error for a SQLite file that a read-only connection cannot read: path and fix."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.exists(path + "-shm") and not os.access(folder, os.W_OK):
+    if _is_wal(path) and not os.path.exists(path + "-shm") and not os.access(folder, os.W_OK):
         # A WAL file is read through its -shm index; a read-only connection may create it
         # but not without write access to the directory. (immutable=1 would skip it, but
         # gives wrong answers or errors while another process writes the file.)
@@ -270,6 +270,15 @@ def cannot_read(path: str, exc: sqlite3.Error, *, kind: str) -> CliError:
         f"cannot read the {kind} file {path} ({exc}); check that this user may read it and "
         "its -wal and -shm files"
     )
+
+
+def _is_wal(path: str) -> bool:
+    """Whether the SQLite file's header says WAL (read and write versions 2)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(20)[18:20] == b"\x02\x02"
+    except OSError:
+        return False
 
 
 def _check_db(db: str, *, write: bool) -> None:
