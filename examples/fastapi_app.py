@@ -13,7 +13,8 @@ Environment: ``USAGE_DB`` (the ledger file, default ``usage.db``) and ``USAGE_PR
 Routes:
 
 * ``POST /convert``: ``feature:convert``, one unit per successful request.
-* ``POST /summarize?pages=N``: ``feature:pages``, N units (a units callable reads the query).
+* ``POST /summarize?pages=N``: ``feature:pages``, N units (a units callable parses the query
+  with the route's own parser; any other N is FastAPI's 422, not charged).
 * ``POST /generate``: ``feature:generate``, not in the free plan: only credits fund it there
   (``usage-middleware grant org:acme feature:generate 10``).
 * ``GET /health``: not metered.
@@ -22,6 +23,7 @@ Routes:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -50,14 +52,25 @@ class ConvertIn(BaseModel):
     text: str
 
 
-def pages(request: Request) -> int:
-    """Units for /summarize: the `pages` query parameter, a whole number from 1 to 1000
-    (default 1). Anything else raises ValueError, which UsageMiddleware answers with a 400
-    problem before any check (nothing is reserved or charged)."""
-    raw = request.query_params.get("pages", "1")
-    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1000:
+#: ``?pages=N``: 1 to 1000 in ASCII digits (no sign, space, ``_`` or ``.``). FastAPI checks
+#: it (a 422 before any check, nothing charged) and page_count() parses it, for the route
+#: and for its units alike: the units charged are always the pages served.
+PAGES = "^(1000|[1-9][0-9]{0,2})$"
+
+
+def page_count(raw: str) -> int:
+    """The page count in ``raw``; ValueError unless it matches PAGES."""
+    if re.fullmatch(PAGES, raw) is None:
         raise ValueError("pages must be a whole number from 1 to 1000")
     return int(raw)
+
+
+def pages(request: Request) -> int:
+    """Units for /summarize: page_count() of the same `pages` value the route gets (default 1).
+
+    A ValueError would be answered with a 400 problem before any check; FastAPI has
+    already refused such a value with its 422, so it does not happen."""
+    return page_count(request.query_params.get("pages", "1"))
 
 
 @app.get("/health")
@@ -73,9 +86,10 @@ async def convert(body: ConvertIn) -> dict[str, str]:
 
 @app.post("/summarize")
 @metered("feature:pages", units=pages)
-def summarize(pages: Annotated[int, Query(ge=1, le=1000)] = 1) -> dict[str, object]:
+def summarize(pages: Annotated[str, Query(pattern=PAGES)] = "1") -> dict[str, object]:
     # A plain `def` endpoint: FastAPI runs it in the threadpool, metered all the same.
-    return {"pages": pages, "summary": f"{pages} page(s), summarised"}
+    n = page_count(pages)
+    return {"pages": n, "summary": f"{n} page(s), summarised"}
 
 
 @app.post("/generate")

@@ -9,8 +9,9 @@ Environment: ``USAGE_DB`` (the ledger file, default ``usage.db``) and ``USAGE_PR
 (default: the ``pricing.json`` next to this file).
 
 Routes: ``POST /convert`` (``feature:convert``, one unit), ``POST /summarize?pages=N``
-(``feature:pages``, N units), ``POST /generate`` (``feature:generate``, credit-funded on
-the free plan), ``GET /health`` (not metered).
+(``feature:pages``, N units; the route reads N with its units callable, so they agree, and
+any other N is a 400 problem, not charged), ``POST /generate`` (``feature:generate``,
+credit-funded on the free plan), ``GET /health`` (not metered).
 """
 
 from __future__ import annotations

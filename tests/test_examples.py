@@ -248,3 +248,92 @@ async def test_malformed_pages_are_a_4xx_and_charge_nothing(
     response = await client.post("/summarize", params={"pages": pages})
     assert response.status_code in (400, 422), response.text
     assert await used(example, "feature:pages") == (0, 0)
+
+
+#: ``/summarize`` query strings: ambiguous numbers int() or FastAPI would read as 50, values
+#: out of range, junk, a repeated key, and plain good ones.
+PAGE_QUERIES = [
+    "pages=5_0",
+    "pages=%2B50",
+    "pages=+50",
+    "pages=50.0",
+    "pages=%2050",
+    "pages=50%20",
+    "pages=%EF%BC%95%EF%BC%90",  # fullwidth digits
+    "pages=0",
+    "pages=-1",
+    "pages=abc",
+    "pages=",
+    "pages=1&pages=50",
+    "pages=50&pages=abc",
+    "pages=50",
+    "",
+]
+
+
+async def _pages_charged(
+    client: httpx.AsyncClient, ledger: Any, customer: str, query: str
+) -> tuple[httpx.Response, int]:
+    """POST /summarize?<query> as ``customer``: (the response, units of pages charged)."""
+
+    async def pages_used() -> int:
+        rows = {row.feature: row.used for row in await ledger.usage(customer)}
+        return rows.get("feature:pages", 0)
+
+    before = await pages_used()
+    response = await client.post(f"/summarize?{query}", headers={"x-customer": customer})
+    return response, await pages_used() - before
+
+
+@pytest.mark.parametrize("query", PAGE_QUERIES)
+async def test_pages_charged_are_the_pages_served(
+    example: ModuleType, client: httpx.AsyncClient, query: str
+) -> None:
+    """Each example charges exactly the pages it served, or refuses (FastAPI 422, Starlette
+    400 problem, as examples/README.md says) and charges nothing."""
+    await example.ledger.subscribe("org:pro", "plan:pro@1")
+    response, charged = await _pages_charged(client, example.ledger, "org:pro", query)
+    if response.status_code == 200:
+        assert charged == response.json()["pages"], (query, response.text)
+    else:
+        refusal = 422 if "fastapi_app" in example.__name__ else 400
+        assert (response.status_code, charged) == (refusal, 0), (query, response.text)
+    if query in ("pages=50", "pages=1&pages=50"):
+        assert (response.status_code, charged) == (200, 50)
+    if query == "":
+        assert (response.status_code, charged) == (200, 1)
+
+
+def _readme_quick_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The README's Quick start python block, run as a module in ``tmp_path``."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("## Quick start")
+    code = readme[readme.index("```python\n", start) + len("```python\n") :]
+    code = code[: code.index("```")]
+    (tmp_path / "pricing.json").write_text((EXAMPLES / "pricing.json").read_text())
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme_quick_start"}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace
+
+
+@pytest.mark.parametrize("query", PAGE_QUERIES)
+async def test_readme_quick_start_charges_the_pages_it_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, query: str
+) -> None:
+    """The README's Quick start charges exactly the pages it served, or refuses with 4xx and
+    charges nothing (`?pages=5_0` was served as 50 pages and charged 1)."""
+    namespace = _readme_quick_start(tmp_path, monkeypatch)
+    app, ledger = namespace["app"], namespace["ledger"]
+    async with lifespan(app):
+        await ledger.subscribe("org:pro", "plan:pro@1")
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://readme") as client:
+            response, charged = await _pages_charged(client, ledger, "org:pro", query)
+    if response.status_code == 200:
+        assert charged == response.json()["pages"], (query, response.text)
+    else:
+        assert response.status_code in (400, 422), (query, response.text)
+        assert charged == 0, (query, response.text)
+    if query in ("pages=50", "pages=1&pages=50"):
+        assert (response.status_code, charged) == (200, 50)

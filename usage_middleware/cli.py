@@ -18,11 +18,20 @@ defaults to ``$USAGE_PRICING``. The ledger stores the pricing it was last given 
 ``--pricing`` replaces it, unless it drops a plan that customers are still on), so only
 the first command against a new ledger file needs ``--pricing``.
 
+``plans``, ``show`` and ``outbox status`` open their file read-only (SQLite ``mode=ro``)
+and write nothing, so they work on a file this user may only read (``show --pricing`` with a
+pricing other than the stored one stores it, as the write commands do). A WAL file in a
+directory this user cannot write can only be read while its ``-shm`` file exists (while
+the app has it open); otherwise the error says so.
+
 Exit status: 0 on success; 2 on bad input (unknown plan or customer, malformed units,
-customer or feature, a missing or invalid pricing file), with one line on stderr
-``usage-middleware: error: ...`` and no traceback (a customer id past 60 characters is
-shown cut, ending in ``…``); 130 when interrupted. ``grant`` of a feature that no plan of
-the pricing has succeeds with a ``usage-middleware: note: ...`` line on stderr.
+customer or feature, a missing or invalid pricing file, a ``--db`` that is empty, not a
+ledger, or not readable or writable as the command needs), with one line on stderr
+``usage-middleware: error: ...`` naming the file and no traceback (a customer id past 60
+characters is shown cut, ending in ``…``); 130 when interrupted; 141 (128 + SIGPIPE, as
+coreutils) with nothing printed when the reader of stdout goes away (``show X | head -1``).
+``grant`` of a feature that no plan of the pricing has succeeds with a
+``usage-middleware: note: ...`` line on stderr.
 
 Extra commands: a module ``usage_middleware.outbox_cli`` with
 ``add_outbox_commands(subparsers)`` is wired in when present. Each command it adds calls
@@ -43,17 +52,18 @@ import os
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
+from urllib.parse import quote
 
-from ._utils import sqlite_tables
 from .errors import UsageMiddlewareError
 from .models import MAX_UNITS, UNLIMITED, check_customer, check_feature
 
 if TYPE_CHECKING:
     from .ledger.base import FeatureUsage
     from .ledger.local import LocalLedger
+    from .ledger.store import LedgerStore
     from .pricing import Pricing
 
 __all__ = ["PROG", "CliError", "main", "render_plans", "render_usage"]
@@ -177,35 +187,137 @@ def _check_pricing_path(pricing: str | None) -> None:
         raise CliError(f"pricing file {pricing!r} not found")
 
 
-def _check_db(db: str) -> None:
-    """Refuse a ``--db`` that exists but is not a ledger file, before SQLite touches it."""
+_SQLITE_HEADER = b"SQLite format 3\x00"
 
-    def not_ledger(why: str) -> CliError:
-        return CliError(f"{db} is not a usage ledger (SQLite) file ({why}); pass --db PATH")
 
-    path = Path(db)
-    if path.is_dir():
-        raise not_ledger("it is a directory")
-    if not path.exists():
-        return
+def check_sqlite_file(
+    path: str, *, kind: str, flag: str, write: bool, a_file: str = ""
+) -> set[str] | None:
+    """Check the file at ``path`` before SQLite touches it; its table names (None: no file).
+
+    Nothing is created or written: the tables are read with a read-only (``mode=ro``)
+    connection. ``kind`` ("usage ledger", "outbox"), ``a_file`` (``"an outbox file"``;
+    default ``"a {kind} (SQLite) file"``) and ``flag`` (``--db``) go into the messages.
+    ``write`` also checks that this user may write the file and its directory.
+
+    Raises:
+        CliError: one line naming ``path``, the problem and what to do.
+    """
+    if not path:
+        raise CliError(f"{flag} is empty: pass {flag} PATH, the {kind} file")
+
+    def not_kind(why: str) -> CliError:
+        noun = a_file or f"a {kind} (SQLite) file"
+        return CliError(f"{path} is not {noun} ({why}); pass {flag} PATH")
+
+    if os.path.isdir(path):
+        raise not_kind("it is a directory")
+    if not os.path.exists(path):
+        return None
+    if not os.path.isfile(path):
+        raise not_kind("it is not a regular file")
     try:
-        tables = sqlite_tables(db)
-    except ValueError as exc:
-        raise not_ledger(str(exc)) from None
+        with open(path, "rb") as file:
+            header = file.read(len(_SQLITE_HEADER))
+    except OSError as exc:
+        raise CliError(
+            f"cannot read the {kind} file {path}: {exc.strerror or exc}; run the command as a "
+            "user who may read it"
+        ) from None
+    if header and header != _SQLITE_HEADER:
+        raise not_kind("not a SQLite database")
+    tables: set[str] = set()
+    if header:
+        uri = f"file:{quote(os.path.abspath(path))}?mode=ro"
+        try:
+            probe = sqlite3.connect(uri, uri=True)
+            try:
+                tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master")}
+            finally:
+                probe.close()
+        except sqlite3.Error as exc:
+            raise cannot_read(path, exc, kind=kind) from None
+    if write:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.access(path, os.W_OK):
+            raise CliError(
+                f"cannot write to the {kind} file {path}: it is read-only for this user; this "
+                f"command changes it: run it as a user who may write {path} and its directory"
+            )
+        if not os.access(folder, os.W_OK):
+            raise CliError(
+                f"cannot write to the {kind} file {path}: this user cannot write to its "
+                f"directory {folder}, where SQLite keeps its -wal and -shm files; run the "
+                "command as a user who may write there"
+            )
+    return tables
+
+
+def cannot_read(path: str, exc: sqlite3.Error, *, kind: str) -> CliError:
+    """The error for a SQLite file that a read-only connection cannot read: path and fix."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if _is_wal(path) and not os.path.exists(path + "-shm") and not os.access(folder, os.W_OK):
+        # A WAL file is read through its -shm index; a read-only connection may create it
+        # but not without write access to the directory. (immutable=1 would skip it, but
+        # gives wrong answers or errors while another process writes the file.)
+        return CliError(
+            f"cannot read the {kind} file {path} ({exc}): it is in WAL mode and SQLite needs "
+            f"{path}-shm to read it, which this user cannot create in {folder}; run the "
+            f"command as a user who may write to {folder} (such as the app's), or read a copy "
+            "of the file in a writable directory"
+        )
+    return CliError(
+        f"cannot read the {kind} file {path} ({exc}); check that this user may read it and "
+        "its -wal and -shm files"
+    )
+
+
+def _is_wal(path: str) -> bool:
+    """Whether the SQLite file's header says WAL (read and write versions 2)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(20)[18:20] == b"\x02\x02"
+    except OSError:
+        return False
+
+
+def _check_db(db: str, *, write: bool) -> None:
+    """Refuse a ``--db`` that exists but is not a ledger file, before SQLite touches it."""
+    tables = check_sqlite_file(db, kind="usage ledger", flag="--db", write=write)
     if tables and not {"meta", "subscriptions", "usage"} <= tables:
-        raise not_ledger("it holds other tables" + (", an outbox" if "outbox" in tables else ""))
+        why = "it holds other tables" + (", an outbox" if "outbox" in tables else "")
+        raise CliError(f"{db} is not a usage ledger (SQLite) file ({why}); pass --db PATH")
 
 
-def _ledger(args: argparse.Namespace, *, must_exist: bool = False) -> LocalLedger:
+def _no_ledger(db: str) -> CliError:
+    return CliError(
+        f"no ledger at {db!r}: pass --db PATH, or create it with "
+        f"'{PROG} --pricing pricing.json subscribe CUSTOMER PLAN'"
+    )
+
+
+def _read_only_store(db: str) -> LedgerStore:
+    """The ledger at ``db`` opened read-only (nothing is written); checked first."""
+    from .ledger.store import LedgerStore
+
+    _check_db(db, write=False)
+    if not Path(db).exists():
+        raise _no_ledger(db)
+    if os.path.getsize(db) == 0:
+        raise CliError(f"{db} is an empty file, not a ledger yet: {_no_ledger(db)}")
+    store = LedgerStore(db, f"cli-{os.getpid()}", lease_ttl=1.0)
+    try:
+        store.open_read_only()
+    except sqlite3.Error as exc:
+        raise cannot_read(db, exc, kind="usage ledger") from None
+    return store
+
+
+def _ledger(args: argparse.Namespace) -> LocalLedger:
     from .ledger.local import LocalLedger
 
     _check_pricing_path(args.pricing)
-    _check_db(args.db)
-    if must_exist and args.pricing is None and not Path(args.db).exists():
-        raise CliError(
-            f"no ledger at {args.db!r}: pass --db PATH, or create it with "
-            f"'{PROG} --pricing pricing.json subscribe CUSTOMER PLAN'"
-        )
+    _check_db(args.db, write=True)
     return LocalLedger(args.db, pricing=args.pricing)
 
 
@@ -221,20 +333,15 @@ def _cmd_plans(args: argparse.Namespace) -> int:
 
 
 def _stored_pricing(db: str) -> Pricing:
-    """The pricing stored in the ledger file ``db`` (read in one short transaction)."""
-    from .ledger.store import LedgerStore
-
-    _check_db(db)
+    """The pricing stored in the ledger file ``db`` (read-only, one short transaction)."""
+    _check_db(db, write=False)
     if not Path(db).exists():
         raise CliError(
             f"no ledger at {db!r} to read plans from: pass --pricing FILE (or --db PATH)"
         )
-    store = LedgerStore(db, f"cli-{os.getpid()}", lease_ttl=1.0)
-    store.open(None)
-    try:
-        pricing = store.pricing
-    finally:
-        store.close()
+    store = _read_only_store(db)
+    pricing = store.pricing
+    store.close()
     if pricing is None:
         raise CliError(f"the ledger at {db!r} has no pricing: pass --pricing FILE")
     return pricing
@@ -281,9 +388,29 @@ def _cmd_grant(args: argparse.Namespace) -> Awaitable[int]:
     return run()
 
 
-def _cmd_show(args: argparse.Namespace) -> Awaitable[int]:
+def _cmd_show(args: argparse.Namespace) -> int | Awaitable[int]:
+    """Read-only, unless ``--pricing`` differs from the stored one (then it is stored)."""
+    from .pricing import load_pricing
+
     customer = check_customer(args.customer)
-    ledger = _ledger(args, must_exist=True)
+    _check_pricing_path(args.pricing)
+    store = _read_only_store(args.db)
+    try:
+        if args.pricing is not None and (
+            store.pricing is None or store.pricing.to_json() != load_pricing(args.pricing).to_json()
+        ):
+            store.close()
+            return _show_storing_pricing(args, customer)
+        rows = store.usage(customer, datetime.now(UTC))
+    finally:
+        store.close()
+    print(f"{customer} (ledger {args.db})")
+    print(render_usage(rows))
+    return 0
+
+
+def _show_storing_pricing(args: argparse.Namespace, customer: str) -> Awaitable[int]:
+    ledger = _ledger(args)
 
     async def run() -> int:
         async with ledger:
@@ -426,9 +553,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = func(args)
         if inspect.isawaitable(result):
             result = asyncio.run(_await(result))
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
         return int(result)
+    except BrokenPipeError:
+        # The reader went away (`... | head -1`): stop quietly, as coreutils and git do
+        # when SIGPIPE ends them (a shell shows 141). stdout goes to devnull so the
+        # interpreter's last flush does not fail again (Python docs, "Note on SIGPIPE").
+        _stdout_to_devnull()
+        return _EXIT_SIGPIPE
     except (CliError, UsageMiddlewareError, ValueError, OSError, sqlite3.Error) as exc:
         message = _one_line(exc)
+        outbox = getattr(args, "outbox", None)
+        label, path = ("outbox", outbox) if outbox else ("ledger", getattr(args, "db", None))
+        if isinstance(exc, sqlite3.Error) and isinstance(path, str) and path not in message:
+            message = f"{label} file {path}: {message}"
         customer = getattr(args, "customer", None)
         if isinstance(customer, str) and len(customer) > _CLIP:  # one readable line
             for text in (repr(customer)[1:-1], customer):
@@ -438,6 +576,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+
+
+#: The exit status of a command ended by a closed output pipe: 128 + SIGPIPE, what a
+#: shell reports for coreutils and git in ``cmd | head -1``.
+_EXIT_SIGPIPE = 141
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (a test's capture)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 async def _await(awaitable: Awaitable[int]) -> int:

@@ -36,6 +36,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
+from urllib.parse import quote
 
 from .models import UsageEvent
 
@@ -224,6 +225,8 @@ class Outbox:
         busy_timeout: seconds to wait for another process's write lock.
         create: create the file and tables when missing; False raises
             ``FileNotFoundError`` for a missing file (the CLI's read-only use).
+        read_only: open with SQLite ``mode=ro`` (implies ``create=False``): for reads such
+            as :meth:`status`; nothing is written to the file.
 
     Raises:
         sqlite3.Error: the file cannot be opened or is not an outbox.
@@ -237,17 +240,28 @@ class Outbox:
         synchronous: Synchronous = "NORMAL",
         busy_timeout: float = 10.0,
         create: bool = True,
+        read_only: bool = False,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', got {synchronous!r}")
         self.path = os.fspath(path)
+        create = create and not read_only
         if not create and not os.path.exists(self.path):
             raise FileNotFoundError(f"no outbox at {self.path}")
+        target = self.path
+        if read_only:
+            target = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
         self._db = sqlite3.connect(
-            self.path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            target,
+            timeout=busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=read_only,
         )
         self._busy_timeout = busy_timeout
         self._waits = True
+        if read_only:
+            return
         if create:  # small pages for small rows: a one-row commit writes 1 KiB, not 4
             self._db.execute("PRAGMA page_size=1024")  # (no effect on an existing file)
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TextIO
 
-from ._utils import sqlite_tables
-from .cli import CliError
+from .cli import CliError, cannot_read, check_sqlite_file
 from .outbox import Outbox, OutboxStatus
 
 __all__ = ["add_outbox_commands", "main"]
@@ -73,37 +72,40 @@ def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.Argument
 _TABLES = {"outbox", "dead_letters", "owners"}
 
 
-def _open(args: argparse.Namespace) -> Outbox:
+def _open(args: argparse.Namespace, *, write: bool) -> Outbox:
     """The outbox file at ``--outbox``, checked before anything is written to it.
 
+    ``write=False`` opens it read-only (SQLite ``mode=ro``): nothing is written.
+
     Raises:
-        CliError: no file there, or it is not an outbox file (a directory, not SQLite, or
-            a SQLite file without the outbox tables, such as a ledger).
+        CliError: no file there, it is not an outbox file (a directory, not SQLite, or a
+            SQLite file without the outbox tables, such as a ledger), or this user cannot
+            read it (or write it, for ``write``).
     """
     path = os.fspath(args.outbox)
 
     def not_outbox(why: str) -> CliError:
         return CliError(f"{path} is not an outbox file ({why}); pass --outbox PATH")
 
-    if not os.path.exists(path):
+    tables = check_sqlite_file(
+        path, kind="outbox", a_file="an outbox file", flag="--outbox", write=write
+    )
+    if tables is None:
         raise CliError(f"no outbox at {path}: pass --outbox PATH (or set $USAGE_OUTBOX)")
-    if os.path.isdir(path):
-        raise not_outbox("it is a directory")
-    try:
-        tables = sqlite_tables(path)
-    except ValueError as exc:
-        raise not_outbox(str(exc)) from None
     if not _TABLES <= tables:
         kind = "a usage ledger" if "subscriptions" in tables else "no outbox tables"
         raise not_outbox(kind)
     try:
-        return Outbox(path, create=False)
+        return Outbox(path, create=False, read_only=not write)
     except sqlite3.Error as exc:
+        if not write:
+            raise cannot_read(path, exc, kind="outbox") from None
         raise not_outbox(f"SQLite says: {exc}") from None
 
 
-def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    outbox = _open(args)
+def _status(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out  # looked up now: redirects and tests see it
+    outbox = _open(args, write=False)
     try:
         st = outbox.status()
         dead = outbox.dead_letters(limit=max(args.limit, 0))
@@ -188,9 +190,10 @@ def _ids(args: argparse.Namespace) -> list[int] | None:
     return None if args.all else list(args.ids)
 
 
-def _retry(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def _retry(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out  # looked up now: redirects and tests see it
     ids = _ids(args)
-    outbox = _open(args)
+    outbox = _open(args, write=True)
     try:
         n = outbox.retry_dead(ids)
     finally:
@@ -199,9 +202,10 @@ def _retry(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     return 0
 
 
-def _purge(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def _purge(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = sys.stdout if out is None else out  # looked up now: redirects and tests see it
     ids = _ids(args)
-    outbox = _open(args)
+    outbox = _open(args, write=True)
     try:
         n = outbox.purge_dead(ids)
     finally:

@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
+from .._utils import is_sqlite_busy
 from ..errors import ConfigurationError, LedgerError, PermanentProviderError
 from ..models import UNLIMITED, UsageEvent
 from ..pricing import DEFAULT_INTERVAL, Interval, Plan, Pricing, loads_pricing, period_bounds
 from .base import FeatureUsage, usage_rows
 
-__all__ = ["LeaseGrant", "LedgerStore", "StoredCharge", "period_key"]
+__all__ = ["LeaseGrant", "LedgerStore", "StoredCharge", "cannot_open", "period_key"]
 
 logger = logging.getLogger("usage_middleware.ledger")
 
@@ -69,6 +72,31 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS changes ("
     " customer TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID",
 )
+
+
+def cannot_open(path: str, exc: sqlite3.Error) -> ConfigurationError:
+    """The error for a ledger file SQLite cannot open or set up: names ``path`` and the fix."""
+    shown = os.path.abspath(path) if path else "(an empty path)"
+    folder = os.path.dirname(os.path.abspath(path)) if path else ""
+    if not path:
+        why = "the path is empty; pass the path of the ledger file, such as 'usage.db'"
+    elif os.path.isdir(path):
+        why = "it is a directory; pass the path of a file in it, such as 'usage.db'"
+    elif not os.path.isdir(folder):
+        why = f"its directory {folder!r} does not exist; create it, or pass another path"
+    elif isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+        why = "it is not a SQLite file; pass the path of a ledger file (or of a new file)"
+    elif "readonly" in str(exc) or not os.access(folder, os.W_OK):
+        why = (
+            "the ledger needs write access to the file and to its directory (SQLite keeps "
+            f"-wal and -shm files next to it); let this process write to {folder!r}"
+        )
+    else:
+        why = (
+            "check that it is a usage ledger file and that this process may read and write "
+            "it and its directory"
+        )
+    return ConfigurationError(f"cannot open the ledger file {shown!r} ({exc}): {why}")
 
 
 def period_key(start: datetime, end: datetime) -> str:
@@ -161,6 +189,7 @@ class LedgerStore:
         self.pricing: Pricing | None = None
         self._pricing_generation: int | None = None
         self._conn: sqlite3.Connection | None = None
+        self._read_only = False
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._waits = True
         self._rows: dict[tuple[str, str], dict[str, int]] = {}
@@ -179,13 +208,22 @@ class LedgerStore:
         # One connection, used by one thread at a time: the ledger's worker thread, or the
         # event loop thread for short transactions with the busy timeout at 0 (see
         # LocalLedger._run). Checkpoints run on a connection of their own (checkpoint()).
-        conn = sqlite3.connect(
-            self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-        )
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise cannot_open(self.path, exc) from exc
         self._conn = conn
+        self._read_only = False
         self._waits = True
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            except sqlite3.Error as exc:
+                if isinstance(exc, sqlite3.OperationalError) and is_sqlite_busy(exc):
+                    raise
+                raise cannot_open(self.path, exc) from exc
             if mode != "wal":
                 logger.warning("ledger %s: journal_mode is %s, not wal", self.path, mode)
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -193,8 +231,13 @@ class LedgerStore:
             # worker thread, every tick.
             conn.execute("PRAGMA wal_autocheckpoint=0")
             with self._write():
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+                try:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                except sqlite3.Error as exc:
+                    if isinstance(exc, sqlite3.OperationalError) and is_sqlite_busy(exc):
+                        raise
+                    raise cannot_open(self.path, exc) from exc
                 version = self._meta("schema")
                 if version is None:
                     self._set_meta("schema", SCHEMA_VERSION)
@@ -207,6 +250,38 @@ class LedgerStore:
                     self._check_dropped_plans(pricing_json)
                     self._set_meta("pricing", pricing_json)
                     self._set_meta("pricing_generation", self._bump(None))
+                self._refresh_pricing()
+                return int(self._meta("generation") or 0)
+        except BaseException:
+            conn.close()
+            self._conn = None
+            raise
+
+    def open_read_only(self) -> int:
+        """Connect read-only (SQLite ``mode=ro``) for reads only: write nothing; the generation.
+
+        For the CLI's read commands. Creates no schema and stores no pricing; :meth:`close`
+        then writes nothing either.
+
+        Raises:
+            sqlite3.Error: the file cannot be read (for a WAL file in a directory this user
+                cannot write to, SQLite cannot create the ``-shm`` file it needs).
+            ConfigurationError: the file's schema is newer than this package.
+        """
+        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
+        conn = sqlite3.connect(
+            uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+        )
+        self._conn = conn
+        self._read_only = True
+        try:
+            with self._read():
+                version = self._meta("schema")
+                if version is not None and int(version) > SCHEMA_VERSION:
+                    raise ConfigurationError(
+                        f"ledger file {self.path!r} has schema {version}, newer than this "
+                        f"usage_middleware understands ({SCHEMA_VERSION}); upgrade it"
+                    )
                 self._refresh_pricing()
                 return int(self._meta("generation") or 0)
         except BaseException:
@@ -264,6 +339,10 @@ class LedgerStore:
             self._checkpoint_conn.close()
             self._checkpoint_conn = None
         if self._conn is None:
+            return
+        if self._read_only:
+            self.conn.close()
+            self._conn = None
             return
         try:
             with self._write():
