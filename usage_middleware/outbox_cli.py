@@ -151,7 +151,7 @@ def _status(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         file=out,
     )
     print(
-        f"  past max_retry_age ({st.max_age:.0f}s) {st.overdue}"
+        f"  past max_retry_age ({st.max_age:g}s) {st.overdue}"
         + (": dead-lettered on their next failed attempt" if st.overdue else ""),
         file=out,
     )

@@ -68,7 +68,9 @@ Delivery
     delivers from an in-memory queue with retries and backoff instead: nothing is durable,
     and charges still queued when :meth:`RemoteProvider.aclose` gives up after
     ``drain_timeout`` seconds (or when the process dies) are lost and logged. Use it for
-    tests and development only.
+    tests and development only. A charge that retryable failures keep undelivered longer
+    than ``max_retry_age`` (default 3 days) is dead-lettered with the last error (outbox)
+    or dropped (``outbox=None``), and logged: nothing waits in the queue forever unnoticed.
 """
 
 from __future__ import annotations
@@ -244,6 +246,8 @@ class _Account:
 
     def charge(self, now: float, units: int) -> None:
         """``units`` were committed here and queued for delivery."""
+        if units <= 0:  # a clobber sets usage: nothing to subtract
+            return
         self.pending += units
         queue = self.queue
         if queue and queue[-1][0] == now:

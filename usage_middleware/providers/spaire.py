@@ -628,10 +628,7 @@ class SpaireProvider(RemoteProvider):
     async def _ensure_all(self, customers: Iterable[str]) -> None:
         customers = set(customers)
         for customer in customers:
-            if "/" in customer:
-                raise PermanentProviderError(
-                    f"customer {customer!r}: {_SLASH_REASON}", code="customer_id_unsupported"
-                )
+            _check_routable(customer)
         if self.customer_id_kind != "external":
             return
         todo = {c for c in customers if c not in self._known}
@@ -659,9 +656,11 @@ class SpaireProvider(RemoteProvider):
 
         Raises:
             PermanentProviderError: the customer is unknown and creating it is off or was
-                refused (code ``customer_not_found`` / the server's 422 detail).
+                refused (code ``customer_not_found`` / the server's 422 detail); an id
+                containing ``/`` (code ``customer_id_unsupported``: no route can name it).
             RetryableProviderError: Spaire could not be reached.
         """
+        _check_routable(customer)
         known = self._known.get(customer)
         if known is not None:
             return known
@@ -765,6 +764,14 @@ class SpaireProvider(RemoteProvider):
         if not_found and r.status_code == 404 and _error_body(r)[0] == "ResourceNotFound":
             return r
         raise _error(r, what)
+
+
+def _check_routable(customer: str) -> None:
+    """Refuse a customer id no Spaire customer route can name (it contains ``/``)."""
+    if "/" in customer:
+        raise PermanentProviderError(
+            f"customer {customer!r}: {_SLASH_REASON}", code="customer_id_unsupported"
+        )
 
 
 def _error(r: httpx.Response, what: str) -> ProviderError:
