@@ -46,7 +46,10 @@ FEATURE = "feature:x"
 DOMAIN = "mail.acme-billing.io"
 
 
-def make_app(provider: Provider) -> Starlette:
+def make_app(provider: Provider, gate: asyncio.Event | None = None) -> Starlette:
+    """Routes /one (1 unit), /six (6 units) and /stream (1 unit; after its first line it
+    waits for ``gate`` when given)."""
+
     @metered(FEATURE)
     async def one(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -60,7 +63,9 @@ def make_app(provider: Provider) -> Starlette:
         async def lines() -> AsyncIterator[bytes]:
             for i in range(12):
                 yield b"line %d\n" % i
-                await asyncio.sleep(0.05)
+                if i == 0 and gate is not None:
+                    await gate.wait()  # the test decides when the stream may end
+                await asyncio.sleep(0.01)
 
         return StreamingResponse(lines(), media_type="text/plain")
 
@@ -371,7 +376,6 @@ async def test_in_memory_delivery_drops_a_charge_past_max_retry_age(
     provider = spaire(fake, client=fake.client(BASE_URL + "/api"), max_retry_age=0.3)
     await provider.open()
     try:
-        provider.report  # noqa: B018 - the provider is open
         delivery: Any = provider._delivery
         delivery.enqueue(UsageEvent(ORG, FEATURE, 2))
         assert await provider.flush(5.0)
@@ -404,23 +408,27 @@ async def serve(app: Any) -> AsyncIterator[str]:
 
 @pytest.mark.slow
 async def test_a_stream_longer_than_every_ttl_keeps_its_hold_over_uvicorn() -> None:
-    """Tier, limit 1, short TTLs: while a 0.6 s stream holds the unit, a concurrent request
-    (after every cached answer expired) gets 402; the stream is charged once."""
+    """Tier, limit 1, short TTLs: while a stream holds the unit, a concurrent request (after
+    every cached answer expired) gets 402; the stream is charged once."""
     fake = FakeTier()
     fake.set_line(ORG, FEATURE, limit=1)
     provider = TierProvider(
         FAKE_URL, client=fake.client(), outbox=None, cache_ttl=0.05, deny_ttl=0.05
     )
+    gate = asyncio.Event()
     async with (
-        serve(make_app(provider)) as url,
+        serve(make_app(provider, gate)) as url,
         httpx.AsyncClient(base_url=url, timeout=10) as http,
     ):
         async with http.stream("GET", "/stream", headers={"X-C": ORG}) as streaming:
             assert streaming.status_code == 200
             lines = streaming.aiter_lines()
             assert await anext(lines) == "line 0"
-            await asyncio.sleep(0.2)  # past cache_ttl and deny_ttl
-            during = await http.get("/one", headers={"X-C": ORG})
+            try:
+                await asyncio.sleep(0.2)  # past cache_ttl and deny_ttl
+                during = await http.get("/one", headers={"X-C": ORG})
+            finally:
+                gate.set()
             rest = [line async for line in lines]
         assert len(rest) == 11
         assert await provider.flush()
