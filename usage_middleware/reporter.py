@@ -24,7 +24,11 @@ Guarantees:
   ``retry_attempts`` attempts the batch goes back to the outbox and is tried again after
   ``retry_cooldown`` seconds (or the provider's ``Retry-After``). A permanent failure
   splits the batch in halves until the bad event is alone; it goes to the dead-letter
-  table with the provider's status/code/message; the rest is delivered.
+  table with the provider's status/code/message; the rest is delivered. An event that
+  retryable failures kept undelivered longer than ``max_retry_age`` (default 3 days since
+  it entered the outbox) is dead-lettered on its next failure (code
+  ``retry_age_exceeded``, the last error as message), so nothing stays queued forever
+  unnoticed; ``usage-middleware outbox retry`` replays it.
 * Every attempt at an event sends the same idempotency key, so a provider that
   deduplicates (Spaire's ``external_id``) charges once. Delivery is at-least-once: an event
   can be sent again when the process dies after the provider took it and before its row
@@ -548,10 +552,11 @@ class Reporter:
         )
 
     async def outbox_status(self) -> OutboxStatus:
-        """Read the outbox file's exact status now (all processes); see ``OutboxStatus``."""
+        """Read the outbox file's exact status now (all processes); see ``OutboxStatus``
+        (``overdue`` counts rows older than this reporter's ``max_retry_age``)."""
         if self._state is not ProviderState.OPEN or self._outbox is None:
             raise ConfigurationError("the reporter is not open")
-        return await self._run(self._outbox.status)
+        return await self._run(self._outbox.status, self.max_retry_age)
 
     # -- internals: threads -----------------------------------------------------------------
 
