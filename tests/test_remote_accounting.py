@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 from ares_fake import CLIENT_ID, FakeAres, transport
+from contract_fake_remote import FakeRemote
 from spaire_fake import BASE_URL, TOKEN, FakeSpaire
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -160,6 +161,46 @@ async def test_ares_refresh_does_not_subtract_delivered_charges_again() -> None:
             assert await provider.flush()
     assert statuses == [200] * 12 + [402]
     assert ares.credits(uid) == 0
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class LaggingRemote(FakeRemote):
+    """A provider whose numbers include a delivered charge 60 s after its delivery."""
+
+    balance_lag = 60.0
+
+
+async def test_lagging_provider_stops_subtracting_each_charge_once_it_is_reflected() -> None:
+    """balance_lag 60: at t=61 the charge delivered at t=0 is in the provider's numbers and
+    no longer subtracted, while the one delivered at t=5 still is (charges are not lumped)."""
+    clock = Clock()
+    provider = LaggingRemote(clock=clock, cache_ttl=0, deny_ttl=0)
+    provider.balances[ORG, FEATURE] = 10
+    provider.reflect = False
+    await provider.open()
+    try:
+        for units, at in ((2, 1000.0), (3, 1005.0)):
+            clock.now = at
+            held = await provider.reserve(ORG, FEATURE, units)
+            await provider.commit(held)
+            assert await provider.flush()
+        clock.now = 1061.0
+        provider.balances[ORG, FEATURE] = 8  # the provider shows the first charge
+        assert (await provider.can(ORG, FEATURE)).remaining == 5
+        clock.now = 1066.0
+        provider.balances[ORG, FEATURE] = 5
+        assert (await provider.can(ORG, FEATURE)).remaining == 5
+    finally:
+        await provider.aclose()
 
 
 # -- 12.2: Spaire duplicates are not new usage ---------------------------------------------
