@@ -360,20 +360,31 @@ class FakeSpaire:
         return self._dated(self._route(request, path))
 
     def _route(self, request: httpx.Request, path: str) -> httpx.Response:
-        parts = [unquote(p) for p in path.split("/")[1:]]
+        # The server decodes the path (``%2F`` included) before routing, so an id with a
+        # ``/`` matches no route: a plain 404 ``{"detail": "Not Found"}``, not Spaire's
+        # ``ResourceNotFound`` (reference §1.9).
+        parts = unquote(path).split("/")[1:]
         m = request.method
         if m == "POST" and path == "/v1/events/ingest":
             return self._ingest(request)
         if m == "POST" and path == "/v1/customers/":
             return self._create_customer(request)
-        if m == "GET" and parts[:3] == ["v1", "customers", "external"] and len(parts) in (4, 5):
+        if (
+            m == "GET"
+            and parts[:3] == ["v1", "customers", "external"]
+            and (len(parts) == 4 or (len(parts) == 5 and parts[4] == "state"))
+        ):
             customer = self.customer_by_external(parts[3])
-            return self._customer_answer(customer, state=len(parts) == 5 and parts[4] == "state")
-        if m == "GET" and parts[:2] == ["v1", "customers"] and len(parts) in (3, 4):
+            return self._customer_answer(customer, state=len(parts) == 5)
+        if (
+            m == "GET"
+            and parts[:2] == ["v1", "customers"]
+            and (len(parts) == 3 or (len(parts) == 4 and parts[3] == "state"))
+        ):
             customer = self.customers.get(parts[2])
             if customer is not None and customer["deleted_at"] is not None:
                 customer = None
-            return self._customer_answer(customer, state=len(parts) == 4 and parts[3] == "state")
+            return self._customer_answer(customer, state=len(parts) == 4)
         if m == "GET" and path == "/v1/customer-meters/":
             return self._customer_meters(request)
         if m == "GET" and path == "/v1/meters/":

@@ -376,14 +376,16 @@ async def test_refused_email_domains(fake: FakeSpaire) -> None:
     assert info.value.status == 422 and "does not accept email" in info.value.message
 
 
-async def test_slash_in_customer_id_is_escaped_in_paths(fake: FakeSpaire) -> None:
-    """A '/' in an external id is percent-encoded (the SDK would not)."""
+async def test_slash_in_customer_id_is_refused_without_asking_spaire(fake: FakeSpaire) -> None:
+    """A '/' id cannot be looked up (Spaire decodes %2F before routing): the check refuses it
+    with a reason and delivery rejects it permanently, without a request to Spaire."""
     async with spaire(fake) as p:
-        await p.report([UsageEvent("team/a", "feature:x", 1)])
-        await p.can("team/a", "feature:x")
-    raw = [r.url.raw_path.decode() for r in fake.requests if r.method == "GET"]
-    assert raw == ["/v1/customers/external/team%2Fa", "/v1/customers/external/team%2Fa/state"]
-    assert fake.customer_by_external("team/a") is not None
+        with pytest.raises(PermanentProviderError, match="'/'") as info:
+            await p.report([UsageEvent("team/a", "feature:x", 1)])
+        answer = await p.can("team/a", "feature:x")
+    assert info.value.code == "customer_id_unsupported"
+    assert not answer.ok and answer.err is None and "'/'" in (answer.reason or "")
+    assert fake.requests == []
 
 
 async def test_429_is_retryable_with_retry_after(fake: FakeSpaire) -> None:

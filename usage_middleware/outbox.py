@@ -41,6 +41,7 @@ from urllib.parse import quote
 from .models import UsageEvent
 
 __all__ = [
+    "DEFAULT_MAX_RETRY_AGE",
     "DeadLetter",
     "Outbox",
     "OutboxStatus",
@@ -49,6 +50,10 @@ __all__ = [
     "decode_at",
     "encode_at",
 ]
+
+#: Default of ``max_retry_age`` (seconds): how long a retryable failure may keep an event
+#: in the outbox before it is dead-lettered (3 days: a provider outage over a weekend).
+DEFAULT_MAX_RETRY_AGE: float = 3 * 86400.0
 
 #: ``synchronous`` setting: NORMAL survives a killed process (kill -9); FULL also
 #: survives power loss, at the cost of an fsync per group commit.
@@ -123,6 +128,7 @@ class StoredEvent:
     rowid: int
     event: UsageEvent
     attempts: int
+    created: float = 0.0  # epoch seconds it entered the outbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +181,9 @@ class OutboxStatus:
         oldest_age: seconds since the oldest undelivered event entered, or ``None``.
         dead_letters: rows in the dead-letter table.
         owners: every reporter instance recorded, newest first, with its counters.
+        overdue: undelivered events older than ``max_age`` (see :meth:`Outbox.status`):
+            past the retry bound, dead-lettered on their next failed attempt.
+        max_age: the bound ``overdue`` was counted against, in seconds.
     """
 
     depth: int
@@ -184,6 +193,8 @@ class OutboxStatus:
     oldest_age: float | None
     dead_letters: int
     owners: tuple[OwnerStatus, ...]
+    overdue: int = 0
+    max_age: float = DEFAULT_MAX_RETRY_AGE
 
 
 def _event(
@@ -464,8 +475,8 @@ class Outbox:
             ).fetchall()
         rows.sort()
         return [
-            StoredEvent(rowid, _event(key, cust, feat, units, at_us, clob), attempts)
-            for rowid, key, cust, feat, units, at_us, clob, _created, attempts in rows
+            StoredEvent(rowid, _event(key, cust, feat, units, at_us, clob), attempts, created)
+            for rowid, key, cust, feat, units, at_us, clob, created, attempts in rows
         ]
 
     def delete(self, rowid: int, key: str) -> bool:
@@ -481,16 +492,21 @@ class Outbox:
 
     # -- inspection and admin (CLI) -----------------------------------------------------------
 
-    def status(self) -> OutboxStatus:
-        """Count what the outbox holds now (one read transaction; scans the table)."""
+    def status(self, max_age: float = DEFAULT_MAX_RETRY_AGE) -> OutboxStatus:
+        """Count what the outbox holds now (one read transaction; scans the table).
+
+        ``max_age``: the reporters' ``max_retry_age`` (seconds); rows that entered the
+        outbox longer ago than that are counted as ``overdue``.
+        """
         now = time.time()
         db = self._db
         db.execute("BEGIN")
         try:
-            depth, held, waiting, oldest = db.execute(
+            depth, held, waiting, oldest, overdue = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(held), 0),"
-                " COALESCE(SUM(not_before > ?), 0), MIN(created) FROM outbox",
-                (now,),
+                " COALESCE(SUM(not_before > ?), 0), MIN(created),"
+                " COALESCE(SUM(created < ?), 0) FROM outbox",
+                (now, now - max_age),
             ).fetchone()
             claimed = db.execute(
                 "SELECT COUNT(*) FROM outbox WHERE owner IN"
@@ -525,6 +541,8 @@ class Outbox:
             oldest_age=None if oldest is None else max(0.0, now - oldest),
             dead_letters=dead,
             owners=owners,
+            overdue=overdue,
+            max_age=max_age,
         )
 
     def depth(self) -> tuple[int, float | None]:
@@ -556,15 +574,17 @@ class Outbox:
     def retry_dead(self, ids: Sequence[int] | None = None) -> int:
         """Move dead letters (``ids``, or all when None) back into the outbox, free.
 
-        They keep their idempotency key and ``at``; a running reporter delivers them on its
-        next poll. Returns how many moved.
+        They keep their idempotency key and ``at``; they enter the outbox anew (``created``
+        is now, so the retry bound ``max_retry_age`` starts again). A running reporter
+        delivers them on its next poll. Returns how many moved.
         """
         where, args = _where_ids(ids)
+        columns = _EVENT_COLUMNS.replace(", created", "")
         with self._write():
             self._db.execute(
-                f"INSERT INTO outbox ({_EVENT_COLUMNS}) SELECT {_EVENT_COLUMNS}"
+                f"INSERT INTO outbox ({_EVENT_COLUMNS}) SELECT {columns}, ?"
                 f" FROM dead_letters {where} ORDER BY id",
-                args,
+                (time.time(), *args),
             )
             cur = self._db.execute(f"DELETE FROM dead_letters {where}", args)
         return cur.rowcount

@@ -2,12 +2,14 @@
 
 ::
 
-    usage-middleware outbox status [--outbox PATH] [--json] [--limit N]
+    usage-middleware outbox status [--outbox PATH] [--json] [--limit N] [--max-retry-age S]
     usage-middleware outbox retry  [--outbox PATH] (ID ... | --all)
     usage-middleware outbox purge  [--outbox PATH] (ID ... | --all)
 
 ``status`` prints the undelivered depth, held/claimed/waiting rows, the oldest undelivered
-age (seconds), every reporter instance's counters (queued, sent, retried, dead-lettered)
+age (seconds), how many undelivered events are older than ``--max-retry-age`` (the
+reporters' ``max_retry_age``, default 3 days: dead-lettered on their next failed attempt),
+every reporter instance's counters (queued, sent, retried, dead-lettered)
 and the dead letters with the provider's status/code/message. ``retry`` moves dead letters
 back into the outbox (same idempotency key); a running reporter delivers them within its
 ``poll_interval``. ``purge`` deletes dead letters for good. ``--outbox`` defaults to
@@ -32,7 +34,7 @@ from dataclasses import asdict
 from typing import TextIO
 
 from .cli import CliError, cannot_read, check_sqlite_file
-from .outbox import Outbox, OutboxStatus
+from .outbox import DEFAULT_MAX_RETRY_AGE, Outbox, OutboxStatus
 
 __all__ = ["add_outbox_commands", "main"]
 
@@ -59,6 +61,14 @@ def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     status.add_argument("--json", action="store_true", help="print one JSON object")
     status.add_argument(
         "--limit", type=_count, default=50, metavar="N", help="dead letters to list (default 50)"
+    )
+    status.add_argument(
+        "--max-retry-age",
+        type=_seconds,
+        default=DEFAULT_MAX_RETRY_AGE,
+        metavar="S",
+        help="count undelivered events older than S seconds as past the retry bound"
+        " (the reporters' max_retry_age; default 3 days)",
     )
     status.set_defaults(func=_status)
 
@@ -107,7 +117,7 @@ def _status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out  # looked up now: redirects and tests see it
     outbox = _open(args, write=False)
     try:
-        st = outbox.status()
+        st = outbox.status(max_age=args.max_retry_age)
         dead = outbox.dead_letters(limit=max(args.limit, 0))
     finally:
         outbox.close()
@@ -143,6 +153,11 @@ def _status(args: argparse.Namespace, out: TextIO | None = None) -> int:
         file=out,
     )
     print(
+        f"  past max_retry_age ({st.max_age:g}s) {st.overdue}"
+        + (": dead-lettered on their next failed attempt" if st.overdue else ""),
+        file=out,
+    )
+    print(
         "  totals: queued {queued} sent {sent} retried {retried}"
         " dead_lettered {dead_lettered}".format(**totals),
         file=out,
@@ -175,6 +190,16 @@ def _totals(st: OutboxStatus) -> dict[str, int]:
         "retried": sum(o.retried for o in st.owners),
         "dead_lettered": sum(o.dead_lettered for o in st.owners),
     }
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _count(text: str) -> int:

@@ -24,7 +24,11 @@ Guarantees:
   ``retry_attempts`` attempts the batch goes back to the outbox and is tried again after
   ``retry_cooldown`` seconds (or the provider's ``Retry-After``). A permanent failure
   splits the batch in halves until the bad event is alone; it goes to the dead-letter
-  table with the provider's status/code/message; the rest is delivered.
+  table with the provider's status/code/message; the rest is delivered. An event that
+  retryable failures kept undelivered longer than ``max_retry_age`` (default 3 days since
+  it entered the outbox) is dead-lettered on its next failure (code
+  ``retry_age_exceeded``, the last error as message), so nothing stays queued forever
+  unnoticed; ``usage-middleware outbox retry`` replays it.
 * Every attempt at an event sends the same idempotency key, so a provider that
   deduplicates (Spaire's ``external_id``) charges once. Delivery is at-least-once: an event
   can be sent again when the process dies after the provider took it and before its row
@@ -63,7 +67,7 @@ import stamina
 from ._utils import is_sqlite_busy
 from .errors import ConfigurationError, PermanentProviderError, RetryableProviderError
 from .models import UsageEvent
-from .outbox import Outbox, OutboxStatus, Synchronous
+from .outbox import DEFAULT_MAX_RETRY_AGE, Outbox, OutboxStatus, Synchronous
 from .providers.base import Provider, ProviderState
 
 __all__ = ["Reporter", "ReporterStats"]
@@ -83,16 +87,25 @@ _CANCELLED: Final = 2  # prepared, then cancelled: never delivered
 
 
 class _Entry:
-    """One event on its way: its state, when it became ready, and its outbox row id."""
+    """One event on its way: its state, when it became ready, its outbox row id, and when
+    it entered the outbox."""
 
-    __slots__ = ("event", "owned", "rowid", "state", "t")
+    __slots__ = ("created", "event", "owned", "rowid", "state", "t")
 
-    def __init__(self, event: UsageEvent, state: int, t: float, rowid: int | None = None):
+    def __init__(
+        self,
+        event: UsageEvent,
+        state: int,
+        t: float,
+        rowid: int | None = None,
+        created: float | None = None,
+    ):
         self.event = event
         self.state = state
         self.t = t  # monotonic seconds when it became ready (for max_delay)
         self.rowid = rowid
         self.owned = True  # whether its row is owned by this reporter (set by the writer)
+        self.created = time.time() if created is None else created  # epoch (max_retry_age)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +167,11 @@ class Reporter:
         delete_delay: seconds a delivered event's row may wait to be deleted (it goes with
             the next group commit, or alone after this delay). A process killed within
             that window sends those events again (same idempotency keys).
+        max_retry_age: seconds a retryable failure may keep an event undelivered (counted
+            from when it entered the outbox; default 3 days). An event older than that
+            whose delivery fails again is dead-lettered (code ``retry_age_exceeded``, the
+            last error as message) and logged, so ``usage-middleware outbox retry`` can
+            replay it; ``outbox status`` counts the undelivered ones past the bound.
 
     Raises:
         ConfigurationError: a setting out of range (``max_batch`` above the provider's cap).
@@ -181,6 +199,7 @@ class Reporter:
         stats_interval: float = 5.0,
         synchronous: Synchronous = "NORMAL",
         delete_delay: float = 0.1,
+        max_retry_age: float = DEFAULT_MAX_RETRY_AGE,
     ) -> None:
         cap = provider.max_batch
         if not isinstance(cap, int) or cap < 1:
@@ -217,6 +236,7 @@ class Reporter:
             ("lease", lease),
             ("poll_interval", poll_interval),
             ("stats_interval", stats_interval),
+            ("max_retry_age", max_retry_age),
         ):
             if seconds <= 0:
                 raise ConfigurationError(f"{name} must be > 0 seconds, got {seconds}")
@@ -245,6 +265,7 @@ class Reporter:
         self._poll_interval = poll_interval
         self._stats_interval = stats_interval
         self._synchronous: Synchronous = synchronous
+        self.max_retry_age = float(max_retry_age)
 
         self._state = ProviderState.NEW
         self._closing = False
@@ -531,10 +552,11 @@ class Reporter:
         )
 
     async def outbox_status(self) -> OutboxStatus:
-        """Read the outbox file's exact status now (all processes); see ``OutboxStatus``."""
+        """Read the outbox file's exact status now (all processes); see ``OutboxStatus``
+        (``overdue`` counts rows older than this reporter's ``max_retry_age``)."""
         if self._state is not ProviderState.OPEN or self._outbox is None:
             raise ConfigurationError("the reporter is not open")
-        return await self._run(self._outbox.status)
+        return await self._run(self._outbox.status, self.max_retry_age)
 
     # -- internals: threads -----------------------------------------------------------------
 
@@ -969,7 +991,9 @@ class Reporter:
             self._db_dirty = False
         self._retried += sum(1 for r in rows if r.attempts)  # back after failed rounds
         if rows:
-            self._ready.extend(_Entry(r.event, _READY, 0.0, r.rowid) for r in rows)
+            self._ready.extend(
+                _Entry(r.event, _READY, 0.0, r.rowid, r.created or None) for r in rows
+            )
             self._sender_wake.set()
         return len(rows)
 
@@ -1041,6 +1065,9 @@ class Reporter:
         self._writer_wake.set()
 
     def _release(self, batch: list[_Entry], exc: Exception) -> None:
+        batch = self._past_retry_age(batch, exc)
+        if not batch:
+            return
         after = getattr(exc, "retry_after", None)
         cooldown = max(self._retry_cooldown, after or 0.0)
         cooldown *= 1 + random.random() / 2  # jitter: workers do not return in step
@@ -1066,6 +1093,31 @@ class Reporter:
         error = f"{type(exc).__name__}: {exc}"[:500]
         self._releases.extend((e.rowid, not_before, error) for e in batch if e.rowid is not None)
         self._writer_wake.set()
+
+    def _past_retry_age(self, batch: list[_Entry], exc: Exception) -> list[_Entry]:
+        """Dead-letter the events of a failed batch that are older than ``max_retry_age``
+        (a retryable failure may not keep an event forever); return the others."""
+        now = time.time()
+        keep: list[_Entry] = []
+        for entry in batch:
+            age = now - entry.created
+            if age <= self.max_retry_age or entry.rowid is None:
+                keep.append(entry)
+                continue
+            error = f"{type(exc).__name__}: {exc}"
+            message = (
+                f"undelivered for {age:.0f}s (max_retry_age {self.max_retry_age:.0f}s);"
+                f" last error: {error}"
+            )[:500]
+            self._dead_letter(
+                entry,
+                PermanentProviderError(
+                    message,
+                    status=getattr(exc, "status", None),
+                    code="retry_age_exceeded",
+                ),
+            )
+        return keep
 
 
 def _resolve(waiters: list[asyncio.Future[None]]) -> None:

@@ -33,7 +33,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal, TypeVar, cast
@@ -267,7 +267,7 @@ class AresProvider(RemoteProvider):
     name = "ares"
     max_batch = 1
     #: ARES deducts on the POST itself: its balance includes a delivered charge at once.
-    balance_lag = 1.0
+    balance_lag = 0.0
 
     def __init__(
         self,
@@ -582,8 +582,11 @@ class AresProvider(RemoteProvider):
     def _poster(self, event: UsageEvent) -> Callable[[AccessToken], Awaitable[None]]:
         return lambda token: self._post_usage(token, event.feature, event.units)
 
-    def _note_delivered(self, events: Sequence[UsageEvent]) -> None:
+    def _note_delivered(
+        self, events: Sequence[UsageEvent], counted: Collection[str] | None = None
+    ) -> None:
         """Local accounting is per user in thousandths of a credit: translate the events.
+        (ARES cannot tell duplicates: every delivered event counts, ``counted`` is unused.)
 
         (RemoteProvider's delivery accounting reads ``customer``, ``feature``, ``units``
         and ``clobber`` of each event; a light record avoids a new UsageEvent per charge.)

@@ -13,23 +13,36 @@ Entitlement cache
     denies because of local spending is re-fetched once it is older than ``deny_ttl``.
 
 Local accounting (why a cached answer never lets one process overspend)
-    Per ``(customer, feature)`` the process counts units *in flight* (reserved, not yet
-    settled) and units *charged* (committed, or delivered by ``report()`` from elsewhere).
-    An answer allows ``units`` when::
+    The rule: the balance a check uses is the provider's last answer minus exactly the
+    units the provider had not yet counted when it answered. Per account (``(customer,
+    feature)``, see :meth:`RemoteProvider.account_key`) the process keeps units *in flight*
+    (reserved, not yet settled), units *pending* (committed, not yet delivered) and a
+    running total of units *delivered*. A fetch notes a *mark* when it starts: the
+    delivered total the provider's answer includes. An answer allows ``units`` when::
 
-        provider remaining - charges the provider did not see when it answered
-                           - units in flight                              >= units
+        provider remaining - pending - (delivered - mark) - in flight >= units
 
-    "Did not see" is decided per charge: a charge counts against every entitlement whose
-    fetch started before ``delivered_at + balance_lag`` (``balance_lag``: seconds the
-    provider needs to show a delivered charge in its numbers; a class attribute each
-    provider sets: about 0 for Tier, 15 s to hours for Spaire). A charge whose delivery this
-    process never saw (still queued, or delivered by another worker) counts until
-    ``committed_at + delivery_allowance + balance_lag``. Delivery is observed by wrapping
-    every subclass's :meth:`report` (``__init_subclass__``): after a successful call, the
-    delivered events are matched to this process's charges; events this process did not
-    charge (``Answer.report``, an outbox replay after a restart) count as new charges.
-    Clobber events are not counted (they set usage rather than add to it).
+    So after a fresh read only charges still queued, or delivered after (or during) that
+    read, are subtracted; used/remaining in a 402 follow. When the mark is taken is a
+    per-provider fact, a class attribute:
+
+    * ``balance_lag = 0`` (Tier, ARES): the provider counts a charge as its report
+      returns, so the mark is the total delivered when the fetch starts (a delivery in
+      flight during the fetch is subtracted too: conservative).
+    * ``balance_lag > 0``: deliveries completed less than ``balance_lag`` seconds before
+      the fetch started are not in the mark.
+    * ``fetch_subtracts_delivered`` (Spaire, whose balance lags 15 s to hours and says how
+      fresh it is with ``modified_at``): :meth:`fetch` subtracts the delivered units its
+      numbers lack; the mark is taken when ``fetch()`` returns.
+
+    A pending charge whose delivery this process never sees (delivered by another worker)
+    stops counting ``delivery_allowance`` seconds after its commit. Delivery is observed by
+    wrapping every subclass's :meth:`report` (``__init_subclass__``): after a successful
+    call, the delivered events leave *pending* (oldest first) and join *delivered*; units
+    beyond what was pending (``Answer.report``, an outbox replay after a restart) simply
+    join *delivered*. A provider that learns which events were duplicates of an earlier
+    delivery (Spaire) leaves those out of *delivered*. Clobber events are not counted
+    (they set usage rather than add to it).
 
 Single-flight
     Concurrent checks that miss the cache for the same ``(customer, feature)`` share ONE
@@ -55,7 +68,9 @@ Delivery
     delivers from an in-memory queue with retries and backoff instead: nothing is durable,
     and charges still queued when :meth:`RemoteProvider.aclose` gives up after
     ``drain_timeout`` seconds (or when the process dies) are lost and logged. Use it for
-    tests and development only.
+    tests and development only. A charge that retryable failures keep undelivered longer
+    than ``max_retry_age`` (default 3 days) is dead-lettered with the last error (outbox)
+    or dropped (``outbox=None``), and logged: nothing waits in the queue forever unnoticed.
 """
 
 from __future__ import annotations
@@ -68,7 +83,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -206,84 +221,111 @@ class CircuitBreaker:
             self._probing = False
 
 
-class _Bucket:
-    """Charges made close together: when committed, how many, how many not yet delivered."""
-
-    __slots__ = ("delivered_at", "first", "last", "undelivered", "units")
-
-    def __init__(self, now: float, units: int, undelivered: int) -> None:
-        self.first = now
-        self.last = now
-        self.units = units
-        self.undelivered = undelivered
-        self.delivered_at = now if undelivered == 0 else float("-inf")
-
-    def until(self, lag: float, allowance: float) -> float:
-        """Fetches started before this time may not include these charges."""
-        if self.undelivered == 0:
-            return self.delivered_at + lag
-        return max(self.last + allowance, self.delivered_at) + lag
-
-
 class _Account:
-    """Local accounting for one (customer, feature): in flight, charged, delivery state."""
+    """Local accounting for one (customer, feature), in units.
 
-    __slots__ = ("buckets", "committed", "inflight", "touched")
+    ``inflight``: held by reservations not yet settled. ``pending``: charged here and not
+    yet delivered (each charge also kept with its time in ``queue``, so a charge whose
+    delivery this process never sees stops counting after ``delivery_allowance``).
+    ``delivered``: a running total of units delivered to the provider (by this process's
+    delivery, or reported from elsewhere) that the provider counted as new; ``log`` keeps
+    ``(when, total)`` for the last ``balance_lag`` seconds, so a fetch can tell which
+    deliveries its answer may not include (see :meth:`mark`).
+    """
+
+    __slots__ = ("delivered", "inflight", "log", "log_base", "pending", "queue", "touched")
 
     def __init__(self, now: float) -> None:
         self.touched = now  # last time a fetch, delivery or failed-open check used it
         self.inflight = 0
-        self.committed = 0  # monotonic total charged in this process (entries diff it)
-        self.buckets: deque[_Bucket] = deque()
+        self.pending = 0
+        self.queue: deque[list[float]] = deque()  # [committed_at, units not yet delivered]
+        self.delivered = 0
+        self.log: deque[tuple[float, int]] = deque()  # (delivered_at, total after it)
+        self.log_base = 0  # ``delivered`` before the oldest ``log`` record
 
-    def add(self, now: float, units: int, undelivered: int, grain: float) -> None:
-        self.committed += units
-        last = self.buckets[-1] if self.buckets else None
-        if last is not None and now - last.first < grain:
-            last.units += units
-            last.undelivered += undelivered
-            last.last = now
-            if undelivered == 0:
-                last.delivered_at = now
+    def charge(self, now: float, units: int) -> None:
+        """``units`` were committed here and queued for delivery."""
+        if units <= 0:  # a clobber sets usage: nothing to subtract
+            return
+        self.pending += units
+        queue = self.queue
+        if queue and queue[-1][0] == now:
+            queue[-1][1] += units
         else:
-            self.buckets.append(_Bucket(now, units, undelivered))
+            queue.append([now, units])
 
-    def delivered(self, now: float, units: int, grain: float) -> None:
-        for bucket in self.buckets:
-            if units == 0:
-                return
-            take = min(bucket.undelivered, units)
-            if take:
-                bucket.undelivered -= take
-                bucket.delivered_at = now
-                units -= take
-        if units:  # a charge this process did not make (or forgot): count it from now
-            self.add(now, units, 0, grain)
+    def arrived(self, now: float, units: int, counted: bool, lag: float) -> None:
+        """``units`` reached the provider; ``counted``: it took them as new usage."""
+        left = units
+        queue = self.queue
+        while left and queue:
+            head = queue[0]
+            take = min(left, int(head[1]))
+            head[1] -= take
+            self.pending -= take
+            left -= take
+            if not head[1]:
+                queue.popleft()
+        if counted:
+            self.delivered += units
+            if lag > 0:
+                self.log.append((now, self.delivered))
+                self._trim(now, lag)
 
-    def unreflected(self, now: float, lag: float, allowance: float) -> int:
-        buckets = self.buckets
-        while buckets and buckets[0].until(lag, allowance) <= now:
-            buckets.popleft()
-        return sum(b.units for b in buckets if b.until(lag, allowance) > now)
+    def expire(self, now: float, allowance: float) -> None:
+        """Stop counting charges whose delivery was not seen within ``allowance`` seconds."""
+        queue = self.queue
+        while queue and queue[0][0] + allowance <= now:
+            self.pending -= int(queue.popleft()[1])
 
-    def idle(self) -> bool:
-        return self.inflight == 0 and not self.buckets
+    def mark(self, now: float, lag: float) -> int:
+        """The delivered total the provider's numbers include for a read starting ``now``.
+
+        Deliveries completed at least ``lag`` seconds ago are in it; later ones (and
+        those in flight) are not, and an answer subtracts them.
+        """
+        if lag <= 0:
+            return self.delivered
+        self._trim(now, lag)
+        cutoff = now - lag
+        total = self.log_base
+        for at, after in self.log:
+            if at > cutoff:
+                break
+            total = after
+        return total
+
+    def _trim(self, now: float, lag: float) -> None:
+        log = self.log
+        cutoff = now - lag
+        while len(log) > 1 and log[1][0] <= cutoff:
+            self.log_base = log.popleft()[1]
+
+    def idle(self, now: float, lag: float) -> bool:
+        log = self.log
+        return self.inflight == 0 and self.pending == 0 and (not log or log[-1][0] <= now - lag)
 
 
 class _Entry:
-    """A fetched entitlement plus what was needed to adjust it by later local spending."""
+    """A fetched entitlement plus the mark that tells which later charges it lacks."""
 
-    __slots__ = ("account", "base", "c0", "ent", "fetched_at", "ttl")
+    __slots__ = ("account", "ent", "fetched_at", "mark", "ttl")
 
     def __init__(
-        self, ent: Entitlement, fetched_at: float, base: int, c0: int, account: _Account, ttl: float
+        self, ent: Entitlement, fetched_at: float, mark: int, account: _Account, ttl: float
     ) -> None:
         self.ent = ent
         self.fetched_at = fetched_at  # when the answer arrived (for Answer.age and TTLs)
-        self.base = base  # charges the provider could not see when the fetch started
-        self.c0 = c0  # account.committed when the fetch started
+        self.mark = mark  # account.delivered total the provider's answer includes
         self.account = account
         self.ttl = ttl
+
+    def unseen(self) -> int:
+        """Units charged here that the provider's answer does not include: pending, plus
+        delivered after the answer's mark."""
+        account = self.account
+        return account.pending + account.delivered - self.mark
 
 
 class _Hold:
@@ -317,7 +359,7 @@ def _track_delivery(report: Callable[..., Any]) -> Callable[..., Any]:
     async def tracked(self: RemoteProvider, events: Sequence[UsageEvent]) -> None:
         await report(self, events)
         # Only the most derived report records, so super().report() chains count once.
-        if getattr(type(self), "report", None) is tracked:
+        if getattr(type(self), "report", None) is tracked and not self._notes_own_deliveries:
             self._note_delivered(events)
 
     tracked.__usage_tracked__ = True  # type: ignore[attr-defined]
@@ -328,8 +370,8 @@ class RemoteProvider(Provider):
     """Base class of providers that ask a remote billing API (see the module docstring).
 
     Subclasses implement :meth:`fetch` and :meth:`report`, set :attr:`name`,
-    :attr:`max_batch` and :attr:`balance_lag`, and may override :meth:`make_client` (base
-    URL, auth, headers) and :meth:`make_reporter`.
+    :attr:`max_batch` and :attr:`balance_lag` (or :attr:`fetch_subtracts_delivered`), and
+    may override :meth:`make_client` (base URL, auth, headers) and :meth:`make_reporter`.
 
     Args:
         client: an ``httpx.AsyncClient`` to use (not closed by :meth:`aclose`); by default
@@ -348,16 +390,27 @@ class RemoteProvider(Provider):
         drain_timeout: seconds :meth:`aclose` spends delivering what is queued (the
             outbox's Reporter, or the in-memory queue with outbox=None); what is left stays
             in the outbox for the next start.
+        max_retry_age: seconds a retryable delivery failure may keep a charge queued
+            (default 3 days); then it is dead-lettered (outbox) or dropped (outbox=None),
+            with the last error, and logged.
         clock: monotonic seconds; tests inject a fake one.
 
     Raises:
         ConfigurationError: a bad argument (negative TTL, unknown policy, bad feature name).
     """
 
-    #: Seconds after a charge was delivered until the provider's numbers include it.
-    balance_lag: float = 5.0
+    #: Seconds after a delivery completed until the provider's numbers include it: ``0``
+    #: (Tier, ARES) = a read that starts after the delivery completed counts it.
+    balance_lag: float = 0.0
+    #: Whether :meth:`fetch` itself subtracts the delivered charges the provider's numbers
+    #: do not show yet (Spaire, from the meter row's ``modified_at``): then the base counts
+    #: only charges still queued and those delivered after ``fetch()`` returned.
+    fetch_subtracts_delivered: bool = False
     #: Seconds a charge whose delivery this process did not see is assumed to take to arrive.
     delivery_allowance: float = 600.0
+    #: Whether :meth:`report` calls ``_note_delivered`` itself (with the events the provider
+    #: counted as new); otherwise every successfully reported event counts.
+    _notes_own_deliveries: bool = False
     #: Seconds between two log lines about failed checks (the rest are counted).
     failure_log_interval: float = 60.0
 
@@ -376,6 +429,7 @@ class RemoteProvider(Provider):
         breaker_failures: int = 5,
         breaker_cooldown: float = 10.0,
         drain_timeout: float = 5.0,
+        max_retry_age: float = 3 * 86400.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
@@ -383,6 +437,8 @@ class RemoteProvider(Provider):
         _seconds("deny_ttl", deny_ttl)
         _seconds("breaker_cooldown", breaker_cooldown)
         _seconds("drain_timeout", drain_timeout)
+        if _seconds("max_retry_age", max_retry_age) == 0:
+            raise ConfigurationError("max_retry_age must be > 0 seconds")
         if _seconds("timeout", timeout) == 0:
             raise ConfigurationError("timeout must be > 0 seconds")
         for what, value in (("cache_size", cache_size), ("breaker_failures", breaker_failures)):
@@ -402,6 +458,7 @@ class RemoteProvider(Provider):
         self.failure_policy: FailurePolicy = failure_policy
         self.timeout = float(timeout)
         self.drain_timeout = float(drain_timeout)
+        self.max_retry_age = float(max_retry_age)
         self._clock = clock
         self._client = client
         self._owns_client = client is None
@@ -414,7 +471,6 @@ class RemoteProvider(Provider):
         self._sweep_at = 2 * cache_size + 1024
         self._flights: dict[_Key, asyncio.Task[_Entry | ProviderError]] = {}
         self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown), clock)
-        self._grain = max(0.05, (self.delivery_allowance + self.balance_lag) / 64)
         self._logged_at = float("-inf")
         self._suppressed = 0
         self._closing = False
@@ -477,7 +533,12 @@ class RemoteProvider(Provider):
 
         if self._outbox is None:
             raise ConfigurationError("make_reporter() needs an outbox path (outbox=None given)")
-        return Reporter(self, path=self._outbox, drain_timeout=self.drain_timeout)
+        return Reporter(
+            self,
+            path=self._outbox,
+            drain_timeout=self.drain_timeout,
+            max_retry_age=self.max_retry_age,
+        )
 
     @property
     def outbox(self) -> str | os.PathLike[str] | None:
@@ -612,7 +673,7 @@ class RemoteProvider(Provider):
         ):
             ent = entry.ent
             account = entry.account
-            unseen = entry.base + account.committed - entry.c0
+            unseen = account.pending + account.delivered - entry.mark
             if ent.remaining >= UNLIMITED:
                 remaining = UNLIMITED
             else:
@@ -715,7 +776,7 @@ class RemoteProvider(Provider):
         self._holding -= 1
         account = hold.account
         account.inflight -= hold.units
-        account.add(self._clock(), hold.units, hold.units, self._grain)
+        account.charge(self._clock(), hold.units)
         delivery = self._delivery
         if delivery is None:
             logger.error(
@@ -789,7 +850,7 @@ class RemoteProvider(Provider):
     ) -> tuple[Answer, _Hold | None]:
         ent = entry.ent
         account = entry.account
-        unseen = entry.base + account.committed - entry.c0
+        unseen = entry.unseen()
         if ent.remaining >= UNLIMITED:
             ok, remaining = True, UNLIMITED
         else:
@@ -870,8 +931,11 @@ class RemoteProvider(Provider):
         customer, feature = key
         account = self._account(key)
         started = self._clock()
-        base = account.unreflected(started, self.balance_lag, self.delivery_allowance)
-        c0 = account.committed
+        account.expire(started, self.delivery_allowance)
+        # What the answer includes: deliveries completed balance_lag before the read started
+        # (in flight during it: not included). A provider whose fetch() itself subtracts
+        # the deliveries its numbers lack is marked when fetch() returns instead.
+        mark = None if self.fetch_subtracts_delivered else account.mark(started, self.balance_lag)
         try:
             async with asyncio.timeout(self.timeout):
                 ent = await self.fetch(customer, feature, scope=scope)
@@ -900,7 +964,10 @@ class RemoteProvider(Provider):
         ttl = self._feature_ttl.get(feature, self.cache_ttl)
         if not ent.unlimited and ent.remaining <= 0:
             ttl = min(ttl, self.deny_ttl)
-        entry = _Entry(ent, self._clock(), base, c0, account, ttl)
+        now = self._clock()
+        if mark is None:
+            mark = account.delivered
+        entry = _Entry(ent, now, mark, account, ttl)
         if ttl > 0 and self._state is ProviderState.OPEN:
             self._cache[key] = entry
         return entry
@@ -938,18 +1005,26 @@ class RemoteProvider(Provider):
         quiet = self.timeout + 60.0
         in_use = {self.account_key(*key) for key in (*self._cache.keys(), *self._flights)}
         for key, account in list(self._accounts.items()):
-            account.unreflected(now, self.balance_lag, self.delivery_allowance)
-            if account.idle() and now - account.touched > quiet and key not in in_use:
+            account.expire(now, self.delivery_allowance)
+            idle = account.idle(now, self.balance_lag)
+            if idle and now - account.touched > quiet and key not in in_use:
                 del self._accounts[key]
         self._sweep_at = max(self._sweep_at, 2 * len(self._accounts))
 
-    def _note_delivered(self, events: Sequence[UsageEvent]) -> None:
-        """Record that ``events`` reached the provider (called after a successful report)."""
+    def _note_delivered(
+        self, events: Sequence[UsageEvent], counted: Collection[str] | None = None
+    ) -> None:
+        """Record that ``events`` reached the provider (called after a successful report).
+
+        ``counted``: idempotency keys of the events the provider took as new usage (the
+        others were duplicates of an earlier delivery); ``None``: all of them.
+        """
         now = self._clock()
         for event in events:
             if not event.clobber and event.units > 0:
                 account = self._account((event.customer, event.feature))
-                account.delivered(now, event.units, self._grain)
+                new = counted is None or event.idempotency_key in counted
+                account.arrived(now, event.units, new, self.balance_lag)
 
     def _log_failure(self, err: ProviderError, policy: str) -> None:
         now = self._clock()
@@ -971,8 +1046,7 @@ def _available(entry: _Entry) -> int:
     ent = entry.ent
     if ent.remaining >= UNLIMITED:
         return UNLIMITED
-    account = entry.account
-    return ent.remaining - entry.base - (account.committed - entry.c0) - account.inflight
+    return ent.remaining - entry.unseen() - entry.account.inflight
 
 
 def _seconds(what: str, value: object) -> float:
@@ -1002,6 +1076,7 @@ class _MemoryDelivery:
         self._provider = provider
         self._drain_timeout = drain_timeout
         self._queue: deque[UsageEvent] = deque()
+        self._since: dict[str, float] = {}  # idempotency key -> monotonic first failure
         self._wake: asyncio.Event | None = None
         self._idle: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -1064,6 +1139,29 @@ class _MemoryDelivery:
                 len(self._queue),
             )
 
+    def _too_old(self, batch: list[UsageEvent], exc: Exception) -> bool:
+        """Drop (and log) the head event once retryable failures kept it queued longer than
+        ``max_retry_age``; whether it dropped one."""
+        now = time.monotonic()
+        for event in batch:
+            self._since.setdefault(event.idempotency_key, now)
+        head = batch[0]
+        age = now - self._since[head.idempotency_key]
+        if age <= self._provider.max_retry_age:
+            return False
+        self._queue.popleft()
+        self._since.pop(head.idempotency_key, None)
+        self._solo = max(0, self._solo - 1)
+        self.dropped += 1
+        logger.error(
+            "%s: charge %s undeliverable for %.0f s (max_retry_age); dropped (outbox=None): %s",
+            self._provider.name,
+            head.idempotency_key,
+            age,
+            exc,
+        )
+        return True
+
     async def _run(self, wake: asyncio.Event, idle: asyncio.Event) -> None:
         provider = self._provider
         delay = 0.1
@@ -1086,6 +1184,7 @@ class _MemoryDelivery:
                     self._solo = len(batch)
                     continue
                 self._queue.popleft()
+                self._since.pop(batch[0].idempotency_key, None)
                 self._solo = max(0, self._solo - 1)
                 self.dropped += 1
                 logger.error(
@@ -1096,6 +1195,8 @@ class _MemoryDelivery:
                 )
                 continue
             except Exception as exc:
+                if self._too_old(batch, exc):
+                    continue
                 self.retried += 1
                 hint = exc.retry_after if isinstance(exc, ProviderError) else None
                 wait = hint if hint is not None else delay * (0.5 + random.random())
@@ -1106,7 +1207,8 @@ class _MemoryDelivery:
                 await asyncio.sleep(wait)
                 continue
             delay = 0.1
-            for _ in batch:
+            for event in batch:
                 self._queue.popleft()
+                self._since.pop(event.idempotency_key, None)
             self._solo = max(0, self._solo - len(batch))
             self.sent += len(batch)

@@ -92,6 +92,12 @@ _SWEEP_CUSTOMERS = 10_000
 #: The feature name under which all of a customer's features share local accounting.
 _ALL_FEATURES = "feature:*"
 
+#: Why a customer id with ``/`` is refused (checks answer it; events are dead-lettered).
+_SLASH_REASON = (
+    "customer ids containing '/' cannot be used with Spaire: its server decodes %2F before "
+    "routing, so the customer cannot be looked up; map such ids to ids without '/'"
+)
+
 _LOCAL_ALLOWED = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
 
 CustomerIdKind = Literal["external", "spaire"]
@@ -144,9 +150,13 @@ class SpaireProvider(RemoteProvider):
 
     name = "spaire"
     max_batch = 100
-    #: The base class stops counting a charge once it is delivered; Spaire's lag (15 s to
-    #: 3 h) is handled per customer by :meth:`fetch` from the meter row's ``modified_at``.
+    #: Spaire's balance lags 15 s to 3 h: :meth:`fetch` subtracts the delivered units the
+    #: meter row's ``modified_at`` shows it does not include yet, so the base counts only
+    #: charges still queued and those delivered after a fetch returned.
     balance_lag = 0.0
+    fetch_subtracts_delivered = True
+    #: :meth:`report` tells the base which events Spaire inserted (not duplicates).
+    _notes_own_deliveries = True
 
     def __init__(
         self,
@@ -215,6 +225,11 @@ class SpaireProvider(RemoteProvider):
             maxsize=100_000, ttl=3600.0
         )
         self._ensuring: dict[str, asyncio.Lock] = {}
+        #: external_id of events sent in an ingest whose answer never came (Spaire may
+        #: have stored them): a later "duplicate" answer for such a charge still counts.
+        self._attempted: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            maxsize=100_000, ttl=3600.0
+        )
         #: customer -> deque of [bucket end (server epoch s), units, local monotonic s]:
         #: units delivered that the balance may not reflect yet (grants are negative).
         self._unreflected: dict[str, deque[list[float]]] = {}
@@ -352,11 +367,16 @@ class SpaireProvider(RemoteProvider):
         ``active_meters[]`` row whose ``meter_id`` is ours (§2.6). Every feature draws on the
         same meter. Returns ``Entitlement(limit=None, used=None, remaining=...)`` where
         ``remaining = max(0, floor(balance - unreflected units))``; an unknown customer or a
-        missing meter row is 0 remaining with a reason.
+        missing meter row is 0 remaining with a reason. A customer id containing ``/`` is
+        refused (0 remaining, a reason saying why) without asking Spaire: its server decodes
+        ``%2F`` before routing, so no customer endpoint can name such an id (§1.9).
 
         Raises:
             RetryableProviderError / PermanentProviderError: see the module docstring.
         """
+        if "/" in customer:
+            # Refused here, not failed: a failed check may fail open and serve for free.
+            return Entitlement(None, None, 0, reason=_SLASH_REASON)
         row: Mapping[str, Any] | None
         empty = "no credits on this meter"
         if self.balance_source == "customer_meters":
@@ -455,12 +475,14 @@ class SpaireProvider(RemoteProvider):
         Each event becomes ``{name, external_customer_id | customer_id, external_id =
         idempotency_key, metadata: {units, feature}}`` plus ``timestamp`` when ``at`` is
         more than :data:`TIMESTAMP_MARGIN` seconds old. ``duplicates`` in the answer count
-        as delivered (§2.7). Customers are ensured first (``customer_id_kind="external"``).
+        as delivered (§2.7) but not as new usage: see :meth:`_ingest` for how local
+        accounting follows ``inserted``/``duplicates``. Customers are ensured first
+        (``customer_id_kind="external"``).
 
         Raises:
-            PermanentProviderError: a ``clobber`` event; a 422 for the batch (the reporter
-                splits the batch to find the bad event); 401/403; a customer that cannot be
-                created.
+            PermanentProviderError: a ``clobber`` event; a customer id with ``/``; a 422 for
+                the batch (the reporter splits the batch to find the bad event); 401/403; a
+                customer that cannot be created.
             RetryableProviderError: network, timeout, 429 (``retry_after``), 5xx.
         """
         if not events:
@@ -473,7 +495,7 @@ class SpaireProvider(RemoteProvider):
                     code="clobber_unsupported",
                 )
         await self._ensure_all(ev.customer for ev in events)
-        await self._ingest(
+        counted = await self._ingest(
             (
                 self._event_body(ev.customer, ev.feature, ev.units, ev.idempotency_key, ev.at),
                 ev.customer,
@@ -481,6 +503,7 @@ class SpaireProvider(RemoteProvider):
             )
             for ev in events
         )
+        self._note_delivered(events, counted)
 
     async def grant(self, customer: str, units: int, *, idempotency_key: str | None = None) -> str:
         """Grant ``units`` (> 0) credits by ingesting ``-units`` (seed 001, §2.4).
@@ -524,22 +547,56 @@ class SpaireProvider(RemoteProvider):
             body["timestamp"] = at.astimezone(UTC).isoformat().replace("+00:00", "Z")
         return body
 
-    async def _ingest(self, items: Iterable[tuple[dict[str, Any], str, int]]) -> None:
-        """POST the event bodies (repeated ``external_id`` sent once); remember their units."""
+    async def _ingest(self, items: Iterable[tuple[dict[str, Any], str, int]]) -> set[str]:
+        """POST the event bodies (a repeated ``external_id`` sent once); return the
+        ``external_id`` of the events counted as new usage, and remember their units as not
+        yet in the balance.
+
+        Spaire answers only counts, ``{inserted, duplicates}`` (§2.7: a duplicate was
+        stored by an earlier delivery and is not metered again). Local accounting follows
+        what Spaire says it inserted:
+
+        * ``duplicates == 0``: every event is new; ``inserted == 0``: none is (a batch of
+          one, the common case, is always exact).
+        * a mixed answer does not say which were duplicates: the duplicates are assumed to
+          be the events with the *fewest* units (grants, being negative, first). So the
+          units kept as "not yet in the balance" are never fewer than Spaire inserted, and
+          credits never more: the customer cannot overspend by a guess.
+        * a charge (units > 0) that this process sent before without getting an answer
+          (the answer was lost), answered now as a duplicate, still counts as new: the lost
+          attempt stored it moments ago and the balance may not show it yet. A duplicate
+          grant never adds credit.
+        """
         seen: set[str] = set()
-        unique = []
-        by_customer: dict[str, float] = {}
+        unique: list[dict[str, Any]] = []
+        meta: list[tuple[str, str, int]] = []
         for body, customer, units in items:
-            if body["external_id"] in seen:
+            key = body["external_id"]
+            if key in seen:
                 continue
-            seen.add(body["external_id"])
+            seen.add(key)
             unique.append(body)
-            by_customer[customer] = by_customer.get(customer, 0.0) + units
-        r = await self._call("POST", "/v1/events/ingest", json={"events": unique}, what="ingest")
+            meta.append((key, customer, units))
+        attempted = self._attempted
+        try:
+            r = await self._call(
+                "POST", "/v1/events/ingest", json={"events": unique}, what="ingest"
+            )
+        except BaseException:
+            for key, _customer, _units in meta:  # Spaire may have stored them
+                attempted[key] = True
+            raise
         sent_at = time.time()
         data = _json_object(r, "ingest")
         inserted, duplicates = data.get("inserted"), data.get("duplicates", 0)
-        if not isinstance(inserted, int) or not isinstance(duplicates, int):
+        if (
+            isinstance(inserted, bool)
+            or isinstance(duplicates, bool)
+            or not isinstance(inserted, int)
+            or not isinstance(duplicates, int)
+            or inserted < 0
+            or duplicates < 0
+        ):
             raise RetryableProviderError(
                 "Spaire ingest: answer has no inserted/duplicates counts", status=r.status_code
             )
@@ -551,11 +608,27 @@ class SpaireProvider(RemoteProvider):
                 duplicates,
             )
         logger.debug("Spaire ingest: %d inserted, %d duplicates", inserted, duplicates)
+        dup = min(duplicates, len(meta))
+        # Stable: among equal units, the later events are taken as the duplicates.
+        by_units = sorted(range(len(meta)), key=lambda i: (meta[i][2], -i))
+        deemed_dup = set(by_units[:dup])
+        counted: set[str] = set()
+        by_customer: dict[str, float] = {}
+        for i, (key, customer, units) in enumerate(meta):
+            lost_before = attempted.pop(key, None) is not None
+            if i in deemed_dup and not (units > 0 and lost_before):
+                continue
+            counted.add(key)
+            by_customer[customer] = by_customer.get(customer, 0.0) + units
         self._remember_unreflected(by_customer, _server_time(r) or sent_at)
+        return counted
 
     # -- customers ---------------------------------------------------------------------
 
     async def _ensure_all(self, customers: Iterable[str]) -> None:
+        customers = set(customers)
+        for customer in customers:
+            _check_routable(customer)
         if self.customer_id_kind != "external":
             return
         todo = {c for c in customers if c not in self._known}
@@ -583,9 +656,11 @@ class SpaireProvider(RemoteProvider):
 
         Raises:
             PermanentProviderError: the customer is unknown and creating it is off or was
-                refused (code ``customer_not_found`` / the server's 422 detail).
+                refused (code ``customer_not_found`` / the server's 422 detail); an id
+                containing ``/`` (code ``customer_id_unsupported``: no route can name it).
             RetryableProviderError: Spaire could not be reached.
         """
+        _check_routable(customer)
         known = self._known.get(customer)
         if known is not None:
             return known
@@ -689,6 +764,14 @@ class SpaireProvider(RemoteProvider):
         if not_found and r.status_code == 404 and _error_body(r)[0] == "ResourceNotFound":
             return r
         raise _error(r, what)
+
+
+def _check_routable(customer: str) -> None:
+    """Refuse a customer id no Spaire customer route can name (it contains ``/``)."""
+    if "/" in customer:
+        raise PermanentProviderError(
+            f"customer {customer!r}: {_SLASH_REASON}", code="customer_id_unsupported"
+        )
 
 
 def _error(r: httpx.Response, what: str) -> ProviderError:

@@ -257,12 +257,11 @@ class TierProvider(RemoteProvider):
     name = "tier"
     max_batch = 1
     supports_clobber = True
-    #: Seconds until a delivered report shows in ``/v1/limits``. The sidecar has no cache
-    #: (§2: each call reads Stripe's upcoming invoice, and legacy usage records are
-    #: written synchronously), so this is a small safety margin: for this long after a
-    #: delivery, both Tier's ``used`` and the local count include the charge, and a
-    #: customer within that charge of its limit may be refused (never overspends).
-    balance_lag = 1.0
+    #: A delivered report shows in ``/v1/limits`` at once: the sidecar has no cache (§2:
+    #: each call reads Stripe's upcoming invoice, and legacy usage records are written
+    #: synchronously). So a read that starts after a report returned counts it, and local
+    #: accounting subtracts only charges still queued or delivered during the read.
+    balance_lag = 0.0
 
     def __init__(
         self,
