@@ -345,8 +345,9 @@ class AresProvider(RemoteProvider):
         self._memory: TTLCache[str, AccessToken] = TTLCache(size, token_memory_ttl)
         # (customer, sha256(token)) pairs ARES has accepted: checked once per token.
         self._verified: TTLCache[tuple[str, bytes], bool] = TTLCache(size, token_memory_ttl)
-        # A user read while checking a new token, handed to the fetch that follows it.
-        self._handoff: dict[str, tuple[AccessToken, AresUser, float]] = {}
+        # A user read (or the failure) while checking a new token, handed to the fetch
+        # that follows it: one check makes one call and takes at most one timeout.
+        self._handoff: dict[str, tuple[AccessToken, AresUser | ProviderError, float]] = {}
         self._checks: dict[tuple[str, bytes], asyncio.Task[str | None]] = {}
         self._unit_milli: dict[str, int] = {}
 
@@ -560,6 +561,8 @@ class AresProvider(RemoteProvider):
             return Entitlement(None, None, 0, reason=NO_TOKEN_REASON)
         handoff = self._handoff.pop(customer, None)
         if handoff is not None and handoff[0] == token and time.monotonic() - handoff[2] < 1.0:
+            if isinstance(handoff[1], ProviderError):
+                raise handoff[1]  # the token check just failed to reach ARES: no 2nd wait
             user = handoff[1]
         else:
             try:
@@ -750,11 +753,22 @@ class AresProvider(RemoteProvider):
                 user, used = await self._with_token(customer, scope, token, self._get_user)
         except AresTokenError as exc:
             return _token_reason(exc)
-        except Exception:  # ARES unreachable: the check that follows fails; its policy applies
+        except Exception as exc:  # ARES unreachable: the check that follows fails (its policy)
             logger.debug("could not check a new ARES token", exc_info=True)
             # Unchecked, but the only token there is for delivering this user's charges.
             if self.tokens.request_bound and customer not in self._memory:
                 self._memory[customer] = token
+            # The fetch that follows fails with this at once instead of waiting again.
+            failure = (
+                exc
+                if isinstance(exc, ProviderError)
+                else RetryableProviderError(
+                    f"ARES token check failed: {type(exc).__name__}"
+                    + (f" after {self.timeout:g} s" if isinstance(exc, TimeoutError) else ""),
+                    original_error=exc,
+                )
+            )
+            self._handoff[customer] = (token, failure, time.monotonic())
             return None
         self._accepted(customer, used, scope)
         if used == token:
