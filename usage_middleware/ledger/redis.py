@@ -87,7 +87,9 @@ from ..errors import (
     ConfigurationError,
     LedgerError,
     PermanentProviderError,
+    ProviderError,
     RetryableProviderError,
+    UsageMiddlewareError,
 )
 from ..models import (
     UNLIMITED,
@@ -794,8 +796,10 @@ class RedisLedger(Ledger):
             raise RetryableProviderError(
                 f"the Redis ledger could not be reached: {exc}", original_error=exc
             ) from exc
-        except (self._redis_error, _BadReply) as exc:
-            self._log_once("record", logging.ERROR, "redis ledger: charging failed: %s", exc)
+        except ProviderError:
+            raise
+        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _failed)
+            self._log_once("record", logging.ERROR, "redis ledger: charging failed: %r", exc)
             raise RetryableProviderError(
                 f"the Redis ledger failed: {exc}", original_error=exc
             ) from exc
@@ -825,10 +829,13 @@ class RedisLedger(Ledger):
         if isinstance(exc, self._unreachable):
             self._trip(exc)
             return True
-        if isinstance(exc, self._redis_error | _BadReply):
-            self._log_once(what, logging.ERROR, "redis ledger: %s failed: %r", what, exc)
-            return True
-        return False
+        if isinstance(exc, UsageMiddlewareError):
+            return False  # ours, on purpose (a closed ledger, a bad pricing)
+        # A RedisError, or what redis-py raises on a reply of the wrong shape (a proxy or
+        # another server answering +OK: AttributeError, TypeError, ValueError...): either
+        # way Redis did not do its part. Spool / failure policy, never a lost charge.
+        self._log_once(what, logging.ERROR, "redis ledger: %s failed: %r", what, exc)
+        return True
 
     def _trip(self, exc: BaseException) -> None:
         """Redis is unreachable: skip it for ``retry_after`` seconds."""
@@ -862,9 +869,11 @@ class RedisLedger(Ledger):
             raise RetryableProviderError(
                 f"the Redis ledger could not be reached: {exc}", original_error=exc
             ) from exc
-        except self._redis_error as exc:
+        except UsageMiddlewareError:
+            raise
+        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _failed)
             raise RetryableProviderError(
-                f"the Redis ledger failed: {exc}", original_error=exc
+                f"the Redis ledger failed: {exc!r}", original_error=exc
             ) from exc
         self._down_until = 0.0  # Redis answers again
         return result
