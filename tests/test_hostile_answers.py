@@ -406,6 +406,7 @@ async def test_spaire_non_numeric_balance_is_a_failed_check_not_a_refusal(
             outbox=tmp_path / f"outbox-{policy}.db",
             email_domain="mail.acme-billing.io",
             failure_policy=policy,  # type: ignore[arg-type]
+            drain_timeout=1.0,  # (a closed-policy Spaire provider idles out its drain)
         )
         try:
             answer = await get(app_for(provider), {"x-org": ORG})

@@ -226,14 +226,18 @@ class TierProvider(RemoteProvider):
     connection reset after sending, the process killed between Tier's 200 and the outbox
     deleting the row) is sent again and **counted twice** in Stripe. Failures before the
     request left (connection refused, connect or pool timeout) are never counted twice.
-    The window is one report round trip per event; ``report_timeout`` (default 10 s;
-    reports run in the background) keeps timeouts rare.
+    Such a lost answer is raised as an *ambiguous* ``RetryableProviderError``: the outbox
+    resends the report at most once more, after a back-off, then dead-letters it with
+    code ``ambiguous`` (so at most twice). ``report_timeout`` (default 10 s; reports run
+    in the background) keeps timeouts rare.
 
     Errors (§1) are classified by whether the event is at fault. Permanent (dead-lettered
     with Tier's status/code/message): 400 ``org_not_found``, ``feature_not_found``,
     ``invalid_request`` (``feature not reportable`` included), ``TERR1020`` and the other
     400s, and 500 ``TERR1050``. Retryable (kept in the outbox until they go through): 401
-    (the sidecar's Stripe key), 404 (a wrong base URL), 408, 429 and 5xx. Tier's 500
+    (the sidecar's Stripe key), 3xx and 404 (a wrong base URL), 408, 425, 429 and 5xx.
+    Answers are capped at ``max_body`` bytes and ``Retry-After`` at ``max_retry_after``
+    seconds (see :mod:`usage_middleware.providers._http`). Tier's 500
     ``internal_error`` also covers two failures no retry fixes, so on that answer to a
     report the provider asks ``/v1/limits`` and ``/v1/phase`` and makes it permanent when
     the org has no active subscription, or when ``at`` is before the org's current billing
