@@ -653,3 +653,37 @@ async def test_redis_ok_reply_to_a_commit_is_spooled_not_raised(
         await until(charged, 15.0)
     finally:
         await right.aclose()
+
+
+# -- the shared helper's rules, directly ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("7", 7.0),
+        ("999999999", 300.0),
+        ("-5", None),
+        ("nan", None),
+        ("inf", None),
+        ("soon", None),
+        (format_datetime(datetime(2100, 1, 1, tzinfo=UTC), usegmt=True), 300.0),
+        (format_datetime(datetime(2000, 1, 1, tzinfo=UTC), usegmt=True), 0.0),
+    ],
+)
+def test_retry_after_is_capped_and_garbage_ignored(header: str, expected: float | None) -> None:
+    """Retry-After: seconds or an HTTP date, capped (default 300 s); negative, NaN,
+    infinite or unreadable values are ignored (None)."""
+    from usage_middleware.providers._http import retry_after
+
+    response = httpx.Response(429, headers={"retry-after": header})
+    assert retry_after(response, 300.0) == expected
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", '{"balance": NaN}'])
+def test_strict_json_refuses_nan_and_infinity(text: str) -> None:
+    """The providers' JSON parser refuses NaN and Infinity (Python's json accepts them)."""
+    from usage_middleware.providers._http import loads
+
+    with pytest.raises(ValueError, match="not a JSON number"):
+        loads(text)
