@@ -58,7 +58,12 @@ class ProviderError(UsageMiddlewareError):
         code: the provider's machine-readable error code (Tier's ``code``, Spaire's
             ``error``), or ``None``.
         message: the provider's human-readable message (never a token or key).
-        retry_after: seconds the provider asked us to wait (``Retry-After``), or ``None``.
+        retry_after: seconds the provider asked us to wait (``Retry-After``, capped by the
+            provider's ``max_retry_after``), or ``None``.
+        ambiguous: the call may have reached the provider although it failed (a read
+            timeout, a connection reset after sending) and the provider cannot
+            deduplicate it: a resend may count it twice. The Reporter resends such a
+            charge at most once more, then dead-letters it with code ``"ambiguous"``.
         original_error: the exception this error was raised from, or ``None``.
     """
 
@@ -73,6 +78,7 @@ class ProviderError(UsageMiddlewareError):
         code: str | None = None,
         retry_after: float | None = None,
         original_error: BaseException | None = None,
+        ambiguous: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -80,6 +86,7 @@ class ProviderError(UsageMiddlewareError):
         self.code = code
         self.retry_after = retry_after
         self.original_error = original_error
+        self.ambiguous = ambiguous
 
     def __str__(self) -> str:
         parts = [self.message]

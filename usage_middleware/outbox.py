@@ -42,6 +42,7 @@ from .models import UsageEvent
 
 __all__ = [
     "DEFAULT_MAX_RETRY_AGE",
+    "MAX_NOT_BEFORE",
     "DeadLetter",
     "Outbox",
     "OutboxStatus",
@@ -58,6 +59,10 @@ DEFAULT_MAX_RETRY_AGE: float = 3 * 86400.0
 #: ``synchronous`` setting: NORMAL survives a killed process (kill -9); FULL also
 #: survives power loss, at the cost of an fsync per group commit.
 Synchronous = Literal["NORMAL", "FULL"]
+
+#: Seconds ahead beyond which a row's ``not_before`` is read as now (see
+#: :meth:`Outbox.claim`): longer than any wait the reporter writes by default.
+MAX_NOT_BEFORE = 3600.0
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
@@ -129,6 +134,8 @@ class StoredEvent:
     event: UsageEvent
     attempts: int
     created: float = 0.0  # epoch seconds it entered the outbox
+    #: The error of the row's last failed round (``None`` when it has none).
+    last_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,22 +468,31 @@ class Outbox:
                 )
         return first
 
-    def claim(self, owner: int, limit: int) -> list[StoredEvent]:
+    def claim(
+        self, owner: int, limit: int, *, max_wait: float = MAX_NOT_BEFORE
+    ) -> list[StoredEvent]:
         """Claim up to ``limit`` free, due rows for ``owner``, oldest first.
 
+        A row is due when its ``not_before`` has passed, or lies more than ``max_wait``
+        seconds ahead: no wait this package writes is that long, so such a value (an older
+        version honoured any ``Retry-After``, decades included) is clamped to now.
         One write transaction: a row is claimed by at most one live owner.
         """
+        now = time.time()
         with self._write():
             rows = self._db.execute(
                 "UPDATE outbox SET owner = ? WHERE id IN (SELECT id FROM outbox"
-                " WHERE owner IS NULL AND not_before <= ? ORDER BY id LIMIT ?)"
-                f" RETURNING id, {_EVENT_COLUMNS}, attempts",
-                (owner, time.time(), limit),
+                " WHERE owner IS NULL AND (not_before <= ? OR not_before > ?)"
+                " ORDER BY id LIMIT ?)"
+                f" RETURNING id, {_EVENT_COLUMNS}, attempts, last_error",
+                (owner, now, now + max_wait, limit),
             ).fetchall()
         rows.sort()
         return [
-            StoredEvent(rowid, _event(key, cust, feat, units, at_us, clob), attempts, created)
-            for rowid, key, cust, feat, units, at_us, clob, created, attempts in rows
+            StoredEvent(
+                rowid, _event(key, cust, feat, units, at_us, clob), attempts, created, error
+            )
+            for rowid, key, cust, feat, units, at_us, clob, created, attempts, error in rows
         ]
 
     def delete(self, rowid: int, key: str) -> bool:
@@ -504,9 +520,9 @@ class Outbox:
         try:
             depth, held, waiting, oldest, overdue = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(held), 0),"
-                " COALESCE(SUM(not_before > ?), 0), MIN(created),"
+                " COALESCE(SUM(not_before > ? AND not_before <= ?), 0), MIN(created),"
                 " COALESCE(SUM(created < ?), 0) FROM outbox",
-                (now, now - max_age),
+                (now, now + MAX_NOT_BEFORE, now - max_age),
             ).fetchone()
             claimed = db.execute(
                 "SELECT COUNT(*) FROM outbox WHERE owner IN"

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Final
 
 from starlette.responses import Response
 
@@ -45,6 +45,7 @@ __all__ = [
     "BILLING_UNAVAILABLE",
     "CUSTOMER_REQUIRED",
     "INVALID_UNITS",
+    "MAX_RETRY_AFTER",
     "PROBLEM_JSON",
     "QUOTA_EXCEEDED",
     "UNITS_FUNCTION_ERROR",
@@ -140,9 +141,21 @@ def customer_required(
     return problem(401, CUSTOMER_REQUIRED, "Unauthorized", detail, headers=headers)
 
 
+#: Most seconds a 503's ``Retry-After`` asks a client to wait (a provider's own
+#: ``Retry-After`` is never passed on raw).
+MAX_RETRY_AFTER: Final = 300
+
+
 def billing_unavailable(feature: str, retry_after: float) -> Response:
-    """503 with ``Retry-After`` (whole seconds, at least 1) for a check that failed closed."""
-    seconds = max(1, math.ceil(retry_after))
+    """503 with ``Retry-After`` for a check that failed closed.
+
+    Whole seconds from 1 to :data:`MAX_RETRY_AFTER`; a non-finite or non-positive value
+    is 1.
+    """
+    if not math.isfinite(retry_after) or retry_after <= 0:
+        seconds = 1
+    else:
+        seconds = max(1, min(MAX_RETRY_AFTER, math.ceil(retry_after)))
     return problem(
         503,
         BILLING_UNAVAILABLE,

@@ -34,6 +34,17 @@ Guarantees:
   can be sent again when the process dies after the provider took it and before its row
   was deleted (deletes are batched: at most ``delete_delay`` seconds), or when a worker
   stalled longer than ``lease`` seconds.
+* An *ambiguous* failure (``ProviderError.ambiguous``: a read timeout or a reset after the
+  request left, from a provider that cannot deduplicate, such as Tier and ARES; or this
+  reporter's own ``call_timeout`` on such a provider) is never retried at once: the event
+  goes back to the outbox for ``retry_cooldown`` seconds and is sent at most once more.
+  A second ambiguous failure dead-letters it with code ``"ambiguous"`` (a human checks the
+  provider and replays it with ``outbox retry``, or purges it). So such a provider counts
+  an event at most twice from ambiguous failures (plus the crash window above).
+* A provider's ``Retry-After`` pauses delivery for at most ``max_retry_after`` seconds
+  (default the provider's own ``max_retry_after``, else 300): a 429 asking for decades
+  does not stall the outbox, and rows held back longer than the outbox's
+  ``MAX_NOT_BEFORE`` (written by older versions) are due again.
 * Several processes share one outbox file; a row is sent by the one live reporter that
   owns it (see :mod:`usage_middleware.outbox` for the lease protocol).
 * Memory is bounded: at most ``max_queue`` events wait in memory; a backlog beyond that
@@ -54,6 +65,7 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -65,9 +77,14 @@ from typing import Any, Final, TypeVar
 import stamina
 
 from ._utils import is_sqlite_busy
-from .errors import ConfigurationError, PermanentProviderError, RetryableProviderError
+from .errors import (
+    ConfigurationError,
+    PermanentProviderError,
+    ProviderError,
+    RetryableProviderError,
+)
 from .models import UsageEvent
-from .outbox import DEFAULT_MAX_RETRY_AGE, Outbox, OutboxStatus, Synchronous
+from .outbox import DEFAULT_MAX_RETRY_AGE, MAX_NOT_BEFORE, Outbox, OutboxStatus, Synchronous
 from .providers.base import Provider, ProviderState
 
 __all__ = ["Reporter", "ReporterStats"]
@@ -86,11 +103,18 @@ _HELD: Final = 1  # prepared: durable, not deliverable until confirmed
 _CANCELLED: Final = 2  # prepared, then cancelled: never delivered
 
 
+#: Most seconds a provider's Retry-After pauses delivery, unless it says otherwise.
+_DEFAULT_MAX_RETRY_AFTER: Final = 300.0
+
+#: Prefix of an outbox row's ``last_error`` once a send of it failed ambiguously.
+_AMBIGUOUS: Final = "ambiguous: "
+
+
 class _Entry:
     """One event on its way: its state, when it became ready, its outbox row id, and when
     it entered the outbox."""
 
-    __slots__ = ("created", "event", "owned", "rowid", "state", "t")
+    __slots__ = ("ambiguous", "created", "event", "owned", "rowid", "state", "t")
 
     def __init__(
         self,
@@ -106,6 +130,7 @@ class _Entry:
         self.rowid = rowid
         self.owned = True  # whether its row is owned by this reporter (set by the writer)
         self.created = time.time() if created is None else created  # epoch (max_retry_age)
+        self.ambiguous = False  # a send may have reached a provider that cannot dedupe
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +197,8 @@ class Reporter:
             whose delivery fails again is dead-lettered (code ``retry_age_exceeded``, the
             last error as message) and logged, so ``usage-middleware outbox retry`` can
             replay it; ``outbox status`` counts the undelivered ones past the bound.
+        max_retry_after: most seconds a provider's ``Retry-After`` pauses delivery; default
+            ``provider.max_retry_after`` when it has one, else 300.
 
     Raises:
         ConfigurationError: a setting out of range (``max_batch`` above the provider's cap).
@@ -200,6 +227,7 @@ class Reporter:
         synchronous: Synchronous = "NORMAL",
         delete_delay: float = 0.1,
         max_retry_age: float = DEFAULT_MAX_RETRY_AGE,
+        max_retry_after: float | None = None,
     ) -> None:
         cap = provider.max_batch
         if not isinstance(cap, int) or cap < 1:
@@ -261,6 +289,17 @@ class Reporter:
         }
         self._retry_timeout = retry_timeout
         self._retry_cooldown = retry_cooldown
+        if max_retry_after is None:
+            max_retry_after = getattr(provider, "max_retry_after", _DEFAULT_MAX_RETRY_AFTER)
+        if not (isinstance(max_retry_after, int | float) and 1 <= max_retry_after < math.inf):
+            raise ConfigurationError(f"max_retry_after must be >= 1 second, got {max_retry_after}")
+        self._max_retry_after = float(max_retry_after)
+        # Rows further ahead than any wait written here are due (an older version's
+        # unbounded Retry-After): see Outbox.claim.
+        self._max_wait = max(MAX_NOT_BEFORE, 2 * max(retry_cooldown, self._max_retry_after))
+        #: Whether the provider deduplicates resent events (Spaire's external_id); when
+        #: not, a call cut off by call_timeout may have been counted: ambiguous.
+        self._deduplicates = bool(getattr(provider, "deduplicates", True))
         self._lease = lease
         self._poll_interval = poll_interval
         self._stats_interval = stats_interval
@@ -980,7 +1019,7 @@ class Reporter:
         gen = self._dirty_gen
         self._claiming = True
         try:
-            rows = await self._run(self._outbox.claim, self._owner, limit)
+            rows = await self._run(self._outbox.claim, self._owner, limit, max_wait=self._max_wait)
         except Exception:
             log.exception("cannot claim rows from the outbox %s", self.path)
             self._db_dirty = False  # the housekeeper asks again after poll_interval
@@ -991,9 +1030,10 @@ class Reporter:
             self._db_dirty = False
         self._retried += sum(1 for r in rows if r.attempts)  # back after failed rounds
         if rows:
-            self._ready.extend(
-                _Entry(r.event, _READY, 0.0, r.rowid, r.created or None) for r in rows
-            )
+            for r in rows:
+                entry = _Entry(r.event, _READY, 0.0, r.rowid, r.created or None)
+                entry.ambiguous = bool(r.last_error and r.last_error.startswith(_AMBIGUOUS))
+                self._ready.append(entry)
             self._sender_wake.set()
         return len(rows)
 
@@ -1007,14 +1047,31 @@ class Reporter:
         self._paused_until = max(self._paused_until, time.monotonic() + seconds)
 
     def _retry_on(self, exc: Exception) -> bool | float:
-        """stamina's hook: retry retryable errors, waiting ``retry_after`` when given."""
+        """stamina's hook: retry retryable errors, waiting ``retry_after`` (capped) when
+        given; never an ambiguous failure (the outbox backs it off and resends it once)."""
+        if self._is_ambiguous(exc):
+            return False
         if isinstance(exc, RetryableProviderError):
-            after = exc.retry_after
+            after = self._cap(exc.retry_after)
             if after is not None and after > 0:
                 self._pause_all(after)  # a 429/503 speaks for the whole provider
                 return after if after <= self._retry_timeout else False
             return True
         return isinstance(exc, TimeoutError)
+
+    def _is_ambiguous(self, exc: BaseException) -> bool:
+        """Whether the failed call may have been counted by a provider that cannot dedupe."""
+        if isinstance(exc, ProviderError):
+            return exc.ambiguous
+        return isinstance(exc, TimeoutError) and not self._deduplicates
+
+    def _cap(self, after: object) -> float | None:
+        """A provider's Retry-After as seconds within ``[0, max_retry_after]``, or None."""
+        if isinstance(after, bool) or not isinstance(after, int | float):
+            return None
+        if math.isnan(after) or after < 0:
+            return None
+        return min(float(after), self._max_retry_after)
 
     async def _send(self, events: list[UsageEvent]) -> None:
         """One batch, retried in process (stamina) on retryable errors."""
@@ -1036,39 +1093,56 @@ class Reporter:
                 await self._deliver(batch[:mid])
                 await self._deliver(batch[mid:])
             else:
-                self._dead_letter(batch[0], exc)
+                self._dead_letter(batch[0], exc.status, exc.code, exc.message)
             return
         except Exception as exc:  # retries exhausted, or a provider bug: keep, try later
+            if self._is_ambiguous(exc):
+                again = [e for e in batch if e.ambiguous]
+                for e in again:  # sent twice, each time perhaps counted: a human decides
+                    self._dead_letter(
+                        e,
+                        None,
+                        "ambiguous",
+                        "sent twice, and both times the provider may have counted it"
+                        f" without answering ({str(exc)[:300]}); check the provider's usage,"
+                        " then replay with `outbox retry` or purge it",
+                    )
+                batch = [e for e in batch if not e.ambiguous]
+                for e in batch:
+                    e.ambiguous = True
+                if not batch:
+                    return
             self._release(batch, exc)
             return
         self._sent += len(batch)
         self._deletes.extend(e.rowid for e in batch if e.rowid is not None)
         self._delete_soon()
 
-    def _dead_letter(self, entry: _Entry, exc: PermanentProviderError) -> None:
+    def _dead_letter(
+        self, entry: _Entry, status: int | None, code: str | None, message: str
+    ) -> None:
         ev = entry.event
         self._dead_lettered += 1
         log.warning(
-            "%s rejected event %s (%s, %s, %d units) permanently: status=%s code=%s %s;"
-            " moved to dead letters",
+            "%s: event %s (%s, %s, %d units) moved to dead letters: status=%s code=%s %s",
             self.provider.name,
             ev.idempotency_key,
             ev.customer,
             ev.feature,
             ev.units,
-            exc.status,
-            exc.code,
-            exc.message,
+            status,
+            code,
+            message,
         )
         assert entry.rowid is not None
-        self._dead.append((entry.rowid, exc.status, exc.code, exc.message))
+        self._dead.append((entry.rowid, status, code, message))
         self._writer_wake.set()
 
     def _release(self, batch: list[_Entry], exc: Exception) -> None:
         batch = self._past_retry_age(batch, exc)
         if not batch:
             return
-        after = getattr(exc, "retry_after", None)
+        after = self._cap(getattr(exc, "retry_after", None))
         cooldown = max(self._retry_cooldown, after or 0.0)
         cooldown *= 1 + random.random() / 2  # jitter: workers do not return in step
         self._pause_all(cooldown)
@@ -1090,8 +1164,13 @@ class Reporter:
                 exc_info=exc,
             )
         not_before = time.time() + cooldown
-        error = f"{type(exc).__name__}: {exc}"[:500]
-        self._releases.extend((e.rowid, not_before, error) for e in batch if e.rowid is not None)
+        error = f"{type(exc).__name__}: {exc}"[:480]
+        marked = _AMBIGUOUS + error  # sticky: a later failure of another kind keeps it
+        self._releases.extend(
+            (e.rowid, not_before, marked if e.ambiguous else error)
+            for e in batch
+            if e.rowid is not None
+        )
         self._writer_wake.set()
 
     def _past_retry_age(self, batch: list[_Entry], exc: Exception) -> list[_Entry]:
@@ -1109,14 +1188,7 @@ class Reporter:
                 f"undelivered for {age:.0f}s (max_retry_age {self.max_retry_age:.0f}s);"
                 f" last error: {error}"
             )[:500]
-            self._dead_letter(
-                entry,
-                PermanentProviderError(
-                    message,
-                    status=getattr(exc, "status", None),
-                    code="retry_age_exceeded",
-                ),
-            )
+            self._dead_letter(entry, getattr(exc, "status", None), "retry_age_exceeded", message)
         return keep
 
 

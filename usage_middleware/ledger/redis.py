@@ -87,7 +87,9 @@ from ..errors import (
     ConfigurationError,
     LedgerError,
     PermanentProviderError,
+    ProviderError,
     RetryableProviderError,
+    UsageMiddlewareError,
 )
 from ..models import (
     UNLIMITED,
@@ -128,6 +130,33 @@ INSTALL_HINT: Final = "RedisLedger needs redis-py: install usage-middleware[redi
 
 _INTERVAL_INDEX: Final = {interval: index for index, interval in enumerate(INTERVALS, 1)}
 _LOG_EVERY = 5.0  # seconds between repeated log lines about one kind of failure
+
+
+class _BadReply(Exception):
+    """Redis (or what answers in its place: a proxy, another server) replied with a shape
+    the scripts never return. Treated as a Redis failure: spool, failure policy."""
+
+
+def _script_reply(reply: object, size: int, what: str) -> list[Any]:
+    """``reply`` as the list of ``size`` items a script returns; :class:`_BadReply` if not
+    (a proxy answering ``+OK`` to everything, a wrong server)."""
+    if not isinstance(reply, list) or len(reply) != size:
+        raise _BadReply(f"unexpected reply to {what}: {reply!r:.100}")
+    return reply
+
+
+def _int(value: object, what: str) -> int:
+    """A script's integer field (an int, or digits as text when clamped); else _BadReply."""
+    if isinstance(value, bool):
+        raise _BadReply(f"unexpected {what} in a Redis reply: {value!r:.50}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, bytes | str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise _BadReply(f"unexpected {what} in a Redis reply: {value!r:.50}")
 
 
 def customer_keys(prefix: str, customer: str) -> dict[str, str]:
@@ -449,7 +478,8 @@ class RedisLedger(Ledger):
             self._spool(event, "redis is unreachable")
             return
         try:
-            status, _, _ = await self._charge(event, reservation.token)
+            reply = _script_reply(await self._charge(event, reservation.token), 3, "charge")
+            status = _int(reply[0], "status")
         except asyncio.CancelledError:
             self._spool(event, "the commit was cancelled")
             raise
@@ -621,6 +651,14 @@ class RedisLedger(Ledger):
                     self._terms(feature, at),
                 ],
             )  # fmt: skip
+            status, limit, used, balance, held, period, in_plan = _script_reply(
+                result, 7, "the reserve script"
+            )
+            status, limit, held = _int(status, "status"), _int(limit, "limit"), _int(held, "held")
+            # used and balance come as text when clamped at 2**63-1 (see scripts)
+            used, balance = _int(used, "used"), _int(balance, "balance")
+            if not isinstance(period, bytes | str):
+                raise _BadReply(f"unexpected period in a Redis reply: {period!r:.50}")
         except Exception as exc:
             if not self._failed(exc, "reserve"):
                 raise
@@ -632,8 +670,6 @@ class RedisLedger(Ledger):
                 original_error=exc,
             )
             return self._unavailable(event, error, None)
-        status, limit, used, balance, held, period, in_plan = result
-        used, balance = int(used), int(balance)  # text when clamped at 2**63-1 (see scripts)
         if status < 0:
             answer = Answer(
                 False, customer, feature, units, 0, 0, 0, reason=REASON_UNKNOWN, provider=self
@@ -650,7 +686,8 @@ class RedisLedger(Ledger):
         )
         if not (ok and hold) or limit == UNLIMITED:
             return Reservation(answer, event)
-        member = f"{units}:{period.decode()}:{event.idempotency_key}"
+        period = period.decode() if isinstance(period, bytes) else period
+        member = f"{units}:{period}:{event.idempotency_key}"
         reservation = Reservation(answer, event, (holds, member))
         self._outstanding[reservation] = t
         return reservation
@@ -736,7 +773,10 @@ class RedisLedger(Ledger):
             for customer in customers:
                 names = customer_keys(self._prefix, customer)
                 check.exists(names["sub"], names["credits"])
-            unknown = [c for c, n in zip(customers, await check.execute(), strict=True) if not n]
+            exists = await check.execute()
+            if not isinstance(exists, list) or len(exists) != len(customers):
+                raise _BadReply(f"unexpected reply to EXISTS: {exists!r:.100}")
+            unknown = [c for c, n in zip(customers, exists, strict=True) if not _int(n, "count")]
             if unknown:
                 raise PermanentProviderError(
                     f"unknown customer {unknown[0]!r}: subscribe it to a plan or grant it "
@@ -746,18 +786,24 @@ class RedisLedger(Ledger):
             pipe = client.pipeline(transaction=False)
             for event in events:
                 await self._charge(event, None, pipe)
-            results = await pipe.execute()
+            replies = await pipe.execute()
+            if not isinstance(replies, list) or len(replies) != len(events):
+                raise _BadReply(f"unexpected reply to the charge pipeline: {replies!r:.100}")
+            statuses = [_int(_script_reply(r, 3, "charge")[0], "status") for r in replies]
             self._down_until = 0.0  # Redis answers again
         except self._unreachable as exc:
             self._trip(exc)
             raise RetryableProviderError(
                 f"the Redis ledger could not be reached: {exc}", original_error=exc
             ) from exc
-        except self._redis_error as exc:
+        except ProviderError:
+            raise
+        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _failed)
+            self._log_once("record", logging.ERROR, "redis ledger: charging failed: %r", exc)
             raise RetryableProviderError(
                 f"the Redis ledger failed: {exc}", original_error=exc
             ) from exc
-        for event, (status, _, _) in zip(events, results, strict=True):
+        for event, status in zip(events, statuses, strict=True):
             if status < 0:
                 raise PermanentProviderError(
                     f"unknown customer {event.customer!r}", code="unknown_customer"
@@ -783,10 +829,13 @@ class RedisLedger(Ledger):
         if isinstance(exc, self._unreachable):
             self._trip(exc)
             return True
-        if isinstance(exc, self._redis_error):
-            self._log_once(what, logging.ERROR, "redis ledger: %s failed: %r", what, exc)
-            return True
-        return False
+        if isinstance(exc, UsageMiddlewareError):
+            return False  # ours, on purpose (a closed ledger, a bad pricing)
+        # A RedisError, or what redis-py raises on a reply of the wrong shape (a proxy or
+        # another server answering +OK: AttributeError, TypeError, ValueError...): either
+        # way Redis did not do its part. Spool / failure policy, never a lost charge.
+        self._log_once(what, logging.ERROR, "redis ledger: %s failed: %r", what, exc)
+        return True
 
     def _trip(self, exc: BaseException) -> None:
         """Redis is unreachable: skip it for ``retry_after`` seconds."""
@@ -820,9 +869,11 @@ class RedisLedger(Ledger):
             raise RetryableProviderError(
                 f"the Redis ledger could not be reached: {exc}", original_error=exc
             ) from exc
-        except self._redis_error as exc:
+        except UsageMiddlewareError:
+            raise
+        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _failed)
             raise RetryableProviderError(
-                f"the Redis ledger failed: {exc}", original_error=exc
+                f"the Redis ledger failed: {exc!r}", original_error=exc
             ) from exc
         self._down_until = 0.0  # Redis answers again
         return result

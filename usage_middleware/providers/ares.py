@@ -49,7 +49,7 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
-from ._http import retry_after
+from ._http import loads, redirect_error, retry_after, send, status_kind
 from .base import FailurePolicy
 from .remote import Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
@@ -140,7 +140,7 @@ def _scrub(text: str, *tokens: AccessToken | None) -> str:
 
 def _error_text(response: httpx.Response) -> str:
     try:
-        body = response.json()
+        body = loads(response.content)
     except ValueError:
         return ""
     if isinstance(body, dict):
@@ -151,7 +151,9 @@ def _error_text(response: httpx.Response) -> str:
     return ""
 
 
-def _ares_error(response: httpx.Response, what: str, token: AccessToken) -> ProviderError:
+def _ares_error(
+    response: httpx.Response, what: str, token: AccessToken, cap: float
+) -> ProviderError:
     """The typed error for a non-2xx ARES answer (never carrying the token)."""
     status = response.status_code
     text = _scrub(_error_text(response), token)
@@ -161,8 +163,13 @@ def _ares_error(response: httpx.Response, what: str, token: AccessToken) -> Prov
     if status in (401, 403):
         code = _TOKEN_CODES.get(text.strip().lower(), "token_rejected")
         return AresTokenError(message, status=status, code=code)
-    if status == 429 or status >= 500:
-        return RetryableProviderError(message, status=status, retry_after=retry_after(response))
+    kind = status_kind(status)
+    if kind in ("retryable", "not_found"):
+        # 404: no resource of ARES's is addressed by id, so it is a routing 404 (a wrong
+        # base URL), not the charge's fault.
+        return RetryableProviderError(
+            message, status=status, retry_after=retry_after(response, cap)
+        )
     return PermanentProviderError(message, status=status, code="rejected")
 
 
@@ -266,6 +273,8 @@ class AresProvider(RemoteProvider):
 
     name = "ares"
     max_batch = 1
+    #: No idempotency key reaches the provider: a resent charge may count twice.
+    deduplicates = False
     #: ARES deducts on the POST itself: its balance includes a delivered charge at once.
     balance_lag = 0.0
 
@@ -336,8 +345,9 @@ class AresProvider(RemoteProvider):
         self._memory: TTLCache[str, AccessToken] = TTLCache(size, token_memory_ttl)
         # (customer, sha256(token)) pairs ARES has accepted: checked once per token.
         self._verified: TTLCache[tuple[str, bytes], bool] = TTLCache(size, token_memory_ttl)
-        # A user read while checking a new token, handed to the fetch that follows it.
-        self._handoff: dict[str, tuple[AccessToken, AresUser, float]] = {}
+        # A user read (or the failure) while checking a new token, handed to the fetch
+        # that follows it: one check makes one call and takes at most one timeout.
+        self._handoff: dict[str, tuple[AccessToken, AresUser | ProviderError, float]] = {}
         self._checks: dict[tuple[str, bytes], asyncio.Task[str | None]] = {}
         self._unit_milli: dict[str, int] = {}
 
@@ -396,25 +406,35 @@ class AresProvider(RemoteProvider):
         self, method: str, path: str, token: AccessToken, json: object = None
     ) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token.value}", "Accept": "application/json"}
-        try:
-            if json is None:
-                return await self.http.request(method, self.base_url + path, headers=headers)
-            return await self.http.request(method, self.base_url + path, headers=headers, json=json)
-        except httpx.TransportError as exc:
-            raise RetryableProviderError(
-                f"ARES unreachable: {type(exc).__name__}", original_error=exc
-            ) from exc
+        post = method != "GET"
+        response = await send(
+            self.http,
+            method,
+            self.base_url + path,
+            what=f"ARES {method} {path}",
+            max_body=self.max_body,
+            # ARES has no idempotency key: a usage POST whose answer was lost is ambiguous.
+            idempotent=not post,
+            keep_oversized_success=post,
+            headers=headers,
+            json_body=json,
+        )
+        if status_kind(response.status_code) == "redirect":
+            raise redirect_error(
+                response, f"ARES {method} {path}", self.base_url, cap=self.max_retry_after
+            )
+        return response
 
     async def _get_user(self, token: AccessToken) -> AresUser:
         """``GET /v1/user`` (reference §2) -> the user and their credits."""
         response = await self._send("GET", "/v1/user", token)
         if not 200 <= response.status_code < 300:
-            raise _ares_error(response, "refused GET /v1/user", token)
+            raise _ares_error(response, "refused GET /v1/user", token, self.max_retry_after)
         try:
-            body = response.json()
+            body = loads(response.content)
         except ValueError as exc:
             raise RetryableProviderError(
-                "ARES answered GET /v1/user with a body that is not JSON",
+                "ARES answered GET /v1/user with a body that is not JSON (or has NaN/Infinity)",
                 status=response.status_code,
                 code="malformed_response",
                 original_error=exc,
@@ -447,10 +467,10 @@ class AresProvider(RemoteProvider):
         }
         response = await self._send("POST", "/v1/partner/usage", token, body)
         if not 200 <= response.status_code < 300:
-            raise _ares_error(response, "refused the usage", token)
+            raise _ares_error(response, "refused the usage", token, self.max_retry_after)
         # Any 2xx is a charge; the docs' "Success" message is only logged when missing.
         try:
-            message = response.json().get("message")
+            message = loads(response.content).get("message")
         except (ValueError, AttributeError):
             message = None
         if message != "Success":
@@ -541,6 +561,8 @@ class AresProvider(RemoteProvider):
             return Entitlement(None, None, 0, reason=NO_TOKEN_REASON)
         handoff = self._handoff.pop(customer, None)
         if handoff is not None and handoff[0] == token and time.monotonic() - handoff[2] < 1.0:
+            if isinstance(handoff[1], ProviderError):
+                raise handoff[1]  # the token check just failed to reach ARES: no 2nd wait
             user = handoff[1]
         else:
             try:
@@ -734,11 +756,22 @@ class AresProvider(RemoteProvider):
                 user, used = await self._with_token(customer, scope, token, self._get_user)
         except AresTokenError as exc:
             return _token_reason(exc)
-        except Exception:  # ARES unreachable: the check that follows fails; its policy applies
+        except Exception as exc:  # ARES unreachable: the check that follows fails (its policy)
             logger.debug("could not check a new ARES token", exc_info=True)
             # Unchecked, but the only token there is for delivering this user's charges.
             if self.tokens.request_bound and customer not in self._memory:
                 self._memory[customer] = token
+            # The fetch that follows fails with this at once instead of waiting again.
+            failure = (
+                exc
+                if isinstance(exc, ProviderError)
+                else RetryableProviderError(
+                    f"ARES token check failed: {type(exc).__name__}"
+                    + (f" after {self.timeout:g} s" if isinstance(exc, TimeoutError) else ""),
+                    original_error=exc,
+                )
+            )
+            self._handoff[customer] = (token, failure, time.monotonic())
             return None
         self._accepted(customer, used, scope)
         if used == token:

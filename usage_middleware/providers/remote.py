@@ -106,6 +106,12 @@ from ..models import (
     check_feature,
     check_units,
 )
+from ._http import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_RETRY_AFTER,
+    check_max_body,
+    check_max_retry_after,
+)
 from .base import FailurePolicy, Provider, ProviderState
 
 if TYPE_CHECKING:
@@ -393,6 +399,11 @@ class RemoteProvider(Provider):
         max_retry_age: seconds a retryable delivery failure may keep a charge queued
             (default 3 days); then it is dead-lettered (outbox) or dropped (outbox=None),
             with the last error, and logged.
+        max_retry_after: most seconds a ``Retry-After`` from the provider is honoured
+            (default 300): a longer one (or an HTTP date further away) counts as this,
+            for delivery pauses, the outbox's not-before and the 503's ``Retry-After``.
+        max_body: most bytes of one answer read (default 1 MiB); a longer answer is
+            abandoned and the call fails (the failure policy applies).
         clock: monotonic seconds; tests inject a fake one.
 
     Raises:
@@ -430,9 +441,15 @@ class RemoteProvider(Provider):
         breaker_cooldown: float = 10.0,
         drain_timeout: float = 5.0,
         max_retry_age: float = 3 * 86400.0,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        max_body: int = DEFAULT_MAX_BODY,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
+        #: Most seconds this provider's ``Retry-After`` may pause delivery or a client.
+        self.max_retry_after = check_max_retry_after(max_retry_after)
+        #: Most bytes of one answer read before the call counts as failed.
+        self.max_body = check_max_body(max_body)
         _seconds("cache_ttl", cache_ttl)
         _seconds("deny_ttl", deny_ttl)
         _seconds("breaker_cooldown", breaker_cooldown)
@@ -890,6 +907,8 @@ class RemoteProvider(Provider):
             answer = Answer(True, customer, feature, units, err=err, provider=self)
             return answer, held
         retry_after = err.retry_after if err.retry_after is not None else 1.0
+        if not retry_after <= self.max_retry_after:  # NaN and decades alike
+            retry_after = self.max_retry_after
         answer = Answer(
             False,
             customer,

@@ -62,7 +62,7 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UsageEvent, check_customer, check_units
-from ._http import retry_after
+from ._http import loads, redirect_error, retry_after, send, status_kind
 from .remote import Entitlement, RemoteProvider
 
 __all__ = ["SERVERS", "SpaireProvider"]
@@ -405,12 +405,24 @@ class SpaireProvider(RemoteProvider):
                 )
         balance, as_of = 0.0, None
         if row is not None:
-            try:
-                balance = float(row["balance"])
-            except (KeyError, TypeError, ValueError) as exc:
+            raw = row.get("balance")
+            # A JSON number only (no bool, no string), finite and within float range:
+            # anything else is a failed check, never a refusal the customer did not earn.
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
                 raise RetryableProviderError(
-                    "Spaire read balance: answer has no numeric balance", original_error=exc
+                    f"Spaire read balance: answer has no numeric balance ({type(raw).__name__})",
+                    code="invalid_response",
+                )
+            try:
+                balance = float(raw)
+            except OverflowError as exc:
+                raise RetryableProviderError(
+                    "Spaire read balance: balance out of range", code="invalid_response"
                 ) from exc
+            if not math.isfinite(balance):
+                raise RetryableProviderError(
+                    "Spaire read balance: balance is not finite", code="invalid_response"
+                )
             as_of = _parse_iso(row.get("modified_at"))
         # Grants (negative) and charges this process delivered after the row was computed.
         available = balance - self._pending_units(customer, as_of)
@@ -749,21 +761,25 @@ class SpaireProvider(RemoteProvider):
     ) -> httpx.Response:
         """One request; returns 2xx (and Spaire's ``ResourceNotFound`` 404 when
         ``not_found``); raises ProviderError for anything else."""
-        try:
-            r = await self.http.request(
-                method, path, json=json, params=params, headers=self._headers
-            )
-        except httpx.TimeoutException as exc:
-            raise RetryableProviderError(f"Spaire {what}: timed out", original_error=exc) from exc
-        except httpx.HTTPError as exc:
-            raise RetryableProviderError(
-                f"Spaire {what}: {type(exc).__name__}", original_error=exc
-            ) from exc
-        if r.status_code < 300:
+        # Every event carries its external_id (Spaire skips a repeat, §2.7): resending
+        # after a lost answer is safe, so no failure here is ambiguous.
+        r = await send(
+            self.http,
+            method,
+            path,
+            what=f"Spaire {what}",
+            max_body=self.max_body,
+            headers=self._headers,
+            params=params,
+            json_body=json,
+        )
+        if 200 <= r.status_code < 300:
             return r
         if not_found and r.status_code == 404 and _error_body(r)[0] == "ResourceNotFound":
             return r
-        raise _error(r, what)
+        if status_kind(r.status_code) == "redirect":
+            raise redirect_error(r, f"Spaire {what}", self.base_url, cap=self.max_retry_after)
+        raise _error(r, what, self.max_retry_after)
 
 
 def _check_routable(customer: str) -> None:
@@ -774,15 +790,16 @@ def _check_routable(customer: str) -> None:
         )
 
 
-def _error(r: httpx.Response, what: str) -> ProviderError:
+def _error(r: httpx.Response, what: str, cap: float) -> ProviderError:
     status = r.status_code
     code, detail = _error_body(r)
-    retry_after_s = retry_after(r)
+    retry_after_s = retry_after(r, cap)
+    kind = status_kind(status)
     if status == 429:
         return RetryableProviderError(
             f"Spaire {what}: rate limited", status=status, code=code, retry_after=retry_after_s
         )
-    if status >= 500 or status == 408:
+    if kind in ("retryable", "redirect"):
         return RetryableProviderError(
             f"Spaire {what}: server error: {detail or r.reason_phrase}",
             status=status,
@@ -811,7 +828,7 @@ def _error(r: httpx.Response, what: str) -> ProviderError:
 def _error_body(r: httpx.Response) -> tuple[str | None, str]:
     """(``error`` code, readable ``detail``) from a Spaire error body (§1.6)."""
     try:
-        body = r.json()
+        body = loads(r.content)
     except ValueError:
         return None, r.text[:300].strip()
     if not isinstance(body, dict):
@@ -853,10 +870,12 @@ def _parse_iso(value: object) -> float | None:
 
 def _json_object(r: httpx.Response, what: str) -> dict[str, Any]:
     try:
-        data = r.json()
+        data = loads(r.content)
     except ValueError as exc:
         raise RetryableProviderError(
-            f"Spaire {what}: answer is not JSON", status=r.status_code, original_error=exc
+            f"Spaire {what}: answer is not JSON (or has NaN/Infinity)",
+            status=r.status_code,
+            original_error=exc,
         ) from exc
     if not isinstance(data, dict):
         raise RetryableProviderError(

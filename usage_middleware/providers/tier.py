@@ -32,7 +32,7 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, UsageEvent
-from ._http import retry_after
+from ._http import loads, redirect_error, retry_after, send, status_kind
 from .base import FailurePolicy
 from .remote import Entitlement, RemoteProvider, ReporterLike
 
@@ -155,7 +155,7 @@ def parse_limits(data: Any) -> list[FeatureLimit]:
         if not isinstance(item, dict):
             raise _bad_response("/v1/limits", "a usage line is not an object")
         feature, used, limit = item.get("feature"), item.get("used", 0), item.get("limit", 0)
-        if not isinstance(feature, str) or not _is_int(used) or not _is_int(limit):
+        if not isinstance(feature, str) or not _is_count(used) or not _is_count(limit):
             raise _bad_response("/v1/limits", f"malformed usage line for {feature!r}")
         lines.append(FeatureLimit(feature, used, limit))
     return lines
@@ -179,16 +179,17 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_count(v: object) -> bool:
+    """A Tier ``used``/``limit``: a JSON integer from 0 to Go's MaxInt64 (Tier's ``Inf``)."""
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= UNLIMITED
+
+
 def _bad_response(path: str, why: str, status: int | None = 200) -> RetryableProviderError:
     return RetryableProviderError(
         f"Tier {path} answered with an unexpected body: {why}",
         status=status,
         code="invalid_response",
     )
-
-
-#: Exceptions raised before the request reached the sidecar: retrying cannot double-count.
-_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 
 
 class TierProvider(RemoteProvider):
@@ -225,14 +226,18 @@ class TierProvider(RemoteProvider):
     connection reset after sending, the process killed between Tier's 200 and the outbox
     deleting the row) is sent again and **counted twice** in Stripe. Failures before the
     request left (connection refused, connect or pool timeout) are never counted twice.
-    The window is one report round trip per event; ``report_timeout`` (default 10 s;
-    reports run in the background) keeps timeouts rare.
+    Such a lost answer is raised as an *ambiguous* ``RetryableProviderError``: the outbox
+    resends the report at most once more, after a back-off, then dead-letters it with
+    code ``ambiguous`` (so at most twice). ``report_timeout`` (default 10 s; reports run
+    in the background) keeps timeouts rare.
 
     Errors (§1) are classified by whether the event is at fault. Permanent (dead-lettered
     with Tier's status/code/message): 400 ``org_not_found``, ``feature_not_found``,
     ``invalid_request`` (``feature not reportable`` included), ``TERR1020`` and the other
     400s, and 500 ``TERR1050``. Retryable (kept in the outbox until they go through): 401
-    (the sidecar's Stripe key), 404 (a wrong base URL), 408, 429 and 5xx. Tier's 500
+    (the sidecar's Stripe key), 3xx and 404 (a wrong base URL), 408, 425, 429 and 5xx.
+    Answers are capped at ``max_body`` bytes and ``Retry-After`` at ``max_retry_after``
+    seconds (see :mod:`usage_middleware.providers._http`). Tier's 500
     ``internal_error`` also covers two failures no retry fixes, so on that answer to a
     report the provider asks ``/v1/limits`` and ``/v1/phase`` and makes it permanent when
     the org has no active subscription, or when ``at`` is before the org's current billing
@@ -256,6 +261,8 @@ class TierProvider(RemoteProvider):
 
     name = "tier"
     max_batch = 1
+    #: No idempotency key reaches the provider: a resent charge may count twice.
+    deduplicates = False
     supports_clobber = True
     #: A delivered report shows in ``/v1/limits`` at once: the sidecar has no cache (§2:
     #: each call reads Stripe's upcoming invoice, and legacy usage records are written
@@ -705,43 +712,26 @@ class TierProvider(RemoteProvider):
             content = json.dumps(body, separators=(",", ":")).encode()
         if content is not None:
             headers["content-type"] = "application/json"
-        url = self._base_url + path
-        try:
-            if request_timeout is None:
-                response = await self.http.request(
-                    method, url, params=params, content=content, headers=headers
-                )
-            else:
-                response = await self.http.request(
-                    method,
-                    url,
-                    params=params,
-                    content=content,
-                    headers=headers,
-                    timeout=request_timeout,
-                )
-        except _NOT_SENT as exc:
-            raise RetryableProviderError(
-                f"Tier {path} could not be reached: {type(exc).__name__}",
-                original_error=exc,
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise RetryableProviderError(
-                f"Tier {path} timed out ({type(exc).__name__}); a report may have been "
-                "recorded and a retry can count it twice",
-                original_error=exc,
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise RetryableProviderError(
-                f"Tier {path} failed: {type(exc).__name__}; a report may have been recorded "
-                "and a retry can count it twice",
-                original_error=exc,
-            ) from exc
+        report = path == "/v1/report"
+        response = await send(
+            self.http,
+            method,
+            self._base_url + path,
+            what=f"Tier {path}",
+            max_body=self.max_body,
+            # Tier cannot deduplicate a report (§5): a lost answer is ambiguous.
+            idempotent=method == "GET",
+            keep_oversized_success=report or path == "/v1/subscribe",
+            headers=headers,
+            params=params,
+            content=content,
+            request_timeout=request_timeout,
+        )
         if response.is_success:
             try:
-                return json.loads(response.content) if response.content else None
+                return loads(response.content) if response.content else None
             except ValueError:
-                if path == "/v1/report" or path == "/v1/subscribe":
+                if report or path == "/v1/subscribe":
                     return None  # only `{}` is expected; the status is what counts
                 raise _bad_response(path, "not JSON") from None
         raise self._error(response, path)
@@ -751,7 +741,7 @@ class TierProvider(RemoteProvider):
         status = response.status_code
         code: str | None = None
         try:
-            data = json.loads(response.content)
+            data = loads(response.content)
         except ValueError:
             data = None
         if (
@@ -766,16 +756,23 @@ class TierProvider(RemoteProvider):
             message = f"Tier {path} failed with HTTP {status}"
             if snippet:
                 message += f": {snippet}"
-        # Retry what the event is not at fault for: credentials (401), a wrong base URL
-        # (404 off /v1/phase, where it means "no current phase"), rate limits and 5xx
-        # (but TERR1050: the org's Stripe customer vanished).
+        after = retry_after(response, self.max_retry_after)
+        kind = status_kind(status)
+        if kind == "redirect":
+            return redirect_error(
+                response, f"Tier {path}", self._base_url, cap=self.max_retry_after
+            )
+        # Retry what the event is not at fault for (the shared classification): a wrong
+        # base URL (404 off /v1/phase, where it means "no current phase"), 408/425/429 and
+        # 5xx (but TERR1050: the org's Stripe customer vanished); and 401, the sidecar's
+        # Stripe key.
         retryable = (
-            status in (401, 408, 425, 429)
-            or (status == 404 and path != "/v1/phase")
-            or (status >= 500 and code != "TERR1050")
+            (kind == "retryable" and code != "TERR1050")
+            or (kind == "not_found" and path != "/v1/phase")
+            or status == 401
         )
         cls = RetryableProviderError if retryable else PermanentProviderError
-        return cls(message, status=status, code=code, retry_after=retry_after(response))
+        return cls(message, status=status, code=code, retry_after=after)
 
 
 def _user_agent() -> str:

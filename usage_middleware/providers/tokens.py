@@ -43,7 +43,17 @@ from ..errors import (
     ProviderError,
     RetryableProviderError,
 )
-from ._http import retry_after
+from ._http import (
+    DEFAULT_MAX_BODY,
+    DEFAULT_MAX_RETRY_AFTER,
+    check_max_body,
+    check_max_retry_after,
+    loads,
+    redirect_error,
+    retry_after,
+    send,
+    status_kind,
+)
 
 __all__ = [
     "AccessToken",
@@ -294,7 +304,7 @@ def _seconds(expires_at: object) -> float | None:
 def _clerk_error(response: httpx.Response) -> tuple[str | None, str]:
     """``(code, message)`` from a Clerk error body ``{"errors": [{message, code, ...}]}``."""
     try:
-        body = response.json()
+        body = loads(response.content)
         first = body["errors"][0]
         code = first.get("code")
         message = first.get("message") or first.get("long_message") or ""
@@ -338,6 +348,9 @@ class ClerkTokenSource(TokenSource):
         refresh_margin: seconds before ``expires_at`` when a cached token is dropped.
         ttl_without_expiry: seconds to cache a token Clerk gives no ``expires_at`` for.
         cache_size: most users whose tokens are cached.
+        max_body: most bytes of a Clerk answer read (default 1 MiB); a longer one fails
+            the look-up (retryable).
+        max_retry_after: most seconds of Clerk's ``Retry-After`` passed on (default 300).
 
     Raises:
         ConfigurationError: no secret key.
@@ -356,7 +369,11 @@ class ClerkTokenSource(TokenSource):
         refresh_margin: float = 30.0,
         ttl_without_expiry: float = 60.0,
         cache_size: int = 10_000,
+        max_body: int = DEFAULT_MAX_BODY,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
+        self._max_body = check_max_body(max_body)
+        self._max_retry_after = check_max_retry_after(max_retry_after)
         key = secret_key if secret_key is not None else os.environ.get("CLERK_SECRET_KEY")
         if not key:
             raise ConfigurationError(
@@ -444,20 +461,24 @@ class ClerkTokenSource(TokenSource):
             f"/oauth_access_tokens/{quote(self.wire_provider, safe='')}"
         )
         self.calls += 1
-        try:
-            response = await self._http().get(
-                url,
-                headers={
-                    "Authorization": f"Bearer {self._secret_key}",
-                    "Accept": "application/json",
-                },
-                timeout=self._timeout,
-            )
-        except httpx.TransportError as exc:
-            raise RetryableProviderError(
-                f"Clerk unreachable: {type(exc).__name__}", original_error=exc
-            ) from exc
+        response = await send(
+            self._http(),
+            "GET",
+            url,
+            what="Clerk token look-up",
+            max_body=self._max_body,
+            headers={
+                "Authorization": f"Bearer {self._secret_key}",
+                "Accept": "application/json",
+            },
+            request_timeout=self._timeout,
+        )
         status = response.status_code
+        kind = status_kind(status)
+        if kind == "redirect":
+            raise redirect_error(
+                response, "Clerk token look-up", self.base_url, cap=self._max_retry_after
+            )
         if status >= 400:
             code, message = _clerk_error(response)
             if status in (404, 422) and (code in _NO_TOKEN_CODES or status == 404):
@@ -474,17 +495,22 @@ class ClerkTokenSource(TokenSource):
                 else ("Clerk refused the token look-up")
             )
             error_type: type[ProviderError] = (
-                RetryableProviderError if status == 429 or status >= 500 else PermanentProviderError
+                RetryableProviderError if kind == "retryable" else PermanentProviderError
             )
-            raise error_type(text, status=status, code=code, retry_after=retry_after(response))
+            raise error_type(
+                text,
+                status=status,
+                code=code,
+                retry_after=retry_after(response, self._max_retry_after),
+            )
         return self._parse(customer, response)
 
     def _parse(self, customer: str, response: httpx.Response) -> AccessToken | None:
         try:
-            body = response.json()
+            body = loads(response.content)
         except ValueError as exc:
             raise RetryableProviderError(
-                "Clerk answered with a body that is not JSON",
+                "Clerk answered with a body that is not JSON (or has NaN/Infinity)",
                 status=response.status_code,
                 code="malformed_response",
                 original_error=exc,
