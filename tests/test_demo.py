@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,18 @@ from usage_middleware.cli import main
 @pytest.mark.slow
 def test_demo_serves_refuses_grants_and_prints_the_ledger(tmp_path: Path) -> None:
     """The demo exits 0 after 200s, a 402 problem body, a credit-funded 200 and the table."""
+    # The package alone, copied away from the clone (as a wheel installs it): no examples/.
+    site = tmp_path.parent / f"{tmp_path.name}-site"
+    shutil.copytree(
+        Path(demo.__file__).resolve().parent,
+        site / "usage_middleware",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith("USAGE_")}
+    env["PYTHONPATH"] = str(site)
     result = subprocess.run(
         [sys.executable, "-m", "usage_middleware", "demo"],
-        cwd=tmp_path,  # the demo finds examples/ next to the package, not in the cwd
+        cwd=tmp_path,  # any directory: the app and its pricing ship in the package
         env=env,
         stdin=subprocess.DEVNULL,
         capture_output=True,
@@ -30,6 +39,7 @@ def test_demo_serves_refuses_grants_and_prints_the_ledger(tmp_path: Path) -> Non
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "Traceback" not in out + result.stderr
+    assert f"App:     {site}" in out, "the demo serves the packaged app"
 
     statuses = [int(s) for s in re.findall(r"POST /convert\s+-> (\d{3})", out)]
     assert statuses == [200] * 5 + [402, 200], out
@@ -56,27 +66,37 @@ def test_demo_serves_refuses_grants_and_prints_the_ledger(tmp_path: Path) -> Non
     assert list(tmp_path.iterdir()) == [], "the demo leaves nothing in the working directory"
 
 
-def test_demo_outside_a_clone_fails_with_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_packaged_example_is_the_one_in_examples() -> None:
+    """The demo's packaged app and pricing are byte-for-byte examples/ (one source, no drift)."""
+    root = Path(__file__).resolve().parent.parent
+    packaged = Path(demo.__file__).resolve().parent / "example"
+    for name in ("fastapi_app.py", "pricing.json"):
+        assert (packaged / name).read_bytes() == (root / "examples" / name).read_bytes(), name
+    with demo.example_pricing() as pricing:
+        assert pricing.read_bytes() == (root / "examples" / "pricing.json").read_bytes()
+
+
+def test_demo_without_the_fastapi_extra_fails_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Without examples/ next to the package or in the cwd, `demo` exits 2 naming the fix."""
-    monkeypatch.setattr(demo, "__file__", str(tmp_path / "site-packages" / "pkg" / "demo.py"))
-    monkeypatch.chdir(tmp_path)
+    """Without FastAPI/uvicorn, `demo` exits 2 with one line naming the extra to install."""
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(
+        demo.importlib.util, "find_spec", lambda name: None if name == "uvicorn" else real(name)
+    )
     assert main(["demo"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.count("\n") == 1
-    assert captured.err.startswith(
-        "usage-middleware: error: the demo serves examples/fastapi_app.py"
+    assert captured.err == (
+        "usage-middleware: error: the demo needs uvicorn: pip install 'usage-middleware[fastapi]'\n"
     )
-    assert "clone" in captured.err
 
 
-def test_find_examples_uses_the_clone_the_package_runs_from(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The examples are found next to the package even when the cwd is elsewhere."""
-    monkeypatch.chdir(tmp_path)
-    folder = demo.find_examples()
-    assert (folder / "fastapi_app.py").is_file()
-    assert folder == Path(demo.__file__).resolve().parent.parent / "examples"
+def test_version_prints_the_installed_version(capsys: pytest.CaptureFixture[str]) -> None:
+    """`usage-middleware --version` prints the distribution's version and exits 0."""
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"usage-middleware {version('usage-middleware')}\n"

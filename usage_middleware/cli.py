@@ -3,6 +3,7 @@
 ::
 
     usage-middleware [--db PATH] [--pricing PATH] COMMAND
+    usage-middleware --version                     the installed version
 
     plans                              the plans, features, limits and intervals
     subscribe CUSTOMER PLAN            put CUSTOMER on PLAN (e.g. plan:free@1)
@@ -451,6 +452,17 @@ def _optional_commands(subparsers: argparse._SubParsersAction[_Parser]) -> None:
     module.add_outbox_commands(subparsers)
 
 
+def version() -> str:
+    """The installed distribution's version (``importlib.metadata``), or ``unknown``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("usage-middleware")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``usage-middleware`` (sub-commands set ``func``)."""
     parser = _Parser(
@@ -481,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     ledger_options.add_argument(
         "--pricing", default=argparse.SUPPRESS, metavar="PATH", help="as above"
     )
+    parser.add_argument(
+        "--version", action="version", version=f"{PROG} {version()}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser(
@@ -509,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="serve examples/fastapi_app.py on a fresh ledger and meter it over real HTTP",
+        help="serve the example FastAPI app on a fresh ledger and meter it over real HTTP",
     )
     p.set_defaults(func=_cmd_demo)
 

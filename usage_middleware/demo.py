@@ -1,7 +1,9 @@
 """``usage-middleware demo``: watch a real app serve, meter and refuse requests.
 
-The demo needs a clone of the repository (it serves ``examples/fastapi_app.py`` with
-``examples/pricing.json``) and the ``fastapi`` extra (FastAPI and uvicorn). It:
+The demo serves the example app shipped in the package (``usage_middleware/example/``, the
+same files as the repository's ``examples/fastapi_app.py`` and ``examples/pricing.json``), so
+it runs from any directory of any install; it needs the ``fastapi`` extra (FastAPI and
+uvicorn). It:
 
 1. starts the example app under uvicorn in a subprocess, on a free 127.0.0.1 port, with a
    fresh ledger file in a temporary directory (``USAGE_DB`` / ``USAGE_PRICING``);
@@ -15,7 +17,7 @@ The demo needs a clone of the repository (it serves ``examples/fastapi_app.py`` 
    ledger's table for ``org:demo``.
 
 :func:`run_demo` returns 0 when all of that happened as described, 1 otherwise (with the
-server's log). A missing example app or missing extra raises
+server's log). A missing extra raises
 :class:`~usage_middleware.errors.ConfigurationError` (the CLI prints it on one line).
 Everything is bounded: each HTTP call times out, the request loop stops after 50 calls,
 and the server is killed if it does not stop within 15 seconds.
@@ -24,6 +26,8 @@ and the server is killed if it does not stop within 15 seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.resources
 import importlib.util
 import json
 import os
@@ -33,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
@@ -41,7 +45,7 @@ import httpx
 
 from .errors import ConfigurationError
 
-__all__ = ["CUSTOMER", "find_examples", "run_demo"]
+__all__ = ["APP", "CUSTOMER", "example_pricing", "run_demo"]
 
 #: The demo's customer id.
 CUSTOMER = "org:demo"
@@ -50,25 +54,19 @@ _FEATURE = "feature:convert"
 _CREDITS = 3
 _MAX_CALLS = 50
 _FD_ENV = "USAGE_DEMO_LISTEN_FD"
-_ROOT_ENV = "USAGE_DEMO_ROOT"
+#: The app the demo serves (``uvicorn`` import string).
+APP = "usage_middleware.example.fastapi_app:app"
 
 
-def find_examples() -> Path:
-    """The ``examples`` directory of the clone this package runs from.
+@contextlib.contextmanager
+def example_pricing() -> Iterator[Path]:
+    """The path of the packaged example ``pricing.json``, valid inside the ``with``.
 
-    Looks next to the package (an editable install from a clone), then in the current
-    directory. Raises ``ConfigurationError`` naming the fix when neither has
-    ``examples/fastapi_app.py``.
+    A real file for a normal install; a temporary copy when the package is zipped.
     """
-    candidates = [Path(__file__).resolve().parent.parent / "examples", Path.cwd() / "examples"]
-    for folder in candidates:
-        if (folder / "fastapi_app.py").is_file() and (folder / "pricing.json").is_file():
-            return folder
-    raise ConfigurationError(
-        "the demo serves examples/fastapi_app.py from a clone of the repository, and none "
-        "was found: clone the repository, then run 'pip install -e .[fastapi]' and "
-        "'usage-middleware demo' inside it"
-    )
+    resource = importlib.resources.files("usage_middleware.example") / "pricing.json"
+    with importlib.resources.as_file(resource) as path:
+        yield path
 
 
 def _require_extra() -> None:
@@ -128,7 +126,7 @@ async def _admin_table(db: Path) -> str:
 class _Server:
     """The example app under uvicorn in a child process, listening on a socket we bound."""
 
-    def __init__(self, examples: Path, workdir: Path, db: Path, pricing: Path) -> None:
+    def __init__(self, workdir: Path, db: Path, pricing: Path) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
@@ -141,7 +139,6 @@ class _Server:
                 "USAGE_DB": str(db),
                 "USAGE_PRICING": str(pricing),
                 _FD_ENV: str(self.sock.fileno()),
-                _ROOT_ENV: str(examples.parent),
                 "PYTHONUNBUFFERED": "1",
             }
         )
@@ -192,28 +189,29 @@ def run_demo(*, out: TextIO | None = None) -> int:
     """Run the demo (see the module docstring); return 0 on success, 1 otherwise.
 
     Raises:
-        ConfigurationError: no clone with ``examples/`` was found, or FastAPI/uvicorn are
-            not installed.
+        ConfigurationError: FastAPI or uvicorn is not installed.
     """
-    examples = find_examples()
     _require_extra()
     say = _Out(out or sys.stdout)
-    pricing = examples / "pricing.json"
-    with tempfile.TemporaryDirectory(prefix="usage-demo-") as tmp:
+    with (
+        example_pricing() as pricing,
+        tempfile.TemporaryDirectory(prefix="usage-demo-") as tmp,
+    ):
         workdir = Path(tmp)
         db = workdir / "usage.db"
-        return _run(say, examples, pricing, workdir, db)
+        return _run(say, pricing, workdir, db)
 
 
-def _run(say: _Out, examples: Path, pricing: Path, workdir: Path, db: Path) -> int:
+def _run(say: _Out, pricing: Path, workdir: Path, db: Path) -> int:
+    app_file = Path(pricing).with_name("fastapi_app.py")
     say("usage-middleware demo")
     say("=====================")
-    say(f"App:     {examples / 'fastapi_app.py'} (FastAPI + UsageMiddleware + @metered)")
+    say(f"App:     {app_file} (FastAPI + UsageMiddleware + @metered)")
     say(f"Pricing: {pricing}")
     say(f"Ledger:  {db} (a fresh SQLite file, deleted at the end)")
     say()
     limit, per = asyncio.run(_admin_subscribe(db, pricing))
-    server = _Server(examples, workdir, db, pricing)
+    server = _Server(workdir, db, pricing)
     ok = False
     stopped = False
     try:
@@ -307,15 +305,13 @@ def _until_served(client: httpx.Client, timeout: float = 10.0) -> httpx.Response
 
 
 def _serve(argv: Sequence[str]) -> int:
-    """The child process: serve ``examples.fastapi_app:app`` on the inherited socket."""
+    """The child process: serve :data:`APP` on the inherited socket."""
     import uvicorn
 
     del argv
-    root = os.environ[_ROOT_ENV]
     sock = socket.socket(fileno=int(os.environ[_FD_ENV]))
-    sys.path.insert(0, root)
     config = uvicorn.Config(
-        "examples.fastapi_app:app",
+        APP,
         lifespan="on",
         log_level="warning",
         timeout_graceful_shutdown=5,

@@ -15,11 +15,17 @@ back into the outbox (same idempotency key); a running reporter delivers them wi
 ``poll_interval``. ``purge`` deletes dead letters for good. ``--outbox`` defaults to
 ``$USAGE_OUTBOX`` or ``usage-outbox.db``.
 
+An app on :class:`~usage_middleware.LocalLedger` alone never has an outbox, so ``status``
+with neither ``--outbox`` nor ``$USAGE_OUTBOX`` and no ``usage-outbox.db`` here exits 0 and
+says what the outbox is and which providers use it (:data:`NO_OUTBOX`; with ``--json``, an
+object with ``"exists": false`` and that text as ``"about"``).
+
 Each command's handler is stored as ``func`` on the parsed namespace and returns the exit
 status 0. A path with no file, or a file that is not an outbox (a directory, not SQLite,
 a usage ledger), raises :class:`~usage_middleware.cli.CliError`: the CLI prints one line
 ``usage-middleware: error: no outbox at PATH ...`` or ``... PATH is not an outbox file
-(why) ...`` and exits 2. Nothing is created or written before that check.
+(why) ...`` and exits 2 (for ``status``: unless the path is only the default, see above).
+Nothing is created or written before that check.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import json
 import os
 import sqlite3
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TextIO
@@ -36,7 +43,19 @@ from typing import TextIO
 from .cli import CliError, cannot_read, check_sqlite_file
 from .outbox import DEFAULT_MAX_RETRY_AGE, Outbox, OutboxStatus
 
-__all__ = ["add_outbox_commands", "main"]
+__all__ = ["NO_OUTBOX", "add_outbox_commands", "main"]
+
+_DEFAULT_PATH = "usage-outbox.db"
+
+#: What ``outbox status`` prints when the default outbox file does not exist.
+NO_OUTBOX = (
+    "The outbox is the SQLite file where TierProvider, SpaireProvider and AresProvider keep "
+    "each charge until the provider has accepted it (their outbox= argument, default "
+    "usage-outbox.db), with the dead letters it refused. RedisLedger keeps the charges it "
+    "could not write to Redis in an outbox of the same kind, its spool (spool=, default "
+    "usage-redis-spool.db): pass --outbox usage-redis-spool.db. LocalLedger writes charges "
+    "straight to its own file and has no outbox: 'usage-middleware show CUSTOMER' shows them."
+)
 
 
 def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -45,7 +64,7 @@ def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.Argument
     common.add_argument(
         "--outbox",
         metavar="PATH",
-        default=os.environ.get("USAGE_OUTBOX", "usage-outbox.db"),
+        default=None,
         help="the outbox file (default: $USAGE_OUTBOX or usage-outbox.db)",
     )
     outbox = subparsers.add_parser(
@@ -92,7 +111,7 @@ def _open(args: argparse.Namespace, *, write: bool) -> Outbox:
             SQLite file without the outbox tables, such as a ledger), or this user cannot
             read it (or write it, for ``write``).
     """
-    path = os.fspath(args.outbox)
+    path = _resolve(args)
 
     def not_outbox(why: str) -> CliError:
         return CliError(f"{path} is not an outbox file ({why}); pass --outbox PATH")
@@ -113,8 +132,31 @@ def _open(args: argparse.Namespace, *, write: bool) -> Outbox:
         raise not_outbox(f"SQLite says: {exc}") from None
 
 
+def _resolve(args: argparse.Namespace) -> str:
+    """``--outbox``, else ``$USAGE_OUTBOX``, else the default; stored back on ``args``.
+
+    Sets ``args.outbox_defaulted`` when neither was given.
+    """
+    if args.outbox is None:
+        env = os.environ.get("USAGE_OUTBOX")
+        args.outbox_defaulted = not env
+        args.outbox = env or _DEFAULT_PATH
+    path: str = os.fspath(args.outbox)
+    return path
+
+
 def _status(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = sys.stdout if out is None else out  # looked up now: redirects and tests see it
+    path = _resolve(args)
+    if getattr(args, "outbox_defaulted", False) and not os.path.lexists(path):
+        # No outbox asked for and none here: most likely an app that has none (LocalLedger).
+        if args.json:
+            json.dump({"path": path, "exists": False, "about": NO_OUTBOX}, out, indent=2)
+            out.write("\n")
+        else:
+            print(f"No outbox here ({path} does not exist).", file=out)
+            print(textwrap.fill(NO_OUTBOX, width=88, break_on_hyphens=False), file=out)
+        return 0
     outbox = _open(args, write=False)
     try:
         st = outbox.status(max_age=args.max_retry_age)

@@ -415,6 +415,15 @@ class LocalLedger(Ledger):
             self._current.clear()
             self._slots.clear()
 
+    async def flush(self) -> None:
+        """Write every charge committed so far to the file now (the group commit, early).
+
+        For tests and admin code that read the file right after a request. Call it on the
+        ledger's event loop. Does nothing unless the ledger is open.
+        """
+        if self._state is ProviderState.OPEN:
+            await self._flush_all()
+
     # -- the hot path --------------------------------------------------------------------
 
     async def reserve(
