@@ -713,8 +713,33 @@ def _endpoint_name(scope: Scope) -> str:
     module = getattr(endpoint, "__module__", None)
     if module:
         name = f"{module}.{name}"
-    path = getattr(scope.get("route"), "path", None) or scope.get("path", "?")
-    return f"{name} ({scope.get('method', '?')} {path})"
+    return f"{name} ({scope.get('method', '?')} {_route_path(scope)})"
+
+
+def _route_path(scope: Scope) -> str:
+    """The routed path template with its mount prefixes (``/a/items/{uid}``).
+
+    Starlette records the innermost route in ``scope["route"]`` (newer versions), whose
+    ``path`` is relative to its mount; each ``Mount`` appends its prefix to ``root_path``
+    and keeps the server's own root path in ``app_root_path`` (set at the first mount, on
+    every Starlette version we support), so the mount prefix is what lies between them.
+    Without ``scope["route"]`` (older Starlette) this is the request's own path (which
+    has every mount prefix) without the server's root path.
+    """
+    app_root_path = scope.get("app_root_path")
+    root_path: str = scope.get("root_path", "")
+    route_path = getattr(scope.get("route"), "path", None)
+    if not isinstance(route_path, str):
+        path: str = scope.get("path", "?")
+        server_root = root_path if app_root_path is None else app_root_path
+        if server_root and path.startswith(server_root):
+            path = path[len(server_root) :]
+        return path
+    if app_root_path is None:  # no Mount on the way: root_path is the server's own
+        return route_path
+    if root_path.startswith(app_root_path):
+        root_path = root_path[len(app_root_path) :]
+    return root_path.rstrip("/") + route_path
 
 
 def _retry_after(err: BaseException | None, retry_after: float | None) -> float:
