@@ -315,3 +315,106 @@ async def test_hypercorn_clients_that_time_out_are_not_charged(
     assert provider.charged_units("org:acme", "feature:a") == m + 1
     assert len(provider.ops("release")) == n
     provider.assert_settled()
+
+
+# -- the same at the message level: what the middleware does with a server's receive/send --
+
+
+def _message_app(provider: RecordingProvider) -> Starlette:
+    return Starlette(
+        routes=[Route("/slow", slow), Route("/late-body", late_body)],
+        middleware=[Middleware(UsageMiddleware, provider=provider, customer=by_header)],
+    )
+
+
+async def _run(
+    app: Any, spec_version: str, receive: Callable[[], Awaitable[Any]], path: str = "/slow"
+) -> list[dict[str, Any]]:
+    """One GET through ``app`` with ``receive``; the messages sent (a send that raises
+    OSError once ``gone`` is set, as an ASGI 2.4 server does)."""
+    from tests.metering_helpers import http_scope
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await asyncio.wait_for(
+        app(http_scope(path, headers=list(ACME.items()), spec_version=spec_version), receive, send),
+        10,
+    )
+    return sent
+
+
+async def test_asgi_2_3_server_disconnect_seen_by_the_watch(
+    provider: RecordingProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With an ASGI 2.3 server that reports the disconnect only through receive (which the
+    route never calls), the middleware sees it and releases the hold, logging it once."""
+    caplog.set_level(logging.INFO, logger="usage_middleware")
+    gone = asyncio.Event()
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    asyncio.get_running_loop().call_later(0.1, gone.set)
+    sent = await _run(_message_app(provider), "2.3", receive)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert provider.charged_units("org:acme", "feature:a") == 0
+    assert [c.op for c in provider.ops("prepare", "commit", "release")] == ["release"]
+    assert len(disconnect_logs(caplog)) == 1
+
+
+async def test_asgi_2_4_server_send_raising_is_not_charged(
+    provider: RecordingProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With an ASGI 2.4 server, whose send raises OSError once the client is gone, the
+    final body's failed send releases the hold and is logged as a disconnect."""
+    caplog.set_level(logging.INFO, logger="usage_middleware")
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            raise OSError("client went away")
+
+    from tests.metering_helpers import http_scope
+
+    scope = http_scope("/slow", headers=list(ACME.items()), spec_version="2.4")
+    with pytest.raises(OSError):
+        await asyncio.wait_for(_message_app(provider)(scope, receive, send), 10)
+    assert provider.charged_units("org:acme", "feature:a") == 0
+    assert [c.op for c in provider.ops("commit", "release")] == ["release"]
+    assert len(disconnect_logs(caplog)) == 1
+
+
+async def test_watch_hands_a_receive_error_to_the_app(provider: RecordingProvider) -> None:
+    """An error raised by the server's receive while the middleware read ahead reaches the
+    route's own next receive (here: reading the body), not the void."""
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("receive exploded")
+
+    from tests.metering_helpers import http_scope
+
+    scope = http_scope("/late-body", headers=list(ACME.items()))
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with pytest.raises(RuntimeError, match="receive exploded"):
+        await asyncio.wait_for(_message_app(provider)(scope, receive, send), 10)
+    assert calls == 1  # read once, by the watch; the route got that error
+    assert provider.charged_units("org:acme", "feature:a") == 0
+    provider.assert_settled()

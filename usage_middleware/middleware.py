@@ -431,7 +431,11 @@ class UsageMiddleware:
                     if not state.disconnected and await self._prepare(state):
                         if not state.disconnected:
                             state.ended = True
-                            await send(message)
+                            try:
+                                await send(message)
+                            except OSError:  # an ASGI 2.4 server: the client is gone
+                                state.disconnected = True
+                                raise
                             state.charge = True
                             return
                 state.ended = True
@@ -525,7 +529,8 @@ class UsageMiddleware:
             if reservation.ok:
                 if state.reservations is None:
                     state.reservations = [reservation]
-                    state.watch_soon()  # from the route's first yield on
+                    if not _send_raises(scope):
+                        state.watch_soon()  # from the route's first yield on
                 else:
                     state.reservations.append(reservation)
                 continue
@@ -699,6 +704,26 @@ class UsageMiddleware:
             await send(message)
 
         await self.app(scope, receive_wrapper, send_wrapper)
+
+
+_SEND_RAISES: dict[str, bool] = {}
+
+
+def _send_raises(scope: Any) -> bool:
+    """Whether the server promises (ASGI spec 2.4+) that ``send`` raises ``OSError`` once
+    the client is gone; then the final body's ``send`` tells, and no watch is needed."""
+    asgi = scope.get("asgi")
+    spec = asgi.get("spec_version", "2.0") if asgi else "2.0"
+    raises = _SEND_RAISES.get(spec)
+    if raises is None:
+        try:
+            major, minor = (int(part) for part in str(spec).split(".")[:2])
+            raises = (major, minor) >= (2, 4)
+        except ValueError:
+            raises = False
+        if len(_SEND_RAISES) < 16:
+            _SEND_RAISES[spec] = raises
+    return raises
 
 
 def _is_chunk(message: Message) -> bool:
