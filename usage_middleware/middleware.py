@@ -180,7 +180,7 @@ class MeteringState:
         self._task: asyncio.Task[None] | None = None
         self._started = False
         self._waiter: asyncio.Future[None] | None = None
-        self._app_reading = False
+        self._app_reading = 0  # the app's own receive calls in flight
         self._wanted = False
         self._error: BaseException | None = None
         self._handle: asyncio.Handle | None = None
@@ -194,11 +194,11 @@ class MeteringState:
                 if error is not None:
                     self._error = None
                     raise error
-                self._app_reading = True
+                self._app_reading += 1
                 try:
                     message = await self._receive()  # type: ignore[misc]
                 finally:
-                    self._app_reading = False
+                    self._app_reading -= 1
                 self._seen(message)
                 if self._wanted and not _is_chunk(message):
                     self.watch()
@@ -446,7 +446,7 @@ class UsageMiddleware:
         finally:
             state.close()
             if state.reservations:
-                if state.disconnected and not state.charge:
+                if state.disconnected and not state.charge and not state.denied:
                     logger.info(
                         "usage_middleware: client disconnected; not charged: %s",
                         _endpoint_name(scope),
