@@ -145,7 +145,8 @@ class MeteringState:
     The task reads at most one body chunk ahead (then stops until the app has read the body
     to its end) and, after the final body, waits for ``http.disconnect``. A request that
     never yields to the event loop is not watched: the server cannot learn of a disconnect
-    while it runs.
+    while it runs. Under an ASGI 2.4 server (``send`` raises ``OSError`` once the client
+    is gone) nothing is watched: the final body's ``send`` tells.
     """
 
     __slots__ = (
