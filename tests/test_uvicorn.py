@@ -29,9 +29,14 @@ by_header = customer_from_header("X-Customer")
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port; yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
+async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
+    """Run ``app`` under uvicorn on a free loopback port; yield its base URL.
+
+    ``options`` go to ``uvicorn.Config`` (e.g. ``http="h11"`` or ``http="httptools"``).
+    """
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", **options
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:

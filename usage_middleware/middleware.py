@@ -15,8 +15,8 @@ A pure ASGI middleware (no ``BaseHTTPMiddleware``). It does three things:
    already present (an outer ``UsageMiddleware``, e.g. around a mounted sub-app that has its
    own), this middleware passes the request through, so nothing is charged twice; the
    outermost middleware's provider and customer resolver apply.
-3. **Settlement.** It wraps ``send`` (every message forwarded unchanged and unbuffered; the
-   request body is never read) and settles each reservation exactly once:
+3. **Settlement.** It wraps ``send`` (every message forwarded unchanged and unbuffered) and
+   settles each reservation exactly once:
 
    * the final ``http.response.body`` (``more_body`` false) or ``http.response.pathsend``
      of a response whose status passes ``charge_if`` (2xx by default): ``provider.prepare``
@@ -25,10 +25,19 @@ A pure ASGI middleware (no ``BaseHTTPMiddleware``). It does three things:
      went out, e.g. by a background task, does not undo the charge);
    * anything else is released: a 4xx/5xx, an exception before or after the response
      started, a client disconnect (``http.disconnect`` seen, or ``send`` raising) before the
-     final body, a cancelled request, a refused (402/401/503) request.
+     final body was handed to the server, a cancelled request, a refused (402/401/503)
+     request. A release for a disconnect is logged once at INFO ("client disconnected;
+     not charged").
 
    A streaming response is charged once, at its end. ``commit``/``release`` errors are
    logged (logger ``usage_middleware``), never raised into the response.
+
+   Servers drop ``send`` silently once the client is gone and a plain endpoint never calls
+   ``receive``, so the middleware watches for ``http.disconnect`` itself while a metered
+   request runs: it reads ``receive`` ahead of the app (at most one body chunk ahead; after
+   the final body, only the disconnect) and hands every message it read to the app's own
+   ``receive`` calls, in order (see :class:`MeteringState`). The request body is never
+   buffered beyond that one chunk.
 
 ``websocket`` and other scopes pass through untouched.
 
@@ -52,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -120,19 +130,159 @@ class MeteringState:
             reserves); the middleware settles and clears them.
         status: the response status once ``http.response.start`` went out, else ``None``.
         denied: the request was refused (401/402/503); nothing is charged.
-        disconnected: the app received ``http.disconnect``.
+        disconnected: the client disconnected before the final body was handed to the
+            server (``http.disconnect`` seen by the app or by the middleware's own watch).
+        ended: the final body (or ``http.response.pathsend``) was handed to the server.
         charge: the final body of a chargeable response was sent after ``prepare``.
+
+    It is also the ``receive`` the app sees (:meth:`receive`). Servers drop ``send``
+    silently once the client is gone, and a plain endpoint never calls ``receive``, so
+    without help the middleware would charge a client that gave up (a timeout) before the
+    response was ready. Once the request holds reservations, :meth:`watch` (scheduled with
+    ``call_soon``, so it runs when the request first yields to the event loop) starts a
+    task that calls the server's ``receive`` and keeps each message it gets in a buffer
+    that :meth:`receive` hands to the app first, in order: nothing is taken from the app.
+    The task reads at most one body chunk ahead (then stops until the app has read the body
+    to its end) and, after the final body, waits for ``http.disconnect``. A request that
+    never yields to the event loop is not watched: the server cannot learn of a disconnect
+    while it runs. Under an ASGI 2.4 server (``send`` raises ``OSError`` once the client
+    is gone) nothing is watched: the final body's ``send`` tells.
     """
 
-    __slots__ = ("charge", "denied", "disconnected", "middleware", "reservations", "status")
+    __slots__ = (
+        "_app_reading",
+        "_buffer",
+        "_error",
+        "_handle",
+        "_receive",
+        "_started",
+        "_task",
+        "_waiter",
+        "_wanted",
+        "charge",
+        "denied",
+        "disconnected",
+        "ended",
+        "middleware",
+        "reservations",
+        "status",
+    )
 
-    def __init__(self, middleware: UsageMiddleware) -> None:
+    def __init__(self, middleware: UsageMiddleware, receive: Receive | None = None) -> None:
         self.middleware = middleware
         self.reservations: list[Reservation] | None = None
         self.status: int | None = None
         self.denied = False
         self.disconnected = False
+        self.ended = False
         self.charge = False
+        self._receive = receive
+        self._buffer: deque[Message] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._started = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._app_reading = 0  # the app's own receive calls in flight
+        self._wanted = False
+        self._error: BaseException | None = None
+        self._handle: asyncio.Handle | None = None
+
+    async def receive(self) -> Message:
+        """The app's ``receive``: messages read ahead first, then the server's own."""
+        buffer = self._buffer
+        while not buffer:
+            if self._task is None:
+                error = self._error
+                if error is not None:
+                    self._error = None
+                    raise error
+                self._app_reading += 1
+                try:
+                    message = await self._receive()  # type: ignore[misc]
+                finally:
+                    self._app_reading -= 1
+                self._seen(message)
+                if self._wanted and not _is_chunk(message):
+                    self.watch()
+                return message
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(waiter)  # the app's cancellation leaves the watch running
+            buffer = self._buffer
+        message = buffer.popleft()
+        if self._wanted and not buffer and not _is_chunk(message):
+            self.watch()
+        return message
+
+    def _seen(self, message: Message) -> None:
+        if message["type"] == "http.disconnect" and not self.ended:
+            self.disconnected = True
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def watch_soon(self) -> None:
+        """Watch for a disconnect from the request's first yield to the event loop on."""
+        if self._handle is None and self._receive is not None:
+            self._handle = asyncio.get_running_loop().call_soon(self.watch)
+
+    def watch(self) -> None:
+        """Start watching for a disconnect, unless done, pointless, or the app is reading."""
+        self._wanted = True
+        if (
+            self._task is not None
+            or self._app_reading
+            or self._error is not None
+            or self.ended
+            or self.disconnected
+        ):
+            return
+        buffer = self._buffer
+        if buffer and (buffer[-1]["type"] != "http.request" or _is_chunk(buffer[-1])):
+            return  # a chunk waits for the app (or the input is over)
+        self._started = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        self._started = True
+        receive = self._receive
+        assert receive is not None
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = deque()
+        try:
+            while True:
+                message = await receive()
+                self._seen(message)
+                buffer.append(message)
+                self._wake()
+                if message["type"] != "http.request" or _is_chunk(message):
+                    return  # the input is over, or a chunk waits for the app to read it
+        except Exception as exc:
+            self._error = exc  # the app's next receive raises it
+        finally:
+            self._task = None
+            self._wake()
+
+    async def before_final_body(self) -> None:
+        """Let a watch started in this loop turn take its first step (see its reads)."""
+        if self._task is not None and not self._started:
+            await asyncio.sleep(0)
+
+    def close(self) -> None:
+        """Stop watching: the request is over."""
+        self._wanted = False
+        handle = self._handle
+        if handle is not None:
+            handle.cancel()
+        task = self._task
+        if task is not None:
+            self._task = None
+            task.cancel()
 
 
 class UsageMiddleware:
@@ -258,42 +408,50 @@ class UsageMiddleware:
         if not self._routes_checked:
             self._check_routes()
 
-        state = MeteringState(self)
+        state = MeteringState(self, receive)
         scope[SCOPE_KEY] = state
         charge_if = self.charge_if
-
-        async def receive_wrapper() -> Message:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                state.disconnected = True
-            return message
 
         async def send_wrapper(message: Message) -> None:
             message_type = message["type"]
             if message_type == "http.response.start":
                 state.status = message["status"]
             elif (
-                state.reservations
-                and (
-                    (message_type == "http.response.body" and not message.get("more_body", False))
-                    or message_type == "http.response.pathsend"
-                )
-                and not state.denied
-                and not state.disconnected
-                and not state.charge
-                and state.status is not None
-                and charge_if(state.status)
-            ):
-                if await self._prepare(state):
-                    await send(message)
-                    state.charge = True
-                    return
+                message_type == "http.response.body" and not message.get("more_body", False)
+            ) or message_type == "http.response.pathsend":
+                if (
+                    state.reservations
+                    and not state.denied
+                    and not state.charge
+                    and state.status is not None
+                    and charge_if(state.status)
+                ):
+                    await state.before_final_body()
+                    # charged only if the client is still there when the final body goes
+                    # to the server (which drops it silently otherwise)
+                    if not state.disconnected and await self._prepare(state):
+                        if not state.disconnected:
+                            state.ended = True
+                            try:
+                                await send(message)
+                            except OSError:  # an ASGI 2.4 server: the client is gone
+                                state.disconnected = True
+                                raise
+                            state.charge = True
+                            return
+                state.ended = True
             await send(message)
 
         try:
-            await self.app(scope, receive_wrapper, send_wrapper)
+            await self.app(scope, state.receive, send_wrapper)
         finally:
+            state.close()
             if state.reservations:
+                if state.disconnected and not state.charge and not state.denied:
+                    logger.info(
+                        "usage_middleware: client disconnected; not charged: %s",
+                        _endpoint_name(scope),
+                    )
                 await self._settle(state, state.charge)
 
     # -- reservations (called by @metered) ---------------------------------------------------
@@ -372,6 +530,8 @@ class UsageMiddleware:
             if reservation.ok:
                 if state.reservations is None:
                     state.reservations = [reservation]
+                    if not _send_raises(scope):
+                        state.watch_soon()  # from the route's first yield on
                 else:
                     state.reservations.append(reservation)
                 continue
@@ -547,6 +707,31 @@ class UsageMiddleware:
         await self.app(scope, receive_wrapper, send_wrapper)
 
 
+_SEND_RAISES: dict[str, bool] = {}
+
+
+def _send_raises(scope: Any) -> bool:
+    """Whether the server promises (ASGI spec 2.4+) that ``send`` raises ``OSError`` once
+    the client is gone; then the final body's ``send`` tells, and no watch is needed."""
+    asgi = scope.get("asgi")
+    spec = asgi.get("spec_version", "2.0") if asgi else "2.0"
+    raises = _SEND_RAISES.get(spec)
+    if raises is None:
+        try:
+            major, minor = (int(part) for part in str(spec).split(".")[:2])
+            raises = (major, minor) >= (2, 4)
+        except ValueError:
+            raises = False
+        if len(_SEND_RAISES) < 16:
+            _SEND_RAISES[spec] = raises
+    return raises
+
+
+def _is_chunk(message: Message) -> bool:
+    """Whether ``message`` is a request body chunk that more chunks follow."""
+    return message["type"] == "http.request" and bool(message.get("more_body", False))
+
+
 def _endpoint_name(scope: Scope) -> str:
     """``module.qualname`` of the routed endpoint plus its method and route path."""
     endpoint = scope.get("endpoint")
@@ -554,8 +739,33 @@ def _endpoint_name(scope: Scope) -> str:
     module = getattr(endpoint, "__module__", None)
     if module:
         name = f"{module}.{name}"
-    path = getattr(scope.get("route"), "path", None) or scope.get("path", "?")
-    return f"{name} ({scope.get('method', '?')} {path})"
+    return f"{name} ({scope.get('method', '?')} {_route_path(scope)})"
+
+
+def _route_path(scope: Scope) -> str:
+    """The routed path template with its mount prefixes (``/a/items/{uid}``).
+
+    Starlette records the innermost route in ``scope["route"]`` (newer versions), whose
+    ``path`` is relative to its mount; each ``Mount`` appends its prefix to ``root_path``
+    and keeps the server's own root path in ``app_root_path`` (set at the first mount, on
+    every Starlette version we support), so the mount prefix is what lies between them.
+    Without ``scope["route"]`` (older Starlette) this is the request's own path (which
+    has every mount prefix) without the server's root path.
+    """
+    app_root_path = scope.get("app_root_path")
+    root_path: str = scope.get("root_path", "")
+    route_path = getattr(scope.get("route"), "path", None)
+    if not isinstance(route_path, str):
+        path: str = scope.get("path", "?")
+        server_root = root_path if app_root_path is None else app_root_path
+        if server_root and path.startswith(server_root):
+            path = path[len(server_root) :]
+        return path
+    if app_root_path is None:  # no Mount on the way: root_path is the server's own
+        return route_path
+    if root_path.startswith(app_root_path):
+        root_path = root_path[len(app_root_path) :]
+    return root_path.rstrip("/") + route_path
 
 
 def _retry_after(err: BaseException | None, retry_after: float | None) -> float:
