@@ -509,10 +509,22 @@ class UsageMiddleware:
         self._routes_checked = True
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Open the provider at start-up, close it at shutdown (see the module docstring).
+
+        When start-up fails here (the provider did not open, or a route check failed) the
+        app below has already started: the server gets ``lifespan.startup.failed`` with the
+        reason, the app below gets ``lifespan.shutdown`` (so its own shutdown code runs and
+        it returns; its ``shutdown.complete`` is not forwarded), the provider is closed,
+        and the error is raised, as Starlette's router does. So ``TestClient`` raises it
+        and uvicorn exits with the message instead of waiting for ever.
+        """
         startup_error: BaseException | None = None
+        failure: BaseException | None = None  # startup.failed was sent in our name
 
         async def receive_wrapper() -> Message:
             nonlocal startup_error
+            if failure is not None:
+                return {"type": "lifespan.shutdown"}
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
@@ -523,7 +535,10 @@ class UsageMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
+            nonlocal failure
             message_type = message["type"]
+            if failure is not None:
+                return  # the app below shutting down after our startup.failed
             if message_type == "lifespan.startup.complete":
                 error = startup_error
                 if error is None:
@@ -532,19 +547,32 @@ class UsageMiddleware:
                     except ConfigurationError as exc:
                         error = exc
                 if error is not None:
-                    message = {
-                        "type": "lifespan.startup.failed",
-                        "message": f"usage_middleware: {type(error).__name__}: {error}",
-                    }
+                    failure = error
+                    await send(
+                        {
+                            "type": "lifespan.startup.failed",
+                            "message": f"usage_middleware: {type(error).__name__}: {error}",
+                        }
+                    )
+                    return
             elif message_type in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                try:
-                    await self.provider.aclose()
-                except Exception:
-                    logger.exception("usage_middleware: closing the provider failed")
-                self._opened = False
+                await self._close_provider()
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            if failure is not None:
+                await self._close_provider()
+        if failure is not None:
+            raise failure
+
+    async def _close_provider(self) -> None:
+        try:
+            await self.provider.aclose()
+        except Exception:
+            logger.exception("usage_middleware: closing the provider failed")
+        self._opened = False
 
 
 def _endpoint_name(scope: Scope) -> str:
