@@ -305,7 +305,6 @@ def _wrap(
             inspect.Parameter(REQUEST_PARAM, inspect.Parameter.KEYWORD_ONLY, annotation=Request),
         )
         sig = sig.replace(parameters=params)
-    sig = _resolved(sig, getattr(call, "__globals__", {}))
 
     is_async = is_async_callable(call)
     features = tuple(s.feature for s in specs)
@@ -346,28 +345,6 @@ def _wrap(
     except (AttributeError, TypeError):  # a builtin or slotted callable: nothing to mark
         pass
     return wrapper
-
-
-def _resolved(sig: inspect.Signature, globalns: dict[str, Any]) -> inspect.Signature:
-    """``sig`` with string parameter annotations evaluated in the endpoint's module.
-
-    FastAPI before 0.12x resolves string annotations (``from __future__ import
-    annotations``) in the *wrapper's* module; evaluating them here, in the original's,
-    gives every version the same types. One that cannot be evaluated yet (a name defined
-    later) stays a string for the framework to resolve.
-    """
-
-    def resolve(annotation: Any) -> Any:
-        if not isinstance(annotation, str):
-            return annotation
-        try:
-            return eval(annotation, globalns)  # as FastAPI does, in the same namespace
-        except Exception:
-            return annotation
-
-    return sig.replace(
-        parameters=[p.replace(annotation=resolve(p.annotation)) for p in sig.parameters.values()]
-    )
 
 
 def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any]:

@@ -63,7 +63,7 @@ from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .models import MAX_UNITS, Reservation
-from .providers.base import FailurePolicy, Provider
+from .providers.base import FailurePolicy, Provider, ProviderState
 from .routes import clobber_endpoints, document_routes, misplaced_endpoints
 
 if TYPE_CHECKING:
@@ -231,8 +231,9 @@ class UsageMiddleware:
         self.free_methods = frozenset(free_methods)
         self.www_authenticate = www_authenticate
         self._customer_is_async = is_async_callable(customer)
-        self._opened = False
+        self._open_loop: asyncio.AbstractEventLoop | None = None
         self._open_lock: asyncio.Lock | None = None
+        self._open_lock_loop: asyncio.AbstractEventLoop | None = None
         self._routes_checked = False
         self._background: set[asyncio.Task[None]] = set()
         try:
@@ -477,13 +478,38 @@ class UsageMiddleware:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def _opened(self) -> bool:
+        """Whether the provider was opened by this middleware on the running event loop."""
+        loop = self._open_loop
+        return loop is not None and loop is asyncio.get_running_loop()
+
     async def _ensure_open(self) -> None:
-        if self._open_lock is None:
-            self._open_lock = asyncio.Lock()
+        """Open the provider on the running loop (once; concurrent callers wait).
+
+        Opened on another loop before, without a lifespan to close it (pytest-asyncio runs
+        each test on its own loop; ``TestClient`` without ``with`` uses one loop per
+        request), the provider is closed and opened again here, so its loop-bound parts
+        (clients, tasks, locks) belong to this loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._open_lock is None or self._open_lock_loop is not loop:
+            self._open_lock, self._open_lock_loop = asyncio.Lock(), loop
         async with self._open_lock:
-            if not self._opened:
-                await self.provider.open()
-                self._opened = True
+            if self._opened:
+                return
+            provider = self.provider
+            if self._open_loop is not None and provider.state is ProviderState.OPEN:
+                logger.info(
+                    "usage_middleware: %s was opened on another event loop; reopening it here",
+                    type(provider).__name__,
+                )
+                try:
+                    await provider.aclose()
+                except Exception:
+                    logger.exception("usage_middleware: closing the provider failed")
+            await provider.open()
+            self._open_loop = loop
 
     def _check_routes(self) -> None:
         """Raise ``ConfigurationError`` if a ``@metered`` decorator is misplaced."""
@@ -572,7 +598,7 @@ class UsageMiddleware:
             await self.provider.aclose()
         except Exception:
             logger.exception("usage_middleware: closing the provider failed")
-        self._opened = False
+        self._open_loop = None
 
 
 def _endpoint_name(scope: Scope) -> str:

@@ -297,16 +297,25 @@ class Reporter:
         """Open the outbox and start delivering, inside the running event loop.
 
         Rows left by a process that died (or shut down) are delivered too. Idempotent while
-        open.
+        open; a closed reporter opens again (new tasks, thread and events on the running
+        loop, under a new owner id).
 
         Raises:
-            ConfigurationError: the reporter was closed, or the outbox file cannot be
-                opened (the message names the path).
+            ConfigurationError: the outbox file cannot be opened (the message names the
+                path), or the reporter is still closing.
         """
         if self._state is ProviderState.OPEN:
             return
-        if self._state is ProviderState.CLOSED:
-            raise ConfigurationError("Reporter was closed and cannot be reopened; create a new one")
+        if self._closing:
+            raise ConfigurationError("Reporter is closing; open it again once aclose() returned")
+        if self._state is ProviderState.CLOSED:  # reopen: loop-bound parts are made anew
+            self._outbox = None
+            self._stop_housekeeper = asyncio.Event()
+            self._checkpoint_wake = asyncio.Event()
+            self._writer_wake = asyncio.Event()
+            self._sender_wake = asyncio.Event()
+            self._waiters = []
+            self._paused_until = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="usage-outbox"
         )
@@ -321,6 +330,7 @@ class Reporter:
                 await self._run(self._outbox.close)
             self._executor.shutdown(wait=False)
             self._state = ProviderState.CLOSED
+            self._closed = None
             raise ConfigurationError(f"cannot open the outbox at {self.path}: {exc}") from exc
         self._closed = asyncio.Event()
         self._state = ProviderState.OPEN
@@ -347,7 +357,7 @@ class Reporter:
 
         What was not delivered by then stays in the outbox (nothing is dropped) and any
         worker, or the next process, delivers it without waiting for a lease to expire.
-        Idempotent; a closed reporter cannot be reopened.
+        Idempotent; :meth:`open` opens it again.
         """
         if self._state is ProviderState.CLOSED or self._closing:
             if self._closed is not None:

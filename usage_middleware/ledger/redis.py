@@ -314,8 +314,8 @@ class RedisLedger(Ledger):
         policy applies to requests; the pricing is synced once Redis answers).
 
         Raises:
-            ConfigurationError: the ledger was closed (no reopen), or the spool file
-                cannot be opened.
+            ConfigurationError: the spool file cannot be opened. A closed ledger opens
+                again (a new client and spool on the running loop).
         """
         await self._open_once(self._start)
 
@@ -389,8 +389,12 @@ class RedisLedger(Ledger):
             if self._reporter is not None:
                 await self._reporter.aclose()
         finally:
+            self._upkeep = None
             if self._client_arg is None and self._client is not None:
                 await self._client.aclose()
+            if self._client_arg is None:
+                self._client = None
+            self._reporter = None
 
     # -- the hot path --------------------------------------------------------------------
 

@@ -508,14 +508,16 @@ class RemoteProvider(Provider):
     async def open(self) -> None:
         """Create the HTTP client and start delivery, inside the running loop. Idempotent.
 
+        A closed provider opens again: a new owned client and delivery on the running loop.
+
         Raises:
-            ConfigurationError: the provider was closed (no reopen), or the outbox is unusable.
+            ConfigurationError: the outbox is unusable, or the provider is still closing.
         """
         if self._state is ProviderState.OPEN:
             return
-        if self._state is ProviderState.CLOSED or self._closing:
+        if self._closing:
             raise ConfigurationError(
-                f"{type(self).__name__} was closed and cannot be reopened; create a new one"
+                f"{type(self).__name__} is closing; open it again once aclose() returned"
             )
         created = None
         if self._client is None:
@@ -540,7 +542,7 @@ class RemoteProvider(Provider):
         await super().open()
 
     async def aclose(self) -> None:
-        """Stop checks, drain delivery, close the owned client. Idempotent; no reopen."""
+        """Stop checks, drain delivery, close the owned client. Idempotent; open() reopens."""
         if self._state is ProviderState.CLOSED or self._closing:
             return
         self._closing = True
@@ -553,8 +555,10 @@ class RemoteProvider(Provider):
             if self._delivery is not None:
                 await self._delivery.aclose()
             if self._owns_client and self._client is not None:
-                await self._client.aclose()
+                client, self._client = self._client, None
+                await client.aclose()
         finally:
+            self._flights.clear()
             self._closing = False
             await super().aclose()
 
