@@ -64,7 +64,7 @@ from ._utils import is_sqlite_busy
 from .errors import ConfigurationError, PermanentProviderError, RetryableProviderError
 from .models import UsageEvent
 from .outbox import Outbox, OutboxStatus, Synchronous
-from .providers.base import Provider, ProviderState
+from .providers.base import Provider, ProviderState, on_another_loop
 
 __all__ = ["Reporter", "ReporterStats"]
 
@@ -369,6 +369,9 @@ class Reporter:
                 entries, self._pending = self._pending, []
                 await asyncio.to_thread(self._write_direct, entries)
             return
+        if any(on_another_loop(task) for task in (*self._tasks, *self._senders)):
+            await self._close_after_lost_loop()
+            return
         assert self._closed is not None and self._outbox is not None
         self._closing = True
         self._sender_wake.set()
@@ -635,6 +638,50 @@ class Reporter:
             self._writer_wake.set()
 
     # -- internals: the writer (group commit) -------------------------------------------------
+
+    async def _close_after_lost_loop(self) -> None:
+        """Close a reporter whose tasks ran on an event loop that is gone (no lifespan).
+
+        Those tasks will never run again; what they had in memory (accepted events,
+        pending frees, deletes, dead letters) is written now, from the running loop, and
+        the rows stay in the outbox for the next :meth:`open` (or another worker) to send.
+        """
+        assert self._outbox is not None
+        self._closing = True
+        try:
+            inserts, written = self._plan(self._pending)
+            try:
+                first = await self._apply(
+                    self._owner,
+                    inserts,
+                    deletes=self._deletes,
+                    frees=self._frees,
+                    dead=self._dead,
+                    releases=self._releases,
+                )
+                for i, entry in enumerate(written):
+                    entry.rowid = first + i
+            except Exception:
+                log.exception("outbox %s: writing on close failed", self.path)
+                await asyncio.to_thread(self._write_direct, written)
+            self._pending, self._deletes, self._frees = [], [], []
+            self._dead, self._releases, self._waiters = [], [], []
+            self._tasks, self._senders = [], []
+            try:
+                await self._run(self._outbox.retire, self._owner, self._counters())
+            except Exception:
+                log.exception("could not end this reporter's lease in %s", self.path)
+            await self._run(self._outbox.close)
+        finally:
+            self._state = ProviderState.CLOSED
+            self._closing = False
+            if self._delete_timer is not None:
+                self._delete_timer.cancel()
+                self._delete_timer = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._closed = asyncio.Event()
+            self._closed.set()
 
     async def _writer(self) -> None:
         assert self._outbox is not None

@@ -107,7 +107,7 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..providers.base import FailurePolicy, Provider, ProviderState
+from ..providers.base import FailurePolicy, Provider, ProviderState, on_another_loop
 from . import _redis_scripts as scripts
 from .base import FeatureUsage, Ledger, usage_rows
 from .local import REASON_CLOSED, REASON_FAILED, REASON_LIMIT, REASON_NOT_IN_PLAN, REASON_UNKNOWN
@@ -382,7 +382,8 @@ class RedisLedger(Ledger):
         await super().aclose()
         if not was_open:
             return
-        if self._upkeep is not None:
+        lost_loop = self._upkeep is not None and on_another_loop(self._upkeep)
+        if self._upkeep is not None and not lost_loop:
             self._upkeep.cancel()
             await asyncio.gather(self._upkeep, return_exceptions=True)
         try:
@@ -391,7 +392,12 @@ class RedisLedger(Ledger):
         finally:
             self._upkeep = None
             if self._client_arg is None and self._client is not None:
-                await self._client.aclose()
+                try:
+                    await self._client.aclose()
+                except Exception:  # its connections belong to a loop that is gone
+                    if not lost_loop:
+                        raise
+                    logger.debug("redis ledger: closing the old loop's client", exc_info=True)
             if self._client_arg is None:
                 self._client = None
             self._reporter = None

@@ -111,16 +111,20 @@ class Provider:
         """Run ``start`` (which ends by calling :meth:`Provider.open`) once per opening.
 
         For subclasses whose start-up awaits: concurrent callers wait for the first one,
-        a call while open returns at once, and a closed provider starts again.
+        a call while open returns at once, and a closed provider starts again. Open on
+        another event loop (one that ran before without closing it, e.g. a previous
+        test's), it is closed and started again on the running loop.
         """
-        if self._state is ProviderState.OPEN:
-            return
         loop = asyncio.get_running_loop()
+        if self._state is ProviderState.OPEN and self.loop is loop:
+            return
         if self._open_lock is None or self._open_lock_loop is not loop:
             self._open_lock, self._open_lock_loop = asyncio.Lock(), loop
         async with self._open_lock:
-            if self.state is ProviderState.OPEN:  # opened while we waited
-                return
+            if self.state is ProviderState.OPEN:
+                if self.loop is loop:  # opened while we waited
+                    return
+                await self.aclose()  # open on a loop that is gone: move here
             await start()
 
     async def aclose(self) -> None:

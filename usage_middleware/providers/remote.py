@@ -91,7 +91,7 @@ from ..models import (
     check_feature,
     check_units,
 )
-from .base import FailurePolicy, Provider, ProviderState
+from .base import FailurePolicy, Provider, ProviderState, on_another_loop
 
 if TYPE_CHECKING:
     from ..reporter import Reporter
@@ -514,7 +514,9 @@ class RemoteProvider(Provider):
             ConfigurationError: the outbox is unusable, or the provider is still closing.
         """
         if self._state is ProviderState.OPEN:
-            return
+            if self.loop is asyncio.get_running_loop():
+                return
+            await self.aclose()  # open on a loop that is gone: move to this one
         if self._closing:
             raise ConfigurationError(
                 f"{type(self).__name__} is closing; open it again once aclose() returned"
@@ -522,11 +524,13 @@ class RemoteProvider(Provider):
         created = None
         if self._client is None:
             created = self._client = self.make_client()
-        delivery: ReporterLike = (
-            self.make_reporter()
-            if self._outbox is not None
-            else _MemoryDelivery(self, drain_timeout=self.drain_timeout)
-        )
+        delivery: ReporterLike
+        if self._outbox is not None:
+            delivery = self.make_reporter()
+        elif isinstance(self._delivery, _MemoryDelivery):  # reopened: keep what it queued
+            delivery = self._delivery
+        else:
+            delivery = _MemoryDelivery(self, drain_timeout=self.drain_timeout)
         try:
             await delivery.open()
         except BaseException:
@@ -547,7 +551,7 @@ class RemoteProvider(Provider):
             return
         self._closing = True
         try:
-            flights = list(self._flights.values())
+            flights = [t for t in self._flights.values() if not on_another_loop(t)]
             for task in flights:
                 task.cancel()
             if flights:
@@ -1056,6 +1060,16 @@ class _MemoryDelivery:
 
     async def aclose(self) -> None:
         if self._task is None:
+            return
+        if on_another_loop(self._task):  # its loop is gone: keep the queue for a reopen
+            self._task = self._wake = self._idle = None
+            if self._queue:
+                logger.warning(
+                    "%s: %d charge(s) queued on an event loop that is gone are kept for "
+                    "the next open() (outbox=None)",
+                    self._provider.name,
+                    len(self._queue),
+                )
             return
         await self.drain(self._drain_timeout)
         self._task.cancel()
