@@ -279,3 +279,20 @@ async def test_served_openapi_documents_routers_and_mounted_sub_apps() -> None:
     assert_documented(top["paths"]["/v1/r/a/{uid}"]["get"], ["feature:a"])
     assert_documented(top["paths"]["/v1/r/x/n/b"]["post"], ["feature:b"])
     assert_documented(sub["paths"]["/s/c"]["get"], ["feature:c"])
+
+
+async def test_one_function_metered_twice_for_two_routes_serves_both() -> None:
+    """The same bare function given to @metered twice (two features, two routes) runs both."""
+    provider = RecordingProvider({("org:acme", "feature:a"): 10, ("org:acme", "feature:b"): 10})
+    app = fastapi_app(provider)
+
+    async def handler(n: int = 1) -> dict[str, int]:
+        return {"n": n}
+
+    app.get("/a")(metered("feature:a")(handler))
+    app.get("/b")(metered("feature:b")(handler))
+    async with client(app) as c:
+        a = await c.get("/a", params={"n": 2})
+        b = await c.get("/b", params={"n": 3})
+    assert (a.status_code, a.json(), b.status_code, b.json()) == (200, {"n": 2}, 200, {"n": 3})
+    assert provider.charged == {("org:acme", "feature:a"): 1, ("org:acme", "feature:b"): 1}

@@ -113,6 +113,8 @@ REQUEST_PARAM: Final = "_usage_middleware_request"
 _SPECS_ATTR = "__usage_specs__"
 #: On each wrapper: the callable it runs (a copy of the trapped original, or the original).
 _CALL_ATTR = "__usage_call__"
+#: On a function turned into a trap: its own code object (a later @metered copies it).
+_CODE_ATTR = "__usage_code__"
 
 logger = logging.getLogger("usage_middleware")
 
@@ -357,12 +359,14 @@ def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any
     """
     if type(func) is not types.FunctionType:
         return func
-    code = func.__code__
+    trapped: types.CodeType | None = func.__dict__.get(_CODE_ATTR)
+    code = func.__code__ if trapped is None else trapped  # given to @metered before
     copy = types.FunctionType(
         code, func.__globals__, func.__name__, func.__defaults__, func.__closure__
     )
     copy.__kwdefaults__ = func.__kwdefaults__
     copy.__dict__.update(func.__dict__)
+    copy.__dict__.pop(_CODE_ATTR, None)
     for attr in ("__qualname__", "__module__", "__doc__", "__annotations__", "__type_params__"):
         if hasattr(func, attr):
             setattr(copy, attr, getattr(func, attr))
@@ -384,6 +388,8 @@ def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any
         f"            {func.__qualname__!r}, {func.__module__!r})\n"
         f"    return __usage_trap\n"
     )
+    if trapped is not None:
+        return copy
     try:
         namespace: dict[str, Any] = {}
         exec(compile(source, f"<@metered trap of {func.__qualname__}>", "exec"), namespace)
@@ -394,6 +400,7 @@ def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any
             co_filename=code.co_filename,
             co_firstlineno=code.co_firstlineno,
         )
+        func.__dict__[_CODE_ATTR] = code
     except Exception:  # unusual parameters or code: leave it untrapped (the walk remains)
         logger.debug("usage_middleware: cannot trap %r", func, exc_info=True)
         return func

@@ -7,8 +7,11 @@ A pure ASGI middleware (no ``BaseHTTPMiddleware``). It does three things:
    ``lifespan.shutdown.complete``/``failed``. Every lifespan message is forwarded unchanged,
    except ``lifespan.startup.complete``, which becomes ``lifespan.startup.failed`` (with the
    reason) when the provider did not open or a ``@metered`` decorator is misplaced (see
-   :mod:`usage_middleware.routes`). Without a lifespan the provider opens on the first
-   HTTP request. The middleware does not close a provider when no lifespan arrives.
+   :mod:`usage_middleware.routes`); the app below is then shut down and the error raised
+   (``TestClient`` raises it, uvicorn exits with it). Without a lifespan the provider opens
+   on the first HTTP request, and again on the first request of each new event loop (it is
+   closed and reopened there). The middleware does not close a provider when no lifespan
+   arrives.
 2. **Per-request state.** For each ``http`` request it puts one :class:`MeteringState` at
    ``scope["usage_middleware"]`` (:data:`SCOPE_KEY`). ``@metered`` finds it there, resolves
    the customer, reserves the units and records the reservations in it. If the key is
@@ -64,7 +67,12 @@ from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .models import MAX_UNITS, Reservation
 from .providers.base import FailurePolicy, Provider, ProviderState
-from .routes import clobber_endpoints, document_routes, misplaced_endpoints
+from .routes import (
+    clobber_endpoints,
+    document_routes,
+    install_openapi_hook,
+    misplaced_endpoints,
+)
 
 if TYPE_CHECKING:
     from asgiref.typing import HTTPScope
@@ -530,6 +538,7 @@ class UsageMiddleware:
                 )
         try:
             document_routes(self.app)
+            install_openapi_hook()
         except Exception:  # documentation is best effort; never break a request
             logger.exception("usage_middleware: could not document metered routes")
         self._routes_checked = True

@@ -4,8 +4,8 @@
 on the first request. The walk (:func:`iter_endpoints`) follows the attributes ASGI apps
 conventionally expose: ``.routes`` (Starlette/FastAPI apps, routers, ``Mount``, ``Host``),
 ``.app`` (middleware, mounted apps), ``.router`` (Starlette/FastAPI apps) and
-``.original_router`` (FastAPI 0.12x+ keeps an ``include_router``-ed router as a lazy route
-holding the router itself; older FastAPI copies the routes into the including router).
+``.original_router`` (FastAPI 0.140 and later keep an ``include_router``-ed router as a
+lazy route holding the router; older FastAPI copies the routes into the including one).
 An app hidden behind an object without those attributes is not walked.
 
 What it detects (:func:`misplaced_endpoints`): a registered endpoint whose function was
@@ -252,7 +252,7 @@ def document_routes(app: object) -> int:
 def _operations(app: object) -> Iterator[tuple[str, set[str], object]]:
     """``(path_format, methods, endpoint)`` of each route FastAPI puts in ``app``'s schema.
 
-    FastAPI 0.12x+ enumerates included routers through ``fastapi.routing.
+    Newer FastAPI (0.165) enumerates included routers through ``fastapi.routing.
     iter_route_contexts`` (what its own ``get_openapi`` uses); older versions copy every
     included route into ``app.routes``.
     """

@@ -560,7 +560,14 @@ class RemoteProvider(Provider):
                 await self._delivery.aclose()
             if self._owns_client and self._client is not None:
                 client, self._client = self._client, None
-                await client.aclose()
+                moved = self.loop is not None and self.loop is not asyncio.get_running_loop()
+                try:
+                    await client.aclose()
+                except Exception:
+                    if not moved:
+                        raise
+                    # Its connections belong to a loop that is gone; nothing to flush.
+                    logger.debug("%s: closing the old loop's client", self.name, exc_info=True)
         finally:
             self._flights.clear()
             self._closing = False
