@@ -549,18 +549,20 @@ async def test_a_failed_lease_is_an_answer_with_err(tmp_path: pathlib.Path) -> N
         assert await use(ledger, CONVERT, 100)
 
 
-async def test_reopening_a_closed_ledger_raises(tmp_path: pathlib.Path) -> None:
-    """A closed ledger cannot be reopened; admin calls raise, reserve answers with err."""
+async def test_a_closed_ledger_refuses_until_reopened(tmp_path: pathlib.Path) -> None:
+    """Closed: admin calls raise, reserve answers with err; open() again serves (issue 11)."""
     ledger = LocalLedger(tmp_path / "usage.db", pricing=PRICING)
     await ledger.open()
     await ledger.aclose()
     await ledger.aclose()  # idempotent
-    with pytest.raises(ConfigurationError, match="cannot be reopened"):
-        await ledger.open()
     with pytest.raises(ConfigurationError, match="closed"):
         await ledger.subscribe(ACME, "plan:free@1")
     answer = (await ledger.reserve(ACME, CONVERT)).answer
     assert not answer.ok and isinstance(answer.err, ConfigurationError)
+    await ledger.open()
+    await ledger.subscribe(ACME, "plan:free@1")
+    assert (await ledger.reserve(ACME, CONVERT)).answer.ok
+    await ledger.aclose()
 
 
 async def test_a_commit_after_close_is_still_written(tmp_path: pathlib.Path) -> None:

@@ -58,6 +58,8 @@ def test_startup_failure_names_the_file(tmp_path: Path) -> None:
         async def send(message: dict[str, Any], out: Any = out) -> None:
             out(message)
 
-        asyncio.run(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
+        # After startup.failed the middleware raises, so servers and TestClient stop.
+        with pytest.raises(ConfigurationError, match="ledger file"):
+            asyncio.run(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
         assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
         assert str(path) in sent[0]["message"] and fix in sent[0]["message"], sent

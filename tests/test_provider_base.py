@@ -1,12 +1,10 @@
-"""The Provider base's lifecycle: open once, concurrently; never reopen."""
+"""The Provider base's lifecycle: open once, concurrently; open again after a close."""
 
 from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-from usage_middleware import ConfigurationError, Provider
+from usage_middleware import Provider
 from usage_middleware.providers.base import ProviderState
 
 
@@ -34,11 +32,10 @@ async def test_concurrent_opens_start_once() -> None:
     assert provider.starts == 1
 
 
-async def test_a_closed_provider_cannot_be_reopened() -> None:
-    """open() after aclose() raises ConfigurationError and starts nothing."""
+async def test_a_closed_provider_opens_again() -> None:
+    """open() after aclose() starts the provider again, once (issue 11)."""
     provider = SlowStart()
     await provider.open()
     await provider.aclose()
-    with pytest.raises(ConfigurationError, match="cannot be reopened"):
-        await provider.open()
-    assert provider.starts == 1
+    await asyncio.gather(*(provider.open() for _ in range(3)))
+    assert provider.starts == 2 and provider.state is ProviderState.OPEN

@@ -163,3 +163,20 @@ async def test_concurrent_reserves_never_exceed_what_was_given(
         if not r.answer.ok:
             await subject.provider.release(r)
     assert await subject.charged(customer, feature) == 10
+
+
+async def test_closed_provider_opens_again_and_charges(subject: Subject, feature: str) -> None:
+    """aclose() then open() gives a working provider: it holds, charges and records (issue 11)."""
+    customer = _customer()
+    await subject.give(customer, feature, 5)
+    first = await _reserve(subject, customer, feature, 2)
+    assert first.answer.ok
+    await _charge(subject, first)
+    await subject.provider.aclose()
+    await subject.provider.open()
+    again = await _reserve(subject, customer, feature, 3)
+    assert again.answer.ok and again.answer.err is None
+    await _charge(subject, again)
+    assert await subject.charged(customer, feature) == 5
+    over = await _reserve(subject, customer, feature, 1)
+    assert not over.answer.ok

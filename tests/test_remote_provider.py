@@ -585,8 +585,8 @@ async def test_denied_reservations_charge_nothing(make: Any, tmp_path: Any) -> N
 # -- lifecycle and configuration -------------------------------------------------------------
 
 
-async def test_lifecycle_owns_its_client_and_cannot_reopen() -> None:
-    """open() creates the client (http works), aclose() closes it, is idempotent, no reopen."""
+async def test_lifecycle_owns_its_client_and_reopens_with_a_new_one() -> None:
+    """open() creates the client, aclose() closes it (idempotent); reopen makes a new one."""
     provider = FakeRemote()
     with pytest.raises(ConfigurationError):
         _ = provider.http
@@ -599,8 +599,9 @@ async def test_lifecycle_owns_its_client_and_cannot_reopen() -> None:
     await provider.aclose()
     await provider.aclose()
     assert client.is_closed and provider.state is ProviderState.CLOSED
-    with pytest.raises(ConfigurationError):
-        await provider.open()
+    await provider.open()
+    assert provider.http is not client and not provider.http.is_closed
+    await provider.aclose()
 
 
 async def test_an_injected_client_is_used_and_left_open() -> None:

@@ -49,13 +49,28 @@ decision, in top-down order; naming the same feature twice is an error.
 Misuse is loud: invalid arguments raise ``ConfigurationError`` at decoration time; a
 metered endpoint called without ``UsageMiddleware`` raises ``ConfigurationError`` naming
 the fix (never runs unmetered); ``@metered`` above the route decorator is detected by the
-middleware at start-up (see :mod:`usage_middleware.routes`).
+middleware at start-up where its route walk reaches (see :mod:`usage_middleware.routes`).
+
+**The function given to @metered is consumed.** ``@metered`` returns a wrapper that runs a
+copy of the function, and turns the function object it was given into a trap: its code is
+replaced by one with the same parameters that logs an error and returns a 500
+``application/problem+json`` (:data:`~usage_middleware.problems.MISPLACED_DECORATOR`)
+naming the fix. Only something that got hold of the function *before* ``@metered`` ran
+calls it, which is what a route decorator below ``@metered`` did: so a misplaced
+``@metered`` is refused on every framework version, before the endpoint's body runs, even
+where no route walk can find it (``wrapper.__wrapped__`` is that function too: call the
+wrapper). Likewise, when a second ``@metered`` merges into a wrapper, the earlier wrapper
+refuses every call. Callables that are not plain Python functions (``functools.partial``,
+instances with ``__call__``) cannot be trapped; only the start-up walk covers them.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
+import sys
+import types
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import (
     Annotated,
@@ -72,12 +87,21 @@ from typing import (
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
 
+from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .middleware import SCOPE_KEY, MeteringState
 from .models import MAX_UNITS, check_feature
-from .routes import FEATURES_ATTR, MARK_ATTR, WRAPPER_ATTR, is_metered_wrapper
+from .routes import (
+    FEATURES_ATTR,
+    MARK_ATTR,
+    SUPERSEDED_ATTR,
+    WRAPPER_ATTR,
+    install_openapi_hook,
+    is_metered_wrapper,
+)
 
 __all__ = ["REQUEST_PARAM", "UnitsFunction", "metered"]
 
@@ -87,6 +111,12 @@ T = TypeVar("T")
 #: Name of the hidden keyword-only parameter added to the wrapper's ``__signature__``.
 REQUEST_PARAM: Final = "_usage_middleware_request"
 _SPECS_ATTR = "__usage_specs__"
+#: On each wrapper: the callable it runs (a copy of the trapped original, or the original).
+_CALL_ATTR = "__usage_call__"
+#: On a function turned into a trap: its own code object (a later @metered copies it).
+_CODE_ATTR = "__usage_code__"
+
+logger = logging.getLogger("usage_middleware")
 
 
 class UnitsFunction(Protocol):
@@ -188,8 +218,8 @@ def metered(
     spec = _Spec(feature, units, clobber)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
-        specs: tuple[_Spec, ...] = (spec,)
-        original = func
+        if "fastapi.applications" in sys.modules:
+            install_openapi_hook()
         if is_metered_wrapper(func):
             inner: tuple[_Spec, ...] = getattr(func, _SPECS_ATTR)
             if any(s.feature == feature for s in inner):
@@ -197,9 +227,10 @@ def metered(
                     f"@metered({feature!r}) is applied twice to {func.__qualname__}; "
                     "use one @metered per feature (units may be a callable)"
                 )
-            specs = (spec, *inner)
-            original = func.__wrapped__  # type: ignore[attr-defined]
-        return _wrap(original, specs)
+            merged = _wrap(func.__wrapped__, (spec, *inner), getattr(func, _CALL_ATTR))  # type: ignore[attr-defined]
+            setattr(func, SUPERSEDED_ATTR, True)  # registered already? it refuses
+            return merged
+        return _wrap(func, (spec,), None)
 
     return decorate
 
@@ -240,7 +271,14 @@ def _request_param(func: Callable[..., Any], sig: inspect.Signature) -> str | No
     return None
 
 
-def _wrap(original: Callable[..., Any], specs: tuple[_Spec, ...]) -> Callable[..., Any]:
+def _wrap(
+    original: Callable[..., Any], specs: tuple[_Spec, ...], call: Callable[..., Any] | None
+) -> Callable[..., Any]:
+    """The wrapper metering ``specs`` around ``original``; it runs ``call``.
+
+    ``call`` is ``None`` for a function not wrapped before: it is checked, and trapped
+    when it is a plain function (``call`` becomes its untrapped copy).
+    """
     if inspect.isclass(original) or not callable(original):
         raise ConfigurationError(
             f"@metered decorates endpoint functions or methods, got {original!r}"
@@ -251,11 +289,13 @@ def _wrap(original: Callable[..., Any], specs: tuple[_Spec, ...]) -> Callable[..
             "response starts before the check; return a StreamingResponse instead"
         )
     try:
-        sig = inspect.signature(original)
+        sig = inspect.signature(original if call is None else call)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"@metered cannot read the signature of {original!r}") from exc
+    if call is None:
+        call = _trap(original, sig)
 
-    request_name = _request_param(original, sig)
+    request_name = _request_param(call, sig)
     hidden = request_name is None
     if hidden:
         params = list(sig.parameters.values())
@@ -268,11 +308,14 @@ def _wrap(original: Callable[..., Any], specs: tuple[_Spec, ...]) -> Callable[..
         )
         sig = sig.replace(parameters=params)
 
-    is_async = is_async_callable(original)
+    is_async = is_async_callable(call)
     features = tuple(s.feature for s in specs)
+    run = call
 
     @functools.wraps(original)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if wrapper.__dict__.get(SUPERSEDED_ATTR):
+            return _misplaced_call(original.__qualname__, original.__module__)
         request = kwargs.pop(REQUEST_PARAM, None) if hidden else kwargs.get(request_name)  # type: ignore[arg-type]
         if request is None:
             for arg in args:
@@ -291,11 +334,12 @@ def _wrap(original: Callable[..., Any], specs: tuple[_Spec, ...]) -> Callable[..
         if refusal is not None:
             return refusal
         if is_async:
-            return await original(*args, **kwargs)
-        return await run_in_threadpool(original, *args, **kwargs)
+            return await run(*args, **kwargs)
+        return await run_in_threadpool(run, *args, **kwargs)
 
     wrapper.__signature__ = sig  # type: ignore[attr-defined]
     setattr(wrapper, WRAPPER_ATTR, wrapper)
+    setattr(wrapper, _CALL_ATTR, call)
     setattr(wrapper, FEATURES_ATTR, features)
     setattr(wrapper, _SPECS_ATTR, specs)
     try:
@@ -303,6 +347,76 @@ def _wrap(original: Callable[..., Any], specs: tuple[_Spec, ...]) -> Callable[..
     except (AttributeError, TypeError):  # a builtin or slotted callable: nothing to mark
         pass
     return wrapper
+
+
+def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any]:
+    """Turn ``func`` into a trap (see the module docstring); return what runs its body.
+
+    A plain function gets a code object with the same parameters (so its signature, as
+    any framework reads it, is unchanged) whose body returns :func:`_misplaced_call`; the
+    returned copy keeps the original code, globals, closure, defaults and attributes.
+    Anything else is returned as is, untrapped.
+    """
+    if type(func) is not types.FunctionType:
+        return func
+    trapped: types.CodeType | None = func.__dict__.get(_CODE_ATTR)
+    code = func.__code__ if trapped is None else trapped  # given to @metered before
+    copy = types.FunctionType(
+        code, func.__globals__, func.__name__, func.__defaults__, func.__closure__
+    )
+    copy.__kwdefaults__ = func.__kwdefaults__
+    copy.__dict__.update(func.__dict__)
+    copy.__dict__.pop(_CODE_ATTR, None)
+    for attr in ("__qualname__", "__module__", "__doc__", "__annotations__", "__type_params__"):
+        if hasattr(func, attr):
+            setattr(copy, attr, getattr(func, attr))
+    cells = [f"__usage_cell_{i}" for i in range(len(code.co_freevars))]
+    bare = sig.replace(
+        parameters=[
+            p.replace(annotation=inspect.Parameter.empty, default=inspect.Parameter.empty)
+            for p in sig.parameters.values()
+        ],
+        return_annotation=inspect.Signature.empty,
+    )
+    source = (
+        f"def __usage_outer({', '.join(cells)}):\n"
+        f"    {'async ' if code.co_flags & inspect.CO_COROUTINE else ''}"
+        f"def __usage_trap{bare}:\n"
+        f"        if False:\n"
+        f"            ({', '.join(cells)},)\n"
+        f"        return __import__('sys').modules[{__name__!r}]._misplaced_call(\n"
+        f"            {func.__qualname__!r}, {func.__module__!r})\n"
+        f"    return __usage_trap\n"
+    )
+    if trapped is not None:
+        return copy
+    try:
+        namespace: dict[str, Any] = {}
+        exec(compile(source, f"<@metered trap of {func.__qualname__}>", "exec"), namespace)
+        trap = namespace["__usage_outer"](*cells).__code__
+        func.__code__ = trap.replace(
+            co_name=code.co_name,
+            co_qualname=code.co_qualname,
+            co_filename=code.co_filename,
+            co_firstlineno=code.co_firstlineno,
+        )
+        func.__dict__[_CODE_ATTR] = code
+    except Exception:  # unusual parameters or code: leave it untrapped (the walk remains)
+        logger.debug("usage_middleware: cannot trap %r", func, exc_info=True)
+        return func
+    return copy
+
+
+def _misplaced_call(qualname: str, module: str | None) -> Response:
+    """What a function given to ``@metered`` answers when called directly (logged)."""
+    name = f"{module}.{qualname}" if module else qualname
+    logger.error(
+        "usage_middleware: %s was called without its @metered wrapper, so it cannot be "
+        "metered; answering 500. Put @metered(...) directly above the function, below "
+        "@app.get(...)/@router.post(...)",
+        name,
+    )
+    return problems.misplaced_decorator(name)
 
 
 def _no_middleware_message(original: Callable[..., Any], request: HTTPConnection) -> str:

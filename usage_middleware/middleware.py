@@ -7,8 +7,11 @@ A pure ASGI middleware (no ``BaseHTTPMiddleware``). It does three things:
    ``lifespan.shutdown.complete``/``failed``. Every lifespan message is forwarded unchanged,
    except ``lifespan.startup.complete``, which becomes ``lifespan.startup.failed`` (with the
    reason) when the provider did not open or a ``@metered`` decorator is misplaced (see
-   :mod:`usage_middleware.routes`). Without a lifespan the provider opens on the first
-   HTTP request. The middleware does not close a provider when no lifespan arrives.
+   :mod:`usage_middleware.routes`); the app below is then shut down and the error raised
+   (``TestClient`` raises it, uvicorn exits with it). Without a lifespan the provider opens
+   on the first HTTP request, and again on the first request of each new event loop (it is
+   closed and reopened there). The middleware does not close a provider when no lifespan
+   arrives.
 2. **Per-request state.** For each ``http`` request it puts one :class:`MeteringState` at
    ``scope["usage_middleware"]`` (:data:`SCOPE_KEY`). ``@metered`` finds it there, resolves
    the customer, reserves the units and records the reservations in it. If the key is
@@ -73,8 +76,13 @@ from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .models import MAX_UNITS, Reservation
-from .providers.base import FailurePolicy, Provider
-from .routes import clobber_endpoints, document_routes, misplaced_endpoints
+from .providers.base import FailurePolicy, Provider, ProviderState
+from .routes import (
+    clobber_endpoints,
+    document_routes,
+    install_openapi_hook,
+    misplaced_endpoints,
+)
 
 if TYPE_CHECKING:
     from asgiref.typing import HTTPScope
@@ -381,8 +389,9 @@ class UsageMiddleware:
         self.free_methods = frozenset(free_methods)
         self.www_authenticate = www_authenticate
         self._customer_is_async = is_async_callable(customer)
-        self._opened = False
+        self._open_loop: asyncio.AbstractEventLoop | None = None
         self._open_lock: asyncio.Lock | None = None
+        self._open_lock_loop: asyncio.AbstractEventLoop | None = None
         self._routes_checked = False
         self._background: set[asyncio.Task[None]] = set()
         try:
@@ -637,13 +646,38 @@ class UsageMiddleware:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
+    @property
+    def _opened(self) -> bool:
+        """Whether the provider was opened by this middleware on the running event loop."""
+        loop = self._open_loop
+        return loop is not None and loop is asyncio.get_running_loop()
+
     async def _ensure_open(self) -> None:
-        if self._open_lock is None:
-            self._open_lock = asyncio.Lock()
+        """Open the provider on the running loop (once; concurrent callers wait).
+
+        Opened on another loop before, without a lifespan to close it (pytest-asyncio runs
+        each test on its own loop; ``TestClient`` without ``with`` uses one loop per
+        request), the provider is closed and opened again here, so its loop-bound parts
+        (clients, tasks, locks) belong to this loop.
+        """
+        loop = asyncio.get_running_loop()
+        if self._open_lock is None or self._open_lock_loop is not loop:
+            self._open_lock, self._open_lock_loop = asyncio.Lock(), loop
         async with self._open_lock:
-            if not self._opened:
-                await self.provider.open()
-                self._opened = True
+            if self._opened:
+                return
+            provider = self.provider
+            if self._open_loop is not None and provider.state is ProviderState.OPEN:
+                logger.info(
+                    "usage_middleware: %s was opened on another event loop; reopening it here",
+                    type(provider).__name__,
+                )
+                try:
+                    await provider.aclose()
+                except Exception:
+                    logger.exception("usage_middleware: closing the provider failed")
+            await provider.open()
+            self._open_loop = loop
 
     def _check_routes(self) -> None:
         """Raise ``ConfigurationError`` if a ``@metered`` decorator is misplaced."""
@@ -664,15 +698,28 @@ class UsageMiddleware:
                 )
         try:
             document_routes(self.app)
+            install_openapi_hook()
         except Exception:  # documentation is best effort; never break a request
             logger.exception("usage_middleware: could not document metered routes")
         self._routes_checked = True
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Open the provider at start-up, close it at shutdown (see the module docstring).
+
+        When start-up fails here (the provider did not open, or a route check failed) the
+        app below has already started: the server gets ``lifespan.startup.failed`` with the
+        reason, the app below gets ``lifespan.shutdown`` (so its own shutdown code runs and
+        it returns; its ``shutdown.complete`` is not forwarded), the provider is closed,
+        and the error is raised, as Starlette's router does. So ``TestClient`` raises it
+        and uvicorn exits with the message instead of waiting for ever.
+        """
         startup_error: BaseException | None = None
+        failure: BaseException | None = None  # startup.failed was sent in our name
 
         async def receive_wrapper() -> Message:
             nonlocal startup_error
+            if failure is not None:
+                return {"type": "lifespan.shutdown"}
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
@@ -683,7 +730,10 @@ class UsageMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
+            nonlocal failure
             message_type = message["type"]
+            if failure is not None:
+                return  # the app below shutting down after our startup.failed
             if message_type == "lifespan.startup.complete":
                 error = startup_error
                 if error is None:
@@ -692,19 +742,32 @@ class UsageMiddleware:
                     except ConfigurationError as exc:
                         error = exc
                 if error is not None:
-                    message = {
-                        "type": "lifespan.startup.failed",
-                        "message": f"usage_middleware: {type(error).__name__}: {error}",
-                    }
+                    failure = error
+                    await send(
+                        {
+                            "type": "lifespan.startup.failed",
+                            "message": f"usage_middleware: {type(error).__name__}: {error}",
+                        }
+                    )
+                    return
             elif message_type in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
-                try:
-                    await self.provider.aclose()
-                except Exception:
-                    logger.exception("usage_middleware: closing the provider failed")
-                self._opened = False
+                await self._close_provider()
             await send(message)
 
-        await self.app(scope, receive_wrapper, send_wrapper)
+        try:
+            await self.app(scope, receive_wrapper, send_wrapper)
+        finally:
+            if failure is not None:
+                await self._close_provider()
+        if failure is not None:
+            raise failure
+
+    async def _close_provider(self) -> None:
+        try:
+            await self.provider.aclose()
+        except Exception:
+            logger.exception("usage_middleware: closing the provider failed")
+        self._open_loop = None
 
 
 _SEND_RAISES: dict[str, bool] = {}

@@ -46,12 +46,14 @@ __all__ = [
     "CUSTOMER_REQUIRED",
     "INVALID_UNITS",
     "MAX_RETRY_AFTER",
+    "MISPLACED_DECORATOR",
     "PROBLEM_JSON",
     "QUOTA_EXCEEDED",
     "UNITS_FUNCTION_ERROR",
     "billing_unavailable",
     "customer_required",
     "invalid_units",
+    "misplaced_decorator",
     "problem",
     "quota_exceeded",
     "units_function_error",
@@ -70,6 +72,8 @@ BILLING_UNAVAILABLE = "tag:usage-middleware,2025:billing-unavailable"
 INVALID_UNITS = "tag:usage-middleware,2025:invalid-units"
 #: ``type`` of the 500 problem: a ``units`` callable returned a non-int (a server bug).
 UNITS_FUNCTION_ERROR = "tag:usage-middleware,2025:units-function-error"
+#: ``type`` of the 500 problem: a function given to ``@metered`` was registered unwrapped.
+MISPLACED_DECORATOR = "tag:usage-middleware,2025:misplaced-decorator"
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -189,5 +193,19 @@ def units_function_error(feature: str, endpoint: str, returned: str) -> Response
         "this is a bug in the server's @metered(units=...)",
         headers={"Cache-Control": "no-store"},
         feature=feature,
+        endpoint=endpoint,
+    )
+
+
+def misplaced_decorator(endpoint: str) -> Response:
+    """500 for ``endpoint``, given to ``@metered`` but called without its wrapper."""
+    return problem(
+        500,
+        MISPLACED_DECORATOR,
+        "Internal Server Error",
+        f"{endpoint} is metered but was called without its @metered wrapper (is @metered "
+        "above the route decorator?); put @metered(...) directly above the function, below "
+        "@app.get(...)/@router.post(...). This is a bug in the server, not the request.",
+        headers={"Cache-Control": "no-store"},
         endpoint=endpoint,
     )

@@ -85,7 +85,7 @@ from .errors import (
 )
 from .models import UsageEvent
 from .outbox import DEFAULT_MAX_RETRY_AGE, MAX_NOT_BEFORE, Outbox, OutboxStatus, Synchronous
-from .providers.base import Provider, ProviderState
+from .providers.base import Provider, ProviderState, on_another_loop
 
 __all__ = ["Reporter", "ReporterStats"]
 
@@ -357,16 +357,25 @@ class Reporter:
         """Open the outbox and start delivering, inside the running event loop.
 
         Rows left by a process that died (or shut down) are delivered too. Idempotent while
-        open.
+        open; a closed reporter opens again (new tasks, thread and events on the running
+        loop, under a new owner id).
 
         Raises:
-            ConfigurationError: the reporter was closed, or the outbox file cannot be
-                opened (the message names the path).
+            ConfigurationError: the outbox file cannot be opened (the message names the
+                path), or the reporter is still closing.
         """
         if self._state is ProviderState.OPEN:
             return
-        if self._state is ProviderState.CLOSED:
-            raise ConfigurationError("Reporter was closed and cannot be reopened; create a new one")
+        if self._closing:
+            raise ConfigurationError("Reporter is closing; open it again once aclose() returned")
+        if self._state is ProviderState.CLOSED:  # reopen: loop-bound parts are made anew
+            self._outbox = None
+            self._stop_housekeeper = asyncio.Event()
+            self._checkpoint_wake = asyncio.Event()
+            self._writer_wake = asyncio.Event()
+            self._sender_wake = asyncio.Event()
+            self._waiters = []
+            self._paused_until = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="usage-outbox"
         )
@@ -381,6 +390,7 @@ class Reporter:
                 await self._run(self._outbox.close)
             self._executor.shutdown(wait=False)
             self._state = ProviderState.CLOSED
+            self._closed = None
             raise ConfigurationError(f"cannot open the outbox at {self.path}: {exc}") from exc
         self._closed = asyncio.Event()
         self._state = ProviderState.OPEN
@@ -407,7 +417,7 @@ class Reporter:
 
         What was not delivered by then stays in the outbox (nothing is dropped) and any
         worker, or the next process, delivers it without waiting for a lease to expire.
-        Idempotent; a closed reporter cannot be reopened.
+        Idempotent; :meth:`open` opens it again.
         """
         if self._state is ProviderState.CLOSED or self._closing:
             if self._closed is not None:
@@ -418,6 +428,9 @@ class Reporter:
             if self._pending:  # enqueued before open(): keep them
                 entries, self._pending = self._pending, []
                 await asyncio.to_thread(self._write_direct, entries)
+            return
+        if any(on_another_loop(task) for task in (*self._tasks, *self._senders)):
+            await self._close_after_lost_loop()
             return
         assert self._closed is not None and self._outbox is not None
         self._closing = True
@@ -686,6 +699,50 @@ class Reporter:
             self._writer_wake.set()
 
     # -- internals: the writer (group commit) -------------------------------------------------
+
+    async def _close_after_lost_loop(self) -> None:
+        """Close a reporter whose tasks ran on an event loop that is gone (no lifespan).
+
+        Those tasks will never run again; what they had in memory (accepted events,
+        pending frees, deletes, dead letters) is written now, from the running loop, and
+        the rows stay in the outbox for the next :meth:`open` (or another worker) to send.
+        """
+        assert self._outbox is not None
+        self._closing = True
+        try:
+            inserts, written = self._plan(self._pending)
+            try:
+                first = await self._apply(
+                    self._owner,
+                    inserts,
+                    deletes=self._deletes,
+                    frees=self._frees,
+                    dead=self._dead,
+                    releases=self._releases,
+                )
+                for i, entry in enumerate(written):
+                    entry.rowid = first + i
+            except Exception:
+                log.exception("outbox %s: writing on close failed", self.path)
+                await asyncio.to_thread(self._write_direct, written)
+            self._pending, self._deletes, self._frees = [], [], []
+            self._dead, self._releases, self._waiters = [], [], []
+            self._tasks, self._senders = [], []
+            try:
+                await self._run(self._outbox.retire, self._owner, self._counters())
+            except Exception:
+                log.exception("could not end this reporter's lease in %s", self.path)
+            await self._run(self._outbox.close)
+        finally:
+            self._state = ProviderState.CLOSED
+            self._closing = False
+            if self._delete_timer is not None:
+                self._delete_timer.cancel()
+                self._delete_timer = None
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+            self._closed = asyncio.Event()
+            self._closed.set()
 
     async def _writer(self) -> None:
         assert self._outbox is not None

@@ -1,40 +1,60 @@
 """Find ``@metered`` endpoints in an app's routes: misuse detection and OpenAPI docs.
 
 :class:`~usage_middleware.UsageMiddleware` walks the app below it at lifespan start-up and
-on the first request (and documents routes when it is built). The walk follows the
-attributes ASGI apps conventionally expose: ``.routes`` (Starlette/FastAPI apps, routers,
-``Mount``, ``Host``; FastAPI's ``include_router`` copies routes into the including
-router), ``.app`` (middleware, mounted apps) and ``.router`` (Starlette/FastAPI apps). An
-app hidden behind an object without those attributes is not walked.
+on the first request. The walk (:func:`iter_endpoints`) follows the attributes ASGI apps
+conventionally expose: ``.routes`` (Starlette/FastAPI apps, routers, ``Mount``, ``Host``),
+``.app`` (middleware, mounted apps), ``.router`` (Starlette/FastAPI apps) and
+``.original_router`` (FastAPI 0.140 and later keep an ``include_router``-ed router as a
+lazy route holding the router; older FastAPI copies the routes into the including one).
+An app hidden behind an object without those attributes is not walked.
 
 What it detects (:func:`misplaced_endpoints`): a registered endpoint whose function was
-given to ``@metered`` but is not itself (nor wraps) the metered wrapper, which is what
-happens when ``@metered`` sits *above* the route decorator::
+given to ``@metered`` but is not itself (nor wraps) the current metered wrapper, which is
+what happens when ``@metered`` sits *above* the route decorator::
 
     @metered("feature:x")   # wraps the function after @app.get registered it: unmetered
     @app.get("/x")
     async def x(): ...
 
-What it documents (:func:`document_routes`): each FastAPI ``APIRoute`` whose endpoint is
-metered gets a ``402`` response (``application/problem+json``) in its ``responses`` unless
-the route already declares one, and ``x-usage-features`` (the feature names) in its
-``openapi_extra``. FastAPI reads both when it builds ``/openapi.json``.
+The walk is the early warning, not the guarantee: ``@metered`` also turns the function it
+was given into a trap (see :mod:`usage_middleware.decorator`), so a misplaced endpoint the
+walk cannot reach answers every request with a 500 problem (:data:`~usage_middleware.
+problems.MISPLACED_DECORATOR`, logged) and its body never runs.
+
+What it documents: each metered FastAPI operation gets ``400``, ``401``, ``402`` and
+``503`` responses (``application/problem+json``; a status the route already declares
+keeps its own) and ``x-usage-features`` (the feature names). :func:`document_routes`
+writes them into the routes (``responses``/``openapi_extra``, which FastAPI reads when it
+builds the schema); :func:`install_openapi_hook` wraps ``FastAPI.openapi`` so every schema
+FastAPI builds (``/openapi.json``, a mounted sub-app's, or ``app.openapi()`` called before
+any request, e.g. an offline export) carries them, whatever FastAPI does with included
+routers. The hook is installed when ``@metered`` decorates a function (or the middleware
+is built) in a process that has imported FastAPI.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 __all__ = [
     "MARK_ATTR",
+    "SUPERSEDED_ATTR",
     "WRAPPER_ATTR",
     "clobber_endpoints",
     "document_routes",
+    "document_schema",
+    "install_openapi_hook",
     "iter_endpoints",
     "metered_features",
+    "metered_responses",
     "misplaced_endpoints",
 ]
+
+logger = logging.getLogger("usage_middleware")
 
 #: Set to ``True`` on every function handed to ``@metered``.
 MARK_ATTR = "__usage_metered__"
@@ -43,6 +63,10 @@ MARK_ATTR = "__usage_metered__"
 WRAPPER_ATTR = "__usage_wrapper__"
 #: The features a wrapper meters, in decision order (tuple of str).
 FEATURES_ATTR = "__usage_features__"
+#: Set to ``True`` on a wrapper that a later ``@metered`` merged into a new one: the old
+#: wrapper refuses every call (it meters only some of the features), so registering it is
+#: the same mistake as registering the bare function.
+SUPERSEDED_ATTR = "__usage_superseded__"
 
 _MAX_WRAP_DEPTH = 32
 
@@ -82,9 +106,48 @@ def metered_features(endpoint: object) -> tuple[str, ...] | None:
     return None
 
 
-def _is_marked(endpoint: object) -> bool:
+def iter_endpoints(app: object) -> Iterator[tuple[object, Callable[..., Any]]]:
+    """Yield ``(route, endpoint)`` for every route reachable from ``app`` (see module doc)."""
+    for route, endpoint, _ in _walk(app):
+        yield route, endpoint
+
+
+def _walk(app: object) -> Iterator[tuple[object, Callable[..., Any], str]]:
+    """``(route, endpoint, full path)``; the path includes mount and include prefixes."""
+    stack: list[tuple[object, str]] = [(app, "")]
+    seen: set[int] = set()
+    while stack:
+        obj, prefix = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        routes = getattr(obj, "routes", None)
+        if isinstance(routes, list):
+            for route in reversed(routes):
+                path = getattr(route, "path", None)
+                endpoint = getattr(route, "endpoint", None)
+                if callable(endpoint):
+                    yield route, endpoint, prefix + (path if isinstance(path, str) else "?")
+                child_prefix = prefix
+                context = getattr(route, "include_context", None)  # FastAPI's lazy include
+                included = getattr(context, "prefix", None)
+                if isinstance(included, str):
+                    child_prefix += included
+                elif isinstance(path, str) and not callable(endpoint):  # a Mount
+                    child_prefix += path
+                stack.append((route, child_prefix))
+        for attr in ("app", "router", "original_router"):
+            child = getattr(obj, attr, None)
+            if child is not None and not isinstance(child, str | bytes | int | float):
+                stack.append((child, prefix))
+
+
+def _misplaced(endpoint: object) -> bool:
+    """Whether ``endpoint`` is a function given to ``@metered`` but served unmetered."""
     func: object = endpoint
     for _ in range(_MAX_WRAP_DEPTH):
+        if is_metered_wrapper(func):
+            return getattr(func, SUPERSEDED_ATTR, False) is True
         if getattr(func, MARK_ATTR, False) is True:
             return True
         func = getattr(func, "__wrapped__", None)
@@ -93,35 +156,12 @@ def _is_marked(endpoint: object) -> bool:
     return False
 
 
-def iter_endpoints(app: object) -> Iterator[tuple[object, Callable[..., Any]]]:
-    """Yield ``(route, endpoint)`` for every route reachable from ``app`` (see module doc)."""
-    stack: list[object] = [app]
-    seen: set[int] = set()
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        routes = getattr(obj, "routes", None)
-        if isinstance(routes, list):
-            for route in routes:
-                endpoint = getattr(route, "endpoint", None)
-                if callable(endpoint):
-                    yield route, endpoint
-                stack.append(route)
-        for attr in ("app", "router"):
-            child = getattr(obj, attr, None)
-            if child is not None and not isinstance(child, str | bytes | int | float):
-                stack.append(child)
-
-
 def misplaced_endpoints(app: object) -> list[str]:
     """Describe every endpoint marked ``@metered`` that is registered unwrapped."""
     problems: list[str] = []
-    for route, endpoint in iter_endpoints(app):
-        if metered_features(endpoint) is None and _is_marked(endpoint):
+    for _, endpoint, path in _walk(app):
+        if _misplaced(endpoint):
             name = getattr(endpoint, "__qualname__", repr(endpoint))
-            path = getattr(route, "path", "?")
             problems.append(f"{name} (path {path!r})")
     return problems
 
@@ -129,37 +169,62 @@ def misplaced_endpoints(app: object) -> list[str]:
 def clobber_endpoints(app: object) -> list[str]:
     """Describe every endpoint with a ``@metered(..., clobber=True)`` feature."""
     found: list[str] = []
-    for route, endpoint in iter_endpoints(app):
+    for _, endpoint, path in _walk(app):
         specs = getattr(endpoint, "__usage_specs__", ())
         if any(getattr(spec, "clobber", False) for spec in specs):
             name = getattr(endpoint, "__qualname__", repr(endpoint))
-            found.append(f"{name} (path {getattr(route, 'path', '?')!r})")
+            found.append(f"{name} (path {path!r})")
     return found
 
 
-def _problem_response(features: tuple[str, ...]) -> dict[str, Any]:
+def _problem(description: str, **extra: Any) -> dict[str, Any]:
     return {
-        "description": "Payment Required: the customer's plan or credits do not cover "
-        + ", ".join(features),
-        "headers": {
-            "RateLimit-Policy": {
-                "description": 'The feature\'s limit this period, e.g. "feature:x";q=100',
-                "schema": {"type": "string"},
-            },
-            "RateLimit": {
-                "description": 'Units left, e.g. "feature:x";r=0',
-                "schema": {"type": "string"},
-            },
-        },
+        "description": description,
+        **extra,
         "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
     }
 
 
-def document_routes(app: object) -> int:
-    """Add the 402 response and ``x-usage-features`` to metered FastAPI routes.
+def metered_responses(features: tuple[str, ...]) -> dict[int, dict[str, Any]]:
+    """The OpenAPI responses ``UsageMiddleware`` may answer for a route metering ``features``.
 
-    Idempotent; returns the number of routes changed. Routes that already declare a 402
-    keep theirs. Non-FastAPI routes (no ``responses`` dict) are left alone.
+    ``{400: ..., 401: ..., 402: ..., 503: ...}``, each ``application/problem+json``.
+    """
+    names = ", ".join(features)
+    return {
+        400: _problem(
+            f"Bad Request: the units this request uses ({names}) could not be "
+            "determined from its input"
+        ),
+        401: _problem(
+            "Unauthorized: no customer could be identified for this metered request",
+            headers={"WWW-Authenticate": {"schema": {"type": "string"}}},
+        ),
+        402: _problem(
+            f"Payment Required: the customer's plan or credits do not cover {names}",
+            headers={
+                "RateLimit-Policy": {
+                    "description": 'The feature\'s limit this period, e.g. "feature:x";q=100',
+                    "schema": {"type": "string"},
+                },
+                "RateLimit": {
+                    "description": 'Units left, e.g. "feature:x";r=0',
+                    "schema": {"type": "string"},
+                },
+            },
+        ),
+        503: _problem(
+            f"Service Unavailable: the usage check for {names} failed; retry later",
+            headers={"Retry-After": {"schema": {"type": "integer"}}},
+        ),
+    }
+
+
+def document_routes(app: object) -> int:
+    """Add the library's responses and ``x-usage-features`` to metered FastAPI routes.
+
+    Idempotent; returns the number of routes changed. A status a route already declares
+    keeps its own response. Non-FastAPI routes (no ``responses`` dict) are left alone.
     """
     changed = 0
     for route, endpoint in iter_endpoints(app):
@@ -170,12 +235,98 @@ def document_routes(app: object) -> int:
         if features is None:
             continue
         extra = route.openapi_extra or {}
-        if extra.get("x-usage-features") == list(features) and (
-            402 in responses or "402" in responses
-        ):
+        missing = {
+            status: response
+            for status, response in metered_responses(features).items()
+            if status not in responses and str(status) not in responses
+        }
+        if not missing and extra.get("x-usage-features") == list(features):
             continue
-        if 402 not in responses and "402" not in responses:
-            route.responses = {**responses, 402: _problem_response(features)}  # type: ignore[attr-defined]
+        if missing:
+            route.responses = {**responses, **missing}  # type: ignore[attr-defined]
         route.openapi_extra = {**extra, "x-usage-features": list(features)}
         changed += 1
     return changed
+
+
+def _operations(app: object) -> Iterator[tuple[str, set[str], object]]:
+    """``(path_format, methods, endpoint)`` of each route FastAPI puts in ``app``'s schema.
+
+    Newer FastAPI (0.165) enumerates included routers through ``fastapi.routing.
+    iter_route_contexts`` (what its own ``get_openapi`` uses); older versions copy every
+    included route into ``app.routes``.
+    """
+    routes = getattr(app, "routes", None)
+    if not isinstance(routes, list):
+        return
+    iter_contexts = getattr(sys.modules.get("fastapi.routing"), "iter_route_contexts", None)
+    items: Any = iter_contexts(routes) if callable(iter_contexts) else routes
+    for item in items:
+        endpoint = getattr(item, "endpoint", None)
+        path = getattr(item, "path_format", None)
+        methods = getattr(item, "methods", None)
+        if callable(endpoint) and isinstance(path, str) and methods:
+            yield path, set(methods), endpoint
+
+
+def document_schema(app: object, schema: dict[str, Any]) -> int:
+    """Add the library's responses and ``x-usage-features`` to metered operations of ``schema``.
+
+    ``schema`` is the OpenAPI document FastAPI built for ``app`` (changed in place). A
+    status an operation already documents keeps its own. Returns the operations changed.
+    """
+    paths = schema.get("paths")
+    if not isinstance(paths, dict):
+        return 0
+    changed = 0
+    for path, methods, endpoint in _operations(app):
+        features = metered_features(endpoint)
+        item = paths.get(path)
+        if features is None or not isinstance(item, dict):
+            continue
+        for method in methods:
+            operation = item.get(method.lower())
+            if not isinstance(operation, dict):
+                continue
+            responses = operation.setdefault("responses", {})
+            for status, response in metered_responses(features).items():
+                responses.setdefault(str(status), response)
+            operation["x-usage-features"] = list(features)
+            changed += 1
+    return changed
+
+
+_HOOK_ATTR = "__usage_middleware_openapi_hook__"
+_SCHEMA_ATTR = "_usage_middleware_documented_schema"
+
+
+def install_openapi_hook() -> bool:
+    """Wrap ``FastAPI.openapi`` so each schema it builds documents metered operations.
+
+    Only if FastAPI is already imported (nothing is imported here); idempotent. Returns
+    whether the hook is in place. A schema is documented once, when FastAPI builds (or
+    rebuilds) it; an app whose ``openapi`` is replaced by a function that does not call
+    ``FastAPI.openapi`` is not covered (call :func:`document_schema` there).
+    """
+    module = sys.modules.get("fastapi.applications")
+    fastapi_class: Any = getattr(module, "FastAPI", None)
+    if not callable(getattr(fastapi_class, "openapi", None)):
+        return False
+    current = fastapi_class.openapi
+    if getattr(current, _HOOK_ATTR, False):
+        return True
+
+    @functools.wraps(current)
+    def openapi(self: Any) -> dict[str, Any]:
+        schema: dict[str, Any] = current(self)
+        if isinstance(schema, dict) and self.__dict__.get(_SCHEMA_ATTR) is not schema:
+            try:
+                document_schema(self, schema)
+            except Exception:  # documentation is best effort; never break the schema
+                logger.exception("usage_middleware: could not document metered routes")
+            self.__dict__[_SCHEMA_ATTR] = schema
+        return schema
+
+    setattr(openapi, _HOOK_ATTR, True)
+    fastapi_class.openapi = openapi
+    return True

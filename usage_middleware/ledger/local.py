@@ -111,7 +111,7 @@ from ..models import (
     trusted_event,
 )
 from ..pricing import Pricing, load_pricing
-from ..providers.base import ProviderState
+from ..providers.base import ProviderState, on_another_loop
 from .base import FeatureUsage, Ledger
 from .store import LeaseGrant, LedgerStore, StoredCharge
 
@@ -355,10 +355,10 @@ class LocalLedger(Ledger):
     async def open(self) -> None:
         """Open the file (WAL), store the pricing if given, start the flusher and renewer.
 
-        Idempotent while open. Raises ``ConfigurationError`` once closed (no reopen) or
-        when the pricing given drops a plan that customers in the file are still on (the
-        message names the plans and counts), and ``sqlite3.Error`` when the file cannot be
-        opened.
+        Idempotent while open; opens again after :meth:`aclose`. Raises
+        ``ConfigurationError`` when the pricing given drops a plan that customers in the
+        file are still on (the message names the plans and counts), and ``sqlite3.Error``
+        when the file cannot be opened.
         """
         await self._open_once(self._start)
 
@@ -388,10 +388,19 @@ class LocalLedger(Ledger):
         await super().aclose()
         if not was_open:
             return
-        tasks = list(self._tasks)
+        tasks = [task for task in self._tasks if not on_another_loop(task)]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            # Opened on a loop that is gone (no lifespan closed it): its futures will never
+            # call back. Writes it had in flight ran on the worker thread regardless.
+            self._loop = loop
+            self._inflight.clear()
+            self._leasing.clear()
+            self._locks.clear()
+            self._on_thread = 0
         for attempt in range(1, _CLOSE_ATTEMPTS + 1):
             try:
                 await self._flush_all()
@@ -414,6 +423,11 @@ class LocalLedger(Ledger):
             self._executor.shutdown(wait=False)
             self._current.clear()
             self._slots.clear()
+            # Loop-bound state goes with the loop that made it (a reopen may use another).
+            self._locks.clear()
+            self._leasing.clear()
+            self._tasks.clear()
+            self._loop = self._wake = self._store = self._executor = None
 
     async def flush(self) -> None:
         """Write every charge committed so far to the file now (the group commit, early).

@@ -109,7 +109,7 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..providers.base import FailurePolicy, Provider, ProviderState
+from ..providers.base import FailurePolicy, Provider, ProviderState, on_another_loop
 from . import _redis_scripts as scripts
 from .base import FeatureUsage, Ledger, usage_rows
 from .local import REASON_CLOSED, REASON_FAILED, REASON_LIMIT, REASON_NOT_IN_PLAN, REASON_UNKNOWN
@@ -343,8 +343,8 @@ class RedisLedger(Ledger):
         policy applies to requests; the pricing is synced once Redis answers).
 
         Raises:
-            ConfigurationError: the ledger was closed (no reopen), or the spool file
-                cannot be opened.
+            ConfigurationError: the spool file cannot be opened. A closed ledger opens
+                again (a new client and spool on the running loop).
         """
         await self._open_once(self._start)
 
@@ -411,15 +411,25 @@ class RedisLedger(Ledger):
         await super().aclose()
         if not was_open:
             return
-        if self._upkeep is not None:
+        lost_loop = self._upkeep is not None and on_another_loop(self._upkeep)
+        if self._upkeep is not None and not lost_loop:
             self._upkeep.cancel()
             await asyncio.gather(self._upkeep, return_exceptions=True)
         try:
             if self._reporter is not None:
                 await self._reporter.aclose()
         finally:
+            self._upkeep = None
             if self._client_arg is None and self._client is not None:
-                await self._client.aclose()
+                try:
+                    await self._client.aclose()
+                except Exception:  # its connections belong to a loop that is gone
+                    if not lost_loop:
+                        raise
+                    logger.debug("redis ledger: closing the old loop's client", exc_info=True)
+            if self._client_arg is None:
+                self._client = None
+            self._reporter = None
 
     # -- the hot path --------------------------------------------------------------------
 

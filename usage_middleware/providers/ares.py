@@ -50,7 +50,7 @@ from ..errors import (
 )
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
 from ._http import loads, redirect_error, retry_after, send, status_kind
-from .base import FailurePolicy
+from .base import FailurePolicy, on_another_loop
 from .remote import Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
 
@@ -391,7 +391,8 @@ class AresProvider(RemoteProvider):
 
     async def aclose(self) -> None:
         """Drain delivery (which still needs tokens), then close the token source."""
-        checks = list(self._checks.values())
+        checks = [t for t in self._checks.values() if not on_another_loop(t)]
+        self._checks.clear()
         for task in checks:
             task.cancel()
         await asyncio.gather(*checks, return_exceptions=True)

@@ -23,7 +23,9 @@ problem+json and ``Retry-After``.
 
 Lifecycle: a provider is an async context manager. ``open()`` runs inside the running event
 loop (the ASGI lifespan, or lazily on the first request when the server sends no lifespan);
-``aclose()`` drains and closes, is idempotent, and a closed provider cannot be reopened.
+``aclose()`` drains and closes and is idempotent; a closed provider opens again with
+``open()`` (test suites enter one app's lifespan many times, on different event loops), and
+everything loop-bound (clients, tasks, locks) is made anew by the loop that opens it.
 Nothing is started at import time or in ``__init__``.
 """
 
@@ -37,10 +39,19 @@ from typing import Literal, Self
 
 from asgiref.typing import HTTPScope
 
-from ..errors import ConfigurationError
 from ..models import Answer, Reservation, UsageEvent
 
-__all__ = ["FailurePolicy", "Provider", "ProviderState"]
+__all__ = ["FailurePolicy", "Provider", "ProviderState", "on_another_loop"]
+
+
+def on_another_loop(future: asyncio.Future[object] | asyncio.Task[object]) -> bool:
+    """Whether ``future`` belongs to an event loop other than the running one.
+
+    ``aclose()`` uses it to leave alone what a previous loop (now gone, e.g. one test's)
+    left behind instead of awaiting it from this one.
+    """
+    return future.get_loop() is not asyncio.get_running_loop()
+
 
 #: What a route does when the entitlement check itself fails (provider down, timeout):
 #: ``"open"`` serves the request and records the charge for later delivery, setting
@@ -49,7 +60,7 @@ FailurePolicy = Literal["open", "closed"]
 
 
 class ProviderState(enum.Enum):
-    """Where a provider is in its life: NEW, then OPEN, then CLOSED (for good)."""
+    """Where a provider is in its life: NEW, then OPEN, then CLOSED (``open()`` again: OPEN)."""
 
     NEW = "new"
     OPEN = "open"
@@ -78,6 +89,9 @@ class Provider:
     def __init__(self) -> None:
         self._state = ProviderState.NEW
         self._open_lock: asyncio.Lock | None = None
+        self._open_lock_loop: asyncio.AbstractEventLoop | None = None
+        #: The event loop the provider was last opened on (``None`` before).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -88,30 +102,29 @@ class Provider:
     async def open(self) -> None:
         """Start what the provider needs inside the running event loop.
 
-        Idempotent while open. Raises ``ConfigurationError`` if the provider was closed.
+        Idempotent while open; a closed provider opens again.
         """
-        if self._state is ProviderState.CLOSED:
-            raise ConfigurationError(
-                f"{type(self).__name__} was closed and cannot be reopened; create a new one"
-            )
         self._state = ProviderState.OPEN
+        self.loop = asyncio.get_running_loop()
 
     async def _open_once(self, start: Callable[[], Awaitable[None]]) -> None:
-        """Run ``start`` (which ends by calling :meth:`Provider.open`) once.
+        """Run ``start`` (which ends by calling :meth:`Provider.open`) once per opening.
 
         For subclasses whose start-up awaits: concurrent callers wait for the first one,
-        a call while open returns at once, and a closed provider raises
-        ``ConfigurationError`` (no reopen).
+        a call while open returns at once, and a closed provider starts again. Open on
+        another event loop (one that ran before without closing it, e.g. a previous
+        test's), it is closed and started again on the running loop.
         """
-        if self._state is ProviderState.OPEN:
+        loop = asyncio.get_running_loop()
+        if self._state is ProviderState.OPEN and self.loop is loop:
             return
-        if self._open_lock is None:
-            self._open_lock = asyncio.Lock()
+        if self._open_lock is None or self._open_lock_loop is not loop:
+            self._open_lock, self._open_lock_loop = asyncio.Lock(), loop
         async with self._open_lock:
-            if self.state is ProviderState.OPEN:  # opened while we waited
-                return
-            if self.state is ProviderState.CLOSED:
-                await Provider.open(self)  # raises: no reopen
+            if self.state is ProviderState.OPEN:
+                if self.loop is loop:  # opened while we waited
+                    return
+                await self.aclose()  # open on a loop that is gone: move here
             await start()
 
     async def aclose(self) -> None:

@@ -112,7 +112,7 @@ from ._http import (
     check_max_body,
     check_max_retry_after,
 )
-from .base import FailurePolicy, Provider, ProviderState
+from .base import FailurePolicy, Provider, ProviderState, on_another_loop
 
 if TYPE_CHECKING:
     from ..reporter import Reporter
@@ -586,23 +586,29 @@ class RemoteProvider(Provider):
     async def open(self) -> None:
         """Create the HTTP client and start delivery, inside the running loop. Idempotent.
 
+        A closed provider opens again: a new owned client and delivery on the running loop.
+
         Raises:
-            ConfigurationError: the provider was closed (no reopen), or the outbox is unusable.
+            ConfigurationError: the outbox is unusable, or the provider is still closing.
         """
         if self._state is ProviderState.OPEN:
-            return
-        if self._state is ProviderState.CLOSED or self._closing:
+            if self.loop is asyncio.get_running_loop():
+                return
+            await self.aclose()  # open on a loop that is gone: move to this one
+        if self._closing:
             raise ConfigurationError(
-                f"{type(self).__name__} was closed and cannot be reopened; create a new one"
+                f"{type(self).__name__} is closing; open it again once aclose() returned"
             )
         created = None
         if self._client is None:
             created = self._client = self.make_client()
-        delivery: ReporterLike = (
-            self.make_reporter()
-            if self._outbox is not None
-            else _MemoryDelivery(self, drain_timeout=self.drain_timeout)
-        )
+        delivery: ReporterLike
+        if self._outbox is not None:
+            delivery = self.make_reporter()
+        elif isinstance(self._delivery, _MemoryDelivery):  # reopened: keep what it queued
+            delivery = self._delivery
+        else:
+            delivery = _MemoryDelivery(self, drain_timeout=self.drain_timeout)
         try:
             await delivery.open()
         except BaseException:
@@ -618,12 +624,12 @@ class RemoteProvider(Provider):
         await super().open()
 
     async def aclose(self) -> None:
-        """Stop checks, drain delivery, close the owned client. Idempotent; no reopen."""
+        """Stop checks, drain delivery, close the owned client. Idempotent; open() reopens."""
         if self._state is ProviderState.CLOSED or self._closing:
             return
         self._closing = True
         try:
-            flights = list(self._flights.values())
+            flights = [t for t in self._flights.values() if not on_another_loop(t)]
             for task in flights:
                 task.cancel()
             if flights:
@@ -631,8 +637,17 @@ class RemoteProvider(Provider):
             if self._delivery is not None:
                 await self._delivery.aclose()
             if self._owns_client and self._client is not None:
-                await self._client.aclose()
+                client, self._client = self._client, None
+                moved = self.loop is not None and self.loop is not asyncio.get_running_loop()
+                try:
+                    await client.aclose()
+                except Exception:
+                    if not moved:
+                        raise
+                    # Its connections belong to a loop that is gone; nothing to flush.
+                    logger.debug("%s: closing the old loop's client", self.name, exc_info=True)
         finally:
+            self._flights.clear()
             self._closing = False
             await super().aclose()
 
@@ -1146,6 +1161,16 @@ class _MemoryDelivery:
 
     async def aclose(self) -> None:
         if self._task is None:
+            return
+        if on_another_loop(self._task):  # its loop is gone: keep the queue for a reopen
+            self._task = self._wake = self._idle = None
+            if self._queue:
+                logger.warning(
+                    "%s: %d charge(s) queued on an event loop that is gone are kept for "
+                    "the next open() (outbox=None)",
+                    self._provider.name,
+                    len(self._queue),
+                )
             return
         await self.drain(self._drain_timeout)
         self._task.cancel()
