@@ -13,6 +13,7 @@ import contextlib
 import gc
 import json
 import logging
+import sqlite3
 import sys
 import time
 import uuid
@@ -339,3 +340,28 @@ async def test_a_hold_redis_lost_is_logged_and_still_charged(
         assert await ledgers.used() == 2
     finally:
         server.stop()
+
+
+async def test_a_local_hold_whose_lease_expired_is_logged_and_still_charged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """If a LocalLedger's lease row expires under a running request (a stalled process),
+    the next tick logs it; the request is still charged at its end: never silently."""
+    ledgers = Ledgers("local", tmp_path)
+    await subscribed(ledgers)
+    with caplog.at_level(logging.WARNING, "usage_middleware"):
+        async with ledgers.opened() as ledger, ledgers.opened() as other_process:
+            running = await ledger.reserve(ACME, LONG)
+            assert running.answer.ok
+            with sqlite3.connect(ledgers.path) as conn:  # as if nothing renewed it in time
+                assert conn.execute("UPDATE leases SET expires_at = 0").rowcount == 1
+
+            async def noticed() -> bool:
+                return "expired before this process renewed it" in caplog.text
+
+            await eventually(noticed)
+            other = await other_process.reserve(ACME, LONG)  # the unit was free meanwhile
+            assert other.answer.ok
+            await other_process.commit(other)
+            await ledger.commit(running)
+    assert await ledgers.used() == 2

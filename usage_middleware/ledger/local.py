@@ -357,6 +357,7 @@ class LocalLedger(Ledger):
         # Weak references of reservations that died unsettled; appended from any thread
         # (the garbage collector), drained by the tick.
         self._dropped: collections.deque[weakref.ref[Reservation]] = collections.deque()
+        self._on_drop = self._dropped.append
         self._warned_until = 0.0  # holds made up to this monotonic time were logged as old
         self._batch: list[_Slot] = []  # slots with unflushed charges, in commit order
         self._inflight: set[asyncio.Future[Any]] = set()
@@ -625,7 +626,7 @@ class LocalLedger(Ledger):
         if from_lease:
             # Held until settled, however long the request runs; the weak reference's
             # callback notices a reservation dropped unsettled (see _release_dropped).
-            self._outstanding[weakref.ref(reservation, self._dropped.append)] = (slot, units, t)
+            self._outstanding[weakref.ref(reservation, self._on_drop)] = (slot, units, t)
         return reservation
 
     def _held_answer(self, reservation: Reservation) -> Answer:
@@ -1024,6 +1025,18 @@ class LocalLedger(Ledger):
                 slot.denied_until = 0.0
             elif slot.fresh_until:
                 slot.fresh_until = min(max(slot.fresh_until, t + self._fresh_for), slot.end_mono)
+        for key in lost:
+            slot = self._slots.get(key)
+            if slot is not None and slot.held:
+                logger.warning(
+                    "ledger %s: the lease under %d held units of %s %s expired before this "
+                    "process renewed it (its event loop stalled longer than lease_ttl); their "
+                    "requests are still charged when they end, possibly beyond the limit",
+                    self.path,
+                    slot.held,
+                    slot.customer,
+                    slot.feature,
+                )
 
     def _release_dropped(self) -> None:
         """Give back the holds of reservations garbage-collected before being settled."""
