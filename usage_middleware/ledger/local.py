@@ -1026,16 +1026,16 @@ class LocalLedger(Ledger):
             elif slot.fresh_until:
                 slot.fresh_until = min(max(slot.fresh_until, t + self._fresh_for), slot.end_mono)
         for key in lost:
-            slot = self._slots.get(key)
-            if slot is not None and slot.held:
+            held = self._slots.get(key)
+            if held is not None and held.held:
                 logger.warning(
                     "ledger %s: the lease under %d held units of %s %s expired before this "
                     "process renewed it (its event loop stalled longer than lease_ttl); their "
                     "requests are still charged when they end, possibly beyond the limit",
                     self.path,
-                    slot.held,
-                    slot.customer,
-                    slot.feature,
+                    held.held,
+                    held.customer,
+                    held.feature,
                 )
 
     def _release_dropped(self) -> None:
