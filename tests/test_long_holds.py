@@ -365,3 +365,40 @@ async def test_a_local_hold_whose_lease_expired_is_logged_and_still_charged(
             await other_process.commit(other)
             await ledger.commit(running)
     assert await ledgers.used() == 2
+
+
+@pytest.mark.redis
+async def test_redis_renews_many_holds_with_one_call_per_customer_feature(
+    tmp_path: Path,
+) -> None:
+    """Renewing 30 in-flight holds costs one script call per customer-feature per
+    reservation_ttl / 3 (batched in a pipeline), not one per hold per tick."""
+    import redis.asyncio
+
+    ledgers = Ledgers("redis", tmp_path)
+    ledgers.server = server = RedisServer(tmp_path / "redis")
+    server.start()
+    ttl = 1.0
+    customers = [f"org:c{i}" for i in range(3)]
+    raw = redis.asyncio.Redis.from_url(server.url, decode_responses=True)
+    try:
+        async with ledgers.opened(reservation_ttl=ttl) as ledger:
+            for customer in customers:
+                await ledger.grant(customer, LONG, 10)
+            held = [await ledger.reserve(c, LONG) for c in customers for _ in range(10)]
+            assert all(reservation.answer.ok for reservation in held)
+            before = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            window = 3 * ttl
+            await asyncio.sleep(window)
+            after = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
+            for customer in customers:  # every hold is still there, none expired
+                key = f"{ledgers.prefix}{{{customer}}}:holds:{LONG}"
+                assert await raw.zcount(key, "(0", "+inf") == 10
+            renewals = after - before
+            rounds = window / (ttl / 3)
+            assert 0 < renewals <= len(customers) * (rounds + 2), renewals
+            for reservation in held:
+                await ledger.release(reservation)
+    finally:
+        await raw.aclose()
+        server.stop()
