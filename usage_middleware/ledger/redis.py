@@ -934,7 +934,7 @@ class RedisLedger(Ledger):
         renewing: dict[tuple[str, str], Reservation] = {}
         old = []
         timeout = self._reservation_timeout
-        for reservation, (since, renewed) in list(self._outstanding.items()):
+        for reservation, (since, renewed) in self._outstanding.items():
             if renewed > due:
                 break  # oldest renewal first: the rest are not due
             holds, member = reservation.token
@@ -966,9 +966,10 @@ class RedisLedger(Ledger):
             entry = self._outstanding.pop(reservation, None)
             if entry is not None:
                 self._outstanding[reservation] = (entry[0], t)
+        # Settled while the pipeline ran (its commit dropped the hold): not lost.
+        lost = [r for r in lost if self._outstanding.pop(r, None) is not None]
         for reservation in lost:
-            if self._outstanding.pop(reservation, None) is not None:
-                self._lost.add(reservation)
+            self._lost.add(reservation)
         if lost:
             logger.warning(
                 "redis ledger: %d holds of running requests were gone from Redis when "
