@@ -263,6 +263,7 @@ class Reservation:
     """
 
     __slots__ = (
+        "__weakref__",  # ledgers track in-flight holds weakly (see LocalLedger.reserve)
         "_answer",
         "_event",
         "_make_answer",

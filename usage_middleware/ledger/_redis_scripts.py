@@ -251,22 +251,24 @@ return 0
 )
 
 #: Push the expiry of live holds forward. KEYS: holds. ARGV: ttl_ms, members...
-#: Returns how many were still held.
+#: Returns the members that were no longer held (expired or gone: never re-added, since
+#: their units may have been taken meanwhile).
 RENEW = (
     _COMMON
     + r"""
 local ttl = tonumber(ARGV[1])
 local now = now_ms()
-local renewed = 0
+local gone = {}
 for i = 2, #ARGV do
   local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if score and tonumber(score) > now then
     redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
-    renewed = renewed + 1
+  else
+    gone[#gone + 1] = ARGV[i]
   end
 end
-if renewed > 0 then keep(KEYS[1], ttl) end
-return renewed
+if #gone < #ARGV - 1 then keep(KEYS[1], ttl) end
+return gone
 """
 )
 

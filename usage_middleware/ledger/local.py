@@ -76,13 +76,22 @@ Trade-offs, stated plainly:
   process serves at most the lease it holds. :meth:`~LocalLedger.usage` writes this
   process's pending charges first. ``Answer.used`` and ``Answer.remaining`` are this
   process's view (see :meth:`LocalLedger.reserve`).
-* **Reservations** left unsettled for ``reservation_timeout`` seconds (a caller bug) are
-  released; if one is committed later it is still charged, possibly beyond the limit.
+* **Holds live as long as their request.** A reservation's units stay held until it is
+  settled (the middleware settles in ``finally``, so on every path), however long the
+  request runs: a ten-minute stream keeps its hold, in this process's lease row, which
+  every tick renews with all the others (one ``UPDATE``). Nothing expires the hold of a
+  live process; a killed process's holds come back after ``lease_ttl``, with its lease. A
+  :class:`~usage_middleware.models.Reservation` garbage-collected unsettled (a caller that
+  dropped it) gives its units back at the next tick (logged). ``reservation_timeout``, if
+  set, only logs reservations unsettled for longer. Only a process whose event loop stalls
+  longer than ``lease_ttl`` can lose the lease row under its holds; their requests are
+  still charged when they end (what was served is charged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -91,6 +100,7 @@ import os
 import sqlite3
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -266,7 +276,11 @@ class LocalLedger(Ledger):
             after this.
         flush_interval: seconds the flusher waits to group commits into one transaction;
             bounds the crash window for committed charges.
-        reservation_timeout: seconds after which an unsettled reservation is released.
+        reservation_timeout: ``None`` (default), or seconds after which a reservation still
+            unsettled is logged (WARNING, once): a request that never ends, or a caller
+            that never settles. Its hold is kept either way: a hold lives until its
+            reservation is settled or garbage-collected (see "Holds live as long as their
+            request" in the module docstring).
         now: the clock for usage periods, returning an aware datetime; default UTC now.
 
     Raises:
@@ -284,12 +298,14 @@ class LocalLedger(Ledger):
         lease_size: int = 64,
         lease_ttl: float = 30.0,
         flush_interval: float = 0.005,
-        reservation_timeout: float = 300.0,
+        reservation_timeout: float | None = None,
         now: Callable[[], datetime] | None = None,
     ) -> None:
         super().__init__()
         check_units(lease_size, what="lease_size")
         for what, value in (("lease_ttl", lease_ttl), ("reservation_timeout", reservation_timeout)):
+            if what == "reservation_timeout" and value is None:
+                continue
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int | float)
@@ -312,7 +328,9 @@ class LocalLedger(Ledger):
         self._lease_size = lease_size
         self._lease_ttl = float(lease_ttl)
         self._flush_interval = float(flush_interval)
-        self._reservation_timeout = float(reservation_timeout)
+        self._reservation_timeout = (
+            None if reservation_timeout is None else float(reservation_timeout)
+        )
         # With the real clock the hot path checks the period's end on time.monotonic()
         # (fresh_until never passes it); an injected clock may jump, so it is asked.
         self._clock_injected = now is not None
@@ -333,7 +351,14 @@ class LocalLedger(Ledger):
         self._slots: dict[tuple[str, str, str], _Slot] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._leasing: dict[tuple[str, str], asyncio.Future[LeaseGrant]] = {}
-        self._outstanding: dict[Reservation, float] = {}
+        # Unsettled lease-funded holds, keyed by a weak reference to their reservation (so
+        # a reservation dropped unsettled can be noticed): slot, units, monotonic time held.
+        self._outstanding: dict[weakref.ref[Reservation], tuple[_Slot, int, float]] = {}
+        # Weak references of reservations that died unsettled; appended from any thread
+        # (the garbage collector), drained by the tick.
+        self._dropped: collections.deque[weakref.ref[Reservation]] = collections.deque()
+        self._on_drop = self._dropped.append
+        self._warned_until = 0.0  # holds made up to this monotonic time were logged as old
         self._batch: list[_Slot] = []  # slots with unflushed charges, in commit order
         self._inflight: set[asyncio.Future[Any]] = set()
         self._on_thread = 0  # store calls queued on or running on the worker thread
@@ -500,8 +525,10 @@ class LocalLedger(Ledger):
     async def commit(self, reservation: Reservation) -> None:
         """Charge a reservation: queued in memory, written by the next group commit.
 
-        Settling a reservation a second time, or a refused one, does nothing. A reservation
-        released by ``reservation_timeout`` is still charged.
+        Settling a reservation a second time, or a refused one, does nothing. The hold is
+        there however long the request ran (holds do not expire in a live process). A
+        reservation whose hold this ledger does not know (made by another instance) is
+        still charged, and logged.
         """
         if reservation.settled:
             return
@@ -510,17 +537,18 @@ class LocalLedger(Ledger):
             return
         slot, from_lease = reservation.token
         units = reservation.units
-        if self._outstanding.pop(reservation, None) is None:
-            logger.warning(
-                "ledger %s: charging %s %s x%d after its reservation timed out",
-                self.path,
-                slot.customer,
-                slot.feature,
-                units,
-            )
-            from_lease = False
-        elif from_lease:
-            slot.held -= units
+        if from_lease:
+            if self._outstanding.pop(weakref.ref(reservation), None) is None:
+                logger.warning(
+                    "ledger %s: charging %s %s x%d whose hold was already given back",
+                    self.path,
+                    slot.customer,
+                    slot.feature,
+                    units,
+                )
+                from_lease = False
+            else:
+                slot.held -= units
         slot.pending += units
         if self._wake is not None and self._state is ProviderState.OPEN:
             slot.unflushed += units
@@ -540,10 +568,10 @@ class LocalLedger(Ledger):
         if reservation.settled:
             return
         reservation.settled = True
-        if not reservation.ok or self._outstanding.pop(reservation, None) is None:
+        if not reservation.ok:
             return
         slot, from_lease = reservation.token
-        if from_lease:
+        if from_lease and self._outstanding.pop(weakref.ref(reservation), None) is not None:
             slot.held -= reservation.units
             slot.available += reservation.units
 
@@ -618,7 +646,10 @@ class LocalLedger(Ledger):
         reservation = Reservation.lazy(
             slot.customer, slot.feature, units, True, self._held_answer, (slot, from_lease)
         )
-        self._outstanding[reservation] = t + self._reservation_timeout
+        if from_lease:
+            # Held until settled, however long the request runs; the weak reference's
+            # callback notices a reservation dropped unsettled (see _release_dropped).
+            self._outstanding[weakref.ref(reservation, self._on_drop)] = (slot, units, t)
         return reservation
 
     def _held_answer(self, reservation: Reservation) -> Answer:
@@ -966,9 +997,10 @@ class LocalLedger(Ledger):
         await self._loop.run_in_executor(self._executor, self._ready_store().checkpoint)
 
     async def _maintain(self) -> None:
-        """Once a tick: time out reservations, return idle units, renew, poll for changes."""
+        """Once a tick: free dropped holds, return idle units, renew, poll for changes."""
         t = time.monotonic()
-        self._expire_reservations(t)
+        self._release_dropped()
+        self._log_old_reservations(t)
         gives: list[tuple[str, str, str, int]] = []
         givers: list[tuple[_Slot, int]] = []
         for pk, slot in list(self._slots.items()):
@@ -1016,25 +1048,57 @@ class LocalLedger(Ledger):
                 slot.denied_until = 0.0
             elif slot.fresh_until:
                 slot.fresh_until = min(max(slot.fresh_until, t + self._fresh_for), slot.end_mono)
+        for key in lost:
+            held = self._slots.get(key)
+            if held is not None and held.held:
+                logger.warning(
+                    "ledger %s: the lease under %d held units of %s %s expired before this "
+                    "process renewed it (its event loop stalled longer than lease_ttl); their "
+                    "requests are still charged when they end, possibly beyond the limit",
+                    self.path,
+                    held.held,
+                    held.customer,
+                    held.feature,
+                )
 
-    def _expire_reservations(self, t: float) -> None:
-        expired = []
-        for reservation, deadline in self._outstanding.items():
-            if deadline > t:
-                break  # deadlines are in insertion order
-            expired.append(reservation)
-        for reservation in expired:
-            del self._outstanding[reservation]
-            slot, from_lease = reservation.token
-            if from_lease:
-                slot.held -= reservation.units
-                slot.available += reservation.units
-        if expired:
+    def _release_dropped(self) -> None:
+        """Give back the holds of reservations garbage-collected before being settled."""
+        released = 0
+        while self._dropped:
+            entry = self._outstanding.pop(self._dropped.popleft(), None)
+            if entry is not None:
+                slot, units, _ = entry
+                slot.held -= units
+                slot.available += units
+                released += 1
+        if released:
             logger.warning(
-                "ledger %s: released %d reservations unsettled after %ss",
+                "ledger %s: gave back the holds of %d reservations dropped unsettled "
+                "(commit or release every reservation)",
                 self.path,
-                len(expired),
+                released,
+            )
+
+    def _log_old_reservations(self, t: float) -> None:
+        """Log (once each) the holds unsettled for longer than ``reservation_timeout``."""
+        if self._reservation_timeout is None:
+            return
+        cutoff = t - self._reservation_timeout
+        old = []
+        for slot, units, since in self._outstanding.values():
+            if since > cutoff:
+                break  # roughly in the order they were made: the rest are younger
+            if since > self._warned_until:
+                old.append((slot.customer, slot.feature, units))
+        self._warned_until = max(self._warned_until, cutoff)
+        if old:
+            logger.warning(
+                "ledger %s: %d reservations unsettled after %ss (first: %s %s x%d); "
+                "their units stay held until they are settled",
+                self.path,
+                len(old),
                 self._reservation_timeout,
+                *old[0],
             )
 
     def _changed(self, customers: set[str]) -> None:

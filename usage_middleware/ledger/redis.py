@@ -16,14 +16,23 @@ layout are in :mod:`._redis_scripts`). Python never reads a number and writes it
   and, if the units are free, adds a hold: a member ``<units>:<id>`` of a sorted set scored
   by its expiry, ``reservation_ttl`` seconds ahead on the Redis server's clock. A replica
   that dies holding units leaks nothing: its holds expire. A live replica renews the holds
-  of requests still running (a long stream) every ``reservation_ttl / 3`` seconds, for up
-  to ``reservation_timeout`` seconds.
+  of requests still running (a ten-minute stream) for as long as they run: each hold is
+  renewed every ``reservation_ttl / 3`` seconds, all of them due at a tick in one
+  pipeline (one script call per customer-feature). A hold is renewed until its
+  reservation is settled, or garbage-collected unsettled (a caller that dropped it: the
+  hold then expires). ``reservation_timeout``, if set, only logs holds unsettled longer.
 * ``commit`` drops the hold and adds the units to the period's usage (the overage beyond
   the limit consumes credits), unless the event's idempotency key was charged before: the
   script sets a marker ``ik:<key>`` that lives ``idempotency_ttl`` seconds (default one day,
   as Stripe keeps idempotency keys). So a commit retried after a lost reply, or replayed
   from the spool, is charged once. ``report`` runs the same script per event.
 * ``release`` drops the hold.
+* A hold can still vanish under a running request: Redis lost it (a restart without
+  persistence, a failover) or this replica could not renew it for ``reservation_ttl``
+  (Redis unreachable from here, or the event loop stalled). Renewal notices this and logs
+  it (WARNING); the request is still charged when it ends, since its response was served,
+  and its commit is logged too. Meanwhile its units were free for other requests, so the
+  customer may end beyond the limit by that request's units.
 
 Every key of a script belongs to one customer and carries it as a hash tag
 (``um:{org:acme}:usage``), so the scripts work on Redis Cluster (pass a ``RedisCluster``
@@ -77,6 +86,7 @@ import logging
 import os
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
@@ -235,7 +245,10 @@ class RedisLedger(Ledger):
         retry_after: seconds calls skip Redis after it was found unreachable (also the
             ``Retry-After`` of a failed-closed answer).
         idempotency_ttl: seconds an event's idempotency key is remembered.
-        reservation_timeout: seconds a live process keeps renewing an unsettled hold.
+        reservation_timeout: ``None`` (default), or seconds after which a hold still
+            unsettled is logged (WARNING, once): a request that never ends, or a caller
+            that never settles. The hold is renewed either way, as long as its
+            reservation is unsettled and referenced.
         spool: the SQLite file where charges wait while Redis is unreachable (shared by the
             processes of one machine); ``None`` loses such charges (logged).
         spool_options: keyword arguments for the spool's
@@ -264,7 +277,7 @@ class RedisLedger(Ledger):
         max_connections: int = 50,
         retry_after: float = 1.0,
         idempotency_ttl: float = 86400.0,
-        reservation_timeout: float = 300.0,
+        reservation_timeout: float | None = None,
         spool: str | os.PathLike[str] | None = "usage-redis-spool.db",
         spool_options: Mapping[str, Any] | None = None,
     ) -> None:
@@ -302,7 +315,11 @@ class RedisLedger(Ledger):
         self._max_connections = check_units(max_connections, what="max_connections")
         self._retry_after = _seconds("retry_after", retry_after)
         self._idem_ms = int(_seconds("idempotency_ttl", idempotency_ttl) * 1000) or 1
-        self._reservation_timeout = _seconds("reservation_timeout", reservation_timeout)
+        self._reservation_timeout = (
+            None
+            if reservation_timeout is None
+            else _seconds("reservation_timeout", reservation_timeout)
+        )
         self.failure_policy: FailurePolicy = failure_policy
         self._clock: Callable[[], datetime] = now or functools.partial(datetime.now, UTC)
         self._spool_path = None if spool is None else os.fspath(spool)
@@ -319,7 +336,12 @@ class RedisLedger(Ledger):
         self._pricing_json: str | None = None  # what Redis held when last read
         self._synced = False  # the pricing was stored in (or read from) Redis
         self._terms_cache: dict[tuple[str, int], bytes] = {}
-        self._outstanding: dict[Reservation, float] = {}  # held -> monotonic reserve time
+        # Unsettled holds, weakly (a reservation dropped unsettled stops being renewed):
+        # reservation -> (monotonic time held, time last renewed), oldest renewal first.
+        self._outstanding: weakref.WeakKeyDictionary[Reservation, tuple[float, float]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lost: weakref.WeakSet[Reservation] = weakref.WeakSet()  # holds Redis lost
         self._down_until = 0.0
         self._down_error: RetryableProviderError | None = None
         self._logged: dict[str, float] = {}
@@ -482,7 +504,7 @@ class RedisLedger(Ledger):
         reservation.settled = True
         if not reservation.ok:
             return
-        self._outstanding.pop(reservation, None)
+        self._forget(reservation, charged=True)
         event = reservation.event
         if time.monotonic() < self._down_until:
             self._spool(event, "redis is unreachable")
@@ -512,7 +534,7 @@ class RedisLedger(Ledger):
         token = reservation.token
         if not reservation.ok or token is None:
             return
-        self._outstanding.pop(reservation, None)
+        self._forget(reservation, charged=False)
         if time.monotonic() < self._down_until:
             return
         holds, member = token
@@ -699,7 +721,7 @@ class RedisLedger(Ledger):
         period = period.decode() if isinstance(period, bytes) else period
         member = f"{units}:{period}:{event.idempotency_key}"
         reservation = Reservation(answer, event, (holds, member))
-        self._outstanding[reservation] = t
+        self._outstanding[reservation] = (t, t)
         return reservation
 
     def _unavailable(
@@ -966,30 +988,65 @@ class RedisLedger(Ledger):
                     logger.exception("redis ledger: upkeep failed")
 
     async def _renew(self) -> None:
+        """Renew the holds due (last renewed ``reservation_ttl / 3`` ago): one pipeline."""
         t = time.monotonic()
         due = t - self._ttl_ms / 3000
         members: dict[str, list[str]] = {}
-        expired = []
-        for reservation, since in self._outstanding.items():
-            if since > due:
-                break  # insertion order: the rest are younger
-            if t - since >= self._reservation_timeout:
-                expired.append(reservation)
-                continue
+        renewing: dict[tuple[str, str], Reservation] = {}
+        old = []
+        timeout = self._reservation_timeout
+        for reservation, (since, renewed) in self._outstanding.items():
+            if renewed > due:
+                break  # oldest renewal first: the rest are not due
             holds, member = reservation.token
             members.setdefault(holds, []).append(member)
-        for reservation in expired:
-            del self._outstanding[reservation]
-        if expired:
+            renewing[holds, member] = reservation
+            if timeout is not None and renewed - since < timeout <= t - since:
+                old.append(reservation)
+        if old:
             logger.warning(
-                "redis ledger: stopped renewing %d holds unsettled after %.0fs",
-                len(expired),
-                self._reservation_timeout,
-            )
+                "redis ledger: %d holds unsettled after %ss (first: %s %s x%d); they are "
+                "renewed until settled",
+                len(old), timeout, old[0].customer, old[0].feature, old[0].units,
+            )  # fmt: skip
         if not members:
             return
         assert self._client is not None
         pipe: Any = self._client.pipeline(transaction=False)
         for holds, held in members.items():
             await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
-        await pipe.execute()
+        results = await pipe.execute()
+        lost = []
+        for holds, gone in zip(members, results, strict=True):
+            for member in gone:
+                name = member if isinstance(member, str) else member.decode()
+                gone_one = renewing.pop((holds, name), None)
+                if gone_one is not None:
+                    lost.append(gone_one)
+        for reservation in renewing.values():  # renewed: move to the end (newest renewal)
+            entry = self._outstanding.pop(reservation, None)
+            if entry is not None:
+                self._outstanding[reservation] = (entry[0], t)
+        # Settled while the pipeline ran (its commit dropped the hold): not lost.
+        lost = [r for r in lost if self._outstanding.pop(r, None) is not None]
+        for reservation in lost:
+            self._lost.add(reservation)
+        if lost:
+            logger.warning(
+                "redis ledger: %d holds of running requests were gone from Redis when "
+                "renewed (first: %s %s x%d): Redis lost them, or they were not renewed "
+                "for reservation_ttl; their units may have gone to other requests",
+                len(lost), lost[0].customer, lost[0].feature, lost[0].units,
+            )  # fmt: skip
+
+    def _forget(self, reservation: Reservation, *, charged: bool) -> None:
+        """Stop renewing a settled reservation's hold; log a charge whose hold was lost."""
+        self._outstanding.pop(reservation, None)
+        if reservation in self._lost:
+            self._lost.discard(reservation)
+            if charged:
+                logger.warning(
+                    "redis ledger: charging %s %s x%d although its hold was lost while the "
+                    "request ran (the response was served); the usage may exceed the limit",
+                    reservation.customer, reservation.feature, reservation.units,
+                )  # fmt: skip
