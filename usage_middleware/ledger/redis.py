@@ -1016,6 +1016,12 @@ class RedisLedger(Ledger):
         for holds, held in members.items():
             await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
         results = await pipe.execute()
+        if (
+            not isinstance(results, list)
+            or len(results) != len(members)
+            or not all(isinstance(gone, list) for gone in results)
+        ):
+            raise _BadReply(f"unexpected reply to RENEW: {results!r:.100}")
         lost = []
         for holds, gone in zip(members, results, strict=True):
             for member in gone:
