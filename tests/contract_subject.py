@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from asgiref.typing import HTTPScope
 
-from usage_middleware.providers.base import Provider
+from usage_middleware.provider import Provider
 
 
 def _no_scope(customer: str) -> HTTPScope | None:

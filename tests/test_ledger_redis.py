@@ -37,7 +37,7 @@ from usage_middleware.errors import ConfigurationError, RetryableProviderError
 from usage_middleware.ledger.redis import RedisLedger
 from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.models import UsageEvent
-from usage_middleware.providers.base import FailurePolicy
+from usage_middleware.provider import FailurePolicy
 
 pytestmark = pytest.mark.redis
 

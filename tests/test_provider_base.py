@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from usage_middleware import Provider
-from usage_middleware.providers.base import ProviderState
+from usage_middleware.provider import ProviderState
 
 
 class SlowStart(Provider):

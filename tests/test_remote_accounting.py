@@ -35,8 +35,8 @@ from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.outbox import Outbox
+from usage_middleware.provider import Provider
 from usage_middleware.providers.ares import AresProvider
-from usage_middleware.providers.base import Provider
 from usage_middleware.providers.remote import RemoteProvider
 from usage_middleware.providers.spaire import SpaireProvider
 from usage_middleware.providers.tier import TierProvider

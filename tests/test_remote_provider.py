@@ -17,7 +17,7 @@ from usage_middleware.errors import (
     RetryableProviderError,
 )
 from usage_middleware.models import UNLIMITED, Reservation, UsageEvent
-from usage_middleware.providers.base import ProviderState
+from usage_middleware.provider import ProviderState
 from usage_middleware.providers.remote import CircuitBreaker, Entitlement, RemoteProvider
 
 C, F = "org:acme", "feature:convert"

@@ -17,7 +17,7 @@ from reporter_fakes import FakeProvider, events, eventually, fail, hang, reject,
 
 from usage_middleware import ConfigurationError, UsageEvent
 from usage_middleware.outbox import Outbox
-from usage_middleware.providers.base import ProviderState
+from usage_middleware.provider import ProviderState
 from usage_middleware.reporter import Reporter, ReporterStats
 
 FAST: dict[str, Any] = {

@@ -27,7 +27,7 @@ from usage_middleware.errors import (
 )
 from usage_middleware.models import UsageEvent
 from usage_middleware.outbox import Outbox
-from usage_middleware.providers.base import ProviderState
+from usage_middleware.provider import ProviderState
 from usage_middleware.providers.spaire import SERVERS, SpaireProvider, email_for
 
 DOMAIN = "mail.acme-billing.io"

@@ -20,7 +20,7 @@ from tests.metering_helpers import RecordingProvider
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.middleware import UsageMiddleware
-from usage_middleware.providers.base import Provider
+from usage_middleware.provider import Provider
 
 pytestmark = pytest.mark.slow
 

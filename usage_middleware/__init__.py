@@ -26,8 +26,8 @@ from .errors import (
 from .ledger import FeatureUsage, Ledger, LocalLedger
 from .middleware import UsageMiddleware
 from .models import MAX_UNITS, UNLIMITED, Answer, Reservation, UsageEvent
+from .provider import FailurePolicy, Provider
 from .providers.ares import AresProvider
-from .providers.base import FailurePolicy, Provider
 from .providers.remote import Entitlement, RemoteProvider
 from .providers.spaire import SpaireProvider
 from .providers.tier import TierProvider

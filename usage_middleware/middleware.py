@@ -76,7 +76,7 @@ from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .models import MAX_UNITS, Reservation
-from .providers.base import FailurePolicy, Provider, ProviderState
+from .provider import FailurePolicy, Provider, ProviderState
 from .routes import (
     clobber_endpoints,
     document_routes,

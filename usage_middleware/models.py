@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from .providers.base import Provider
+    from .provider import Provider
 
 __all__ = [
     "MAX_UNITS",

@@ -1,7 +1,7 @@
 """Reliable delivery of usage events to a remote provider through a durable outbox.
 
 The :class:`Reporter` sits between the middleware and a remote provider's
-:meth:`~usage_middleware.providers.base.Provider.report`. A request never waits for the
+:meth:`~usage_middleware.provider.Provider.report`. A request never waits for the
 provider: a charge is written to the SQLite outbox (:mod:`usage_middleware.outbox`) in a
 group commit (one transaction, on the reporter's own thread, for every event waiting),
 then delivered in batches by background tasks, retried with exponential backoff and
@@ -85,7 +85,7 @@ from .errors import (
 )
 from .models import UsageEvent
 from .outbox import DEFAULT_MAX_RETRY_AGE, MAX_NOT_BEFORE, Outbox, OutboxStatus, Synchronous
-from .providers.base import Provider, ProviderState, on_another_loop
+from .provider import Provider, ProviderState, on_another_loop
 
 __all__ = ["Reporter", "ReporterStats"]
 

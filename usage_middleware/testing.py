@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 from .ledger.local import LocalLedger
 from .ledger.store import LedgerStore
 from .pricing import INTERVALS, Pricing, load_pricing, period_bounds
-from .providers.base import ProviderState
+from .provider import ProviderState
 
 __all__ = ["LedgerClock", "LedgerKit", "kit_factory"]
 

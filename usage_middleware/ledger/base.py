@@ -30,7 +30,7 @@ from datetime import datetime
 
 from ..models import UNLIMITED
 from ..pricing import Plan
-from ..providers.base import Provider
+from ..provider import Provider
 
 __all__ = ["FeatureUsage", "Ledger", "usage_rows"]
 

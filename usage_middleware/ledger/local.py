@@ -121,7 +121,7 @@ from ..models import (
     trusted_event,
 )
 from ..pricing import Pricing, load_pricing
-from ..providers.base import ProviderState, on_another_loop
+from ..provider import ProviderState, on_another_loop
 from .base import FeatureUsage, Ledger
 from .store import LeaseGrant, LedgerStore, StoredCharge
 

@@ -119,7 +119,7 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..providers.base import FailurePolicy, Provider, ProviderState, on_another_loop
+from ..provider import FailurePolicy, Provider, ProviderState, on_another_loop
 from . import _redis_scripts as scripts
 from .base import FeatureUsage, Ledger, usage_rows
 from .local import REASON_CLOSED, REASON_FAILED, REASON_LIMIT, REASON_NOT_IN_PLAN, REASON_UNKNOWN

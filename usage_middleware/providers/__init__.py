@@ -1,7 +1,7 @@
 """Billing providers: the base contract and the remote providers (Tier, Spaire, ARES)."""
 
+from ..provider import FailurePolicy, Provider, ProviderState
 from .ares import AresProvider
-from .base import FailurePolicy, Provider, ProviderState
 from .remote import Entitlement, RemoteProvider
 from .spaire import SpaireProvider
 from .tier import TierProvider

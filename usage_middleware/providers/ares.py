@@ -49,8 +49,8 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
+from ..provider import FailurePolicy, on_another_loop
 from ._http import loads, redirect_error, retry_after, send, status_kind
-from .base import FailurePolicy, on_another_loop
 from .remote import Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
 

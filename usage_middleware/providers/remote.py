@@ -106,13 +106,13 @@ from ..models import (
     check_feature,
     check_units,
 )
+from ..provider import FailurePolicy, Provider, ProviderState, on_another_loop
 from ._http import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_RETRY_AFTER,
     check_max_body,
     check_max_retry_after,
 )
-from .base import FailurePolicy, Provider, ProviderState, on_another_loop
 
 if TYPE_CHECKING:
     from ..reporter import Reporter

@@ -32,8 +32,8 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, UsageEvent
+from ..provider import FailurePolicy
 from ._http import loads, redirect_error, retry_after, send, status_kind
-from .base import FailurePolicy
 from .remote import Entitlement, RemoteProvider, ReporterLike
 
 __all__ = ["SIDECAR_URL", "TIER_CLOUD_URL", "FeatureLimit", "TierProvider"]

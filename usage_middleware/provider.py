@@ -39,7 +39,7 @@ from typing import Literal, Self
 
 from asgiref.typing import HTTPScope
 
-from ..models import Answer, Reservation, UsageEvent
+from .models import Answer, Reservation, UsageEvent
 
 __all__ = ["FailurePolicy", "Provider", "ProviderState", "on_another_loop"]
 
