@@ -368,12 +368,12 @@ def test_errors_from_a_subprocess_have_no_traceback(ledger_db: Path) -> None:
 def test_outbox_commands_are_wired_in_when_the_module_exists(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A `usage_middleware.outbox_cli.add_outbox_commands` hook adds commands the CLI runs."""
+    """A `usage_middleware.cli.outbox.add_outbox_commands` hook adds commands the CLI runs."""
     import importlib.machinery
     import types
 
-    module = types.ModuleType("usage_middleware.outbox_cli")
-    module.__spec__ = importlib.machinery.ModuleSpec("usage_middleware.outbox_cli", None)
+    module = types.ModuleType("usage_middleware.cli.outbox")
+    module.__spec__ = importlib.machinery.ModuleSpec("usage_middleware.cli.outbox", None)
 
     async def status(args: object) -> int:
         print(f"outbox status for {getattr(args, 'db', None)}")
@@ -389,7 +389,7 @@ def test_outbox_commands_are_wired_in_when_the_module_exists(
         commands.add_parser("retry").set_defaults(func=fail)
 
     module.add_outbox_commands = add_outbox_commands  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "usage_middleware.outbox_cli", module)
+    monkeypatch.setitem(sys.modules, "usage_middleware.cli.outbox", module)
 
     code, out, err = run(capsys, "--db", "x.db", "outbox", "status")
     assert (code, out, err) == (0, "outbox status for x.db\n", "")

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
+import usage_middleware.cli.outbox
 import usage_middleware.ledger.local
 import usage_middleware.ledger.store
-import usage_middleware.outbox_cli
 import usage_middleware.pricing  # noqa: F401  (imported before the fork: see above)
 from usage_middleware.cli import main
 from usage_middleware.ledger.local import LocalLedger

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-import usage_middleware.demo as demo
+import usage_middleware
+import usage_middleware.cli.demo as demo
 from usage_middleware.cli import main
 
 
@@ -21,7 +22,7 @@ def test_demo_serves_refuses_grants_and_prints_the_ledger(tmp_path: Path) -> Non
     # The package alone, copied away from the clone (as a wheel installs it): no examples/.
     site = tmp_path.parent / f"{tmp_path.name}-site"
     shutil.copytree(
-        Path(demo.__file__).resolve().parent,
+        Path(usage_middleware.__file__).resolve().parent,
         site / "usage_middleware",
         ignore=shutil.ignore_patterns("__pycache__"),
     )
@@ -69,7 +70,7 @@ def test_demo_serves_refuses_grants_and_prints_the_ledger(tmp_path: Path) -> Non
 def test_packaged_example_is_the_one_in_examples() -> None:
     """The demo's packaged app and pricing are byte-for-byte examples/ (one source, no drift)."""
     root = Path(__file__).resolve().parent.parent
-    packaged = Path(demo.__file__).resolve().parent / "example"
+    packaged = Path(usage_middleware.__file__).resolve().parent / "example"
     for name in ("fastapi_app.py", "pricing.json"):
         assert (packaged / name).read_bytes() == (root / "examples" / name).read_bytes(), name
     with demo.example_pricing() as pricing:

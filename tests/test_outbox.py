@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from usage_middleware import UsageEvent
+from usage_middleware.cli.outbox import add_outbox_commands, main
 from usage_middleware.outbox import Outbox, decode_at, encode_at
-from usage_middleware.outbox_cli import add_outbox_commands, main
 
 
 def _events(n: int) -> list[UsageEvent]:

@@ -394,7 +394,7 @@ def test_outbox_status_shows_events_past_the_retry_bound(tmp_path: Path) -> None
     time.sleep(0.05)
 
     def status(*extra: str) -> str:
-        argv = [sys.executable, "-m", "usage_middleware.outbox_cli", "outbox", "status"]
+        argv = [sys.executable, "-m", "usage_middleware.cli.outbox", "outbox", "status"]
         done = subprocess.run(
             [*argv, "--outbox", str(path), *extra],
             capture_output=True,

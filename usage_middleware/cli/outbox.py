@@ -40,8 +40,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import TextIO
 
-from .cli import CliError, cannot_read, check_sqlite_file
-from .outbox import DEFAULT_MAX_RETRY_AGE, Outbox, OutboxStatus
+from ..outbox import DEFAULT_MAX_RETRY_AGE, Outbox, OutboxStatus
+from ._common import CliError, cannot_read, check_sqlite_file
 
 __all__ = ["NO_OUTBOX", "add_outbox_commands", "main"]
 
@@ -282,11 +282,11 @@ def _purge(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``outbox ...`` on its own (``python -m usage_middleware.outbox_cli outbox status``).
+    """Run ``outbox ...`` on its own (``python -m usage_middleware.cli.outbox outbox status``).
 
     The same as ``usage-middleware outbox ...``: errors are one line, exit status 2.
     """
-    from .cli import main as cli_main
+    from . import main as cli_main
 
     return cli_main(argv)
 

@@ -43,7 +43,7 @@ from typing import TextIO
 
 import httpx
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["APP", "CUSTOMER", "example_pricing", "run_demo"]
 
@@ -98,8 +98,8 @@ def _status_line(method: str, path: str, response: httpx.Response) -> str:
 
 async def _admin_subscribe(db: Path, pricing: Path) -> tuple[int, str]:
     """Subscribe the demo customer; return the plan's limit and period for the feature."""
-    from .ledger.local import LocalLedger
-    from .pricing import load_pricing
+    from ..ledger.local import LocalLedger
+    from ..pricing import load_pricing
 
     plan = load_pricing(pricing).plans[_PLAN]
     async with LocalLedger(db, pricing=pricing) as ledger:
@@ -109,15 +109,15 @@ async def _admin_subscribe(db: Path, pricing: Path) -> tuple[int, str]:
 
 
 async def _admin_grant(db: Path) -> int:
-    from .ledger.local import LocalLedger
+    from ..ledger.local import LocalLedger
 
     async with LocalLedger(db) as ledger:
         return await ledger.grant(CUSTOMER, _FEATURE, _CREDITS)
 
 
 async def _admin_table(db: Path) -> str:
-    from .cli import render_usage
-    from .ledger.local import LocalLedger
+    from ..ledger.local import LocalLedger
+    from ._common import render_usage
 
     async with LocalLedger(db) as ledger:
         return render_usage(await ledger.usage(CUSTOMER))
@@ -144,7 +144,7 @@ class _Server:
         )
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "usage_middleware.demo", "--serve"],
+                [sys.executable, "-m", "usage_middleware.cli.demo", "--serve"],
                 cwd=workdir,
                 env=env,
                 stdin=subprocess.DEVNULL,
