@@ -150,7 +150,7 @@ async def impatient_and_patient(
 
 async def all_settled(provider: RecordingProvider, n: int) -> None:
     """Wait (bounded) until ``n`` reservations were committed or released."""
-    await eventually(lambda: len(provider.ops("commit", "release")) >= n, seconds=10)
+    await eventually(lambda: len(provider.ops("commit", "release")) >= n, within=10)
 
 
 def disconnect_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

@@ -17,6 +17,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.metering_helpers import RecordingProvider
+from tests.support.waiting import eventually
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.middleware import UsageMiddleware
@@ -50,15 +51,6 @@ async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await asyncio.wait_for(task, timeout=10)
-
-
-async def eventually(predicate: Any, seconds: float = 5.0) -> None:
-    """Wait (bounded) until ``predicate()`` is true."""
-    for _ in range(int(seconds / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 async def _stream(n: int, pause: float) -> AsyncIterator[bytes]:

@@ -14,11 +14,11 @@ import sqlite3
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
+from tests.support.waiting import eventually
 from usage_middleware.errors import ConfigurationError, LedgerError, PricingError
 from usage_middleware.ledger import LocalLedger
 from usage_middleware.ledger.store import LedgerStore
@@ -63,14 +63,6 @@ async def use(ledger: LocalLedger, feature: str, units: int = 1) -> bool:
 
 async def used(ledger: LocalLedger, feature: str) -> int:
     return next(r.used for r in await ledger.usage(ACME) if r.feature == feature)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], *, within: float = 15.0) -> None:
-    """Poll ``check`` every 50 ms until it holds (bounded)."""
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
 
 
 def count_calls(store: LedgerStore, name: str) -> list[str]:

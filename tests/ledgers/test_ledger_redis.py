@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.errors import ConfigurationError, RetryableProviderError
@@ -101,15 +102,6 @@ async def opened(server: RedisServer, tmp_path: Path, **kwargs: Any) -> AsyncIte
 
 async def used(ledger: RedisLedger, customer: str = ACME, feature: str = CONVERT) -> int:
     return next((r.used for r in await ledger.usage(customer) if r.feature == feature), 0)
-
-
-async def eventually(check: Any, seconds: float = 15.0) -> None:
-    """Wait (bounded) until the async ``check()`` is true."""
-    for _ in range(int(seconds / 0.05)):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"condition not reached within {seconds}s")
 
 
 def raw_client(server: RedisServer) -> Any:

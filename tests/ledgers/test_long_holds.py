@@ -17,7 +17,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.redis_server import RedisServer
+from tests.support.waiting import eventually
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
 from usage_middleware.ledger import LocalLedger
@@ -111,14 +112,6 @@ def ledgers(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 async def subscribed(ledgers: Ledgers) -> None:
     async with ledgers.opened() as ledger:
         await ledger.subscribe(ACME, "plan:one@1")
-
-
-async def eventually(check: Callable[[], Any], seconds: float = 15.0) -> None:
-    """Poll the async ``check()`` every 50 ms until it is true (bounded)."""
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, f"condition not reached within {seconds}s"
-        await asyncio.sleep(0.05)
 
 
 # -- the app over real uvicorn ---------------------------------------------------------------

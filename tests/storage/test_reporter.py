@@ -17,12 +17,12 @@ import pytest
 from tests.support.reporter_fakes import (
     FakeProvider,
     events,
-    eventually,
     fail,
     hang,
     reject,
     too_many,
 )
+from tests.support.waiting import eventually
 from usage_middleware import ConfigurationError, UsageEvent
 from usage_middleware.outbox import Outbox
 from usage_middleware.provider import ProviderState

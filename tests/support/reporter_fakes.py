@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -184,15 +184,6 @@ class OutboxedProvider(Provider):
     async def release(self, reservation: Reservation) -> None:
         reservation.settled = True
         await self.reporter.cancel(reservation.event)
-
-
-async def eventually(predicate: Callable[[], object], within: float = 10.0) -> None:
-    """Wait until ``predicate()`` is true, polling every 10 ms for at most ``within`` s."""
-    for _ in range(int(within / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"condition not reached within {within}s")
 
 
 def events(n: int, *, customer: str = "org:acme", feature: str = "feature:x") -> list[UsageEvent]:
