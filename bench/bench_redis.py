@@ -65,7 +65,7 @@ def redis_url(url: str | None, directory: Path) -> Iterator[str]:
         yield url
         return
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests/
-    from tests.redis_server import RedisServer
+    from tests.support.redis_server import RedisServer
 
     server = RedisServer(directory / "redis")
     server.start()

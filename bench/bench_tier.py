@@ -1,6 +1,6 @@
 """What TierProvider adds on top of the HTTP calls it makes, and its delivery rate.
 
-Against the in-process fake sidecar (``tests/tier_fake.py``, an ``httpx.MockTransport``),
+Against the in-process fake sidecar (``tests/support/tier_fake.py``, an ``httpx.MockTransport``),
 in one run:
 
 * ``fetch``: one ``TierProvider.fetch`` (a cold entitlement check: ``GET /v1/limits``,
@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
 from tier_fake import FAKE_URL, FakeTier
 

@@ -1,6 +1,6 @@
-"""Shared fixtures. The test doubles live in :mod:`tests.metering_helpers`.
+"""Shared fixtures. The test doubles live in :mod:`tests.support.metering_helpers`.
 
-* ``provider``: a :class:`~tests.metering_helpers.RecordingProvider` (settable balances,
+* ``provider``: a :class:`~tests.support.metering_helpers.RecordingProvider` (settable balances,
   real holds, every reserve/prepare/commit/release recorded with its units).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.metering_helpers import RecordingProvider
+from tests.support.metering_helpers import RecordingProvider
 
 
 @pytest.fixture

@@ -1,91 +1,15 @@
 """The embedded ledger: plans, credits and usage in one SQLite file, with a hot path in memory.
 
-:class:`LocalLedger` keeps everything in one SQLite file (stdlib ``sqlite3``, WAL,
-``synchronous=NORMAL``, a busy timeout; tables in :mod:`.store`), so the worker processes
-of one machine can share it. The event loop never waits for another process's lock (see
-"Where SQLite runs"), and serves a warm customer from memory with no transaction.
-
-How a request is metered (the design, and what it trades)
-----------------------------------------------------------
-
-**Leases.** A process does not run a transaction per request. For a (customer, feature,
-period) it leases a block of units in one ``BEGIN IMMEDIATE`` transaction, which grants
-``n`` only if ``leased + n <= max(0, limit - used) + credits``, where ``leased`` counts the
-live leases of every process (this one's included). The block is
-``min(block, max(units, free // 4))`` (``free`` = what is left after all leases). Far from
-the limit a process leases ``block`` units and refills in the background before they run
-out; ``block`` starts at ``lease_size`` and doubles (up to 64 x ``lease_size``) for a key
-whose requests ran dry while a refill was still on its way, so a hot key stops waiting
-on the worker thread. Near the limit a process leases a quarter of what is left, down to
-exactly what the request needs, and only on demand, so the last units go to whoever asks
-first and no process parks many of them. A lease row expires ``lease_ttl`` seconds after its last
-renewal; the process renews its rows every ``min(1, lease_ttl / 4)`` seconds (one *tick*)
-while alive. An unlimited feature needs no lease (its usage is still recorded).
-
-**reserve / release** are served from the in-memory lease with no ``await`` when it
-suffices: the event loop runs one task at a time, so the check-and-decrement is atomic.
-Taking a new lease awaits, under a per-(customer, feature) ``asyncio.Lock``
-(single-flight: 100 concurrent cold reserves make one lease transaction at a time, and the
-waiters are served from the block it brought). A refusal is remembered for
-``min(0.25, tick)`` seconds, so an exhausted customer costs no transaction per request.
-``release`` gives the units back to the in-memory lease, with no I/O.
-
-**commit** adds the charge to its (customer, feature)'s in-memory tally and wakes the
-flusher, which waits ``flush_interval`` seconds and then writes every tally in one
-transaction (group commit): the period's ``used``, the credits consumed beyond the limit,
-the lease shrunk by the settled units, and one ``charges`` row per (customer, feature,
-period) with the units and the number of requests it settles (the audit trail is per group
-commit, not per request; events given to :meth:`LocalLedger.report` keep a row each with
-their idempotency key). Charges that arrive while a transaction runs wait for the next
-one, so batches grow with the load.
-
-**Where SQLite runs.** The short transactions of the hot path (lease, group commit, the
-tick's upkeep) run inline on the event loop thread with SQLite's busy timeout at 0: they
-take tens of microseconds, or fail at once with "database is locked" (another process is
-writing) having done nothing, and then go to the ledger's worker thread, which waits for
-the lock. Checkpoints (``wal_autocheckpoint`` is off) and the admin calls (``subscribe``,
-``grant``, ``usage``, ``report``) always run on the worker thread. Why not everything on
-the thread: a worker thread that keeps taking and giving back the GIL for many small
-transactions slowed every request of the process by ~20 us on these machines (measured
-with ``bench/bench_app.py``), far more than the transactions themselves cost.
-
-Trade-offs, stated plainly:
-
-* **Crash window.** A charge committed in memory but not yet written is lost if the
-  process is killed (kill -9, OOM): at most ``flush_interval`` seconds plus one
-  transaction's worth of charges (a failed write is retried, not dropped).
-  :meth:`LocalLedger.aclose` writes everything. A reservation held by an in-flight request
-  is not charged on a crash, which is right: its response never completed. With
-  ``synchronous=NORMAL`` a committed transaction survives a process crash but may be rolled
-  back by a power loss or OS crash.
-* **No overspend, across processes.** Units are only served from a lease that a
-  transaction granted against the limit, the credits and every live lease, so the
-  processes sharing a file never together charge more than ``limit + credits``. A killed
-  process's lease frees its units ``lease_ttl`` seconds after its last renewal. A process
-  whose event loop stalls longer than ``lease_ttl / 2`` stops serving from its lease until
-  a transaction re-validated it. Usage recorded with :meth:`LocalLedger.report` bypasses
-  leases (it records what already happened) and may go beyond the limit; the overage then
-  consumes credits, and the balance may go negative.
-* **Parked units.** Units one process has leased and not used are unavailable to the
-  others until used or returned: a lease idle for a tick is returned at the next tick, and
-  :meth:`~LocalLedger.aclose` returns all. So near the limit a request can be refused in
-  one process while another still holds the customer's last few units, for up to two
-  ticks (two seconds by default).
-* **Staleness.** A plan change, grant or report made by another process reaches this one
-  at its next tick (admin writes bump a generation counter in the file); until then this
-  process serves at most the lease it holds. :meth:`~LocalLedger.usage` writes this
-  process's pending charges first. ``Answer.used`` and ``Answer.remaining`` are this
-  process's view (see :meth:`LocalLedger.reserve`).
-* **Holds live as long as their request.** A reservation's units stay held until it is
-  settled (the middleware settles in ``finally``, so on every path), however long the
-  request runs: a ten-minute stream keeps its hold, in this process's lease row, which
-  every tick renews with all the others (one ``UPDATE``). Nothing expires the hold of a
-  live process; a killed process's holds come back after ``lease_ttl``, with its lease. A
-  :class:`~usage_middleware.models.Reservation` garbage-collected unsettled (a caller that
-  dropped it) gives its units back at the next tick (logged). ``reservation_timeout``, if
-  set, only logs reservations unsettled for longer. Only a process whose event loop stalls
-  longer than ``lease_ttl`` can lose the lease row under its holds; their requests are
-  still charged when they end (what was served is charged).
+:class:`LocalLedger` keeps everything in one SQLite file (tables in :mod:`.store`), which
+the worker processes of one machine may share: together they never charge more than a
+customer's ``limit + credits``. Requests are served from units leased in blocks and held in
+memory, and charges are written in groups every ``flush_interval``, so the event loop never
+waits for another process's lock. What that trades, stated plainly: a charge not yet
+written is lost if the process is killed (at most ``flush_interval`` of them;
+:meth:`LocalLedger.aclose` writes everything), units leased by one process are unavailable
+to the others for up to two ticks (1 s each), and another process's admin writes arrive at
+the next tick. A hold lives as long as its request. The design (leases, group commit,
+where SQLite runs) is in ``docs/architecture.md``, "The embedded ledger".
 """
 
 from __future__ import annotations
@@ -259,8 +183,8 @@ _Taken = tuple[_Slot, int, int, int, float]
 class LocalLedger(Ledger):
     """The embedded ledger: one SQLite file, shared safely by the processes of one machine.
 
-    See the module docstring for the design and its trade-offs (crash window, parked units,
-    staleness). Use it from one event loop; it opens lazily on first use if :meth:`open`
+    See ``docs/architecture.md`` for the design and its trade-offs (crash window, parked
+    units, staleness). Use it from one event loop; it opens lazily on first use if :meth:`open`
     was not called.
 
     Args:
@@ -279,8 +203,8 @@ class LocalLedger(Ledger):
         reservation_timeout: ``None`` (default), or seconds after which a reservation still
             unsettled is logged (WARNING, once): a request that never ends, or a caller
             that never settles. Its hold is kept either way: a hold lives until its
-            reservation is settled or garbage-collected (see "Holds live as long as their
-            request" in the module docstring).
+            reservation is settled or garbage-collected (``docs/architecture.md``, "Holds
+            live as long as their request").
         now: the clock for usage periods, returning an aware datetime; default UTC now.
 
     Raises:

@@ -3,22 +3,8 @@
 :class:`LedgerStore` owns one ``sqlite3`` connection and is used only from the ledger's
 worker thread; every method is one transaction (``BEGIN IMMEDIATE`` for writes, so the
 processes sharing the file serialise their writes and never read-then-write stale data).
-
-Tables (one file, WAL):
-
-* ``meta`` (key, value): schema version, ``generation`` (bumped by every admin write, polled
-  by other processes), ``pricing`` (the pricing model as JSON) and ``pricing_generation``.
-* ``subscriptions`` (customer, plan, since).
-* ``credits`` (customer, feature, credited, consumed): balance = credited - consumed.
-* ``usage`` (customer, feature, period, used): units charged per period; ``period`` is an
-  ISO 8601 date interval such as ``2026-11-01/2026-12-01``.
-* ``charges`` (customer, feature, period, units, requests, at, idempotency_key UNIQUE,
-  clobber): the audit trail. A group commit writes one row per (customer, feature, period)
-  it settles, summing ``requests`` charges (``at`` = the last one's time); an event given to
-  ``report()`` gets a row of its own with its idempotency key, so it is never recorded twice.
-* ``leases`` (customer, feature, period, owner, units, expires_at): the units each process
-  holds (``owner`` = pid plus a random tag); rows past ``expires_at`` (wall clock) are dead.
-* ``changes`` (customer, generation): which customer the last admin writes touched.
+The tables (``meta``, ``subscriptions``, ``credits``, ``usage``, ``charges``, ``leases``,
+``changes``) are described in ``docs/architecture.md``, "The file".
 """
 
 from __future__ import annotations
