@@ -27,7 +27,8 @@ from tests.metering_helpers import RecordingProvider, drive, http_scope, run_lif
 from usage_middleware import UNLIMITED, ConfigurationError
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
-from usage_middleware.middleware import SCOPE_KEY, MeteringState, UsageMiddleware
+from usage_middleware.meter import SCOPE_KEY, Meter, MeteredFeature
+from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.models import MAX_UNITS
 
 ACME = [("X-Customer", "org:acme")]
@@ -267,8 +268,8 @@ async def test_disconnect_before_final_plain_body_is_not_charged(
 
     async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        state: MeteringState = scope[SCOPE_KEY]
-        refusal = await state.middleware.authorize(state, request, [_Fixed("feature:a", 2)])
+        meter: Meter = scope[SCOPE_KEY]
+        refusal = await meter.authorize(request, [MeteredFeature("feature:a", 2)])
         assert refusal is None
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"a", "more_body": True})
@@ -281,16 +282,6 @@ async def test_disconnect_before_final_plain_body_is_not_charged(
     assert ex.error is None and ex.complete
     assert provider.charged_units("org:acme", "feature:a") == 0
     provider.assert_settled()
-
-
-class _Fixed:
-    def __init__(self, feature: str, units: int) -> None:
-        self.feature = feature
-        self.units = units
-        self.units_fn = None
-
-    async def units_for(self, request: Request) -> int:
-        return self.units
 
 
 async def test_background_task_failure_after_full_response_is_charged(
@@ -858,7 +849,7 @@ async def test_nested_scope_key_passes_through(provider: RecordingProvider) -> N
         await PlainTextResponse("x")(scope, receive, send)
 
     mw = UsageMiddleware(inner, provider=provider, customer=by_header)
-    outer_state = MeteringState(mw)
+    outer_state = Meter(mw.config)
     scope = http_scope("/")
     scope[SCOPE_KEY] = outer_state
     ex = await drive(mw, scope)

@@ -71,7 +71,7 @@ import inspect
 import logging
 import sys
 import types
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import (
     Annotated,
     Any,
@@ -92,7 +92,7 @@ from starlette.responses import Response
 from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
-from .middleware import SCOPE_KEY, MeteringState
+from .meter import SCOPE_KEY, Meter, MeteredFeature, UnitsFunction
 from .models import MAX_UNITS, check_feature
 from .routes import (
     FEATURES_ATTR,
@@ -119,16 +119,6 @@ _CODE_ATTR = "__usage_code__"
 logger = logging.getLogger("usage_middleware")
 
 
-class UnitsFunction(Protocol):
-    """``(request) -> int``, sync or async: the units one request uses (1 to MAX_UNITS).
-
-    Raise ``ValueError`` (or ``KeyError``) for bad or missing client input: the request
-    answers 400. Returning a non-int is a bug: 500 (see the module docstring).
-    """
-
-    def __call__(self, request: Request, /) -> int | Awaitable[int]: ...
-
-
 class _MeteredDecorator(Protocol):
     @overload
     def __call__(
@@ -137,41 +127,6 @@ class _MeteredDecorator(Protocol):
 
     @overload
     def __call__(self, func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
-
-
-class _Spec:
-    """One metered feature: its name and how to get the units for a request."""
-
-    __slots__ = ("clobber", "feature", "units", "units_async", "units_fn")
-
-    def __init__(self, feature: str, units: int | UnitsFunction, clobber: bool = False) -> None:
-        self.feature = feature
-        self.clobber = clobber
-        if callable(units):
-            self.units = 0
-            self.units_fn: UnitsFunction | None = units
-            self.units_async = is_async_callable(units)
-        else:
-            self.units = units
-            self.units_fn = None
-            self.units_async = False
-
-    async def units_for(self, request: Request) -> object:
-        """What the units callable returns for ``request`` (awaited), unchecked.
-
-        The middleware checks it (an int from 1 to MAX_UNITS) and maps exceptions.
-        """
-        fn = self.units_fn
-        if fn is None:
-            return self.units
-        value: Any = fn(request)
-        if self.units_async or inspect.isawaitable(value):
-            value = await value
-        return value
-
-    def __repr__(self) -> str:
-        units = self.units_fn if self.units_fn is not None else self.units
-        return f"metered({self.feature!r}, units={units!r})"
 
 
 def metered(
@@ -215,13 +170,13 @@ def metered(
         _check_units_callable(feature, units)
     if not isinstance(clobber, bool):
         raise ConfigurationError(f"@metered({feature!r}, clobber=...) must be a bool")
-    spec = _Spec(feature, units, clobber)
+    spec = MeteredFeature(feature, units, clobber)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         if "fastapi.applications" in sys.modules:
             install_openapi_hook()
         if is_metered_wrapper(func):
-            inner: tuple[_Spec, ...] = getattr(func, _SPECS_ATTR)
+            inner: tuple[MeteredFeature, ...] = getattr(func, _SPECS_ATTR)
             if any(s.feature == feature for s in inner):
                 raise ConfigurationError(
                     f"@metered({feature!r}) is applied twice to {func.__qualname__}; "
@@ -272,7 +227,7 @@ def _request_param(func: Callable[..., Any], sig: inspect.Signature) -> str | No
 
 
 def _wrap(
-    original: Callable[..., Any], specs: tuple[_Spec, ...], call: Callable[..., Any] | None
+    original: Callable[..., Any], specs: tuple[MeteredFeature, ...], call: Callable[..., Any] | None
 ) -> Callable[..., Any]:
     """The wrapper metering ``specs`` around ``original``; it runs ``call``.
 
@@ -327,10 +282,10 @@ def _wrap(
                     f"@metered endpoint {original.__qualname__} was called without a request; "
                     "it must be called by Starlette or FastAPI routing"
                 )
-        state: MeteringState | None = request.scope.get(SCOPE_KEY)
-        if state is None:
+        meter: Meter | None = request.scope.get(SCOPE_KEY)
+        if meter is None:
             raise ConfigurationError(_no_middleware_message(original, request))
-        refusal = await state.middleware.authorize(state, cast(Request, request), specs)
+        refusal = await meter.authorize(cast(Request, request), specs)
         if refusal is not None:
             return refusal
         if is_async:
