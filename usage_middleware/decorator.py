@@ -79,7 +79,6 @@ from typing import (
     ParamSpec,
     Protocol,
     TypeVar,
-    cast,
     get_args,
     get_origin,
     overload,
@@ -271,7 +270,7 @@ def _wrap(
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         if wrapper.__dict__.get(SUPERSEDED_ATTR):
             return _misplaced_call(original.__qualname__, original.__module__)
-        request = kwargs.pop(REQUEST_PARAM, None) if hidden else kwargs.get(request_name)  # type: ignore[arg-type]
+        request: Any = kwargs.pop(REQUEST_PARAM, None) if hidden else kwargs.get(request_name)  # type: ignore[arg-type]
         if request is None:
             for arg in args:
                 if isinstance(arg, HTTPConnection):
@@ -285,7 +284,7 @@ def _wrap(
         meter: Meter | None = request.scope.get(SCOPE_KEY)
         if meter is None:
             raise ConfigurationError(_no_middleware_message(original, request))
-        refusal = await meter.authorize(cast(Request, request), specs)
+        refusal = await meter.authorize(request, specs)
         if refusal is not None:
             return refusal
         if is_async:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SCOPE_KEY",
+    "HoldWatcher",
     "Meter",
     "MeterConfig",
     "MeteredFeature",
@@ -134,6 +135,13 @@ class MeterConfig:
         self.background: set[asyncio.Task[None]] = set()
 
 
+class HoldWatcher(Protocol):
+    """What a :class:`Meter` tells when the request first holds units (the middleware's
+    disconnect watch starts there)."""
+
+    def watch_soon(self) -> None: ...
+
+
 class Meter:
     """One request's metering: its holds, and whether they are charged or given back.
 
@@ -144,21 +152,18 @@ class Meter:
         status: the response status once ``http.response.start`` went out, else ``None``.
         denied: the request was refused (400/401/402/500/503); nothing is charged.
         charged: the final body of a chargeable response went out after :meth:`prepare`.
-        on_first_hold: called once when the first units are held (the middleware starts
-            its disconnect watch there), or ``None``.
+        watcher: told (``watch_soon()``) when the first units are held, or ``None``.
     """
 
-    __slots__ = ("charged", "config", "denied", "on_first_hold", "reservations", "status")
+    __slots__ = ("charged", "config", "denied", "reservations", "status", "watcher")
 
-    def __init__(
-        self, config: MeterConfig, on_first_hold: Callable[[], None] | None = None
-    ) -> None:
+    def __init__(self, config: MeterConfig, watcher: HoldWatcher | None = None) -> None:
         self.config = config
+        self.watcher = watcher
         self.reservations: list[Reservation] | None = None
         self.status: int | None = None
         self.denied = False
         self.charged = False
-        self.on_first_hold = on_first_hold
 
     # -- before the endpoint -------------------------------------------------------------------
 
@@ -238,8 +243,8 @@ class Meter:
             if reservation.ok:
                 if self.reservations is None:
                     self.reservations = [reservation]
-                    if self.on_first_hold is not None:
-                        self.on_first_hold()
+                    if self.watcher is not None:
+                        self.watcher.watch_soon()
                 else:
                     self.reservations.append(reservation)
                 continue

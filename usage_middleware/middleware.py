@@ -340,7 +340,7 @@ class UsageMiddleware:
         if SCOPE_KEY in scope:
             await self.app(scope, receive, send)
             return
-        if not self._opened:
+        if self._open_loop is not asyncio.get_running_loop():  # not self._opened, inlined
             await self._ensure_open()
         if not self._routes_checked:
             self._check_routes()
@@ -348,7 +348,7 @@ class UsageMiddleware:
         watch = _ReceiveWatch(receive)
         # From the route's first yield on, once units are held; an ASGI 2.4 server's
         # ``send`` raising tells instead.
-        meter = Meter(self.config, None if _send_raises(scope) else watch.watch_soon)
+        meter = Meter(self.config, None if _send_raises(scope) else watch)
         scope[SCOPE_KEY] = meter
 
         async def send_wrapper(message: Message) -> None:
