@@ -620,6 +620,32 @@ async def test_reserve_raising_fails_open_when_asked(provider: RecordingProvider
     assert provider.charged == {}
 
 
+async def test_on_provider_error_open_serves_uncharged(provider: RecordingProvider) -> None:
+    """on_provider_error='open' (the new name of failure_policy) serves uncharged."""
+    provider.fail_reserve = True
+    app = make_app(provider, [Route("/", ok_endpoint)], on_provider_error="open")
+    async with client(app) as c:
+        assert (await c.get("/")).status_code == 200
+    assert provider.charged == {}
+
+
+def test_on_provider_error_and_failure_policy_must_agree(provider: RecordingProvider) -> None:
+    """Both names with different values is a ConfigurationError; the same value is fine."""
+    app = Starlette()
+    with pytest.raises(ConfigurationError, match="on_provider_error"):
+        UsageMiddleware(
+            app, provider=provider, customer=by_header, on_provider_error="open",
+            failure_policy="closed",
+        )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="on_provider_error"):
+        UsageMiddleware(app, provider=provider, customer=by_header, on_provider_error="x")  # type: ignore[arg-type]
+    mw = UsageMiddleware(
+        app, provider=provider, customer=by_header, on_provider_error="open", failure_policy="open"
+    )
+    assert mw.on_provider_error == mw.failure_policy == "open"
+    assert UsageMiddleware(app, provider=provider, customer=by_header).failure_policy == "closed"
+
+
 async def test_prepare_raising_closed_aborts_before_final_body(
     provider: RecordingProvider,
 ) -> None:

@@ -6,62 +6,32 @@
     @metered("feature:convert")          # @metered right above the function
     async def convert(q: str) -> dict[str, str]: ...
 
-The wrapper runs inside the endpoint, i.e. after routing and after every middleware
-(``request.user`` works). On each request it finds the :class:`~usage_middleware.middleware.
-MeteringState` that :class:`~usage_middleware.UsageMiddleware` put in the scope, resolves
-the customer, resolves the units, reserves every feature (all or nothing) and either calls
-the endpoint or returns the refusal (401/402/503 ``application/problem+json``) instead.
-Charging happens in the middleware, after the response (see its docstring).
+On each request the wrapper asks the :class:`~usage_middleware.meter.Meter` that
+:class:`~usage_middleware.UsageMiddleware` put in the scope to resolve the customer, size
+and reserve every feature (all or nothing), then calls the endpoint or returns the refusal
+(401/402/503 ``application/problem+json``) instead. Charging happens in the middleware,
+after the response.
 
-Endpoints:
+Endpoints: Starlette endpoints, ``HTTPEndpoint`` methods and FastAPI path operations,
+``async def`` and plain ``def`` (run in Starlette's threadpool). FastAPI needs no
+``request`` parameter, and sees the original's parameters, dependencies and return
+annotation. Dicts, models and ``Response`` objects are returned unchanged. Generator
+endpoints are refused (return a ``StreamingResponse``).
 
-* Starlette endpoints (``request`` as the first argument), ``HTTPEndpoint`` methods and
-  FastAPI path operations, ``async def`` and plain ``def``. A plain ``def`` runs in
-  Starlette's threadpool (:func:`starlette.concurrency.run_in_threadpool`), never on the
-  event loop. Generator endpoints are refused at decoration time (return a
-  ``StreamingResponse`` instead).
-* FastAPI needs no ``request`` parameter: the wrapper's ``__signature__`` is the original's
-  plus a hidden keyword-only parameter annotated ``starlette.requests.Request``, stripped
-  before the original is called; when the original already takes a ``Request``, that one
-  is used. Everything else FastAPI reads stays the original's: parameters, ``Depends``,
-  ``Annotated``, the return annotation (``response_model``), and string annotations from
-  ``from __future__ import annotations`` (FastAPI evaluates them in the original's module
-  through ``__wrapped__``). Dicts, models and ``Response`` objects are returned unchanged.
+``units``: an int from 1 to :data:`~usage_middleware.models.MAX_UNITS`, or a sync or async
+callable of the request returning one (a :class:`~usage_middleware.meter.UnitsFunction`).
+It raising ``ValueError``/``KeyError`` or returning an int out of range answers 400
+(:data:`~usage_middleware.problems.INVALID_UNITS`); returning a non-int answers 500
+(:data:`~usage_middleware.problems.UNITS_FUNCTION_ERROR`, logged); any other exception
+propagates like the endpoint's own. Nothing is reserved in those cases.
 
-``units``: an int from 1 to :data:`~usage_middleware.models.MAX_UNITS`, or a callable of
-the request returning one, sync or async (decided once, at decoration; it must accept the
-request as its one positional argument, else ``ConfigurationError`` at decoration). The
-callables of all features of an endpoint run on the event loop before anything is reserved:
+Several ``@metered`` on one function make one all-or-nothing decision, in top-down order.
 
-* it raises ``ValueError`` or ``KeyError`` (bad or missing client input, e.g.
-  ``int(request.query_params["n"])``), or returns an int outside 1..MAX_UNITS: the request
-  answers 400 ``application/problem+json`` (``type`` :data:`~usage_middleware.problems.
-  INVALID_UNITS`) and nothing is reserved;
-* it returns something that is not an int (``None``, ``"3"``, ``2.0``, ``True``): a bug in
-  the callable; it is logged and the request answers 500 ``application/problem+json``
-  naming the endpoint (:data:`~usage_middleware.problems.UNITS_FUNCTION_ERROR`);
-* it raises anything else (``HTTPException`` included): that exception propagates like one
-  raised by the endpoint, and nothing is reserved.
-
-Several ``@metered`` on one function merge into one wrapper and one all-or-nothing
-decision, in top-down order; naming the same feature twice is an error.
-
-Misuse is loud: invalid arguments raise ``ConfigurationError`` at decoration time; a
-metered endpoint called without ``UsageMiddleware`` raises ``ConfigurationError`` naming
-the fix (never runs unmetered); ``@metered`` above the route decorator is detected by the
-middleware at start-up where its route walk reaches (see :mod:`usage_middleware.routes`).
-
-**The function given to @metered is consumed.** ``@metered`` returns a wrapper that runs a
-copy of the function, and turns the function object it was given into a trap: its code is
-replaced by one with the same parameters that logs an error and returns a 500
-``application/problem+json`` (:data:`~usage_middleware.problems.MISPLACED_DECORATOR`)
-naming the fix. Only something that got hold of the function *before* ``@metered`` ran
-calls it, which is what a route decorator below ``@metered`` did: so a misplaced
-``@metered`` is refused on every framework version, before the endpoint's body runs, even
-where no route walk can find it (``wrapper.__wrapped__`` is that function too: call the
-wrapper). Likewise, when a second ``@metered`` merges into a wrapper, the earlier wrapper
-refuses every call. Callables that are not plain Python functions (``functools.partial``,
-instances with ``__call__``) cannot be trapped; only the start-up walk covers them.
+Misuse is loud: bad arguments raise ``ConfigurationError`` at decoration; a metered
+endpoint called without ``UsageMiddleware`` raises ``ConfigurationError``; ``@metered``
+above the route decorator fails start-up where the route walk reaches, and otherwise
+answers 500 (:data:`~usage_middleware.problems.MISPLACED_DECORATOR`): the function given to
+``@metered`` is consumed, its code swapped for a stub (``docs/architecture.md``, "Edge").
 """
 
 from __future__ import annotations

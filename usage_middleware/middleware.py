@@ -68,18 +68,10 @@ class _ReceiveWatch:
             server (``http.disconnect`` seen by the app or by the watch).
         ended: the final body (or ``http.response.pathsend``) was handed to the server.
 
-    Servers drop ``send``
-    silently once the client is gone, and a plain endpoint never calls ``receive``, so
-    without help the middleware would charge a client that gave up (a timeout) before the
-    response was ready. Once the request holds reservations, :meth:`watch` (scheduled with
-    ``call_soon``, so it runs when the request first yields to the event loop) starts a
-    task that calls the server's ``receive`` and keeps each message it gets in a buffer
-    that :meth:`receive` hands to the app first, in order: nothing is taken from the app.
-    The task reads at most one body chunk ahead (then stops until the app has read the body
-    to its end) and, after the final body, waits for ``http.disconnect``. A request that
-    never yields to the event loop is not watched: the server cannot learn of a disconnect
-    while it runs. Under an ASGI 2.4 server (``send`` raises ``OSError`` once the client
-    is gone) nothing is watched: the final body's ``send`` tells.
+    Once the request holds units (:meth:`watch_soon`), a task reads the server's
+    ``receive`` ahead of the app (at most one body chunk; after the final body only
+    ``http.disconnect``) and hands every message it read to the app's own :meth:`receive`
+    calls, in order. See ``docs/architecture.md`` ("The disconnect watch").
     """
 
     __slots__ = (
