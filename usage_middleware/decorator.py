@@ -6,62 +6,32 @@
     @metered("feature:convert")          # @metered right above the function
     async def convert(q: str) -> dict[str, str]: ...
 
-The wrapper runs inside the endpoint, i.e. after routing and after every middleware
-(``request.user`` works). On each request it finds the :class:`~usage_middleware.middleware.
-MeteringState` that :class:`~usage_middleware.UsageMiddleware` put in the scope, resolves
-the customer, resolves the units, reserves every feature (all or nothing) and either calls
-the endpoint or returns the refusal (401/402/503 ``application/problem+json``) instead.
-Charging happens in the middleware, after the response (see its docstring).
+On each request the wrapper asks the :class:`~usage_middleware.meter.Meter` that
+:class:`~usage_middleware.UsageMiddleware` put in the scope to resolve the customer, size
+and reserve every feature (all or nothing), then calls the endpoint or returns the refusal
+(401/402/503 ``application/problem+json``) instead. Charging happens in the middleware,
+after the response.
 
-Endpoints:
+Endpoints: Starlette endpoints, ``HTTPEndpoint`` methods and FastAPI path operations,
+``async def`` and plain ``def`` (run in Starlette's threadpool). FastAPI needs no
+``request`` parameter, and sees the original's parameters, dependencies and return
+annotation. Dicts, models and ``Response`` objects are returned unchanged. Generator
+endpoints are refused (return a ``StreamingResponse``).
 
-* Starlette endpoints (``request`` as the first argument), ``HTTPEndpoint`` methods and
-  FastAPI path operations, ``async def`` and plain ``def``. A plain ``def`` runs in
-  Starlette's threadpool (:func:`starlette.concurrency.run_in_threadpool`), never on the
-  event loop. Generator endpoints are refused at decoration time (return a
-  ``StreamingResponse`` instead).
-* FastAPI needs no ``request`` parameter: the wrapper's ``__signature__`` is the original's
-  plus a hidden keyword-only parameter annotated ``starlette.requests.Request``, stripped
-  before the original is called; when the original already takes a ``Request``, that one
-  is used. Everything else FastAPI reads stays the original's: parameters, ``Depends``,
-  ``Annotated``, the return annotation (``response_model``), and string annotations from
-  ``from __future__ import annotations`` (FastAPI evaluates them in the original's module
-  through ``__wrapped__``). Dicts, models and ``Response`` objects are returned unchanged.
+``units``: an int from 1 to :data:`~usage_middleware.models.MAX_UNITS`, or a sync or async
+callable of the request returning one (a :class:`~usage_middleware.meter.UnitsFunction`).
+It raising ``ValueError``/``KeyError`` or returning an int out of range answers 400
+(:data:`~usage_middleware.problems.INVALID_UNITS`); returning a non-int answers 500
+(:data:`~usage_middleware.problems.UNITS_FUNCTION_ERROR`, logged); any other exception
+propagates like the endpoint's own. Nothing is reserved in those cases.
 
-``units``: an int from 1 to :data:`~usage_middleware.models.MAX_UNITS`, or a callable of
-the request returning one, sync or async (decided once, at decoration; it must accept the
-request as its one positional argument, else ``ConfigurationError`` at decoration). The
-callables of all features of an endpoint run on the event loop before anything is reserved:
+Several ``@metered`` on one function make one all-or-nothing decision, in top-down order.
 
-* it raises ``ValueError`` or ``KeyError`` (bad or missing client input, e.g.
-  ``int(request.query_params["n"])``), or returns an int outside 1..MAX_UNITS: the request
-  answers 400 ``application/problem+json`` (``type`` :data:`~usage_middleware.problems.
-  INVALID_UNITS`) and nothing is reserved;
-* it returns something that is not an int (``None``, ``"3"``, ``2.0``, ``True``): a bug in
-  the callable; it is logged and the request answers 500 ``application/problem+json``
-  naming the endpoint (:data:`~usage_middleware.problems.UNITS_FUNCTION_ERROR`);
-* it raises anything else (``HTTPException`` included): that exception propagates like one
-  raised by the endpoint, and nothing is reserved.
-
-Several ``@metered`` on one function merge into one wrapper and one all-or-nothing
-decision, in top-down order; naming the same feature twice is an error.
-
-Misuse is loud: invalid arguments raise ``ConfigurationError`` at decoration time; a
-metered endpoint called without ``UsageMiddleware`` raises ``ConfigurationError`` naming
-the fix (never runs unmetered); ``@metered`` above the route decorator is detected by the
-middleware at start-up where its route walk reaches (see :mod:`usage_middleware.routes`).
-
-**The function given to @metered is consumed.** ``@metered`` returns a wrapper that runs a
-copy of the function, and turns the function object it was given into a trap: its code is
-replaced by one with the same parameters that logs an error and returns a 500
-``application/problem+json`` (:data:`~usage_middleware.problems.MISPLACED_DECORATOR`)
-naming the fix. Only something that got hold of the function *before* ``@metered`` ran
-calls it, which is what a route decorator below ``@metered`` did: so a misplaced
-``@metered`` is refused on every framework version, before the endpoint's body runs, even
-where no route walk can find it (``wrapper.__wrapped__`` is that function too: call the
-wrapper). Likewise, when a second ``@metered`` merges into a wrapper, the earlier wrapper
-refuses every call. Callables that are not plain Python functions (``functools.partial``,
-instances with ``__call__``) cannot be trapped; only the start-up walk covers them.
+Misuse is loud: bad arguments raise ``ConfigurationError`` at decoration; a metered
+endpoint called without ``UsageMiddleware`` raises ``ConfigurationError``; ``@metered``
+above the route decorator fails start-up where the route walk reaches, and otherwise
+answers 500 (:data:`~usage_middleware.problems.MISPLACED_DECORATOR`): the function given to
+``@metered`` is consumed, its code swapped for a stub (``docs/architecture.md``, "Edge").
 """
 
 from __future__ import annotations
@@ -71,7 +41,7 @@ import inspect
 import logging
 import sys
 import types
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import (
     Annotated,
     Any,
@@ -79,7 +49,6 @@ from typing import (
     ParamSpec,
     Protocol,
     TypeVar,
-    cast,
     get_args,
     get_origin,
     overload,
@@ -92,7 +61,7 @@ from starlette.responses import Response
 from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
-from .middleware import SCOPE_KEY, MeteringState
+from .meter import SCOPE_KEY, Meter, MeteredFeature, UnitsFunction
 from .models import MAX_UNITS, check_feature
 from .routes import (
     FEATURES_ATTR,
@@ -119,16 +88,6 @@ _CODE_ATTR = "__usage_code__"
 logger = logging.getLogger("usage_middleware")
 
 
-class UnitsFunction(Protocol):
-    """``(request) -> int``, sync or async: the units one request uses (1 to MAX_UNITS).
-
-    Raise ``ValueError`` (or ``KeyError``) for bad or missing client input: the request
-    answers 400. Returning a non-int is a bug: 500 (see the module docstring).
-    """
-
-    def __call__(self, request: Request, /) -> int | Awaitable[int]: ...
-
-
 class _MeteredDecorator(Protocol):
     @overload
     def __call__(
@@ -137,41 +96,6 @@ class _MeteredDecorator(Protocol):
 
     @overload
     def __call__(self, func: Callable[P, T], /) -> Callable[P, Coroutine[Any, Any, T]]: ...
-
-
-class _Spec:
-    """One metered feature: its name and how to get the units for a request."""
-
-    __slots__ = ("clobber", "feature", "units", "units_async", "units_fn")
-
-    def __init__(self, feature: str, units: int | UnitsFunction, clobber: bool = False) -> None:
-        self.feature = feature
-        self.clobber = clobber
-        if callable(units):
-            self.units = 0
-            self.units_fn: UnitsFunction | None = units
-            self.units_async = is_async_callable(units)
-        else:
-            self.units = units
-            self.units_fn = None
-            self.units_async = False
-
-    async def units_for(self, request: Request) -> object:
-        """What the units callable returns for ``request`` (awaited), unchecked.
-
-        The middleware checks it (an int from 1 to MAX_UNITS) and maps exceptions.
-        """
-        fn = self.units_fn
-        if fn is None:
-            return self.units
-        value: Any = fn(request)
-        if self.units_async or inspect.isawaitable(value):
-            value = await value
-        return value
-
-    def __repr__(self) -> str:
-        units = self.units_fn if self.units_fn is not None else self.units
-        return f"metered({self.feature!r}, units={units!r})"
 
 
 def metered(
@@ -215,13 +139,13 @@ def metered(
         _check_units_callable(feature, units)
     if not isinstance(clobber, bool):
         raise ConfigurationError(f"@metered({feature!r}, clobber=...) must be a bool")
-    spec = _Spec(feature, units, clobber)
+    spec = MeteredFeature(feature, units, clobber)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         if "fastapi.applications" in sys.modules:
             install_openapi_hook()
         if is_metered_wrapper(func):
-            inner: tuple[_Spec, ...] = getattr(func, _SPECS_ATTR)
+            inner: tuple[MeteredFeature, ...] = getattr(func, _SPECS_ATTR)
             if any(s.feature == feature for s in inner):
                 raise ConfigurationError(
                     f"@metered({feature!r}) is applied twice to {func.__qualname__}; "
@@ -272,7 +196,7 @@ def _request_param(func: Callable[..., Any], sig: inspect.Signature) -> str | No
 
 
 def _wrap(
-    original: Callable[..., Any], specs: tuple[_Spec, ...], call: Callable[..., Any] | None
+    original: Callable[..., Any], specs: tuple[MeteredFeature, ...], call: Callable[..., Any] | None
 ) -> Callable[..., Any]:
     """The wrapper metering ``specs`` around ``original``; it runs ``call``.
 
@@ -316,7 +240,7 @@ def _wrap(
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         if wrapper.__dict__.get(SUPERSEDED_ATTR):
             return _misplaced_call(original.__qualname__, original.__module__)
-        request = kwargs.pop(REQUEST_PARAM, None) if hidden else kwargs.get(request_name)  # type: ignore[arg-type]
+        request: Any = kwargs.pop(REQUEST_PARAM, None) if hidden else kwargs.get(request_name)  # type: ignore[arg-type]
         if request is None:
             for arg in args:
                 if isinstance(arg, HTTPConnection):
@@ -327,10 +251,10 @@ def _wrap(
                     f"@metered endpoint {original.__qualname__} was called without a request; "
                     "it must be called by Starlette or FastAPI routing"
                 )
-        state: MeteringState | None = request.scope.get(SCOPE_KEY)
-        if state is None:
+        meter: Meter | None = request.scope.get(SCOPE_KEY)
+        if meter is None:
             raise ConfigurationError(_no_middleware_message(original, request))
-        refusal = await state.middleware.authorize(state, cast(Request, request), specs)
+        refusal = await meter.authorize(request, specs)
         if refusal is not None:
             return refusal
         if is_async:

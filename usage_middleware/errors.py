@@ -3,7 +3,8 @@
 ::
 
     UsageMiddlewareError
-    ├── ConfigurationError        bad set-up, raised at start-up or decoration time
+    ├── ConfigurationError        a bad setting, raised at start-up or decoration time
+    │   │                         (also a ValueError)
     │   └── PricingError          a pricing.json that does not validate
     ├── LedgerError               a ledger admin call refused (unknown plan, bad units)
     └── ProviderError             a billing provider refused or could not be reached
@@ -34,10 +35,13 @@ class UsageMiddlewareError(Exception):
     """Base class of every exception usage_middleware raises on purpose."""
 
 
-class ConfigurationError(UsageMiddlewareError):
+class ConfigurationError(UsageMiddlewareError, ValueError):
     """The toolkit is set up wrongly; the message names the fix.
 
-    Raised at start-up or decoration time (never on a request when avoidable).
+    Raised for every bad setting (constructor arguments of the middleware, ledgers and
+    providers, ``@metered`` arguments, pricing), at start-up or decoration time (never on a
+    request when avoidable). It is also a ``ValueError``, so code that caught the
+    ``ValueError`` some constructors raised before keeps working.
     """
 
 

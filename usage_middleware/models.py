@@ -19,22 +19,22 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import ConfigurationError
 
-if TYPE_CHECKING:
-    from .provider import Provider
-
 __all__ = [
+    "CUSTOMER_RE",
+    "FEATURE_RE",
     "MAX_UNITS",
     "UNLIMITED",
     "Answer",
     "Reservation",
     "UsageEvent",
+    "UsageRecorder",
     "check_customer",
     "check_feature",
     "check_units",
@@ -49,8 +49,10 @@ UNLIMITED = 9223372036854775807
 #: signed 64-bit limits of SQLite and Redis, so sums of many charges cannot overflow.
 MAX_UNITS = 10**15
 
+#: A feature name (Tier's ``refs.Name``): ``feature:`` then ``[a-zA-Z0-9:]+``.
 FEATURE_RE = re.compile(r"feature:[a-zA-Z0-9:]+")
-_CUSTOMER_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
+#: A customer id: 1-255 characters without whitespace or control characters.
+CUSTOMER_RE = re.compile(r"[^\s\x00-\x1f\x7f]{1,255}")
 
 
 def check_feature(feature: object) -> str:
@@ -74,26 +76,30 @@ def check_customer(customer: object) -> str:
     A customer id is a non-empty string of at most 255 characters without whitespace or
     control characters, e.g. Tier's ``org:acme``.
     """
-    if not isinstance(customer, str) or _CUSTOMER_RE.fullmatch(customer) is None:
+    if not isinstance(customer, str) or CUSTOMER_RE.fullmatch(customer) is None:
         raise ValueError(
             f"customer id {customer!r} must be 1-255 characters without whitespace, e.g. 'org:acme'"
         )
     return customer
 
 
-def check_units(units: object, *, what: str = "units", allow_zero: bool = False) -> int:
+def check_units(
+    units: object, *, what: str = "units", allow_zero: bool = False, setting: bool = False
+) -> int:
     """Return ``units`` if it is a whole number of units (> 0, or >= 0) up to MAX_UNITS.
 
     Raises:
         ValueError: ``units`` is not an int (``bool`` included), is negative (or zero
-            without ``allow_zero``), or is above :data:`MAX_UNITS`.
+            without ``allow_zero``), or is above :data:`MAX_UNITS`; a
+            ``ConfigurationError`` (a ``ValueError`` too) when ``units`` is a ``setting``.
     """
+    error = ConfigurationError if setting else ValueError
     if isinstance(units, bool) or not isinstance(units, int):
-        raise ValueError(f"{what} must be a whole number of units (int), got {units!r}")
+        raise error(f"{what} must be a whole number of units (int), got {units!r}")
     if units < 0 or (units == 0 and not allow_zero):
-        raise ValueError(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {units}")
+        raise error(f"{what} must be {'>= 0' if allow_zero else '> 0'}, got {units}")
     if units > MAX_UNITS:
-        raise ValueError(f"{what} must be at most MAX_UNITS ({MAX_UNITS}), got {units}")
+        raise error(f"{what} must be at most MAX_UNITS ({MAX_UNITS}), got {units}")
     return units
 
 
@@ -185,6 +191,15 @@ def trusted_event(
     return event
 
 
+class UsageRecorder(Protocol):
+    """What :meth:`Answer.report` reports to: anything with ``await report(events)``.
+
+    Every :class:`~usage_middleware.provider.Provider` is one (its ``report``).
+    """
+
+    async def report(self, events: Sequence[UsageEvent], /) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """The answer to ``can(customer, feature, units)``, shaped like Tier SDK's ``Answer``.
@@ -204,6 +219,9 @@ class Answer:
         cached: whether the answer came from the entitlement cache.
         age: seconds since the provider produced the numbers, for a cached answer.
         retry_after: seconds after which asking again may succeed (a failed-closed check).
+        provider: the provider that answered (a :class:`UsageRecorder`), which
+            :meth:`report` reports to; set by whoever builds the answer, ``None`` for an
+            answer built by hand.
     """
 
     ok: bool
@@ -218,7 +236,7 @@ class Answer:
     cached: bool = False
     age: float | None = None
     retry_after: float | None = None
-    provider: Provider | None = field(default=None, repr=False, compare=False)
+    provider: UsageRecorder | None = field(default=None, repr=False, compare=False)
 
     async def report(
         self, n: int = 1, *, at: datetime | None = None, clobber: bool = False

@@ -53,9 +53,11 @@ def on_another_loop(future: asyncio.Future[object] | asyncio.Task[object]) -> bo
     return future.get_loop() is not asyncio.get_running_loop()
 
 
-#: What a route does when the entitlement check itself fails (provider down, timeout):
-#: ``"open"`` serves the request and records the charge for later delivery, setting
-#: ``Answer.err``; ``"closed"`` refuses it with 503 problem+json and ``Retry-After``.
+#: A provider's ``failure_policy``: what a route does when the entitlement check itself
+#: fails (provider down, timeout): ``"open"`` serves the request and records the charge for
+#: later delivery, setting ``Answer.err``; ``"closed"`` refuses it with 503 problem+json and
+#: ``Retry-After``. (``UsageMiddleware(on_provider_error=...)`` covers a provider that
+#: raises instead of answering.)
 FailurePolicy = Literal["open", "closed"]
 
 

@@ -1,35 +1,13 @@
 """Find ``@metered`` endpoints in an app's routes: misuse detection and OpenAPI docs.
 
-:class:`~usage_middleware.UsageMiddleware` walks the app below it at lifespan start-up and
-on the first request. The walk (:func:`iter_endpoints`) follows the attributes ASGI apps
-conventionally expose: ``.routes`` (Starlette/FastAPI apps, routers, ``Mount``, ``Host``),
-``.app`` (middleware, mounted apps), ``.router`` (Starlette/FastAPI apps) and
-``.original_router`` (FastAPI 0.140 and later keep an ``include_router``-ed router as a
-lazy route holding the router; older FastAPI copies the routes into the including one).
-An app hidden behind an object without those attributes is not walked.
-
-What it detects (:func:`misplaced_endpoints`): a registered endpoint whose function was
-given to ``@metered`` but is not itself (nor wraps) the current metered wrapper, which is
-what happens when ``@metered`` sits *above* the route decorator::
-
-    @metered("feature:x")   # wraps the function after @app.get registered it: unmetered
-    @app.get("/x")
-    async def x(): ...
-
-The walk is the early warning, not the guarantee: ``@metered`` also turns the function it
-was given into a trap (see :mod:`usage_middleware.decorator`), so a misplaced endpoint the
-walk cannot reach answers every request with a 500 problem (:data:`~usage_middleware.
-problems.MISPLACED_DECORATOR`, logged) and its body never runs.
-
-What it documents: each metered FastAPI operation gets ``400``, ``401``, ``402`` and
-``503`` responses (``application/problem+json``; a status the route already declares
-keeps its own) and ``x-usage-features`` (the feature names). :func:`document_routes`
-writes them into the routes (``responses``/``openapi_extra``, which FastAPI reads when it
-builds the schema); :func:`install_openapi_hook` wraps ``FastAPI.openapi`` so every schema
-FastAPI builds (``/openapi.json``, a mounted sub-app's, or ``app.openapi()`` called before
-any request, e.g. an offline export) carries them, whatever FastAPI does with included
-routers. The hook is installed when ``@metered`` decorates a function (or the middleware
-is built) in a process that has imported FastAPI.
+:func:`iter_endpoints` walks an app through the attributes ASGI apps conventionally
+expose (``.routes``, ``.app``, ``.router``, ``.original_router``); an app hidden behind an
+object without them is not walked. :func:`misplaced_endpoints` names registered endpoints
+that ``@metered`` wrapped *after* the route decorator registered them (``@metered`` above
+``@app.get``); :func:`clobber_endpoints` those metered with ``clobber=True``.
+:func:`document_routes` and :func:`install_openapi_hook` give each metered FastAPI
+operation its ``400``/``401``/``402``/``503`` problem responses and ``x-usage-features``.
+``UsageMiddleware`` runs them at start-up; see ``docs/architecture.md`` ("Edge").
 """
 
 from __future__ import annotations

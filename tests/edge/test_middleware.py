@@ -27,7 +27,8 @@ from tests.support.metering_helpers import RecordingProvider, drive, http_scope,
 from usage_middleware import UNLIMITED, ConfigurationError
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
-from usage_middleware.middleware import SCOPE_KEY, MeteringState, UsageMiddleware
+from usage_middleware.meter import SCOPE_KEY, Meter, MeteredFeature
+from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.models import MAX_UNITS
 
 ACME = [("X-Customer", "org:acme")]
@@ -267,8 +268,8 @@ async def test_disconnect_before_final_plain_body_is_not_charged(
 
     async def raw_app(scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        state: MeteringState = scope[SCOPE_KEY]
-        refusal = await state.middleware.authorize(state, request, [_Fixed("feature:a", 2)])
+        meter: Meter = scope[SCOPE_KEY]
+        refusal = await meter.authorize(request, [MeteredFeature("feature:a", 2)])
         assert refusal is None
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"a", "more_body": True})
@@ -281,16 +282,6 @@ async def test_disconnect_before_final_plain_body_is_not_charged(
     assert ex.error is None and ex.complete
     assert provider.charged_units("org:acme", "feature:a") == 0
     provider.assert_settled()
-
-
-class _Fixed:
-    def __init__(self, feature: str, units: int) -> None:
-        self.feature = feature
-        self.units = units
-        self.units_fn = None
-
-    async def units_for(self, request: Request) -> int:
-        return self.units
 
 
 async def test_background_task_failure_after_full_response_is_charged(
@@ -629,6 +620,32 @@ async def test_reserve_raising_fails_open_when_asked(provider: RecordingProvider
     assert provider.charged == {}
 
 
+async def test_on_provider_error_open_serves_uncharged(provider: RecordingProvider) -> None:
+    """on_provider_error='open' (the new name of failure_policy) serves uncharged."""
+    provider.fail_reserve = True
+    app = make_app(provider, [Route("/", ok_endpoint)], on_provider_error="open")
+    async with client(app) as c:
+        assert (await c.get("/")).status_code == 200
+    assert provider.charged == {}
+
+
+def test_on_provider_error_and_failure_policy_must_agree(provider: RecordingProvider) -> None:
+    """Both names with different values is a ConfigurationError; the same value is fine."""
+    app = Starlette()
+    with pytest.raises(ConfigurationError, match="on_provider_error"):
+        UsageMiddleware(
+            app, provider=provider, customer=by_header, on_provider_error="open",
+            failure_policy="closed",
+        )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="on_provider_error"):
+        UsageMiddleware(app, provider=provider, customer=by_header, on_provider_error="x")  # type: ignore[arg-type]
+    mw = UsageMiddleware(
+        app, provider=provider, customer=by_header, on_provider_error="open", failure_policy="open"
+    )
+    assert mw.on_provider_error == mw.failure_policy == "open"
+    assert UsageMiddleware(app, provider=provider, customer=by_header).failure_policy == "closed"
+
+
 async def test_prepare_raising_closed_aborts_before_final_body(
     provider: RecordingProvider,
 ) -> None:
@@ -858,7 +875,7 @@ async def test_nested_scope_key_passes_through(provider: RecordingProvider) -> N
         await PlainTextResponse("x")(scope, receive, send)
 
     mw = UsageMiddleware(inner, provider=provider, customer=by_header)
-    outer_state = MeteringState(mw)
+    outer_state = Meter(mw.config)
     scope = http_scope("/")
     scope[SCOPE_KEY] = outer_state
     ex = await drive(mw, scope)

@@ -647,6 +647,18 @@ def test_bad_tuning_arguments(tmp_path: pathlib.Path, argument: str, value: int)
         LocalLedger(tmp_path / "usage.db", **{argument: value})
 
 
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("lease_size", 0), ("lease_ttl", 0), ("flush_interval", -1), ("reservation_timeout", 0)],
+)
+def test_bad_tuning_arguments_are_configuration_errors(
+    tmp_path: pathlib.Path, argument: str, value: int
+) -> None:
+    """A bad LocalLedger setting is a ConfigurationError, like every other bad setting."""
+    with pytest.raises(ConfigurationError, match=argument):
+        LocalLedger(tmp_path / "usage.db", **{argument: value})
+
+
 async def test_pricing_is_stored_in_the_file_and_replaced(tmp_path: pathlib.Path) -> None:
     """The pricing given once is used by later ledgers without one; giving it again replaces it."""
     path = tmp_path / "usage.db"

@@ -534,3 +534,13 @@ async def test_a_pricing_that_drops_a_subscribed_plan_is_refused(
         await ledger.open()
     async with opened(server, tmp_path) as again:  # the original pricing still works
         assert await again.usage(ACME)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("reservation_ttl", 0), ("timeout", -1), ("max_connections", 0), ("retry_after", 0)],
+)
+def test_bad_settings_are_configuration_errors(argument: str, value: float) -> None:
+    """A bad RedisLedger setting is a ConfigurationError at construction (no server needed)."""
+    with pytest.raises(ConfigurationError, match=argument):
+        RedisLedger(spool=None, **{argument: value})

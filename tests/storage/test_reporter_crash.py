@@ -145,8 +145,8 @@ def workdir(tmp_path: Path) -> Path:
 
 def _env(workdir: Path, **extra: str) -> dict[str, str]:
     env = os.environ.copy()
-    here = str(Path(__file__).parents[1] / "support")  # for reporter_fakes
-    env["PYTHONPATH"] = os.pathsep.join([str(workdir), here, env.get("PYTHONPATH", "")])
+    root = str(Path(__file__).resolve().parents[2])  # for tests.support.reporter_fakes
+    env["PYTHONPATH"] = os.pathsep.join([str(workdir), root, env.get("PYTHONPATH", "")])
     env.update(extra)
     return env
 

@@ -32,7 +32,23 @@ from ..models import UNLIMITED
 from ..pricing import Plan
 from ..provider import Provider
 
-__all__ = ["FeatureUsage", "Ledger", "usage_rows"]
+__all__ = [
+    "REASON_CLOSED",
+    "REASON_FAILED",
+    "REASON_LIMIT",
+    "REASON_NOT_IN_PLAN",
+    "REASON_UNKNOWN",
+    "FeatureUsage",
+    "Ledger",
+    "usage_rows",
+]
+
+#: ``Answer.reason`` of a ledger's refusals, the same in every ledger.
+REASON_UNKNOWN = "unknown customer"
+REASON_NOT_IN_PLAN = "feature not in plan"
+REASON_LIMIT = "limit reached"
+REASON_CLOSED = "ledger closed"
+REASON_FAILED = "ledger unavailable"
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,7 +46,15 @@ from ..models import (
 )
 from ..pricing import Pricing, load_pricing
 from ..provider import ProviderState, on_another_loop
-from .base import FeatureUsage, Ledger
+from .base import (
+    REASON_CLOSED,
+    REASON_FAILED,
+    REASON_LIMIT,
+    REASON_NOT_IN_PLAN,
+    REASON_UNKNOWN,
+    FeatureUsage,
+    Ledger,
+)
 from .store import LeaseGrant, LedgerStore, StoredCharge
 
 __all__ = ["LocalLedger"]
@@ -54,13 +62,6 @@ __all__ = ["LocalLedger"]
 logger = logging.getLogger("usage_middleware.ledger")
 
 T = TypeVar("T")
-
-#: ``Answer.reason`` of the refusals.
-REASON_UNKNOWN = "unknown customer"
-REASON_NOT_IN_PLAN = "feature not in plan"
-REASON_LIMIT = "limit reached"
-REASON_CLOSED = "ledger closed"
-REASON_FAILED = "ledger unavailable"
 
 _EVICT_AFTER = 60.0  # seconds an empty, idle slot stays in memory
 _CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
@@ -208,8 +209,8 @@ class LocalLedger(Ledger):
         now: the clock for usage periods, returning an aware datetime; default UTC now.
 
     Raises:
+        ConfigurationError: a numeric argument is out of range.
         PricingError: ``pricing`` does not validate.
-        ValueError: a numeric argument is out of range.
     """
 
     name = "local"
@@ -226,7 +227,7 @@ class LocalLedger(Ledger):
         now: Callable[[], datetime] | None = None,
     ) -> None:
         super().__init__()
-        check_units(lease_size, what="lease_size")
+        check_units(lease_size, what="lease_size", setting=True)
         for what, value in (("lease_ttl", lease_ttl), ("reservation_timeout", reservation_timeout)):
             if what == "reservation_timeout" and value is None:
                 continue
@@ -235,13 +236,15 @@ class LocalLedger(Ledger):
                 or not isinstance(value, int | float)
                 or not 0 < value < math.inf
             ):
-                raise ValueError(f"{what} must be a finite number of seconds > 0, got {value!r}")
+                raise ConfigurationError(
+                    f"{what} must be a finite number of seconds > 0, got {value!r}"
+                )
         if (
             isinstance(flush_interval, bool)
             or not isinstance(flush_interval, int | float)
             or not 0 <= flush_interval < math.inf
         ):
-            raise ValueError(
+            raise ConfigurationError(
                 "flush_interval must be a finite number of seconds >= 0 (it bounds the crash "
                 f"window), got {flush_interval!r}"
             )

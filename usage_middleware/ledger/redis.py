@@ -121,8 +121,16 @@ from ..pricing import (
 )
 from ..provider import FailurePolicy, Provider, ProviderState, on_another_loop
 from . import _redis_scripts as scripts
-from .base import FeatureUsage, Ledger, usage_rows
-from .local import REASON_CLOSED, REASON_FAILED, REASON_LIMIT, REASON_NOT_IN_PLAN, REASON_UNKNOWN
+from .base import (
+    REASON_CLOSED,
+    REASON_FAILED,
+    REASON_LIMIT,
+    REASON_NOT_IN_PLAN,
+    REASON_UNKNOWN,
+    FeatureUsage,
+    Ledger,
+    usage_rows,
+)
 from .store import period_key
 
 if TYPE_CHECKING:
@@ -200,7 +208,7 @@ def _seconds(what: str, value: object, *, zero: bool = False) -> float:
         or (value == 0 and not zero)
         or value != value  # NaN
     ):
-        raise ValueError(f"{what} must be a number of seconds > 0, got {value!r}")
+        raise ConfigurationError(f"{what} must be a number of seconds > 0, got {value!r}")
     return float(value)
 
 
@@ -256,9 +264,9 @@ class RedisLedger(Ledger):
 
     Raises:
         ConfigurationError: redis-py is not installed ("install usage-middleware[redis]"),
-            the URL or prefix is malformed, or ``failure_policy`` is unknown.
+            the URL or prefix is malformed, ``failure_policy`` is unknown, or a number
+            (of seconds, of connections) is out of range.
         PricingError: ``pricing`` does not validate.
-        ValueError: a number of seconds is out of range.
     """
 
     name = "redis"
@@ -312,7 +320,7 @@ class RedisLedger(Ledger):
         self._prefix = prefix
         self._ttl_ms = int(_seconds("reservation_ttl", reservation_ttl) * 1000) or 1
         self._timeout = _seconds("timeout", timeout)
-        self._max_connections = check_units(max_connections, what="max_connections")
+        self._max_connections = check_units(max_connections, what="max_connections", setting=True)
         self._retry_after = _seconds("retry_after", retry_after)
         self._idem_ms = int(_seconds("idempotency_ttl", idempotency_ttl) * 1000) or 1
         self._reservation_timeout = (
@@ -655,7 +663,9 @@ class RedisLedger(Ledger):
         at = self._clock()
         if at.tzinfo is not UTC:
             if at.utcoffset() is None:
-                raise ValueError(f"RedisLedger(now=...) must return aware datetimes, got {at!r}")
+                raise ConfigurationError(
+                    f"RedisLedger(now=...) must return aware datetimes, got {at!r}"
+                )
             at = at.astimezone(UTC)
         event = trusted_event(customer, feature, units, at)
         if self._state is not ProviderState.OPEN:

@@ -22,7 +22,6 @@ source logs a token, a key, or puts one in an exception message.
 from __future__ import annotations
 
 import asyncio
-import functools
 import inspect
 import logging
 import math
@@ -37,6 +36,7 @@ import httpx
 from asgiref.typing import HTTPScope
 from cachetools import TLRUCache
 
+from .._utils import is_async_callable
 from ..errors import (
     ConfigurationError,
     PermanentProviderError,
@@ -190,14 +190,6 @@ TokenResult = str | AccessToken | None
 TokenFunc = Callable[..., Awaitable[TokenResult]]
 
 
-def _is_async_callable(func: object) -> bool:
-    while isinstance(func, functools.partial):
-        func = func.func
-    return inspect.iscoroutinefunction(func) or (
-        callable(func) and inspect.iscoroutinefunction(getattr(func, "__call__", None))  # noqa: B004
-    )
-
-
 def _takes_scope(func: Callable[..., Any]) -> bool:
     try:
         inspect.signature(func).bind("customer", None)
@@ -232,11 +224,11 @@ class CallableTokenSource(TokenSource):
         refresh: Callable[[str], Awaitable[TokenResult]] | None = None,
         request_bound: bool | None = None,
     ) -> None:
-        if not _is_async_callable(func):
+        if not is_async_callable(func):
             raise ConfigurationError(
                 "CallableTokenSource needs an async function: async def get_token(customer)"
             )
-        if refresh is not None and not _is_async_callable(refresh):
+        if refresh is not None and not is_async_callable(refresh):
             raise ConfigurationError(
                 "CallableTokenSource(refresh=...) needs an async function of the customer id"
             )
