@@ -26,7 +26,7 @@ It exits non-zero when a check fails.
 
 Run from the repository root (wrk: ``apt-get install wrk``)::
 
-    python3 bench/bench_wire.py            # 3 rounds of 3 s per app and connection count
+    python3 bench/bench_wire.py            # 3 rounds of 2 s per app and connection count (~3 min)
     python3 bench/bench_wire.py --quick    # 2 rounds of 1 s: a smoke test, under a minute
     python3 bench/bench_wire.py --http both --apps bare,local
 
@@ -568,7 +568,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds of 1 s: under a minute")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3; quick 2)")
-    parser.add_argument("--seconds", type=int, help="seconds per wrk run (default 3; quick 1)")
+    parser.add_argument("--seconds", type=int, help="seconds per wrk run (default 2; quick 1)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up per app (default 1)")
     parser.add_argument("--conns", default="16,64", help="connection counts (default 16,64)")
     parser.add_argument(
@@ -578,7 +578,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--loop", default="auto", help="uvicorn --loop (default auto)")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 3)
-    args.seconds = args.seconds or (1 if args.quick else 3)
+    args.seconds = args.seconds or (1 if args.quick else 2)
     args.warmup = args.warmup if args.warmup is not None else 1
     args.conns = [int(c) for c in args.conns.split(",")]
     args.apps = [a.strip() for a in args.apps.split(",") if a.strip()]
