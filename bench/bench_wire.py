@@ -7,7 +7,7 @@ h11`` by default, loopback, a free port):
   (memory storage);
 * ``UsageMiddleware`` + ``@metered`` on a ``LocalLedger``, on a ``RedisLedger`` (against
   a ``redis-server`` started here on a free loopback port), and on a ``TierProvider`` with
-  its durable outbox (against the Tier fake of ``tests/tier_fake.py`` served by uvicorn
+  its durable outbox (against the Tier fake of ``tests/support/tier_fake.py`` served by uvicorn
   in its own process).
 
 wrk (``-t1``, at 16 and then 64 connections) loads one app at a time, in interleaved

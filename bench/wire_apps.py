@@ -14,7 +14,7 @@ reads the ``x-customer`` header only where it meters:
 * ``redis``: ``UsageMiddleware`` + ``@metered`` on a ``RedisLedger`` at ``WIRE_REDIS_URL``;
 * ``tier``: ``UsageMiddleware`` + ``@metered`` on a ``TierProvider`` with its durable
   outbox in ``WIRE_DIR``, against the Tier fake at ``WIRE_TIER_URL``;
-* ``tierfake``: that fake: ``tests/tier_fake.py``'s ``FakeTier`` served over a real socket.
+* ``tierfake``: that fake: ``tests/support/tier_fake.py``'s ``FakeTier`` served over a real socket.
 
 Every limit is far out of reach, so a metered app charges one unit per 2xx response. The
 metered apps also answer ``GET /_bench/charged`` (not metered) with the units charged so
@@ -157,11 +157,11 @@ def tier(directory: Path) -> Starlette:
 
 
 def tierfake() -> ASGIApp:
-    """``FakeTier`` (tests/tier_fake.py, an ``httpx.MockTransport`` handler) behind ASGI."""
+    """``FakeTier`` (tests/support/tier_fake.py, an ``httpx.MockTransport`` handler) behind ASGI."""
     import httpx
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from tier_fake import FakeTier
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.support.tier_fake import FakeTier
 
     fake = FakeTier()
     fake.add_org(CUSTOMER, {FEATURE: LIMIT})
