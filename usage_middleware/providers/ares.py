@@ -33,10 +33,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import httpx
 from asgiref.typing import HTTPScope
@@ -51,7 +51,7 @@ from ..errors import (
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
 from ..provider import FailurePolicy, on_another_loop
 from ._http import loads, redirect_error, retry_after, send, status_kind
-from .remote import Entitlement, RemoteProvider
+from .remote import Charge, Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
 
 __all__ = [
@@ -110,16 +110,6 @@ class AresUser:
     id: str | None
     email: str | None
     credits: int | float
-
-
-@dataclass(frozen=True, slots=True)
-class _Spent:
-    """Credits delivered for one event, as RemoteProvider's accounting reads an event."""
-
-    customer: str
-    feature: str
-    units: int
-    clobber: bool
 
 
 class _Paid:
@@ -574,8 +564,9 @@ class AresProvider(RemoteProvider):
         milli = math.floor(Decimal(str(user.credits)) * _MILLI)
         return Entitlement(None, None, int(milli), reason=_SHORT)
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
-        """``POST /v1/partner/usage`` for the one event (``max_batch = 1``).
+    async def send(self, events: Sequence[UsageEvent]) -> None:
+        """``POST /v1/partner/usage`` for the one event (``max_batch = 1``). ARES cannot
+        tell a duplicate: every delivered event counts (``None``).
 
         Raises:
             AresTokenError: no usable token for the user (code ``no_token``), or ARES
@@ -605,21 +596,12 @@ class AresProvider(RemoteProvider):
     def _poster(self, event: UsageEvent) -> Callable[[AccessToken], Awaitable[None]]:
         return lambda token: self._post_usage(token, event.feature, event.units)
 
-    def _note_delivered(
-        self, events: Sequence[UsageEvent], counted: Collection[str] | None = None
-    ) -> None:
-        """Local accounting is per user in thousandths of a credit: translate the events.
-        (ARES cannot tell duplicates: every delivered event counts, ``counted`` is unused.)
-
-        (RemoteProvider's delivery accounting reads ``customer``, ``feature``, ``units``
-        and ``clobber`` of each event; a light record avoids a new UsageEvent per charge.)
-        """
-        spent = [
-            _Spent(e.customer, CREDITS_FEATURE, self._milli(e.feature, e.units), e.clobber)
-            for e in events
-            if e.feature != CREDITS_FEATURE
-        ]
-        super()._note_delivered(cast(Sequence[UsageEvent], spent))
+    def charge_of(self, event: UsageEvent) -> Charge | None:
+        """Local accounting is per user in thousandths of a credit: what ``event`` costs
+        in :data:`CREDITS_FEATURE` (a clobber, which ARES refuses, costs nothing)."""
+        if event.clobber or event.units <= 0 or event.feature == CREDITS_FEATURE:
+            return None
+        return Charge(event.customer, CREDITS_FEATURE, self._milli(event.feature, event.units))
 
     # -- checks and reservations ----------------------------------------------------------
 
@@ -819,7 +801,7 @@ class AresProvider(RemoteProvider):
             return await self._reserve_after(event, scope)
         self.breaker.success()
         self._accepted(customer, used, scope)
-        self._note_delivered([event])
+        self.note_delivered([event])
         answer = Answer(True, customer, feature, units, provider=self)
         return Reservation(answer, event, token=_Paid(credits))
 

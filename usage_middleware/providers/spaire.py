@@ -155,8 +155,6 @@ class SpaireProvider(RemoteProvider):
     #: charges still queued and those delivered after a fetch returned.
     balance_lag = 0.0
     fetch_subtracts_delivered = True
-    #: :meth:`report` tells the base which events Spaire inserted (not duplicates).
-    _notes_own_deliveries = True
 
     def __init__(
         self,
@@ -481,7 +479,7 @@ class SpaireProvider(RemoteProvider):
 
     # -- delivery ----------------------------------------------------------------------
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> set[str] | None:
         """Deliver up to :attr:`max_batch` events in one ``POST /v1/events/ingest`` (§1.5).
 
         Each event becomes ``{name, external_customer_id | customer_id, external_id =
@@ -491,6 +489,9 @@ class SpaireProvider(RemoteProvider):
         accounting follows ``inserted``/``duplicates``. Customers are ensured first
         (``customer_id_kind="external"``).
 
+        Returns:
+            the idempotency keys of the events Spaire counted as new usage.
+
         Raises:
             PermanentProviderError: a ``clobber`` event; a customer id with ``/``; a 422 for
                 the batch (the reporter splits the batch to find the bad event); 401/403; a
@@ -498,7 +499,7 @@ class SpaireProvider(RemoteProvider):
             RetryableProviderError: network, timeout, 429 (``retry_after``), 5xx.
         """
         if not events:
-            return
+            return None
         for ev in events:
             if ev.clobber:
                 raise PermanentProviderError(
@@ -507,7 +508,7 @@ class SpaireProvider(RemoteProvider):
                     code="clobber_unsupported",
                 )
         await self._ensure_all(ev.customer for ev in events)
-        counted = await self._ingest(
+        return await self._ingest(
             (
                 self._event_body(ev.customer, ev.feature, ev.units, ev.idempotency_key, ev.at),
                 ev.customer,
@@ -515,7 +516,6 @@ class SpaireProvider(RemoteProvider):
             )
             for ev in events
         )
-        self._note_delivered(events, counted)
 
     async def grant(self, customer: str, units: int, *, idempotency_key: str | None = None) -> str:
         """Grant ``units`` (> 0) credits by ingesting ``-units`` (seed 001, §2.4).
@@ -526,7 +526,7 @@ class SpaireProvider(RemoteProvider):
 
         Raises:
             ValueError: bad customer id or units.
-            ProviderError: as :meth:`report`.
+            ProviderError: as :meth:`send`.
         """
         check_customer(customer)
         check_units(units)

@@ -404,12 +404,12 @@ class TierProvider(RemoteProvider):
             return Entitlement(limit=0, used=0, remaining=0, reason="feature not in plan")
         return Entitlement(limit=line.limit, used=line.used, remaining=line.remaining)
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> None:
         """Deliver one usage event: ``POST /v1/report`` with :func:`report_body` (§2).
 
         Success is any 2xx (Tier answers ``{}`` as ``text/plain``). At most one event per
         call (``max_batch``): a failed second report would make a retry of the first count
-        twice.
+        twice. Tier cannot tell a duplicate: every delivered event counts (``None``).
 
         Raises:
             ValueError: more than one event.
