@@ -49,7 +49,12 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
-from ..provider import FailurePolicy, on_another_loop
+from ..provider import (
+    FailurePolicy,
+    clobber_refused,
+    clobber_unsupported,
+    on_another_loop,
+)
 from ._http import loads, redirect_error, retry_after, send, status_kind
 from .remote import Charge, Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
@@ -577,10 +582,7 @@ class AresProvider(RemoteProvider):
         """
         for event in events:
             if event.clobber:
-                raise PermanentProviderError(
-                    "ARES cannot replace usage (clobber): it only deducts credits",
-                    code="clobber_unsupported",
-                )
+                raise clobber_unsupported("ARES")
             if event.units == 0:
                 continue
             token = await self._token(event.customer, None)
@@ -673,10 +675,7 @@ class AresProvider(RemoteProvider):
         credits, no token, token refused), ``err`` set -> the check failed closed (503).
         """
         if clobber:
-            raise ConfigurationError(
-                f"{type(self).__name__} cannot set usage (clobber) on a request; use "
-                "report([UsageEvent(..., clobber=True)]) for that"
-            )
+            raise clobber_refused(self)
         event = UsageEvent(customer, feature, units)  # validates all three
         if self.charge == "before":
             return await self._reserve_before(event, scope)

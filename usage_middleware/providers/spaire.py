@@ -62,6 +62,7 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UsageEvent, check_customer, check_units
+from ..provider import clobber_unsupported
 from ._http import loads, redirect_error, retry_after, send, status_kind
 from .remote import Entitlement, RemoteProvider
 
@@ -502,11 +503,7 @@ class SpaireProvider(RemoteProvider):
             return None
         for ev in events:
             if ev.clobber:
-                raise PermanentProviderError(
-                    "Spaire cannot set (clobber) usage: events only add units; report the "
-                    "difference as units instead",
-                    code="clobber_unsupported",
-                )
+                raise clobber_unsupported("Spaire")
         await self._ensure_all(ev.customer for ev in events)
         return await self._ingest(
             (

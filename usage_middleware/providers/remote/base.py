@@ -41,7 +41,13 @@ from ...models import (
     check_feature,
     check_units,
 )
-from ...provider import FailurePolicy, Provider, ProviderState, on_another_loop
+from ...provider import (
+    FailurePolicy,
+    Provider,
+    ProviderState,
+    clobber_refused,
+    on_another_loop,
+)
 from .._http import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_RETRY_AFTER,
@@ -486,9 +492,7 @@ class RemoteProvider(Provider):
         self, customer: str, feature: str, units: int, scope: HTTPScope | None
     ) -> Reservation:
         if not self.supports_clobber:
-            raise ConfigurationError(
-                f"{type(self).__name__} cannot set usage (clobber); report increments instead"
-            )
+            raise clobber_refused(self)
         event = UsageEvent(customer, feature, units, clobber=True)  # validates all three
         answer = await self.can(customer, feature, 1, scope=scope)
         if answer.err is None and answer.limit is not None:
