@@ -55,7 +55,7 @@ from ..provider import (
     clobber_unsupported,
     on_another_loop,
 )
-from ._http import loads, redirect_error, retry_after, send, status_kind
+from ._http import loads, redirect_error, send, status_error, status_kind
 from .remote import Charge, Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
 
@@ -147,25 +147,35 @@ def _error_text(response: httpx.Response) -> str:
 
 
 def _ares_error(
-    response: httpx.Response, what: str, token: AccessToken, cap: float
+    response: httpx.Response, what: str, token: AccessToken, base_url: str, cap: float
 ) -> ProviderError:
-    """The typed error for a non-2xx ARES answer (never carrying the token)."""
+    """The typed error for a non-2xx ARES answer (never carrying the token), by the shared
+    classification: a 404 is a routing 404 (no resource of ARES's is addressed by id, so
+    a wrong base URL, not the charge's fault); ARES's own are insufficient credits (a 402,
+    or a 4xx whose text mentions credits) and a refused token (401/403)."""
     status = response.status_code
     text = _scrub(_error_text(response), token)
     message = f"ARES {what}: {text}" if text else f"ARES {what}: HTTP {status}"
+    permanent: type[PermanentProviderError] = PermanentProviderError
+    retry: bool | None = None
     if 400 <= status < 500 and (status == 402 or "credit" in text.lower()):
-        return InsufficientCreditsError(message, status=status, code="insufficient_credits")
-    if status in (401, 403):
-        code = _TOKEN_CODES.get(text.strip().lower(), "token_rejected")
-        return AresTokenError(message, status=status, code=code)
-    kind = status_kind(status)
-    if kind in ("retryable", "not_found"):
-        # 404: no resource of ARES's is addressed by id, so it is a routing 404 (a wrong
-        # base URL), not the charge's fault.
-        return RetryableProviderError(
-            message, status=status, retry_after=retry_after(response, cap)
-        )
-    return PermanentProviderError(message, status=status, code="rejected")
+        permanent, retry, code = InsufficientCreditsError, False, "insufficient_credits"
+    elif status in (401, 403):
+        permanent, code = AresTokenError, _TOKEN_CODES.get(text.strip().lower(), "token_rejected")
+    elif status_kind(status) in ("retryable", "not_found"):
+        code = None
+    else:
+        code = "rejected"
+    return status_error(
+        response,
+        f"ARES {what}",
+        base_url,
+        message=message,
+        code=code,
+        cap=cap,
+        retry=retry,
+        permanent=permanent,
+    )
 
 
 def _number(value: object) -> bool:
@@ -425,7 +435,9 @@ class AresProvider(RemoteProvider):
         """``GET /v1/user`` (reference §2) -> the user and their credits."""
         response = await self._send("GET", "/v1/user", token)
         if not 200 <= response.status_code < 300:
-            raise _ares_error(response, "refused GET /v1/user", token, self.max_retry_after)
+            raise _ares_error(
+                response, "refused GET /v1/user", token, self.base_url, self.max_retry_after
+            )
         try:
             body = loads(response.content)
         except ValueError as exc:
@@ -463,7 +475,9 @@ class AresProvider(RemoteProvider):
         }
         response = await self._send("POST", "/v1/partner/usage", token, body)
         if not 200 <= response.status_code < 300:
-            raise _ares_error(response, "refused the usage", token, self.max_retry_after)
+            raise _ares_error(
+                response, "refused the usage", token, self.base_url, self.max_retry_after
+            )
         # Any 2xx is a charge; the docs' "Success" message is only logged when missing.
         try:
             message = loads(response.content).get("message")

@@ -63,7 +63,7 @@ from ..errors import (
 )
 from ..models import UsageEvent, check_customer, check_units
 from ..provider import clobber_unsupported
-from ._http import loads, redirect_error, retry_after, send, status_kind
+from ._http import loads, send, status_error, status_kind
 from .remote import Entitlement, RemoteProvider
 
 __all__ = ["SERVERS", "SpaireProvider"]
@@ -774,9 +774,7 @@ class SpaireProvider(RemoteProvider):
             return r
         if not_found and r.status_code == 404 and _error_body(r)[0] == "ResourceNotFound":
             return r
-        if status_kind(r.status_code) == "redirect":
-            raise redirect_error(r, f"Spaire {what}", self.base_url, cap=self.max_retry_after)
-        raise _error(r, what, self.max_retry_after)
+        raise _error(r, what, self.base_url, self.max_retry_after)
 
 
 def _check_routable(customer: str) -> None:
@@ -787,38 +785,30 @@ def _check_routable(customer: str) -> None:
         )
 
 
-def _error(r: httpx.Response, what: str, cap: float) -> ProviderError:
+def _error(r: httpx.Response, what: str, base_url: str, cap: float) -> ProviderError:
+    """Spaire's error body (§1.6) as a typed error, by the shared classification; only
+    Spaire's own ``ResourceNotFound`` 404 is permanent (any other 404 is no such route: a
+    wrong base_url, not the events' fault)."""
     status = r.status_code
     code, detail = _error_body(r)
-    retry_after_s = retry_after(r, cap)
     kind = status_kind(status)
+    retry = False if status == 404 and code == "ResourceNotFound" else None
     if status == 429:
-        return RetryableProviderError(
-            f"Spaire {what}: rate limited", status=status, code=code, retry_after=retry_after_s
-        )
-    if kind in ("retryable", "redirect"):
-        return RetryableProviderError(
-            f"Spaire {what}: server error: {detail or r.reason_phrase}",
-            status=status,
-            code=code,
-            retry_after=retry_after_s,
-        )
-    if status == 404 and code != "ResourceNotFound":
-        # No such route: a wrong base_url, not the events' fault. Keep them for later.
-        return RetryableProviderError(
-            f"Spaire {what}: {r.request.url.path} not found; check base_url/SPAIRE_BASE_URL",
-            status=status,
-            code=code,
-        )
-    if status in (401, 403):
-        return PermanentProviderError(
+        message = f"Spaire {what}: rate limited"
+    elif kind == "retryable":
+        message = f"Spaire {what}: server error: {detail or r.reason_phrase}"
+    elif kind == "not_found" and retry is None:
+        message = f"Spaire {what}: {r.request.url.path} not found; check base_url/SPAIRE_BASE_URL"
+    elif kind == "auth":
+        message = (
             f"Spaire {what}: the access token was refused ({detail or r.reason_phrase}); "
-            "check SPAIRE_ACCESS_TOKEN, its organization and scopes",
-            status=status,
-            code=code or ("unauthorized" if status == 401 else "forbidden"),
+            "check SPAIRE_ACCESS_TOKEN, its organization and scopes"
         )
-    return PermanentProviderError(
-        f"Spaire {what}: {detail or r.reason_phrase}", status=status, code=code
+        code = code or ("unauthorized" if status == 401 else "forbidden")
+    else:
+        message = f"Spaire {what}: {detail or r.reason_phrase}"
+    return status_error(
+        r, f"Spaire {what}", base_url, message=message, code=code, cap=cap, retry=retry
     )
 
 
