@@ -62,7 +62,11 @@ _TAX_FIELDS = frozenset({"automatic", "collect_id"})
 
 @dataclass(frozen=True, slots=True)
 class FeatureLimit:
-    """One line of ``GET /v1/limits`` (Tier's ``Usage``, §2).
+    """One line of ``GET /v1/limits`` (Tier's ``Usage``, §2), as on the wire.
+
+    Tier's wire type, returned by :meth:`TierProvider.limits`; a check turns the matching
+    line into an :class:`~usage_middleware.providers.remote.Entitlement` (what the cache
+    keeps), never into an answer directly.
 
     Attributes:
         feature: the feature name as the sidecar sent it: ``feature:x``, or the versioned
