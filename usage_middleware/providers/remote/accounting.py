@@ -5,18 +5,22 @@ provider's last answer minus exactly the units the provider had not yet counted 
 answered. :class:`Account` keeps, per account key, the units in flight, pending and
 delivered; :class:`Entry` is a fetched :class:`Entitlement` with its *mark* (the delivered
 total the answer includes); :class:`Hold` is a reservation's token; :class:`Charge` is how
-one delivered event is counted.
+one delivered event is counted; :class:`Accounts` is one provider's table of accounts.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Collection
 from typing import NamedTuple
 
 from ...models import UNLIMITED
 from .entitlement import Entitlement
 
-__all__ = ["Account", "Charge", "Entry", "Hold", "available"]
+__all__ = ["Account", "Accounts", "Charge", "Entry", "Hold", "available"]
+
+#: An account key: ``(customer, feature)``, or what ``RemoteProvider.account_key`` maps it to.
+Key = tuple[str, str]
 
 
 class Charge(NamedTuple):
@@ -154,6 +158,40 @@ class Hold:
         self.unseen = 0
         self.remaining = 0
         self.at = 0.0
+
+
+class Accounts(dict[Key, Account]):
+    """One provider's accounts by account key; idle ones are forgotten (bounds memory).
+
+    ``sweep_at``: the table size at which :meth:`add` sweeps first (twice what the last
+    sweep kept, at least the initial value).
+    """
+
+    __slots__ = ("sweep_at",)
+
+    def __init__(self, sweep_at: int) -> None:
+        super().__init__()
+        self.sweep_at = sweep_at
+
+    def crowded(self) -> bool:
+        """Whether a new account should wait for a :meth:`sweep` first."""
+        return len(self) >= self.sweep_at
+
+    def sweep(
+        self, now: float, in_use: Collection[Key], *, allowance: float, lag: float, quiet: float
+    ) -> None:
+        """Forget idle accounts nothing refers to any more.
+
+        An account is kept while units are in flight or charges may be unseen (pending
+        within ``allowance``, delivered within ``lag``), while its key is ``in_use`` (a
+        cache entry or fetch), and for ``quiet`` seconds after its last use (so a caller
+        that just got a fetch's result still finds the same account).
+        """
+        for key, account in list(self.items()):
+            account.expire(now, allowance)
+            if account.idle(now, lag) and now - account.touched > quiet and key not in in_use:
+                del self[key]
+        self.sweep_at = max(self.sweep_at, 2 * len(self))
 
 
 def available(entry: Entry) -> int:

@@ -54,7 +54,7 @@ from .._http import (
     check_max_body,
     check_max_retry_after,
 )
-from .accounting import Account, Charge, Entry, Hold, available
+from .accounting import Account, Accounts, Charge, Entry, Hold, available
 from .breaker import CircuitBreaker
 from .cache import Key, SingleFlight, new_cache
 from .entitlement import Entitlement
@@ -91,7 +91,7 @@ class ReporterLike(Protocol):
 
 
 class RemoteProvider(Provider):
-    """Base class of providers that ask a remote billing API (see the module docstring).
+    """Base class of providers that ask a remote billing API (design: docs/architecture.md).
 
     Subclasses implement :meth:`fetch` and :meth:`send`, set :attr:`name`,
     :attr:`max_batch` and :attr:`balance_lag` (or :attr:`fetch_subtracts_delivered`), and
@@ -200,8 +200,7 @@ class RemoteProvider(Provider):
         self._outbox = outbox
         self._delivery: ReporterLike | _MemoryDelivery | None = None
         self._cache = new_cache(cache_size, clock)
-        self._accounts: dict[Key, Account] = {}
-        self._sweep_at = 2 * cache_size + 1024
+        self._accounts = Accounts(sweep_at=2 * cache_size + 1024)
         self._flights = SingleFlight()
         self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown), clock)
         self._logged_at = float("-inf")
@@ -768,31 +767,28 @@ class RemoteProvider(Provider):
         return (customer, feature)
 
     def _account(self, key: Key) -> Account:
+        """The account ``key`` (a ``(customer, feature)``) is counted in, made if new."""
         key = self.account_key(*key)
         now = self._clock()
-        account = self._accounts.get(key)
+        accounts = self._accounts
+        account = accounts.get(key)
         if account is None:
-            if len(self._accounts) >= self._sweep_at:
+            if accounts.crowded():
                 self._sweep(now)
-            account = self._accounts[key] = Account(now)
+            account = accounts[key] = Account(now)
         account.touched = now
         return account
 
     def _sweep(self, now: float) -> None:
-        """Forget idle accounts nothing refers to any more (bounds memory).
-
-        An account is kept while units are in flight or charges may be unseen, while a cache
-        entry or fetch uses it, and for a quiet period after its last use (so a caller that
-        just got a fetch's result still finds the same account).
-        """
-        quiet = self.timeout + 60.0
-        in_use = {self.account_key(*key) for key in (*self._cache.keys(), *self._flights.tasks)}
-        for key, account in list(self._accounts.items()):
-            account.expire(now, self.delivery_allowance)
-            idle = account.idle(now, self.balance_lag)
-            if idle and now - account.touched > quiet and key not in in_use:
-                del self._accounts[key]
-        self._sweep_at = max(self._sweep_at, 2 * len(self._accounts))
+        """Forget idle accounts no cache entry or fetch uses (see :meth:`Accounts.sweep`)."""
+        in_use = {self.account_key(*k) for k in (*self._cache.keys(), *self._flights.tasks)}
+        self._accounts.sweep(
+            now,
+            in_use,
+            allowance=self.delivery_allowance,
+            lag=self.balance_lag,
+            quiet=self.timeout + 60.0,
+        )
 
     def _log_failure(self, err: ProviderError, policy: str) -> None:
         now = self._clock()
