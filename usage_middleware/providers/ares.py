@@ -617,7 +617,7 @@ class AresProvider(RemoteProvider):
         in :data:`CREDITS_FEATURE` (a clobber, which ARES refuses, costs nothing)."""
         if event.clobber or event.units <= 0 or event.feature == CREDITS_FEATURE:
             return None
-        return Charge(event.customer, CREDITS_FEATURE, self._milli(event.feature, event.units))
+        return (event.customer, CREDITS_FEATURE), self._milli(event.feature, event.units)
 
     # -- checks and reservations ----------------------------------------------------------
 

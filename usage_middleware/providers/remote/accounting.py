@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Collection
-from typing import NamedTuple
 
 from ...models import UNLIMITED
 from .entitlement import Entitlement
@@ -23,14 +22,11 @@ __all__ = ["Account", "Accounts", "Charge", "Entry", "Hold", "available"]
 Key = tuple[str, str]
 
 
-class Charge(NamedTuple):
-    """What one delivered usage event takes from the balance :meth:`RemoteProvider.fetch`
-    reads: ``units`` (> 0) of ``feature`` for ``customer``, in the provider's accounting
-    units (ARES: thousandths of a credit of its one credits feature)."""
-
-    customer: str
-    feature: str
-    units: int
+#: What one delivered usage event takes from the balance ``RemoteProvider.fetch`` reads:
+#: ``((customer, feature), units)``, ``units`` > 0 in the provider's accounting units (ARES:
+#: thousandths of a credit of its one credits feature). A plain tuple: one is made per
+#: delivered event.
+Charge = tuple[tuple[str, str], int]
 
 
 class Account:

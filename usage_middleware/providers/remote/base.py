@@ -259,7 +259,7 @@ class RemoteProvider(Provider):
         """
         if event.clobber or event.units <= 0:
             return None
-        return Charge(event.customer, event.feature, event.units)
+        return (event.customer, event.feature), event.units
 
     def make_client(self) -> httpx.AsyncClient:
         """The ``httpx.AsyncClient`` :meth:`open` creates when none was injected.
@@ -313,12 +313,13 @@ class RemoteProvider(Provider):
         others were duplicates of an earlier delivery); ``None``: all of them.
         """
         now = self._clock()
+        charge_of = self.charge_of
         for event in events:
-            charge = self.charge_of(event)
+            charge = charge_of(event)
             if charge is not None:
-                account = self._account((charge.customer, charge.feature))
+                key, units = charge
                 new = counted is None or event.idempotency_key in counted
-                account.arrived(now, charge.units, new, self.balance_lag)
+                self._account(key).arrived(now, units, new, self.balance_lag)
 
     @property
     def outbox(self) -> str | os.PathLike[str] | None:
