@@ -42,7 +42,7 @@ BIG = 10**12
 
 
 class AresNoPost(AresProvider):
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> None:
         return None
 
 
@@ -52,7 +52,7 @@ class Plain(RemoteProvider):
     async def fetch(self, customer: str, feature: str, *, scope: Any = None) -> Entitlement:
         return Entitlement(None, None, BIG)
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> None:
         return None
 
 

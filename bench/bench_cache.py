@@ -93,7 +93,7 @@ class SlowRemote(RemoteProvider):
             await asyncio.Event().wait()
         return Entitlement(limit=None, used=None, remaining=self.balance)
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> None:
         units = sum(e.units for e in events)
         self.balance -= units
         self.charged += units

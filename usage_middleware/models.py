@@ -204,6 +204,9 @@ class UsageRecorder(Protocol):
 class Answer:
     """The answer to ``can(customer, feature, units)``, shaped like Tier SDK's ``Answer``.
 
+    A check's answer to one request, from every provider (a remote provider builds it
+    from its cached ``Entitlement`` less this process's unseen spending).
+
     Attributes:
         ok: whether the customer may use ``units`` of the feature now.
         customer: the customer id asked about.

@@ -39,9 +39,17 @@ from typing import Literal, Self
 
 from asgiref.typing import HTTPScope
 
+from .errors import ConfigurationError, PermanentProviderError
 from .models import Answer, Reservation, UsageEvent
 
-__all__ = ["FailurePolicy", "Provider", "ProviderState", "on_another_loop"]
+__all__ = [
+    "FailurePolicy",
+    "Provider",
+    "ProviderState",
+    "clobber_refused",
+    "clobber_unsupported",
+    "on_another_loop",
+]
 
 
 def on_another_loop(future: asyncio.Future[object] | asyncio.Task[object]) -> bool:
@@ -51,6 +59,26 @@ def on_another_loop(future: asyncio.Future[object] | asyncio.Task[object]) -> bo
     left behind instead of awaiting it from this one.
     """
     return future.get_loop() is not asyncio.get_running_loop()
+
+
+def clobber_refused(provider: object) -> ConfigurationError:
+    """The error ``reserve(..., clobber=True)`` raises on a provider without
+    :attr:`Provider.supports_clobber` (every provider says it the same way)."""
+    return ConfigurationError(
+        f"{type(provider).__name__} cannot set usage (clobber) on a request, only add to "
+        "it: drop clobber=True or use a provider that sets usage (TierProvider); a ledger "
+        "sets it outside a request with report([UsageEvent(..., clobber=True)])"
+    )
+
+
+def clobber_unsupported(name: str) -> PermanentProviderError:
+    """The error a provider whose API only adds usage raises for a clobber event it is
+    asked to deliver (permanent: no retry can set usage there)."""
+    return PermanentProviderError(
+        f"{name} cannot set usage (clobber): it only adds usage; report the difference "
+        "as units instead",
+        code="clobber_unsupported",
+    )
 
 
 #: A provider's ``failure_policy``: what a route does when the entitlement check itself

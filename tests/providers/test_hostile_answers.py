@@ -35,7 +35,7 @@ from tests.support.tier_fake import FAKE_URL, FakeTier, error_response
 from usage_middleware import UsageEvent
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
-from usage_middleware.errors import RetryableProviderError
+from usage_middleware.errors import PermanentProviderError, RetryableProviderError
 from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.outbox import Outbox
 from usage_middleware.providers.ares import AresProvider
@@ -678,6 +678,39 @@ def test_retry_after_is_capped_and_garbage_ignored(header: str, expected: float 
 
     response = httpx.Response(429, headers={"retry-after": header})
     assert retry_after(response, 300.0) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"),
+    [
+        (302, True),
+        (400, False),
+        (401, False),
+        (403, False),
+        (404, True),
+        (408, True),
+        (422, False),
+        (425, True),
+        (429, True),
+        (500, True),
+        (503, True),
+    ],
+)
+def test_status_error_applies_the_one_classification(status: int, retryable: bool) -> None:
+    """Every provider's non-2xx answer becomes a typed error by one rule: 3xx (a wrong base
+    URL), routing 404, 408, 425, 429 and 5xx retry; 401/403 and other 4xx are permanent;
+    Retry-After is read (capped), and a provider's own decision (retry=) wins."""
+    from usage_middleware.providers._http import status_error
+
+    request = httpx.Request("GET", "http://billing.test/x")
+    response = httpx.Response(status, headers={"retry-after": "999"}, request=request)
+    err = status_error(response, "X /x", "http://billing.test", message="m", cap=60.0)
+    assert isinstance(err, RetryableProviderError) is retryable
+    assert isinstance(err, PermanentProviderError) is not retryable
+    assert (err.status, err.retry_after) == (status, 60.0)
+    own = status_error(response, "X /x", "http://billing.test", message="m", retry=False)
+    if status >= 400:
+        assert isinstance(own, PermanentProviderError)
 
 
 @pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity", '{"balance": NaN}'])

@@ -527,6 +527,9 @@ class FakeReporter:
     async def prepare(self, event: UsageEvent) -> None:
         self.calls.append(("prepare", event.idempotency_key))
 
+    async def prepare_alone(self, event: UsageEvent) -> None:
+        self.calls.append(("prepare", event.idempotency_key))
+
     def confirm(self, event: UsageEvent) -> None:
         self.calls.append(("confirm", event.idempotency_key))
 
@@ -699,3 +702,15 @@ async def test_accounts_with_units_in_flight_are_kept(make: Any, clock: Clock) -
     assert not (await provider.reserve(C, F)).answer.ok
     await provider.release(held)
     assert (await provider.can(C, F)).ok
+
+
+def test_a_subclass_overriding_report_without_send_is_refused() -> None:
+    """A RemoteProvider subclass must implement send(): one overriding only report() (which
+    would bypass local accounting) is refused at construction, naming the fix."""
+
+    class OldStyle(RemoteProvider):
+        async def report(self, events: Sequence[UsageEvent]) -> None:
+            return None
+
+    with pytest.raises(ConfigurationError, match=r"implement send\(events\)"):
+        OldStyle(outbox=None)

@@ -2,7 +2,7 @@
 
 ``FakeRemote`` is also the controllable subclass ``tests/providers/test_remote_provider.py`` uses:
 its ``fetch`` can be gated (latency), made to fail or hang, and counts its calls; its
-``report`` records events and, like a provider without lag, takes delivered units off the
+``send`` records events and, like a provider without lag, takes delivered units off the
 balance.
 """
 
@@ -64,7 +64,7 @@ class FakeRemote(RemoteProvider):
             limit=limit, used=used, remaining=remaining, reason=self.reasons.get(key)
         )
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> None:
         if self.report_failures:
             raise self.report_failures.pop(0)
         seen = {e.idempotency_key for e in self.recorded}

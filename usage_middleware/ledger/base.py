@@ -55,6 +55,9 @@ REASON_FAILED = "ledger unavailable"
 class FeatureUsage:
     """One row of :meth:`Ledger.usage`: a customer's standing on one feature.
 
+    A ledger's report row (plan, period, credits), not a check's answer: checks answer
+    with :class:`~usage_middleware.models.Answer`.
+
     Attributes:
         feature: the feature name.
         plan: the plan the feature comes from, or ``None`` for a credit-only feature.

@@ -45,7 +45,7 @@ from ..models import (
     trusted_event,
 )
 from ..pricing import Pricing, load_pricing
-from ..provider import ProviderState, on_another_loop
+from ..provider import ProviderState, clobber_refused, on_another_loop
 from .base import (
     REASON_CLOSED,
     REASON_FAILED,
@@ -417,10 +417,7 @@ class LocalLedger(Ledger):
             ConfigurationError: malformed feature name.
         """
         if clobber:
-            raise ConfigurationError(
-                f"{type(self).__name__} cannot set usage (clobber) on a request; use "
-                "report([UsageEvent(..., clobber=True)]) for that"
-            )
+            raise clobber_refused(self)
         slot = self._current.get((customer, feature))
         if slot is not None and type(units) is int and units > 0:
             t = time.monotonic()

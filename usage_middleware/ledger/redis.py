@@ -119,7 +119,13 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..provider import FailurePolicy, Provider, ProviderState, on_another_loop
+from ..provider import (
+    FailurePolicy,
+    Provider,
+    ProviderState,
+    clobber_refused,
+    on_another_loop,
+)
 from . import _redis_scripts as scripts
 from .base import (
     REASON_CLOSED,
@@ -484,10 +490,7 @@ class RedisLedger(Ledger):
             ConfigurationError: malformed feature name.
         """
         if clobber:
-            raise ConfigurationError(
-                f"{type(self).__name__} cannot set usage (clobber) on a request; use "
-                "report([UsageEvent(..., clobber=True)]) for that"
-            )
+            raise clobber_refused(self)
         return await self._check(customer, feature, units, hold=True)
 
     async def can(self, customer: str, feature: str, units: int = 1) -> Answer:

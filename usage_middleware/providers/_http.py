@@ -10,8 +10,9 @@ Every provider's HTTP call (Tier, Spaire, ARES, and Clerk's token look-up) goes 
   connection reset or protocol error after sending) and the call is not idempotent;
 
 and :func:`loads` parses JSON strictly (``NaN``/``Infinity`` refused), :func:`status_kind`
-classifies a status the same way for every provider, :func:`retry_after` reads a capped
-``Retry-After``.
+classifies a status the same way for every provider, :func:`status_error` turns a non-2xx
+answer into the typed error by that classification (a provider only parses its own error
+body and names its few exceptions), :func:`retry_after` reads a capped ``Retry-After``.
 
 Classification (:func:`status_kind`), the one rule every provider starts from:
 
@@ -45,7 +46,12 @@ from typing import Any, Final, Literal
 
 import httpx
 
-from ..errors import ConfigurationError, RetryableProviderError
+from ..errors import (
+    ConfigurationError,
+    PermanentProviderError,
+    ProviderError,
+    RetryableProviderError,
+)
 
 __all__ = [
     "DEFAULT_MAX_BODY",
@@ -57,6 +63,7 @@ __all__ = [
     "redirect_error",
     "retry_after",
     "send",
+    "status_error",
     "status_kind",
 ]
 
@@ -164,6 +171,42 @@ def redirect_error(
         code="redirect",
         retry_after=retry_after(response, cap),
     )
+
+
+def status_error(
+    response: httpx.Response,
+    what: str,
+    base_url: str,
+    *,
+    message: str,
+    code: str | None = None,
+    cap: float = DEFAULT_MAX_RETRY_AFTER,
+    retry: bool | None = None,
+    permanent: type[PermanentProviderError] = PermanentProviderError,
+) -> ProviderError:
+    """The typed error for a non-2xx answer: the one classification (module doc), applied.
+
+    A 3xx is :func:`redirect_error`. Otherwise the error is retryable when ``retry`` says
+    so, or, with ``retry=None``, when :func:`status_kind` is ``retryable`` or
+    ``not_found`` (a routing 404: a provider that recognises its own "no such resource"
+    answer passes ``retry=False``); ``auth`` and ``rejected`` are permanent, of type
+    ``permanent`` (a provider's own subclass). Every error carries the status, ``code``,
+    ``message`` (the provider's parsed error body) and the capped ``Retry-After``.
+
+    Args:
+        what: the call, for the redirect message (``"Tier /v1/limits"``).
+        base_url: the provider's base URL, named by the redirect message.
+        retry: the provider's own decision for this answer, when it knows better than
+            the status (Tier's 401 is its sidecar's Stripe key: retryable).
+    """
+    status = response.status_code
+    kind = status_kind(status)
+    if kind == "redirect":
+        return redirect_error(response, what, base_url, cap=cap)
+    if retry is None:
+        retry = kind in ("retryable", "not_found")
+    cls: type[ProviderError] = RetryableProviderError if retry else permanent
+    return cls(message, status=status, code=code, retry_after=retry_after(response, cap))
 
 
 def _reject_constant(name: str) -> Any:

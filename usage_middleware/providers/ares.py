@@ -33,10 +33,10 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar
 
 import httpx
 from asgiref.typing import HTTPScope
@@ -49,9 +49,14 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
-from ..provider import FailurePolicy, on_another_loop
-from ._http import loads, redirect_error, retry_after, send, status_kind
-from .remote import Entitlement, RemoteProvider
+from ..provider import (
+    FailurePolicy,
+    clobber_refused,
+    clobber_unsupported,
+    on_another_loop,
+)
+from ._http import loads, redirect_error, send, status_error, status_kind
+from .remote import Charge, Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
 
 __all__ = [
@@ -112,16 +117,6 @@ class AresUser:
     credits: int | float
 
 
-@dataclass(frozen=True, slots=True)
-class _Spent:
-    """Credits delivered for one event, as RemoteProvider's accounting reads an event."""
-
-    customer: str
-    feature: str
-    units: int
-    clobber: bool
-
-
 class _Paid:
     """Reservation.token of a ``charge="before"`` reservation: ARES already deducted it."""
 
@@ -152,25 +147,35 @@ def _error_text(response: httpx.Response) -> str:
 
 
 def _ares_error(
-    response: httpx.Response, what: str, token: AccessToken, cap: float
+    response: httpx.Response, what: str, token: AccessToken, base_url: str, cap: float
 ) -> ProviderError:
-    """The typed error for a non-2xx ARES answer (never carrying the token)."""
+    """The typed error for a non-2xx ARES answer (never carrying the token), by the shared
+    classification: a 404 is a routing 404 (no resource of ARES's is addressed by id, so
+    a wrong base URL, not the charge's fault); ARES's own are insufficient credits (a 402,
+    or a 4xx whose text mentions credits) and a refused token (401/403)."""
     status = response.status_code
     text = _scrub(_error_text(response), token)
     message = f"ARES {what}: {text}" if text else f"ARES {what}: HTTP {status}"
+    permanent: type[PermanentProviderError] = PermanentProviderError
+    retry: bool | None = None
     if 400 <= status < 500 and (status == 402 or "credit" in text.lower()):
-        return InsufficientCreditsError(message, status=status, code="insufficient_credits")
-    if status in (401, 403):
-        code = _TOKEN_CODES.get(text.strip().lower(), "token_rejected")
-        return AresTokenError(message, status=status, code=code)
-    kind = status_kind(status)
-    if kind in ("retryable", "not_found"):
-        # 404: no resource of ARES's is addressed by id, so it is a routing 404 (a wrong
-        # base URL), not the charge's fault.
-        return RetryableProviderError(
-            message, status=status, retry_after=retry_after(response, cap)
-        )
-    return PermanentProviderError(message, status=status, code="rejected")
+        permanent, retry, code = InsufficientCreditsError, False, "insufficient_credits"
+    elif status in (401, 403):
+        permanent, code = AresTokenError, _TOKEN_CODES.get(text.strip().lower(), "token_rejected")
+    elif status_kind(status) in ("retryable", "not_found"):
+        code = None
+    else:
+        code = "rejected"
+    return status_error(
+        response,
+        f"ARES {what}",
+        base_url,
+        message=message,
+        code=code,
+        cap=cap,
+        retry=retry,
+        permanent=permanent,
+    )
 
 
 def _number(value: object) -> bool:
@@ -430,7 +435,9 @@ class AresProvider(RemoteProvider):
         """``GET /v1/user`` (reference §2) -> the user and their credits."""
         response = await self._send("GET", "/v1/user", token)
         if not 200 <= response.status_code < 300:
-            raise _ares_error(response, "refused GET /v1/user", token, self.max_retry_after)
+            raise _ares_error(
+                response, "refused GET /v1/user", token, self.base_url, self.max_retry_after
+            )
         try:
             body = loads(response.content)
         except ValueError as exc:
@@ -468,7 +475,9 @@ class AresProvider(RemoteProvider):
         }
         response = await self._send("POST", "/v1/partner/usage", token, body)
         if not 200 <= response.status_code < 300:
-            raise _ares_error(response, "refused the usage", token, self.max_retry_after)
+            raise _ares_error(
+                response, "refused the usage", token, self.base_url, self.max_retry_after
+            )
         # Any 2xx is a charge; the docs' "Success" message is only logged when missing.
         try:
             message = loads(response.content).get("message")
@@ -574,8 +583,9 @@ class AresProvider(RemoteProvider):
         milli = math.floor(Decimal(str(user.credits)) * _MILLI)
         return Entitlement(None, None, int(milli), reason=_SHORT)
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
-        """``POST /v1/partner/usage`` for the one event (``max_batch = 1``).
+    async def send(self, events: Sequence[UsageEvent]) -> None:
+        """``POST /v1/partner/usage`` for the one event (``max_batch = 1``). ARES cannot
+        tell a duplicate: every delivered event counts (``None``).
 
         Raises:
             AresTokenError: no usable token for the user (code ``no_token``), or ARES
@@ -586,10 +596,7 @@ class AresProvider(RemoteProvider):
         """
         for event in events:
             if event.clobber:
-                raise PermanentProviderError(
-                    "ARES cannot replace usage (clobber): it only deducts credits",
-                    code="clobber_unsupported",
-                )
+                raise clobber_unsupported("ARES")
             if event.units == 0:
                 continue
             token = await self._token(event.customer, None)
@@ -605,21 +612,12 @@ class AresProvider(RemoteProvider):
     def _poster(self, event: UsageEvent) -> Callable[[AccessToken], Awaitable[None]]:
         return lambda token: self._post_usage(token, event.feature, event.units)
 
-    def _note_delivered(
-        self, events: Sequence[UsageEvent], counted: Collection[str] | None = None
-    ) -> None:
-        """Local accounting is per user in thousandths of a credit: translate the events.
-        (ARES cannot tell duplicates: every delivered event counts, ``counted`` is unused.)
-
-        (RemoteProvider's delivery accounting reads ``customer``, ``feature``, ``units``
-        and ``clobber`` of each event; a light record avoids a new UsageEvent per charge.)
-        """
-        spent = [
-            _Spent(e.customer, CREDITS_FEATURE, self._milli(e.feature, e.units), e.clobber)
-            for e in events
-            if e.feature != CREDITS_FEATURE
-        ]
-        super()._note_delivered(cast(Sequence[UsageEvent], spent))
+    def charge_of(self, event: UsageEvent) -> Charge | None:
+        """Local accounting is per user in thousandths of a credit: what ``event`` costs
+        in :data:`CREDITS_FEATURE` (a clobber, which ARES refuses, costs nothing)."""
+        if event.clobber or event.units <= 0 or event.feature == CREDITS_FEATURE:
+            return None
+        return (event.customer, CREDITS_FEATURE), self._milli(event.feature, event.units)
 
     # -- checks and reservations ----------------------------------------------------------
 
@@ -691,10 +689,7 @@ class AresProvider(RemoteProvider):
         credits, no token, token refused), ``err`` set -> the check failed closed (503).
         """
         if clobber:
-            raise ConfigurationError(
-                f"{type(self).__name__} cannot set usage (clobber) on a request; use "
-                "report([UsageEvent(..., clobber=True)]) for that"
-            )
+            raise clobber_refused(self)
         event = UsageEvent(customer, feature, units)  # validates all three
         if self.charge == "before":
             return await self._reserve_before(event, scope)
@@ -819,7 +814,7 @@ class AresProvider(RemoteProvider):
             return await self._reserve_after(event, scope)
         self.breaker.success()
         self._accepted(customer, used, scope)
-        self._note_delivered([event])
+        self.note_delivered([event])
         answer = Answer(True, customer, feature, units, provider=self)
         return Reservation(answer, event, token=_Paid(credits))
 

@@ -62,7 +62,8 @@ from ..errors import (
     RetryableProviderError,
 )
 from ..models import UsageEvent, check_customer, check_units
-from ._http import loads, redirect_error, retry_after, send, status_kind
+from ..provider import clobber_unsupported
+from ._http import loads, send, status_error, status_kind
 from .remote import Entitlement, RemoteProvider
 
 __all__ = ["SERVERS", "SpaireProvider"]
@@ -155,8 +156,6 @@ class SpaireProvider(RemoteProvider):
     #: charges still queued and those delivered after a fetch returned.
     balance_lag = 0.0
     fetch_subtracts_delivered = True
-    #: :meth:`report` tells the base which events Spaire inserted (not duplicates).
-    _notes_own_deliveries = True
 
     def __init__(
         self,
@@ -481,7 +480,7 @@ class SpaireProvider(RemoteProvider):
 
     # -- delivery ----------------------------------------------------------------------
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> set[str] | None:
         """Deliver up to :attr:`max_batch` events in one ``POST /v1/events/ingest`` (§1.5).
 
         Each event becomes ``{name, external_customer_id | customer_id, external_id =
@@ -491,6 +490,9 @@ class SpaireProvider(RemoteProvider):
         accounting follows ``inserted``/``duplicates``. Customers are ensured first
         (``customer_id_kind="external"``).
 
+        Returns:
+            the idempotency keys of the events Spaire counted as new usage.
+
         Raises:
             PermanentProviderError: a ``clobber`` event; a customer id with ``/``; a 422 for
                 the batch (the reporter splits the batch to find the bad event); 401/403; a
@@ -498,16 +500,12 @@ class SpaireProvider(RemoteProvider):
             RetryableProviderError: network, timeout, 429 (``retry_after``), 5xx.
         """
         if not events:
-            return
+            return None
         for ev in events:
             if ev.clobber:
-                raise PermanentProviderError(
-                    "Spaire cannot set (clobber) usage: events only add units; report the "
-                    "difference as units instead",
-                    code="clobber_unsupported",
-                )
+                raise clobber_unsupported("Spaire")
         await self._ensure_all(ev.customer for ev in events)
-        counted = await self._ingest(
+        return await self._ingest(
             (
                 self._event_body(ev.customer, ev.feature, ev.units, ev.idempotency_key, ev.at),
                 ev.customer,
@@ -515,7 +513,6 @@ class SpaireProvider(RemoteProvider):
             )
             for ev in events
         )
-        self._note_delivered(events, counted)
 
     async def grant(self, customer: str, units: int, *, idempotency_key: str | None = None) -> str:
         """Grant ``units`` (> 0) credits by ingesting ``-units`` (seed 001, §2.4).
@@ -526,7 +523,7 @@ class SpaireProvider(RemoteProvider):
 
         Raises:
             ValueError: bad customer id or units.
-            ProviderError: as :meth:`report`.
+            ProviderError: as :meth:`send`.
         """
         check_customer(customer)
         check_units(units)
@@ -777,9 +774,7 @@ class SpaireProvider(RemoteProvider):
             return r
         if not_found and r.status_code == 404 and _error_body(r)[0] == "ResourceNotFound":
             return r
-        if status_kind(r.status_code) == "redirect":
-            raise redirect_error(r, f"Spaire {what}", self.base_url, cap=self.max_retry_after)
-        raise _error(r, what, self.max_retry_after)
+        raise _error(r, what, self.base_url, self.max_retry_after)
 
 
 def _check_routable(customer: str) -> None:
@@ -790,38 +785,30 @@ def _check_routable(customer: str) -> None:
         )
 
 
-def _error(r: httpx.Response, what: str, cap: float) -> ProviderError:
+def _error(r: httpx.Response, what: str, base_url: str, cap: float) -> ProviderError:
+    """Spaire's error body (§1.6) as a typed error, by the shared classification; only
+    Spaire's own ``ResourceNotFound`` 404 is permanent (any other 404 is no such route: a
+    wrong base_url, not the events' fault)."""
     status = r.status_code
     code, detail = _error_body(r)
-    retry_after_s = retry_after(r, cap)
     kind = status_kind(status)
+    retry = False if status == 404 and code == "ResourceNotFound" else None
     if status == 429:
-        return RetryableProviderError(
-            f"Spaire {what}: rate limited", status=status, code=code, retry_after=retry_after_s
-        )
-    if kind in ("retryable", "redirect"):
-        return RetryableProviderError(
-            f"Spaire {what}: server error: {detail or r.reason_phrase}",
-            status=status,
-            code=code,
-            retry_after=retry_after_s,
-        )
-    if status == 404 and code != "ResourceNotFound":
-        # No such route: a wrong base_url, not the events' fault. Keep them for later.
-        return RetryableProviderError(
-            f"Spaire {what}: {r.request.url.path} not found; check base_url/SPAIRE_BASE_URL",
-            status=status,
-            code=code,
-        )
-    if status in (401, 403):
-        return PermanentProviderError(
+        message = f"Spaire {what}: rate limited"
+    elif kind == "retryable":
+        message = f"Spaire {what}: server error: {detail or r.reason_phrase}"
+    elif kind == "not_found" and retry is None:
+        message = f"Spaire {what}: {r.request.url.path} not found; check base_url/SPAIRE_BASE_URL"
+    elif kind == "auth":
+        message = (
             f"Spaire {what}: the access token was refused ({detail or r.reason_phrase}); "
-            "check SPAIRE_ACCESS_TOKEN, its organization and scopes",
-            status=status,
-            code=code or ("unauthorized" if status == 401 else "forbidden"),
+            "check SPAIRE_ACCESS_TOKEN, its organization and scopes"
         )
-    return PermanentProviderError(
-        f"Spaire {what}: {detail or r.reason_phrase}", status=status, code=code
+        code = code or ("unauthorized" if status == 401 else "forbidden")
+    else:
+        message = f"Spaire {what}: {detail or r.reason_phrase}"
+    return status_error(
+        r, f"Spaire {what}", base_url, message=message, code=code, cap=cap, retry=retry
     )
 
 

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..models import UNLIMITED, UsageEvent
 from ..provider import FailurePolicy
-from ._http import loads, redirect_error, retry_after, send, status_kind
+from ._http import loads, send, status_error, status_kind
 from .remote import Entitlement, RemoteProvider, ReporterLike
 
 __all__ = ["SIDECAR_URL", "TIER_CLOUD_URL", "FeatureLimit", "TierProvider"]
@@ -62,7 +62,11 @@ _TAX_FIELDS = frozenset({"automatic", "collect_id"})
 
 @dataclass(frozen=True, slots=True)
 class FeatureLimit:
-    """One line of ``GET /v1/limits`` (Tier's ``Usage``, §2).
+    """One line of ``GET /v1/limits`` (Tier's ``Usage``, §2), as on the wire.
+
+    Tier's wire type, returned by :meth:`TierProvider.limits`; a check turns the matching
+    line into an :class:`~usage_middleware.providers.remote.Entitlement` (what the cache
+    keeps), never into an answer directly.
 
     Attributes:
         feature: the feature name as the sidecar sent it: ``feature:x``, or the versioned
@@ -404,12 +408,12 @@ class TierProvider(RemoteProvider):
             return Entitlement(limit=0, used=0, remaining=0, reason="feature not in plan")
         return Entitlement(limit=line.limit, used=line.used, remaining=line.remaining)
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
+    async def send(self, events: Sequence[UsageEvent]) -> None:
         """Deliver one usage event: ``POST /v1/report`` with :func:`report_body` (§2).
 
         Success is any 2xx (Tier answers ``{}`` as ``text/plain``). At most one event per
         call (``max_batch``): a failed second report would make a retry of the first count
-        twice.
+        twice. Tier cannot tell a duplicate: every delivered event counts (``None``).
 
         Raises:
             ValueError: more than one event.
@@ -756,23 +760,26 @@ class TierProvider(RemoteProvider):
             message = f"Tier {path} failed with HTTP {status}"
             if snippet:
                 message += f": {snippet}"
-        after = retry_after(response, self.max_retry_after)
+        # The shared classification, but: TERR1050 (a 500: the org's Stripe customer
+        # vanished) is permanent, a 404 from /v1/phase means "no current phase" (not a
+        # wrong base URL), and a 401 is the sidecar's Stripe key, not the event's fault.
         kind = status_kind(status)
-        if kind == "redirect":
-            return redirect_error(
-                response, f"Tier {path}", self._base_url, cap=self.max_retry_after
-            )
-        # Retry what the event is not at fault for (the shared classification): a wrong
-        # base URL (404 off /v1/phase, where it means "no current phase"), 408/425/429 and
-        # 5xx (but TERR1050: the org's Stripe customer vanished); and 401, the sidecar's
-        # Stripe key.
-        retryable = (
-            (kind == "retryable" and code != "TERR1050")
-            or (kind == "not_found" and path != "/v1/phase")
-            or status == 401
+        retry: bool | None = None
+        if kind == "retryable" and code == "TERR1050":
+            retry = False
+        elif kind == "not_found" and path == "/v1/phase":
+            retry = False
+        elif status == 401:
+            retry = True
+        return status_error(
+            response,
+            f"Tier {path}",
+            self._base_url,
+            message=message,
+            code=code,
+            cap=self.max_retry_after,
+            retry=retry,
         )
-        cls = RetryableProviderError if retryable else PermanentProviderError
-        return cls(message, status=status, code=code, retry_after=after)
 
 
 def _user_agent() -> str:

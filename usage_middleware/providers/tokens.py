@@ -49,10 +49,8 @@ from ._http import (
     check_max_body,
     check_max_retry_after,
     loads,
-    redirect_error,
-    retry_after,
     send,
-    status_kind,
+    status_error,
 )
 
 __all__ = [
@@ -466,12 +464,7 @@ class ClerkTokenSource(TokenSource):
             request_timeout=self._timeout,
         )
         status = response.status_code
-        kind = status_kind(status)
-        if kind == "redirect":
-            raise redirect_error(
-                response, "Clerk token look-up", self.base_url, cap=self._max_retry_after
-            )
-        if status >= 400:
+        if status >= 300:
             code, message = _clerk_error(response)
             if status in (404, 422) and (code in _NO_TOKEN_CODES or status == 404):
                 logger.info(
@@ -486,14 +479,13 @@ class ClerkTokenSource(TokenSource):
                 if message
                 else ("Clerk refused the token look-up")
             )
-            error_type: type[ProviderError] = (
-                RetryableProviderError if kind == "retryable" else PermanentProviderError
-            )
-            raise error_type(
-                text,
-                status=status,
+            raise status_error(
+                response,
+                "Clerk token look-up",
+                self.base_url,
+                message=text,
                 code=code,
-                retry_after=retry_after(response, self._max_retry_after),
+                cap=self._max_retry_after,
             )
         return self._parse(customer, response)
 

@@ -1,103 +1,38 @@
 """RemoteProvider: the base class of providers that ask a billing API (Tier, Spaire, ARES).
 
-A remote entitlement check costs tens of milliseconds and the provider is sometimes down.
-:class:`RemoteProvider` turns one hook, :meth:`RemoteProvider.fetch` (ONE remote check
-returning an :class:`Entitlement`), into a fast and safe ``can``/``reserve``:
-
-Entitlement cache
-    A ``cachetools.TLRUCache`` (TTLCache with a TTL per entry) keyed by
-    ``(customer, feature)``, at most ``cache_size`` entries. An entry lives ``cache_ttl``
-    seconds, or ``feature_ttl[feature]`` (``0`` = never cached: always ask,
-    though concurrent checks still share one call). An entry the
-    provider says has nothing left lives only ``deny_ttl`` seconds, and a cached entry that
-    denies because of local spending is re-fetched once it is older than ``deny_ttl``.
-
-Local accounting (why a cached answer never lets one process overspend)
-    The rule: the balance a check uses is the provider's last answer minus exactly the
-    units the provider had not yet counted when it answered. Per account (``(customer,
-    feature)``, see :meth:`RemoteProvider.account_key`) the process keeps units *in flight*
-    (reserved, not yet settled), units *pending* (committed, not yet delivered) and a
-    running total of units *delivered*. A fetch notes a *mark* when it starts: the
-    delivered total the provider's answer includes. An answer allows ``units`` when::
-
-        provider remaining - pending - (delivered - mark) - in flight >= units
-
-    So after a fresh read only charges still queued, or delivered after (or during) that
-    read, are subtracted; used/remaining in a 402 follow. When the mark is taken is a
-    per-provider fact, a class attribute:
-
-    * ``balance_lag = 0`` (Tier, ARES): the provider counts a charge as its report
-      returns, so the mark is the total delivered when the fetch starts (a delivery in
-      flight during the fetch is subtracted too: conservative).
-    * ``balance_lag > 0``: deliveries completed less than ``balance_lag`` seconds before
-      the fetch started are not in the mark.
-    * ``fetch_subtracts_delivered`` (Spaire, whose balance lags 15 s to hours and says how
-      fresh it is with ``modified_at``): :meth:`fetch` subtracts the delivered units its
-      numbers lack; the mark is taken when ``fetch()`` returns.
-
-    A pending charge whose delivery this process never sees (delivered by another worker)
-    stops counting ``delivery_allowance`` seconds after its commit. Delivery is observed by
-    wrapping every subclass's :meth:`report` (``__init_subclass__``): after a successful
-    call, the delivered events leave *pending* (oldest first) and join *delivered*; units
-    beyond what was pending (``Answer.report``, an outbox replay after a restart) simply
-    join *delivered*. A provider that learns which events were duplicates of an earlier
-    delivery (Spaire) leaves those out of *delivered*. Clobber events are not counted
-    (they set usage rather than add to it).
-
-Single-flight
-    Concurrent checks that miss the cache for the same ``(customer, feature)`` share ONE
-    ``fetch``. The fetch runs in its own task, so cancelling the caller that started it does
-    not cancel it for the others; its result or error is handed to every waiter.
-
-Failure policy, timeout, circuit breaker
-    Every fetch runs under ``timeout`` seconds. A failed check (``ProviderError``, timeout,
-    any exception from ``fetch``) follows ``feature_policy.get(feature, failure_policy)``:
-    ``"open"`` answers ``ok=True`` with ``err`` set (logged at most once per
-    :attr:`RemoteProvider.failure_log_interval` seconds per provider) and still charges the
-    reservation on commit; ``"closed"`` answers ``ok=False`` with ``err`` and
-    ``retry_after`` (the middleware's 503). After ``breaker_failures`` consecutive retryable
-    failures the :class:`CircuitBreaker` opens: no call for ``breaker_cooldown`` seconds
-    (answers come from the policy at once), then ONE probe; its success closes the breaker.
-    A :class:`~usage_middleware.errors.PermanentProviderError` (a 4xx: the provider is up)
-    counts as an answer for the breaker.
-
-Delivery
-    ``outbox`` (a SQLite path, default ``"usage-outbox.db"``) routes commits through the
-    durable :class:`usage_middleware.reporter.Reporter`: ``prepare`` writes the charge to
-    the outbox (held), ``commit`` confirms it, ``release`` cancels it. ``outbox=None``
-    delivers from an in-memory queue with retries and backoff instead: nothing is durable,
-    and charges still queued when :meth:`RemoteProvider.aclose` gives up after
-    ``drain_timeout`` seconds (or when the process dies) are lost and logged. Use it for
-    tests and development only. A charge that retryable failures keep undelivered longer
-    than ``max_retry_age`` (default 3 days) is dead-lettered with the last error (outbox)
-    or dropped (``outbox=None``), and logged: nothing waits in the queue forever unnoticed.
+A subclass implements two hooks: :meth:`RemoteProvider.fetch` (ONE remote entitlement
+check, returning an :class:`~.entitlement.Entitlement`) and :meth:`RemoteProvider.send`
+(ONE delivery of usage events, returning which of them the provider counted as new). The
+base turns them into a fast and safe ``can``/``reserve``/``commit``/``report``: an
+entitlement cache with single-flight (``cache_ttl``, ``deny_ttl``, ``feature_ttl``),
+local accounting so a cached answer never lets one process overspend, a failure policy
+(``"open"``: serve and still charge; ``"closed"``: 503) with a circuit breaker, and
+delivery through the durable outbox (``outbox=None``: in memory, tests only). How and why:
+docs/architecture.md, "Remote providers".
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, cast
 
-import cachetools
 import httpx
 from asgiref.typing import HTTPScope
 
-from ..errors import (
+from ...errors import (
     ConfigurationError,
     PermanentProviderError,
     ProviderError,
     RetryableProviderError,
 )
-from ..models import (
+from ...models import (
     UNLIMITED,
     Answer,
     Reservation,
@@ -106,55 +41,32 @@ from ..models import (
     check_feature,
     check_units,
 )
-from ..provider import FailurePolicy, Provider, ProviderState, on_another_loop
-from ._http import (
+from ...provider import (
+    FailurePolicy,
+    Provider,
+    ProviderState,
+    clobber_refused,
+    on_another_loop,
+)
+from .._http import (
     DEFAULT_MAX_BODY,
     DEFAULT_MAX_RETRY_AFTER,
     check_max_body,
     check_max_retry_after,
 )
+from .accounting import Account, Accounts, Charge, Entry, Hold, available
+from .breaker import CircuitBreaker
+from .cache import Key, SingleFlight, new_cache
+from .entitlement import Entitlement
 
 if TYPE_CHECKING:
-    from ..reporter import Reporter
+    from ...reporter import Reporter
 
-__all__ = ["CircuitBreaker", "Entitlement", "RemoteProvider", "ReporterLike"]
+__all__ = ["RemoteProvider", "ReporterLike"]
 
 logger = logging.getLogger("usage_middleware.providers.remote")
 
 _POLICIES = ("open", "closed")
-_Key = tuple[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class Entitlement:
-    """What the provider said about one customer and feature, in units of usage.
-
-    Attributes:
-        limit: the plan's limit this period (``UNLIMITED`` for none), or ``None`` if unknown.
-        used: units used this period, or ``None`` if unknown.
-        remaining: units available now per the provider (``UNLIMITED`` = no limit); may be
-            ``<= 0``. Includes credits where the provider has them.
-        reason: why nothing is available (``"feature not in plan"``), or ``None``.
-
-    Raises:
-        ValueError: at creation, when ``remaining`` is not an ``int``.
-    """
-
-    limit: int | None
-    used: int | None
-    remaining: int
-    reason: str | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.remaining, bool) or not isinstance(self.remaining, int):
-            raise ValueError(
-                f"Entitlement.remaining must be whole units (int), got {self.remaining!r}"
-            )
-
-    @property
-    def unlimited(self) -> bool:
-        """Whether the provider sets no limit (``remaining >= UNLIMITED``)."""
-        return self.remaining >= UNLIMITED
 
 
 class ReporterLike(Protocol):
@@ -168,6 +80,9 @@ class ReporterLike(Protocol):
 
     async def prepare(self, event: UsageEvent) -> None: ...
 
+    async def prepare_alone(self, event: UsageEvent) -> None:
+        """:meth:`prepare` when no other prepare can join its group commit (one hold)."""
+
     def confirm(self, event: UsageEvent) -> None: ...
 
     async def cancel(self, event: UsageEvent) -> None: ...
@@ -175,209 +90,15 @@ class ReporterLike(Protocol):
     def stats(self) -> object: ...
 
 
-class CircuitBreaker:
-    """A consecutive-failure circuit breaker: closed -> open -> half-open (one probe).
-
-    Args:
-        failures: consecutive failures that open it (>= 1).
-        cooldown: seconds it stays open before letting one probe through.
-        clock: monotonic seconds.
-    """
-
-    def __init__(self, failures: int, cooldown: float, clock: Callable[[], float]) -> None:
-        self.failures = failures
-        self.cooldown = cooldown
-        self._clock = clock
-        self._count = 0
-        self._opened_at: float | None = None
-        self._probing = False
-
-    @property
-    def state(self) -> str:
-        """``"closed"``, ``"open"`` (cooling down) or ``"half-open"`` (probe allowed/running)."""
-        if self._opened_at is None:
-            return "closed"
-        if self._probing or self._clock() - self._opened_at >= self.cooldown:
-            return "half-open"
-        return "open"
-
-    def allow(self) -> float | None:
-        """``None`` if a call may go out now (the probe, when half-open), else seconds to wait."""
-        if self._opened_at is None:
-            return None
-        wait = self._opened_at + self.cooldown - self._clock()
-        if wait > 0:
-            return wait
-        if self._probing:  # the probe is out; its result decides
-            return 0.0
-        self._probing = True
-        return None
-
-    def success(self) -> None:
-        """A call got an answer: close."""
-        self._count = 0
-        self._opened_at = None
-        self._probing = False
-
-    def failure(self) -> None:
-        """A call failed: count it; open at the threshold; a failed probe re-opens."""
-        self._count += 1
-        if self._probing or self._count >= self.failures:
-            self._opened_at = self._clock()
-            self._probing = False
-
-
-class _Account:
-    """Local accounting for one (customer, feature), in units.
-
-    ``inflight``: held by reservations not yet settled. ``pending``: charged here and not
-    yet delivered (each charge also kept with its time in ``queue``, so a charge whose
-    delivery this process never sees stops counting after ``delivery_allowance``).
-    ``delivered``: a running total of units delivered to the provider (by this process's
-    delivery, or reported from elsewhere) that the provider counted as new; ``log`` keeps
-    ``(when, total)`` for the last ``balance_lag`` seconds, so a fetch can tell which
-    deliveries its answer may not include (see :meth:`mark`).
-    """
-
-    __slots__ = ("delivered", "inflight", "log", "log_base", "pending", "queue", "touched")
-
-    def __init__(self, now: float) -> None:
-        self.touched = now  # last time a fetch, delivery or failed-open check used it
-        self.inflight = 0
-        self.pending = 0
-        self.queue: deque[list[float]] = deque()  # [committed_at, units not yet delivered]
-        self.delivered = 0
-        self.log: deque[tuple[float, int]] = deque()  # (delivered_at, total after it)
-        self.log_base = 0  # ``delivered`` before the oldest ``log`` record
-
-    def charge(self, now: float, units: int) -> None:
-        """``units`` were committed here and queued for delivery."""
-        if units <= 0:  # a clobber sets usage: nothing to subtract
-            return
-        self.pending += units
-        queue = self.queue
-        if queue and queue[-1][0] == now:
-            queue[-1][1] += units
-        else:
-            queue.append([now, units])
-
-    def arrived(self, now: float, units: int, counted: bool, lag: float) -> None:
-        """``units`` reached the provider; ``counted``: it took them as new usage."""
-        left = units
-        queue = self.queue
-        while left and queue:
-            head = queue[0]
-            take = min(left, int(head[1]))
-            head[1] -= take
-            self.pending -= take
-            left -= take
-            if not head[1]:
-                queue.popleft()
-        if counted:
-            self.delivered += units
-            if lag > 0:
-                self.log.append((now, self.delivered))
-                self._trim(now, lag)
-
-    def expire(self, now: float, allowance: float) -> None:
-        """Stop counting charges whose delivery was not seen within ``allowance`` seconds."""
-        queue = self.queue
-        while queue and queue[0][0] + allowance <= now:
-            self.pending -= int(queue.popleft()[1])
-
-    def mark(self, now: float, lag: float) -> int:
-        """The delivered total the provider's numbers include for a read starting ``now``.
-
-        Deliveries completed at least ``lag`` seconds ago are in it; later ones (and
-        those in flight) are not, and an answer subtracts them.
-        """
-        if lag <= 0:
-            return self.delivered
-        self._trim(now, lag)
-        cutoff = now - lag
-        total = self.log_base
-        for at, after in self.log:
-            if at > cutoff:
-                break
-            total = after
-        return total
-
-    def _trim(self, now: float, lag: float) -> None:
-        log = self.log
-        cutoff = now - lag
-        while len(log) > 1 and log[1][0] <= cutoff:
-            self.log_base = log.popleft()[1]
-
-    def idle(self, now: float, lag: float) -> bool:
-        log = self.log
-        return self.inflight == 0 and self.pending == 0 and (not log or log[-1][0] <= now - lag)
-
-
-class _Entry:
-    """A fetched entitlement plus the mark that tells which later charges it lacks."""
-
-    __slots__ = ("account", "ent", "fetched_at", "mark", "ttl")
-
-    def __init__(
-        self, ent: Entitlement, fetched_at: float, mark: int, account: _Account, ttl: float
-    ) -> None:
-        self.ent = ent
-        self.fetched_at = fetched_at  # when the answer arrived (for Answer.age and TTLs)
-        self.mark = mark  # account.delivered total the provider's answer includes
-        self.account = account
-        self.ttl = ttl
-
-    def unseen(self) -> int:
-        """Units charged here that the provider's answer does not include: pending, plus
-        delivered after the answer's mark."""
-        account = self.account
-        return account.pending + account.delivered - self.mark
-
-
-class _Hold:
-    """Reservation.token of a RemoteProvider reservation that holds units.
-
-    A reservation served from the cache (the warm path) also keeps what its answer needs
-    (``entry``, ``unseen``, ``remaining``, ``at``): the :class:`Answer` is built only if
-    someone reads ``reservation.answer``.
-    """
-
-    __slots__ = ("account", "at", "entry", "prepared", "remaining", "units", "unseen")
-
-    def __init__(self, account: _Account, units: int) -> None:
-        self.account = account
-        self.units = units
-        self.prepared = False
-        self.entry: _Entry | None = None
-        self.unseen = 0
-        self.remaining = 0
-        self.at = 0.0
-
-
-def _ttu(_key: _Key, entry: _Entry, now: float) -> float:
-    return now + entry.ttl
-
-
-def _track_delivery(report: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a subclass's ``report`` so a successful call updates local accounting."""
-
-    @functools.wraps(report)
-    async def tracked(self: RemoteProvider, events: Sequence[UsageEvent]) -> None:
-        await report(self, events)
-        # Only the most derived report records, so super().report() chains count once.
-        if getattr(type(self), "report", None) is tracked and not self._notes_own_deliveries:
-            self._note_delivered(events)
-
-    tracked.__usage_tracked__ = True  # type: ignore[attr-defined]
-    return tracked
-
-
 class RemoteProvider(Provider):
-    """Base class of providers that ask a remote billing API (see the module docstring).
+    """Base class of providers that ask a remote billing API (design: docs/architecture.md).
 
-    Subclasses implement :meth:`fetch` and :meth:`report`, set :attr:`name`,
+    Subclasses implement :meth:`fetch` and :meth:`send`, set :attr:`name`,
     :attr:`max_batch` and :attr:`balance_lag` (or :attr:`fetch_subtracts_delivered`), and
-    may override :meth:`make_client` (base URL, auth, headers) and :meth:`make_reporter`.
+    may override :meth:`account_key`, :meth:`charge_of` (how a delivered event is
+    counted locally), :meth:`make_client` (base URL, auth, headers) and
+    :meth:`make_reporter`. :meth:`report` is the base's: it calls :meth:`send`, then
+    records what the provider counted.
 
     Args:
         client: an ``httpx.AsyncClient`` to use (not closed by :meth:`aclose`); by default
@@ -419,9 +140,6 @@ class RemoteProvider(Provider):
     fetch_subtracts_delivered: bool = False
     #: Seconds a charge whose delivery this process did not see is assumed to take to arrive.
     delivery_allowance: float = 600.0
-    #: Whether :meth:`report` calls ``_note_delivered`` itself (with the events the provider
-    #: counted as new); otherwise every successfully reported event counts.
-    _notes_own_deliveries: bool = False
     #: Seconds between two log lines about failed checks (the rest are counted).
     failure_log_interval: float = 60.0
 
@@ -480,25 +198,21 @@ class RemoteProvider(Provider):
         self._client = client
         self._owns_client = client is None
         self._outbox = outbox
-        self._delivery: ReporterLike | None = None
-        self._cache: cachetools.TLRUCache[_Key, _Entry] = cachetools.TLRUCache(
-            cache_size, _ttu, timer=clock
-        )
-        self._accounts: dict[_Key, _Account] = {}
-        self._sweep_at = 2 * cache_size + 1024
-        self._flights: dict[_Key, asyncio.Task[_Entry | ProviderError]] = {}
+        self._delivery: ReporterLike | _MemoryDelivery | None = None
+        self._cache = new_cache(cache_size, clock)
+        self._accounts = Accounts(sweep_at=2 * cache_size + 1024)
+        self._flights = SingleFlight()
         self.breaker = CircuitBreaker(breaker_failures, float(breaker_cooldown), clock)
         self._logged_at = float("-inf")
         self._suppressed = 0
         self._closing = False
         self._holding = 0  # reservations holding units, not yet settled (all keys)
-        self._prepare_alone: Callable[[UsageEvent], Awaitable[None]] | None = None
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        report = cls.__dict__.get("report")
-        if report is not None and not getattr(report, "__usage_tracked__", False):
-            cls.report = _track_delivery(report)  # type: ignore[method-assign]
+        cls = type(self)
+        if cls.send is RemoteProvider.send and cls.report is not RemoteProvider.report:
+            raise ConfigurationError(
+                f"{cls.__name__} overrides report(); implement send(events) instead: the "
+                "base's report() calls send() and records what the provider counted"
+            )
 
     # -- hooks for subclasses ------------------------------------------------------------
 
@@ -520,14 +234,32 @@ class RemoteProvider(Provider):
         """
         raise NotImplementedError
 
-    async def report(self, events: Sequence[UsageEvent]) -> None:
-        """Deliver ``events`` (at most :attr:`max_batch`) to the provider; called by the reporter.
+    async def send(self, events: Sequence[UsageEvent]) -> Collection[str] | None:
+        """Deliver ``events`` (at most :attr:`max_batch`) to the provider: ONE call.
+
+        Called by :meth:`report`, which records the delivery in local accounting.
+
+        Returns:
+            the idempotency keys of the events the provider counted as new usage (the
+            others were duplicates of an earlier delivery, Spaire's ``duplicates``), or
+            ``None`` when it counted them all (a provider that cannot tell).
 
         Raises:
             RetryableProviderError: network error, timeout, 429, 5xx.
             PermanentProviderError: the provider rejected the events (4xx).
         """
         raise NotImplementedError
+
+    def charge_of(self, event: UsageEvent) -> Charge | None:
+        """How a delivered ``event`` is counted against the balance :meth:`fetch` reads, or
+        ``None`` when it takes nothing from it (a clobber sets usage; no units).
+
+        Default: its own customer, feature and units. A provider whose checks count
+        something else overrides it (ARES: thousandths of a credit of the user's wallet).
+        """
+        if event.clobber or event.units <= 0:
+            return None
+        return (event.customer, event.feature), event.units
 
     def make_client(self) -> httpx.AsyncClient:
         """The ``httpx.AsyncClient`` :meth:`open` creates when none was injected.
@@ -546,7 +278,7 @@ class RemoteProvider(Provider):
         Called in :meth:`open` when ``outbox`` is not ``None``. Override to tune it, e.g.
         ``Reporter(self, path=self.outbox, max_delay=0.2)``.
         """
-        from ..reporter import Reporter  # lazy: the reporter imports the provider base
+        from ...reporter import Reporter  # lazy: the reporter imports the provider base
 
         if self._outbox is None:
             raise ConfigurationError("make_reporter() needs an outbox path (outbox=None given)")
@@ -556,6 +288,38 @@ class RemoteProvider(Provider):
             drain_timeout=self.drain_timeout,
             max_retry_age=self.max_retry_age,
         )
+
+    # -- delivery ------------------------------------------------------------------------
+
+    async def report(self, events: Sequence[UsageEvent]) -> None:
+        """Deliver ``events`` with :meth:`send`, then record them in local accounting.
+
+        Called by the outbox's Reporter (and ``Answer.report``): a successful delivery
+        leaves *pending* and joins *delivered* for the events the provider counted.
+
+        Raises:
+            ProviderError: as :meth:`send` (nothing is recorded).
+        """
+        counted = await self.send(events)
+        self.note_delivered(events, counted)
+
+    def note_delivered(
+        self, events: Sequence[UsageEvent], counted: Collection[str] | None = None
+    ) -> None:
+        """Record that ``events`` reached the provider (:meth:`report` does, after
+        :meth:`send`; a subclass that delivers by another path calls it too).
+
+        ``counted``: idempotency keys of the events the provider took as new usage (the
+        others were duplicates of an earlier delivery); ``None``: all of them.
+        """
+        now = self._clock()
+        charge_of = self.charge_of
+        for event in events:
+            charge = charge_of(event)
+            if charge is not None:
+                key, units = charge
+                new = counted is None or event.idempotency_key in counted
+                self._account(key).arrived(now, units, new, self.balance_lag)
 
     @property
     def outbox(self) -> str | os.PathLike[str] | None:
@@ -602,7 +366,7 @@ class RemoteProvider(Provider):
         created = None
         if self._client is None:
             created = self._client = self.make_client()
-        delivery: ReporterLike
+        delivery: ReporterLike | _MemoryDelivery
         if self._outbox is not None:
             delivery = self.make_reporter()
         elif isinstance(self._delivery, _MemoryDelivery):  # reopened: keep what it queued
@@ -620,7 +384,6 @@ class RemoteProvider(Provider):
             await delivery.aclose()
             return
         self._delivery = delivery
-        self._prepare_alone = getattr(delivery, "prepare_alone", None)
         await super().open()
 
     async def aclose(self) -> None:
@@ -629,7 +392,7 @@ class RemoteProvider(Provider):
             return
         self._closing = True
         try:
-            flights = [t for t in self._flights.values() if not on_another_loop(t)]
+            flights = [t for t in self._flights.tasks.values() if not on_another_loop(t)]
             for task in flights:
                 task.cancel()
             if flights:
@@ -647,7 +410,7 @@ class RemoteProvider(Provider):
                     # Its connections belong to a loop that is gone; nothing to flush.
                     logger.debug("%s: closing the old loop's client", self.name, exc_info=True)
         finally:
-            self._flights.clear()
+            self._flights.tasks.clear()
             self._closing = False
             await super().aclose()
 
@@ -694,7 +457,7 @@ class RemoteProvider(Provider):
         # feature can be in the cache, so nothing needs validating but the units; the
         # Answer and the event are built when first read (the middleware reads neither).
         try:
-            entry: _Entry | None = self._cache[customer, feature]  # (.get() looks twice)
+            entry: Entry | None = self._cache[customer, feature]  # (.get() looks twice)
         except KeyError:
             entry = None
         if (
@@ -712,7 +475,7 @@ class RemoteProvider(Provider):
                 remaining = ent.remaining - unseen - account.inflight
             if remaining >= units:
                 account.inflight += units
-                hold = _Hold(account, units)
+                hold = Hold(account, units)
                 hold.entry = entry
                 hold.unseen = unseen
                 hold.remaining = remaining
@@ -729,9 +492,7 @@ class RemoteProvider(Provider):
         self, customer: str, feature: str, units: int, scope: HTTPScope | None
     ) -> Reservation:
         if not self.supports_clobber:
-            raise ConfigurationError(
-                f"{type(self).__name__} cannot set usage (clobber); report increments instead"
-            )
+            raise clobber_refused(self)
         event = UsageEvent(customer, feature, units, clobber=True)  # validates all three
         answer = await self.can(customer, feature, 1, scope=scope)
         if answer.err is None and answer.limit is not None:
@@ -749,12 +510,12 @@ class RemoteProvider(Provider):
             return Reservation(answer=answer, event=event)
         self._holding += 1
         return Reservation(
-            answer=answer, event=event, token=_Hold(self._account((customer, feature)), 0)
+            answer=answer, event=event, token=Hold(self._account((customer, feature)), 0)
         )
 
     def _held_answer(self, reservation: Reservation) -> Answer:
         """The answer of a warm reservation (numbers as of :meth:`reserve`), built lazily."""
-        hold: _Hold = reservation.token
+        hold: Hold = reservation.token
         entry = hold.entry
         assert entry is not None
         ent = entry.ent
@@ -778,7 +539,7 @@ class RemoteProvider(Provider):
         A failure to write is logged and the charge is queued on commit instead.
         """
         hold = reservation.token
-        if not isinstance(hold, _Hold) or hold.prepared or reservation.settled:
+        if not isinstance(hold, Hold) or hold.prepared or reservation.settled:
             return
         delivery = self._delivery
         if delivery is None:
@@ -788,9 +549,9 @@ class RemoteProvider(Provider):
         hold.prepared = True  # a cancelled prepare may have written: settle it either way
         # The only reservation held in this process: no other prepare can share a group
         # commit, so commit at once instead of waiting a loop turn for the writer.
-        prepare = self._prepare_alone if self._holding == 1 else None
+        prepare = delivery.prepare_alone if self._holding == 1 else delivery.prepare
         try:
-            await (prepare or delivery.prepare)(reservation.event)
+            await prepare(reservation.event)
         except Exception:
             hold.prepared = False
             logger.exception(
@@ -803,7 +564,7 @@ class RemoteProvider(Provider):
             return
         reservation.settled = True
         hold = reservation.token
-        if not isinstance(hold, _Hold):
+        if not isinstance(hold, Hold):
             return  # denied or failed closed: nothing was held, nothing to charge
         self._holding -= 1
         account = hold.account
@@ -829,7 +590,7 @@ class RemoteProvider(Provider):
             return
         reservation.settled = True
         hold = reservation.token
-        if not isinstance(hold, _Hold):
+        if not isinstance(hold, Hold):
             return
         self._holding -= 1
         hold.account.inflight -= hold.units
@@ -849,22 +610,22 @@ class RemoteProvider(Provider):
 
     async def _decide(
         self, customer: str, feature: str, units: int, scope: HTTPScope | None, *, hold: bool
-    ) -> tuple[Answer, _Hold | None]:
+    ) -> tuple[Answer, Hold | None]:
         if self._state is not ProviderState.OPEN:
             raise ConfigurationError(
                 f"{type(self).__name__} is not open; call 'await provider.open()' first"
             )
         key = (customer, feature)
         try:
-            entry: _Entry | None = self._cache[key]
+            entry: Entry | None = self._cache[key]
         except KeyError:
             entry = None
         if entry is not None:
             now = self._clock()
-            if _available(entry) >= units or now - entry.fetched_at < self._deny_ttl(feature):
+            if available(entry) >= units or now - entry.fetched_at < self._deny_ttl(feature):
                 return self._answer(entry, customer, feature, units, now, hold=hold)
         outcome = await self._flight(key, scope)
-        if isinstance(outcome, _Entry):
+        if isinstance(outcome, Entry):
             return self._answer(outcome, customer, feature, units, None, hold=hold)
         if entry is not None:  # a refresh of a cached denial failed: keep denying
             return self._answer(entry, customer, feature, units, self._clock(), hold=hold)
@@ -872,14 +633,14 @@ class RemoteProvider(Provider):
 
     def _answer(
         self,
-        entry: _Entry,
+        entry: Entry,
         customer: str,
         feature: str,
         units: int,
         now: float | None,
         *,
         hold: bool,
-    ) -> tuple[Answer, _Hold | None]:
+    ) -> tuple[Answer, Hold | None]:
         ent = entry.ent
         account = entry.account
         unseen = entry.unseen()
@@ -891,7 +652,7 @@ class RemoteProvider(Provider):
         held = None
         if ok and hold:
             account.inflight += units
-            held = _Hold(account, units)
+            held = Hold(account, units)
         answer = Answer(
             ok=ok,
             customer=customer,
@@ -908,8 +669,8 @@ class RemoteProvider(Provider):
         return answer, held
 
     def _failed(
-        self, key: _Key, units: int, err: ProviderError, *, hold: bool
-    ) -> tuple[Answer, _Hold | None]:
+        self, key: Key, units: int, err: ProviderError, *, hold: bool
+    ) -> tuple[Answer, Hold | None]:
         customer, feature = key
         policy = self._feature_policy.get(feature, self.failure_policy)
         self._log_failure(err, policy)
@@ -918,7 +679,7 @@ class RemoteProvider(Provider):
             if hold:
                 account = self._account(key)
                 account.inflight += units
-                held = _Hold(account, units)
+                held = Hold(account, units)
             answer = Answer(True, customer, feature, units, err=err, provider=self)
             return answer, held
         retry_after = err.retry_after if err.retry_after is not None else 1.0
@@ -935,9 +696,10 @@ class RemoteProvider(Provider):
         )
         return answer, None
 
-    async def _flight(self, key: _Key, scope: HTTPScope | None) -> _Entry | ProviderError:
-        task = self._flights.get(key)
-        if task is None:
+    async def _flight(self, key: Key, scope: HTTPScope | None) -> Entry | ProviderError:
+        """The fetch for ``key``: joined if one runs, else started (unless closing or the
+        circuit breaker says wait: then that, as a retryable error)."""
+        if key not in self._flights.tasks:
             if self._closing:
                 return RetryableProviderError(f"{self.name} is closing")
             wait = self.breaker.allow()
@@ -946,22 +708,9 @@ class RemoteProvider(Provider):
                     f"{self.name} is failing; circuit breaker open, next probe in {wait:.1f} s",
                     retry_after=wait,
                 )
-            task = asyncio.get_running_loop().create_task(self._fetch_entry(key, scope))
-            self._flights[key] = task
-            task.add_done_callback(functools.partial(self._flight_done, key))
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and (current is None or current.cancelling() == 0):
-                return RetryableProviderError(f"{self.name} closed during the check")
-            raise
+        return await self._flights.join(key, lambda: self._fetch_entry(key, scope), self.name)
 
-    def _flight_done(self, key: _Key, task: asyncio.Task[_Entry | ProviderError]) -> None:
-        if self._flights.get(key) is task:
-            del self._flights[key]
-
-    async def _fetch_entry(self, key: _Key, scope: HTTPScope | None) -> _Entry | ProviderError:
+    async def _fetch_entry(self, key: Key, scope: HTTPScope | None) -> Entry | ProviderError:
         customer, feature = key
         account = self._account(key)
         started = self._clock()
@@ -1001,7 +750,7 @@ class RemoteProvider(Provider):
         now = self._clock()
         if mark is None:
             mark = account.delivered
-        entry = _Entry(ent, now, mark, account, ttl)
+        entry = Entry(ent, now, mark, account, ttl)
         if ttl > 0 and self._state is ProviderState.OPEN:
             self._cache[key] = entry
         return entry
@@ -1018,47 +767,29 @@ class RemoteProvider(Provider):
         """
         return (customer, feature)
 
-    def _account(self, key: _Key) -> _Account:
+    def _account(self, key: Key) -> Account:
+        """The account ``key`` (a ``(customer, feature)``) is counted in, made if new."""
         key = self.account_key(*key)
         now = self._clock()
-        account = self._accounts.get(key)
+        accounts = self._accounts
+        account = accounts.get(key)
         if account is None:
-            if len(self._accounts) >= self._sweep_at:
+            if accounts.crowded():
                 self._sweep(now)
-            account = self._accounts[key] = _Account(now)
+            account = accounts[key] = Account(now)
         account.touched = now
         return account
 
     def _sweep(self, now: float) -> None:
-        """Forget idle accounts nothing refers to any more (bounds memory).
-
-        An account is kept while units are in flight or charges may be unseen, while a cache
-        entry or fetch uses it, and for a quiet period after its last use (so a caller that
-        just got a fetch's result still finds the same account).
-        """
-        quiet = self.timeout + 60.0
-        in_use = {self.account_key(*key) for key in (*self._cache.keys(), *self._flights)}
-        for key, account in list(self._accounts.items()):
-            account.expire(now, self.delivery_allowance)
-            idle = account.idle(now, self.balance_lag)
-            if idle and now - account.touched > quiet and key not in in_use:
-                del self._accounts[key]
-        self._sweep_at = max(self._sweep_at, 2 * len(self._accounts))
-
-    def _note_delivered(
-        self, events: Sequence[UsageEvent], counted: Collection[str] | None = None
-    ) -> None:
-        """Record that ``events`` reached the provider (called after a successful report).
-
-        ``counted``: idempotency keys of the events the provider took as new usage (the
-        others were duplicates of an earlier delivery); ``None``: all of them.
-        """
-        now = self._clock()
-        for event in events:
-            if not event.clobber and event.units > 0:
-                account = self._account((event.customer, event.feature))
-                new = counted is None or event.idempotency_key in counted
-                account.arrived(now, event.units, new, self.balance_lag)
+        """Forget idle accounts no cache entry or fetch uses (see :meth:`Accounts.sweep`)."""
+        in_use = {self.account_key(*k) for k in (*self._cache.keys(), *self._flights.tasks)}
+        self._accounts.sweep(
+            now,
+            in_use,
+            allowance=self.delivery_allowance,
+            lag=self.balance_lag,
+            quiet=self.timeout + 60.0,
+        )
 
     def _log_failure(self, err: ProviderError, policy: str) -> None:
         now = self._clock()
@@ -1074,13 +805,6 @@ class RemoteProvider(Provider):
         )
         self._logged_at = now
         self._suppressed = 0
-
-
-def _available(entry: _Entry) -> int:
-    ent = entry.ent
-    if ent.remaining >= UNLIMITED:
-        return UNLIMITED
-    return ent.remaining - entry.unseen() - entry.account.inflight
 
 
 def _seconds(what: str, value: object) -> float:
