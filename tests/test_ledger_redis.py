@@ -195,6 +195,40 @@ async def test_a_live_process_renews_the_holds_of_running_requests(
         assert await used(other) == 10
 
 
+async def test_aclose_returns_when_a_renewal_swallows_the_cancellation(
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose() stops the renewal task even when a renewal swallows its cancellation, as
+    Python 3.11's asyncio.wait_for (under every redis-py command) does when the command
+    completes as the cancel arrives: before, aclose() waited for that task forever."""
+    async with opened(server, tmp_path, reservation_ttl=0.3) as ledger:
+        await ledger.subscribe(ACME, "plan:free@1")
+        held = await ledger.reserve(ACME, CONVERT)
+        assert held.answer.ok
+        renew = ledger._renew
+        renewing = asyncio.Event()
+        swallowed: list[bool] = []
+
+        async def swallowing_renew() -> None:
+            if not swallowed:
+                renewing.set()
+                try:
+                    await asyncio.sleep(30)
+                except asyncio.CancelledError:  # once, as wait_for does
+                    swallowed.append(True)
+            await renew()
+
+        monkeypatch.setattr(ledger, "_renew", swallowing_renew)
+        await asyncio.wait_for(renewing.wait(), 10)
+        upkeep = ledger._upkeep
+        assert upkeep is not None
+        await asyncio.wait_for(ledger.aclose(), 10)
+        assert swallowed == [True]
+        assert upkeep.done()
+        await asyncio.sleep(0.5)  # nothing renews the hold of the closed ledger any more
+        assert upkeep.done()
+
+
 async def test_settling_empties_the_holds_key(server: RedisServer, tmp_path: Path) -> None:
     """Committed and released holds leave no holds key behind."""
     async with opened(server, tmp_path) as ledger:
