@@ -814,11 +814,13 @@ class RedisLedger(Ledger):
             if not self._synced and not self._pricing_given:
                 await self._sync_pricing()
             customers = sorted({event.customer for event in events})
-            check = client.pipeline(transaction=False)
-            for customer in customers:
-                names = customer_keys(self._prefix, customer)
-                check.exists(names["sub"], names["credits"])
-            exists = await check.execute()
+            # Pipelines in ``async with``: one cancelled in execute() (its SCRIPT EXISTS
+            # comes before redis-py's own cleanup) still gives its connection back.
+            async with client.pipeline(transaction=False) as check:
+                for customer in customers:
+                    names = customer_keys(self._prefix, customer)
+                    check.exists(names["sub"], names["credits"])
+                exists = await check.execute()
             if not isinstance(exists, list) or len(exists) != len(customers):
                 raise _BadReply(f"unexpected reply to EXISTS: {exists!r:.100}")
             unknown = [c for c, n in zip(customers, exists, strict=True) if not _int(n, "count")]
@@ -828,10 +830,10 @@ class RedisLedger(Ledger):
                     "credits before reporting usage",
                     code="unknown_customer",
                 )
-            pipe = client.pipeline(transaction=False)
-            for event in events:
-                await self._charge(event, None, pipe)
-            replies = await pipe.execute()
+            async with client.pipeline(transaction=False) as pipe:
+                for event in events:
+                    await self._charge(event, None, pipe)
+                replies = await pipe.execute()
             if not isinstance(replies, list) or len(replies) != len(events):
                 raise _BadReply(f"unexpected reply to the charge pipeline: {replies!r:.100}")
             statuses = [_int(_script_reply(r, 3, "charge")[0], "status") for r in replies]
@@ -1029,10 +1031,11 @@ class RedisLedger(Ledger):
         if not members:
             return
         assert self._client is not None
-        pipe: Any = self._client.pipeline(transaction=False)
-        for holds, held in members.items():
-            await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
-        results = await pipe.execute()
+        pipeline: Any = self._client.pipeline(transaction=False)
+        async with pipeline as pipe:  # gives its connection back even if cancelled (_record)
+            for holds, held in members.items():
+                await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
+            results = await pipe.execute()
         if (
             not isinstance(results, list)
             or len(results) != len(members)
