@@ -50,8 +50,10 @@ HEADERS = {"X-Customer": ACME}
 LEASE_TTL = 0.8
 RESERVATION_TTL = 1.5
 RESERVATION_TIMEOUT = 0.3
-#: How long the long requests run: well past every timeout above.
+#: How long the long requests run at least: well past every timeout above.
 DURATION = 2.5
+#: The most a long request runs while its test has not let it end (a bound, not a wait).
+LONGEST = 25.0
 
 
 # -- ledgers ---------------------------------------------------------------------------------
@@ -117,10 +119,25 @@ async def subscribed(ledgers: Ledgers) -> None:
 # -- the app over real uvicorn ---------------------------------------------------------------
 
 
-async def _lines(seconds: float) -> AsyncIterator[bytes]:
-    end = time.monotonic() + seconds
+def _ending(request: Request) -> Callable[[], bool]:
+    """Whether a long request may end: ``s`` seconds have passed and, with ``hold=1``, its
+    test set ``app.state.finish`` (it saw enough meanwhile), or LONGEST have passed."""
+    start = time.monotonic()
+    seconds = float(request.query_params["s"])
+    finish: asyncio.Event | None = (
+        request.app.state.finish if request.query_params.get("hold") else None
+    )
+
+    def ending() -> bool:
+        elapsed = time.monotonic() - start
+        return elapsed >= LONGEST or (elapsed >= seconds and (finish is None or finish.is_set()))
+
+    return ending
+
+
+async def _lines(ending: Callable[[], bool]) -> AsyncIterator[bytes]:
     i = 0
-    while time.monotonic() < end:
+    while not ending():
         yield f"line {i}\n".encode()
         i += 1
         await asyncio.sleep(0.05)
@@ -129,17 +146,21 @@ async def _lines(seconds: float) -> AsyncIterator[bytes]:
 
 @metered(LONG)
 async def stream(request: Request) -> Response:
-    return StreamingResponse(_lines(float(request.query_params["s"])), media_type="text/plain")
+    return StreamingResponse(_lines(_ending(request)), media_type="text/plain")
 
 
 @metered(LONG)
 async def slow(request: Request) -> Response:
     await asyncio.sleep(float(request.query_params["s"]))
+    if request.query_params.get("hold"):  # and until its test saw enough (see _ending)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LONGEST):
+                await request.app.state.finish.wait()
     return JSONResponse({"done": True})
 
 
 def make_app(ledger: Ledger) -> Starlette:
-    return Starlette(
+    app = Starlette(
         routes=[Route("/stream", stream), Route("/slow", slow)],
         middleware=[
             Middleware(
@@ -147,6 +168,8 @@ def make_app(ledger: Ledger) -> Starlette:
             )
         ],
     )
+    app.state.finish = asyncio.Event()  # lets the long requests end (see _ending)
+    return app
 
 
 @contextlib.asynccontextmanager
@@ -179,12 +202,13 @@ async def test_a_request_longer_than_the_hold_timeout_keeps_its_hold(
     concurrent requests meanwhile get 402, the long one completes and is charged once."""
     await subscribed(ledgers)
     ledger = ledgers.make(reservation_timeout=RESERVATION_TIMEOUT)
-    async with serve(make_app(ledger)) as url, httpx.AsyncClient(base_url=url) as client:
+    app = make_app(ledger)
+    async with serve(app) as url, httpx.AsyncClient(base_url=url) as client:
         statuses: list[int] = []
 
         async def long_request() -> tuple[int, bytes]:
             async with client.stream(
-                "GET", route, params={"s": DURATION}, headers=HEADERS, timeout=30
+                "GET", route, params={"s": DURATION, "hold": 1}, headers=HEADERS, timeout=30
             ) as response:
                 return response.status_code, await response.aread()
 
@@ -195,6 +219,8 @@ async def test_a_request_longer_than_the_hold_timeout_keeps_its_hold(
             if time.monotonic() - started > 0.2 and not task.done():
                 other = await client.get(route, params={"s": 0}, headers=HEADERS, timeout=30)
                 statuses.append(other.status_code)
+            if len(statuses) >= 10 and time.monotonic() - started > DURATION:
+                app.state.finish.set()  # seen enough, under any load: the long one may end
         status, body = await task
     assert status == 200
     assert body.endswith(b"done\n") or json.loads(body) == {"done": True}

@@ -31,7 +31,10 @@ CUSTOMER = "org:load"
 
 
 async def main(url: str, prefix: str, spool: str, n: int) -> None:
-    ledger = RedisLedger(url, prefix=prefix, spool=spool)
+    # A generous timeout: this counts what is served and charged, and a call that waits
+    # more than the default 1 s for a pooled connection (a loaded CI machine) would trip
+    # the breaker and answer 503s instead.
+    ledger = RedisLedger(url, prefix=prefix, spool=spool, timeout=10.0)
 
     @metered(FEATURE)
     async def work(request: Request) -> JSONResponse:

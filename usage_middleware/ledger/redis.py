@@ -154,6 +154,7 @@ INSTALL_HINT: Final = "RedisLedger needs redis-py: install usage-middleware[redi
 
 _INTERVAL_INDEX: Final = {interval: index for index, interval in enumerate(INTERVALS, 1)}
 _LOG_EVERY = 5.0  # seconds between repeated log lines about one kind of failure
+_RECANCEL_EVERY = 0.5  # seconds between cancels of a task that swallowed one (see _stop)
 
 
 class _BadReply(Exception):
@@ -216,6 +217,19 @@ def _seconds(what: str, value: object, *, zero: bool = False) -> float:
     ):
         raise ConfigurationError(f"{what} must be a number of seconds > 0, got {value!r}")
     return float(value)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel ``task`` and wait until it is done, cancelling again while it runs on.
+
+    One ``cancel()`` is not enough: on Python 3.11, ``asyncio.wait_for`` (redis-py sends
+    every command through it) swallows a cancellation that arrives as its call completes,
+    and the task goes on as if never cancelled. Awaiting it then never returns.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=_RECANCEL_EVERY)
+    await asyncio.gather(task, return_exceptions=True)  # retrieve its outcome
 
 
 class _Spooled(Provider):
@@ -447,15 +461,14 @@ class RedisLedger(Ledger):
         await super().aclose()
         if not was_open:
             return
-        lost_loop = self._upkeep is not None and on_another_loop(self._upkeep)
-        if self._upkeep is not None and not lost_loop:
-            self._upkeep.cancel()
-            await asyncio.gather(self._upkeep, return_exceptions=True)
+        upkeep, self._upkeep = self._upkeep, None  # the loop stops when it sees this
+        lost_loop = upkeep is not None and on_another_loop(upkeep)
+        if upkeep is not None and not lost_loop:
+            await _stop(upkeep)
         try:
             if self._reporter is not None:
                 await self._reporter.aclose()
         finally:
-            self._upkeep = None
             if self._client_arg is None and self._client is not None:
                 try:
                     await self._client.aclose()
@@ -814,11 +827,13 @@ class RedisLedger(Ledger):
             if not self._synced and not self._pricing_given:
                 await self._sync_pricing()
             customers = sorted({event.customer for event in events})
-            check = client.pipeline(transaction=False)
-            for customer in customers:
-                names = customer_keys(self._prefix, customer)
-                check.exists(names["sub"], names["credits"])
-            exists = await check.execute()
+            # Pipelines in ``async with``: one cancelled in execute() (its SCRIPT EXISTS
+            # comes before redis-py's own cleanup) still gives its connection back.
+            async with client.pipeline(transaction=False) as check:
+                for customer in customers:
+                    names = customer_keys(self._prefix, customer)
+                    check.exists(names["sub"], names["credits"])
+                exists = await check.execute()
             if not isinstance(exists, list) or len(exists) != len(customers):
                 raise _BadReply(f"unexpected reply to EXISTS: {exists!r:.100}")
             unknown = [c for c, n in zip(customers, exists, strict=True) if not _int(n, "count")]
@@ -828,10 +843,10 @@ class RedisLedger(Ledger):
                     "credits before reporting usage",
                     code="unknown_customer",
                 )
-            pipe = client.pipeline(transaction=False)
-            for event in events:
-                await self._charge(event, None, pipe)
-            replies = await pipe.execute()
+            async with client.pipeline(transaction=False) as pipe:
+                for event in events:
+                    await self._charge(event, None, pipe)
+                replies = await pipe.execute()
             if not isinstance(replies, list) or len(replies) != len(events):
                 raise _BadReply(f"unexpected reply to the charge pipeline: {replies!r:.100}")
             statuses = [_int(_script_reply(r, 3, "charge")[0], "status") for r in replies]
@@ -987,9 +1002,13 @@ class RedisLedger(Ledger):
             )
 
     async def _upkeep_loop(self) -> None:
-        """Every tick: renew the holds of running requests, sync the pricing."""
-        while True:
+        """Every tick: renew the holds of running requests, sync the pricing. Returns once
+        :meth:`aclose` (or a reopen) took the task off ``_upkeep``."""
+        me = asyncio.current_task()
+        while self._upkeep is me:
             await asyncio.sleep(self._tick)
+            if self._upkeep is not me:
+                return
             if time.monotonic() < self._down_until:
                 continue
             try:
@@ -1025,10 +1044,11 @@ class RedisLedger(Ledger):
         if not members:
             return
         assert self._client is not None
-        pipe: Any = self._client.pipeline(transaction=False)
-        for holds, held in members.items():
-            await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
-        results = await pipe.execute()
+        pipeline: Any = self._client.pipeline(transaction=False)
+        async with pipeline as pipe:  # gives its connection back even if cancelled (_record)
+            for holds, held in members.items():
+                await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
+            results = await pipe.execute()
         if (
             not isinstance(results, list)
             or len(results) != len(members)
