@@ -16,9 +16,9 @@ import pytest
 from reporter_fakes import FakeProvider, events, eventually, fail, hang, reject, too_many
 
 from usage_middleware import ConfigurationError, UsageEvent
+from usage_middleware.delivery import Reporter, ReporterStats
 from usage_middleware.outbox import Outbox
 from usage_middleware.provider import ProviderState
-from usage_middleware.reporter import Reporter, ReporterStats
 
 FAST: dict[str, Any] = {
     "wait_initial": 0.001,
@@ -463,7 +463,7 @@ import asyncio, gc, sys, psutil
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from reporter_fakes import FakeProvider
 from usage_middleware import UsageEvent
-from usage_middleware.reporter import Reporter
+from usage_middleware.delivery import Reporter
 
 async def main():
     provider = FakeProvider(max_batch=100)

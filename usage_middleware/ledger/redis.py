@@ -48,7 +48,7 @@ for ``retry_after`` seconds calls do not try Redis. Meanwhile:
   ``failure_policy``, ``ok=True`` (``"open"``: serve; the charge is recorded later) or
   ``ok=False`` with ``retry_after`` (``"closed"``: the middleware answers 503).
 * ``commit`` writes the event to the **spool**, a durable SQLite outbox
-  (:class:`~usage_middleware.reporter.Reporter`, file ``spool``) that replays it through
+  (:class:`~usage_middleware.delivery.Reporter`, file ``spool``) that replays it through
   ``report`` once Redis answers, with the same idempotency key: a charge is never lost
   and never applied twice. This holds for both policies: a request reserved before Redis
   went away and served is still charged. A served-open request of a customer Redis does
@@ -129,7 +129,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
     from redis.commands.core import AsyncScript
 
-    from ..reporter import Reporter
+    from ..delivery import Reporter
 
 __all__ = ["RedisLedger", "customer_keys"]
 
@@ -252,7 +252,7 @@ class RedisLedger(Ledger):
         spool: the SQLite file where charges wait while Redis is unreachable (shared by the
             processes of one machine); ``None`` loses such charges (logged).
         spool_options: keyword arguments for the spool's
-            :class:`~usage_middleware.reporter.Reporter` (e.g. ``retry_cooldown``).
+            :class:`~usage_middleware.delivery.Reporter` (e.g. ``retry_cooldown``).
 
     Raises:
         ConfigurationError: redis-py is not installed ("install usage-middleware[redis]"),
@@ -350,7 +350,7 @@ class RedisLedger(Ledger):
 
     @property
     def spool(self) -> Reporter | None:
-        """The spool's :class:`~usage_middleware.reporter.Reporter` (after :meth:`open`)."""
+        """The spool's :class:`~usage_middleware.delivery.Reporter` (after :meth:`open`)."""
         return self._reporter
 
     @property
@@ -378,7 +378,7 @@ class RedisLedger(Ledger):
         from redis.exceptions import RedisError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        from ..reporter import Reporter
+        from ..delivery import Reporter
 
         self._unreachable = (RedisConnectionError, RedisTimeoutError, OSError)
         self._redis_error = RedisError
