@@ -1,29 +1,12 @@
 """The durable delivery outbox: one SQLite file (WAL) shared by every worker process.
 
-The :class:`~usage_middleware.delivery.Reporter` writes each charge here before it counts
-as accepted, delivers it to a remote provider, and deletes it once the provider took it.
-This module is the storage half: plain, blocking ``sqlite3`` calls. The reporter runs them
-on its own worker thread; the CLI (``usage-middleware outbox ...``) runs them directly.
-
-Tables::
-
-    outbox        undelivered events. ``owner`` is the reporter instance that holds the row
-                  (NULL = free for any worker to claim); ``held`` = 1 marks a prepared
-                  charge whose response is still being sent (not deliverable while its
-                  owner lives); ``not_before`` (epoch seconds) delays a row after a failed
-                  round of retries.
-    dead_letters  events a provider rejected permanently, with its status/code/message.
-    owners        one row per reporter instance (pid, host, counters) with a lease,
-                  ``alive_until`` (epoch seconds), renewed by its heartbeat.
-
-Ownership works by lease: a row owned by a reporter whose ``alive_until`` passed (the
-process was killed, or stalled longer than its lease) is *reaped*: made free, and
-deliverable even if it was held (a prepared charge of a dead process is delivered). Rows
-are claimed with ``UPDATE ... RETURNING`` in one write transaction, so no row is claimed
-by two live workers. A clean shutdown ends the lease at once (:meth:`Outbox.retire`).
-
-Times stored are wall-clock epoch seconds (``time.time()``); ``at`` is stored as whole
-microseconds since the epoch (UTC), so an event reads back exactly as written.
+:class:`Outbox` is the storage half of delivery: plain, blocking ``sqlite3`` calls. The
+:class:`~usage_middleware.delivery.Reporter` writes each charge here before it counts as
+accepted, delivers it, and deletes it once delivered; the CLI
+(``usage-middleware outbox ...``) reads and repairs it. Tables: ``outbox`` (undelivered
+events, each owned by a live Reporter or free), ``dead_letters`` and ``owners`` (one per
+Reporter instance, with a lease). The guarantees (leases, crash windows, dead letters,
+``max_retry_age``) are in docs/architecture.md, "Storage and delivery".
 """
 
 from __future__ import annotations

@@ -321,9 +321,7 @@ class LedgerStore:
     def checkpoint(self) -> None:
         """Copy the WAL into the database (PASSIVE: never blocks writers). Worker thread only."""
         if self._checkpoint_conn is None:
-            self._checkpoint_conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None
-            )
+            self._checkpoint_conn = _sqlite.connect(self.path, timeout=BUSY_TIMEOUT)
         _sqlite.checkpoint(self._checkpoint_conn)
 
     def close(self) -> None:
