@@ -263,6 +263,7 @@ class Reporter(GroupCommit, Senders):
             self._sender_wake = asyncio.Event()
             self._waiters = []
             self._paused_until = 0.0
+            self._mark_dirty()  # rows this instance left are free: claim them
         self._sqlite.start()
         try:
             self._outbox = await self._sqlite.submit(self._connect)
@@ -379,11 +380,11 @@ class Reporter(GroupCommit, Senders):
             )
 
     async def drain(self, within: float) -> bool:
-        """Wait up to ``within`` seconds until every event accepted so far was delivered or
-        dead-lettered and the outbox holds no row; return whether it came to that.
+        """Wait up to ``within`` seconds until every event accepted so far (enqueued or
+        confirmed) was delivered or dead-lettered; return whether it came to that.
 
-        Meant for the in-memory outbox (tests); prepared events still held count as
-        undelivered.
+        Meant for the in-memory outbox (tests): it counts the outbox's rows, every process
+        included, less this reporter's prepared ones (their requests still run).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
@@ -401,7 +402,8 @@ class Reporter(GroupCommit, Senders):
                 or self._dead
             ):
                 depth, _ = await self._sqlite.call(outbox.depth)
-                if depth == 0:
+                held = sum(1 for e in self._held.values() if e.rowid is not None)
+                if depth <= held:
                     return True
             if loop.time() >= deadline:
                 return False
@@ -543,7 +545,12 @@ class Reporter(GroupCommit, Senders):
         self._closing = True
         try:
             await self._commit_on_close()
-            self._waiters = []  # on the loop that is gone
+            # What the gone loop's tasks held in memory or in flight: its rows are freed
+            # below and claimed again after a reopen (or by another worker).
+            self._waiters = []
+            self._ready.clear()
+            self._inflight = self._writing = 0
+            self._claiming = False
             self._tasks, self._senders = [], []
             try:
                 await self._sqlite.submit(self._outbox.retire, self._owner, self._counters())

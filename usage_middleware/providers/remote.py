@@ -777,8 +777,6 @@ class RemoteProvider(Provider):
         delivery = self._delivery
         if delivery is None:
             return
-        if self._outbox is None:
-            return  # nothing to make durable: commit enqueues it, release forgets it
         hold.prepared = True  # a cancelled prepare may have written: settle it either way
         # The only reservation held in this process: no other prepare can share a group
         # commit, so commit at once instead of waiting a loop turn for the writer.
