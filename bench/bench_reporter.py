@@ -59,9 +59,9 @@ from reporter_fakes import OutboxedProvider
 from usage_middleware import Provider, RetryableProviderError, UsageEvent
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
+from usage_middleware.delivery import Reporter
 from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.outbox import Outbox
-from usage_middleware.reporter import Reporter
 
 Message = MutableMapping[str, Any]
 

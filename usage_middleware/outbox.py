@@ -1,43 +1,25 @@
 """The durable delivery outbox: one SQLite file (WAL) shared by every worker process.
 
-The :class:`~usage_middleware.reporter.Reporter` writes each charge here before it counts
-as accepted, delivers it to a remote provider, and deletes it once the provider took it.
-This module is the storage half: plain, blocking ``sqlite3`` calls. The reporter runs them
-on its own worker thread; the CLI (``usage-middleware outbox ...``) runs them directly.
-
-Tables::
-
-    outbox        undelivered events. ``owner`` is the reporter instance that holds the row
-                  (NULL = free for any worker to claim); ``held`` = 1 marks a prepared
-                  charge whose response is still being sent (not deliverable while its
-                  owner lives); ``not_before`` (epoch seconds) delays a row after a failed
-                  round of retries.
-    dead_letters  events a provider rejected permanently, with its status/code/message.
-    owners        one row per reporter instance (pid, host, counters) with a lease,
-                  ``alive_until`` (epoch seconds), renewed by its heartbeat.
-
-Ownership works by lease: a row owned by a reporter whose ``alive_until`` passed (the
-process was killed, or stalled longer than its lease) is *reaped*: made free, and
-deliverable even if it was held (a prepared charge of a dead process is delivered). Rows
-are claimed with ``UPDATE ... RETURNING`` in one write transaction, so no row is claimed
-by two live workers. A clean shutdown ends the lease at once (:meth:`Outbox.retire`).
-
-Times stored are wall-clock epoch seconds (``time.time()``); ``at`` is stored as whole
-microseconds since the epoch (UTC), so an event reads back exactly as written.
+:class:`Outbox` is the storage half of delivery: plain, blocking ``sqlite3`` calls. The
+:class:`~usage_middleware.delivery.Reporter` writes each charge here before it counts as
+accepted, delivers it, and deletes it once delivered; the CLI
+(``usage-middleware outbox ...``) reads and repairs it. Tables: ``outbox`` (undelivered
+events, each owned by a live Reporter or free), ``dead_letters`` and ``owners`` (one per
+Reporter instance, with a lease). The guarantees (leases, crash windows, dead letters,
+``max_retry_age``) are in docs/architecture.md, "Storage and delivery".
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sqlite3
 import time
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Literal
-from urllib.parse import quote
 
+from . import _sqlite
+from ._sqlite import Synchronous
 from .models import UsageEvent
 
 __all__ = [
@@ -55,10 +37,6 @@ __all__ = [
 #: Default of ``max_retry_age`` (seconds): how long a retryable failure may keep an event
 #: in the outbox before it is dead-lettered (3 days: a provider outage over a weekend).
 DEFAULT_MAX_RETRY_AGE: float = 3 * 86400.0
-
-#: ``synchronous`` setting: NORMAL survives a killed process (kill -9); FULL also
-#: survives power loss, at the cost of an fsync per group commit.
-Synchronous = Literal["NORMAL", "FULL"]
 
 #: Seconds ahead beyond which a row's ``not_before`` is read as now (see
 #: :meth:`Outbox.claim`): longer than any wait the reporter writes by default.
@@ -266,33 +244,19 @@ class Outbox:
         create = create and not read_only
         if not create and not os.path.exists(self.path):
             raise FileNotFoundError(f"no outbox at {self.path}")
-        target = self.path
-        if read_only:
-            target = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
-        self._db = sqlite3.connect(
-            target,
-            timeout=busy_timeout,
-            isolation_level=None,
-            check_same_thread=False,
-            uri=read_only,
-        )
-        self._busy_timeout = busy_timeout
-        self._waits = True
+        self._db = _sqlite.connect(self.path, timeout=busy_timeout, read_only=read_only)
+        self._busy_wait = _sqlite.BusyWait(self._db, busy_timeout)
         if read_only:
             return
         if create:  # small pages for small rows: a one-row commit writes 1 KiB, not 4
             self._db.execute("PRAGMA page_size=1024")  # (no effect on an existing file)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        _sqlite.wal(self._db, synchronous)
         if create:
             self._db.executescript(_SCHEMA)
 
     def wait_when_busy(self, wait: bool) -> None:
-        """Set whether a locked file waits (``busy_timeout``) or fails at once (for inline use)."""
-        if wait != self._waits:
-            ms = int(self._busy_timeout * 1000) if wait else 0
-            self._db.execute(f"PRAGMA busy_timeout={ms}")
-            self._waits = wait
+        """Set whether a locked file waits (``busy_timeout``) or fails at once (inline use)."""
+        self._busy_wait(wait)
 
     def no_autocheckpoint(self) -> None:
         """Never checkpoint inside a commit; the owner calls :meth:`checkpoint` instead."""
@@ -300,14 +264,14 @@ class Outbox:
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database (PASSIVE: never blocks writers)."""
-        self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        _sqlite.checkpoint(self._db)
 
     def close(self) -> None:
         """Close the connection. Idempotent."""
         self._db.close()
 
-    def _write(self) -> _Tx:
-        return _Tx(self._db)
+    def _write(self) -> _sqlite.write:
+        return _sqlite.write(self._db)
 
     # -- owners ----------------------------------------------------------------------------
 
@@ -516,8 +480,7 @@ class Outbox:
         """
         now = time.time()
         db = self._db
-        db.execute("BEGIN")
-        try:
+        with _sqlite.read(db):
             depth, held, waiting, oldest, overdue = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(held), 0),"
                 " COALESCE(SUM(not_before > ? AND not_before <= ?), 0), MIN(created),"
@@ -547,8 +510,6 @@ class Outbox:
                     " retried, dead_lettered FROM owners ORDER BY id DESC"
                 )
             )
-        finally:
-            db.execute("COMMIT")
         return OutboxStatus(
             depth=depth,
             held=held,
@@ -630,21 +591,3 @@ def _where_ids(ids: Sequence[int] | None) -> tuple[str, tuple[int, ...]]:
     if not ids:
         return "WHERE 0", ()
     return f"WHERE id IN ({','.join('?' * len(ids))})", tuple(ids)
-
-
-class _Tx:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on error) on an autocommit connection."""
-
-    __slots__ = ("_db",)
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self._db = db
-
-    def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self._db.execute("COMMIT")
-        else:
-            self._db.execute("ROLLBACK")

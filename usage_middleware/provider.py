@@ -35,7 +35,7 @@ import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Protocol, Self
 
 from asgiref.typing import HTTPScope
 
@@ -43,9 +43,11 @@ from .errors import ConfigurationError, PermanentProviderError
 from .models import Answer, Reservation, UsageEvent
 
 __all__ = [
+    "DeliverySink",
     "FailurePolicy",
     "Provider",
     "ProviderState",
+    "ReporterLike",
     "clobber_refused",
     "clobber_unsupported",
     "on_another_loop",
@@ -244,3 +246,41 @@ class Provider:
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation whose request did not succeed. Called once. Default: nothing."""
         reservation.settled = True
+
+
+class DeliverySink(Protocol):
+    """Where a :class:`~usage_middleware.delivery.Reporter` delivers usage events: a remote
+    provider, or RedisLedger's own charge scripts (the outbox it keeps while Redis is down).
+
+    ``report`` delivers at most ``max_batch`` events, raising ``RetryableProviderError``
+    (try again), ``PermanentProviderError`` (rejected) or anything else (retried later).
+    Optional attributes the Reporter reads: ``deduplicates`` (bool, default True: a resent
+    event is counted once) and ``max_retry_after`` (seconds).
+    """
+
+    name: str
+    max_batch: int
+
+    async def report(self, events: Sequence[UsageEvent]) -> None: ...
+
+
+class ReporterLike(Protocol):
+    """What a remote provider needs of its delivery: the
+    :class:`~usage_middleware.delivery.Reporter`'s request-side API (tests pass look-alikes)."""
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def enqueue(self, event: UsageEvent) -> None: ...
+
+    async def prepare(self, event: UsageEvent) -> None: ...
+
+    async def prepare_alone(self, event: UsageEvent) -> None:
+        """:meth:`prepare` when no other prepare can join its group commit (one hold)."""
+
+    def confirm(self, event: UsageEvent) -> None: ...
+
+    async def cancel(self, event: UsageEvent) -> None: ...
+
+    def stats(self) -> object: ...

@@ -35,6 +35,7 @@ from tests.support.tier_fake import FAKE_URL, FakeTier, error_response
 from usage_middleware import UsageEvent
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
+from usage_middleware.delivery import Reporter
 from usage_middleware.errors import PermanentProviderError, RetryableProviderError
 from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.outbox import Outbox
@@ -42,7 +43,6 @@ from usage_middleware.providers.ares import AresProvider
 from usage_middleware.providers.spaire import SpaireProvider
 from usage_middleware.providers.tier import TierProvider
 from usage_middleware.providers.tokens import ClerkTokenSource
-from usage_middleware.reporter import Reporter
 
 ORG = "org:acme"
 FEATURE = "feature:convert"

@@ -33,6 +33,7 @@ from tests.support.tier_fake import FAKE_URL, FakeTier
 from usage_middleware import UsageEvent
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
+from usage_middleware.delivery import Reporter
 from usage_middleware.middleware import UsageMiddleware
 from usage_middleware.outbox import Outbox
 from usage_middleware.provider import Provider
@@ -40,7 +41,6 @@ from usage_middleware.providers.ares import AresProvider
 from usage_middleware.providers.remote import RemoteProvider
 from usage_middleware.providers.spaire import SpaireProvider
 from usage_middleware.providers.tier import TierProvider
-from usage_middleware.reporter import Reporter
 
 ORG = "org:acme"
 FEATURE = "feature:x"
@@ -412,15 +412,15 @@ def test_outbox_status_shows_events_past_the_retry_bound(tmp_path: Path) -> None
 async def test_in_memory_delivery_drops_a_charge_past_max_retry_age(
     fake: FakeSpaire, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """outbox=None: a charge failing retryably longer than max_retry_age is dropped and
-    logged, so the queue does not keep it (and retry it) forever."""
+    """outbox=None: a charge failing retryably longer than max_retry_age is dead-lettered
+    (in memory) and logged, so the queue does not keep it (and retry it) forever."""
     provider = spaire(fake, client=fake.client(BASE_URL + "/api"), max_retry_age=0.3)
     await provider.open()
     try:
         delivery: Any = provider._delivery
         delivery.enqueue(UsageEvent(ORG, FEATURE, 2))
         assert await provider.flush(5.0)
-        assert delivery.stats()["dropped"] == 1
+        assert delivery.stats().dead_lettered == 1
     finally:
         await provider.aclose()
     assert "max_retry_age" in caplog.text

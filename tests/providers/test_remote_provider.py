@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.support.contract_fake_remote import FakeRemote
+from usage_middleware.delivery import Reporter
 from usage_middleware.errors import (
     ConfigurationError,
     PermanentProviderError,
@@ -506,6 +507,44 @@ async def test_in_memory_delivery_drops_only_the_rejected_event(make: Any) -> No
         await _charge(provider)
     assert await provider.flush()
     assert provider.charged(C, F) == 2
+
+
+async def test_in_memory_delivery_is_the_reporter_and_bisects_a_rejected_batch(
+    make: Any,
+) -> None:
+    """outbox=None runs the one Reporter engine over an in-memory outbox: a rejected batch
+    is bisected and only the bad event is dead-lettered (counted in its stats)."""
+    provider = await make(outbox=None)
+    provider.balances[(C, F)] = 10
+    assert isinstance(provider._delivery, Reporter) and provider._delivery.in_memory
+    sizes: list[int] = []
+    real = provider.report
+
+    async def report(events: Sequence[UsageEvent]) -> None:
+        sizes.append(len(events))
+        if any(e.units == 3 for e in events):
+            raise PermanentProviderError("bad event", status=422)
+        await real(events)
+
+    provider.report = report
+    for units in (1, 1, 3, 1):
+        await provider.commit(await provider.reserve(C, F, units))
+    assert await provider.flush()
+    assert provider.charged(C, F) == 3
+    assert provider._delivery.stats().dead_lettered == 1
+    assert sizes == [4, 2, 2, 1, 1]
+
+
+async def test_in_memory_delivery_logs_what_close_leaves_undelivered(
+    make: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """outbox=None: charges still undelivered when aclose gives up are logged as lost."""
+    provider = await make(outbox=None, drain_timeout=0.05)
+    provider.balances[(C, F)] = 5
+    provider.report_failures = [RetryableProviderError("down")] * 1000
+    await provider.commit(await provider.reserve(C, F, 2))
+    await provider.aclose()
+    assert "1 charge(s) not delivered before close are lost" in caplog.text
 
 
 class FakeReporter:

@@ -156,7 +156,8 @@ async def test_one_bad_event_rejects_the_whole_batch_with_the_servers_reason(
 async def test_memory_delivery_isolates_the_bad_event_and_delivers_the_rest(
     fake: FakeSpaire,
 ) -> None:
-    """With outbox=None a 422 batch is re-sent one by one; only the bad event is dropped."""
+    """With outbox=None a 422 batch is bisected (the Reporter's one rule); only the bad
+    event is dead-lettered, the rest is delivered."""
     good = fake.add_customer(None, f"good@{DOMAIN}")
     bad = "6a1f0d0e-0000-4000-8000-000000000000"
     fake.fail(503, times=3)  # the checks fail open, so all three requests are charged
@@ -166,7 +167,7 @@ async def test_memory_delivery_isolates_the_bad_event_and_delivers_the_rest(
         for r in held:
             await p.commit(r)
         assert await p.flush(5.0)
-    assert [len(b["events"]) for b in fake.ingest_bodies] == [3, 1, 1, 1]
+    assert [len(b["events"]) for b in fake.ingest_bodies] == [3, 1, 2, 1, 1]
     assert [e.customer_id for e in fake.events] == [good, good]
     assert fake.charged_by_id(good, fake.meter_id) == 4  # type: ignore[attr-defined]
 
@@ -531,7 +532,7 @@ def test_bad_configuration_is_refused(kwargs: dict[str, Any]) -> None:
         SpaireProvider(TOKEN, outbox=None, **kwargs)
 
 
-# -- through the durable outbox (usage_middleware.reporter.Reporter) -----------------------
+# -- through the durable outbox (usage_middleware.delivery.Reporter) -----------------------
 
 
 @asynccontextmanager

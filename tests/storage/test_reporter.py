@@ -24,9 +24,9 @@ from tests.support.reporter_fakes import (
 )
 from tests.support.waiting import eventually
 from usage_middleware import ConfigurationError, UsageEvent
+from usage_middleware.delivery import Reporter, ReporterStats
 from usage_middleware.outbox import Outbox
 from usage_middleware.provider import ProviderState
-from usage_middleware.reporter import Reporter, ReporterStats
 
 FAST: dict[str, Any] = {
     "wait_initial": 0.001,
@@ -471,7 +471,7 @@ import asyncio, gc, sys, psutil
 sys.path.insert(0, {str(Path(__file__).parents[1] / "support")!r})
 from tests.support.reporter_fakes import FakeProvider
 from usage_middleware import UsageEvent
-from usage_middleware.reporter import Reporter
+from usage_middleware.delivery import Reporter
 
 async def main():
     provider = FakeProvider(max_batch=100)

@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from usage_middleware.delivery import Reporter
 from usage_middleware.outbox import Outbox
-from usage_middleware.reporter import Reporter
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ REPORTER_CHILD = """
 import asyncio, sys
 from sink import SinkProvider
 from usage_middleware import UsageEvent
-from usage_middleware.reporter import Reporter
+from usage_middleware.delivery import Reporter
 
 async def main():
     sink = SinkProvider(sys.argv[2], latency=0.2)

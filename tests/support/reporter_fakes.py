@@ -35,7 +35,7 @@ from usage_middleware import (
     RetryableProviderError,
     UsageEvent,
 )
-from usage_middleware.reporter import Reporter
+from usage_middleware.delivery import Reporter
 
 
 @dataclass(frozen=True, slots=True)

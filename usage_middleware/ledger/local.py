@@ -21,18 +21,16 @@ import functools
 import logging
 import math
 import os
-import sqlite3
 import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from asgiref.typing import HTTPScope
 
-from .._utils import is_sqlite_busy
+from .._sqlite import InlineRunner
 from ..errors import ConfigurationError
 from ..models import (
     UNLIMITED,
@@ -168,15 +166,6 @@ class _Slot:
         return max(0, free - self.held - self.pending)
 
 
-def _resolve(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    if future.done():  # cancelled meanwhile
-        return
-    if exc is None:
-        future.set_result(result)
-    else:
-        future.set_exception(exc)
-
-
 # A group commit's share of one slot: slot, units, units from the lease, requests, at.
 _Taken = tuple[_Slot, int, int, int, float]
 
@@ -269,7 +258,8 @@ class LocalLedger(Ledger):
         self._deny_for = min(0.25, self._tick)
         # Set by open(), inside the running loop.
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        # Short transactions inline on the loop, the rest on one worker thread.
+        self._sqlite = InlineRunner("usage-middleware-ledger", lambda: self._store)
         self._store: LedgerStore | None = None
         self._wake: asyncio.Event | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -288,7 +278,6 @@ class LocalLedger(Ledger):
         self._warned_until = 0.0  # holds made up to this monotonic time were logged as old
         self._batch: list[_Slot] = []  # slots with unflushed charges, in commit order
         self._inflight: set[asyncio.Future[Any]] = set()
-        self._on_thread = 0  # store calls queued on or running on the worker thread
         self._generation = 0
 
     @property
@@ -318,14 +307,14 @@ class LocalLedger(Ledger):
         loop = asyncio.get_running_loop()
         owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         store = LedgerStore(self.path, owner, lease_ttl=self._lease_ttl)
-        executor = ThreadPoolExecutor(1, thread_name_prefix="usage-middleware-ledger")
+        self._sqlite.start()
         pricing_json = None if self._pricing is None else self._pricing.to_json()
         try:
-            self._generation = await loop.run_in_executor(executor, store.open, pricing_json)
+            self._generation = await self._sqlite.background(store.open, pricing_json)
         except BaseException:
-            executor.shutdown(wait=False)
+            self._sqlite.shutdown()
             raise
-        self._loop, self._executor, self._store = loop, executor, store
+        self._loop, self._store = loop, store
         self._wake = asyncio.Event()
         self._spawn(self._flush_loop())
         self._spawn(self._tick_loop())
@@ -352,7 +341,7 @@ class LocalLedger(Ledger):
             self._inflight.clear()
             self._leasing.clear()
             self._locks.clear()
-            self._on_thread = 0
+            self._sqlite.forget_thread()
         for attempt in range(1, _CLOSE_ATTEMPTS + 1):
             try:
                 await self._flush_all()
@@ -371,15 +360,14 @@ class LocalLedger(Ledger):
         try:
             await self._submit(self._ready_store().close)  # after every queued transaction
         finally:
-            assert self._executor is not None
-            self._executor.shutdown(wait=False)
+            self._sqlite.shutdown()
             self._current.clear()
             self._slots.clear()
             # Loop-bound state goes with the loop that made it (a reopen may use another).
             self._locks.clear()
             self._leasing.clear()
             self._tasks.clear()
-            self._loop = self._wake = self._store = self._executor = None
+            self._loop = self._wake = self._store = None
 
     async def flush(self) -> None:
         """Write every charge committed so far to the file now (the group commit, early).
@@ -917,8 +905,7 @@ class LocalLedger(Ledger):
 
     async def _checkpoint(self) -> None:
         """Copy the WAL into the database on the worker thread (its own connection)."""
-        assert self._loop is not None and self._executor is not None
-        await self._loop.run_in_executor(self._executor, self._ready_store().checkpoint)
+        await self._sqlite.background(self._ready_store().checkpoint)
 
     async def _maintain(self) -> None:
         """Once a tick: free dropped holds, return idle units, renew, poll for changes."""
@@ -1054,46 +1041,9 @@ class LocalLedger(Ledger):
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a store call on the ledger's worker thread; callbacks run in submission order."""
-        assert self._loop is not None and self._executor is not None
-        self._on_thread += 1
-        future = self._loop.run_in_executor(self._executor, self._threaded, fn, args)
-        future.add_done_callback(self._thread_done)
-        return future
-
-    def _threaded(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        self._ready_store().wait_when_busy(True)
-        return fn(*args)
-
-    def _thread_done(self, _: asyncio.Future[Any]) -> None:
-        self._on_thread -= 1
+        return self._sqlite.submit(fn, *args)
 
     def _run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """Run a short store transaction (group commit, lease, upkeep), inline when it can.
-
-        Inline means on the event loop thread with SQLite's busy timeout at 0: the call
-        either gets the write lock at once and takes tens of microseconds, or fails with
-        "database is locked" having done nothing, and then goes to the worker thread, which
-        waits for the lock. It is inline only when no call is queued on the thread, so the
-        calls still run in submission order. Why: a worker thread that keeps taking and
-        giving back the GIL for small transactions slows every request of the process (on
-        these machines by ~20 us per request, measured); an inline transaction costs only
-        its own time.
-        """
-        assert self._loop is not None
-        if not self._on_thread:
-            store = self._ready_store()
-            store.wait_when_busy(False)
-            future: asyncio.Future[T] = self._loop.create_future()
-            # Resolved on the next loop iteration, like a thread's future: callbacks the
-            # caller adds now run before the caller resumes, as they did before.
-            try:
-                self._loop.call_soon(_resolve, future, fn(*args), None)
-                return future
-            except sqlite3.OperationalError as exc:
-                if not is_sqlite_busy(exc):
-                    self._loop.call_soon(_resolve, future, None, exc)
-                    return future
-            except Exception as exc:
-                self._loop.call_soon(_resolve, future, None, exc)
-                return future
-        return self._submit(fn, *args)
+        """Run a short store transaction (group commit, lease, upkeep), inline when it can
+        (see :class:`~usage_middleware._sqlite.InlineRunner`)."""
+        return self._sqlite.run(fn, *args)

@@ -47,9 +47,10 @@ for ``retry_after`` seconds calls do not try Redis. Meanwhile:
 * ``reserve``/``can`` answer with ``err`` set (a ``RetryableProviderError``) and, per
   ``failure_policy``, ``ok=True`` (``"open"``: serve; the charge is recorded later) or
   ``ok=False`` with ``retry_after`` (``"closed"``: the middleware answers 503).
-* ``commit`` writes the event to the **spool**, a durable SQLite outbox
-  (:class:`~usage_middleware.reporter.Reporter`, file ``spool``) that replays it through
-  ``report`` once Redis answers, with the same idempotency key: a charge is never lost
+* ``commit`` writes the event to an **outbox** (the ``spool`` file: the same durable
+  SQLite outbox as a remote provider's, :mod:`usage_middleware.outbox`), whose
+  :class:`~usage_middleware.delivery.Reporter` delivers it to Redis (the charge scripts)
+  once Redis answers, with the same idempotency key: a charge is never lost
   and never applied twice. This holds for both policies: a request reserved before Redis
   went away and served is still charged. A served-open request of a customer Redis does
   not know ends in the spool's dead letters (``usage-middleware outbox ...``).
@@ -119,13 +120,7 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..provider import (
-    FailurePolicy,
-    Provider,
-    ProviderState,
-    clobber_refused,
-    on_another_loop,
-)
+from ..provider import FailurePolicy, ProviderState, clobber_refused, on_another_loop
 from . import _redis_scripts as scripts
 from .base import (
     REASON_CLOSED,
@@ -143,7 +138,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
     from redis.commands.core import AsyncScript
 
-    from ..reporter import Reporter
+    from ..delivery import Reporter
 
 __all__ = ["RedisLedger", "customer_keys"]
 
@@ -232,14 +227,13 @@ async def _stop(task: asyncio.Task[None]) -> None:
     await asyncio.gather(task, return_exceptions=True)  # retrieve its outcome
 
 
-class _Spooled(Provider):
-    """The spool's delivery target: the ledger's own ``report`` (charge scripts)."""
+class _RedisSink:
+    """The sink of the ledger's outbox Reporter: the ledger's charge scripts."""
 
     name = "redis-spool"
     max_batch = 100
 
     def __init__(self, ledger: RedisLedger) -> None:
-        super().__init__()
         self._ledger = ledger
 
     async def report(self, events: Sequence[UsageEvent]) -> None:
@@ -277,10 +271,11 @@ class RedisLedger(Ledger):
             unsettled is logged (WARNING, once): a request that never ends, or a caller
             that never settles. The hold is renewed either way, as long as its
             reservation is unsettled and referenced.
-        spool: the SQLite file where charges wait while Redis is unreachable (shared by the
-            processes of one machine); ``None`` loses such charges (logged).
-        spool_options: keyword arguments for the spool's
-            :class:`~usage_middleware.reporter.Reporter` (e.g. ``retry_cooldown``).
+        spool: the outbox file where charges wait while Redis is unreachable (shared by the
+            processes of one machine; ``usage-middleware outbox --outbox FILE`` reads it);
+            ``None`` loses such charges (logged).
+        spool_options: keyword arguments for the outbox's
+            :class:`~usage_middleware.delivery.Reporter` (e.g. ``retry_cooldown``).
 
     Raises:
         ConfigurationError: redis-py is not installed ("install usage-middleware[redis]"),
@@ -350,7 +345,7 @@ class RedisLedger(Ledger):
         )
         self.failure_policy: FailurePolicy = failure_policy
         self._clock: Callable[[], datetime] = now or functools.partial(datetime.now, UTC)
-        self._spool_path = None if spool is None else os.fspath(spool)
+        self._outbox_path = None if spool is None else os.fspath(spool)
         self._spool_options = dict(spool_options or {})
         self._tick = min(1.0, reservation_ttl / 3)
         # Set by open(), inside the running loop.
@@ -378,7 +373,8 @@ class RedisLedger(Ledger):
 
     @property
     def spool(self) -> Reporter | None:
-        """The spool's :class:`~usage_middleware.reporter.Reporter` (after :meth:`open`)."""
+        """The :class:`~usage_middleware.delivery.Reporter` of the outbox (``spool`` file)
+        that delivers charges Redis could not take, or ``None`` (after :meth:`open`)."""
         return self._reporter
 
     @property
@@ -406,7 +402,7 @@ class RedisLedger(Ledger):
         from redis.exceptions import RedisError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
-        from ..reporter import Reporter
+        from ..delivery import Reporter
 
         self._unreachable = (RedisConnectionError, RedisTimeoutError, OSError)
         self._redis_error = RedisError
@@ -430,8 +426,8 @@ class RedisLedger(Ledger):
             for name in ("RESERVE", "CHARGE", "RELEASE", "RENEW", "GRANT", "USAGE")
         }
         reporter = None
-        if self._spool_path is not None:
-            reporter = Reporter(_Spooled(self), path=self._spool_path, **self._spool_options)
+        if self._outbox_path is not None:
+            reporter = Reporter(_RedisSink(self), path=self._outbox_path, **self._spool_options)
             try:
                 await reporter.open()
             except BaseException:
@@ -531,21 +527,21 @@ class RedisLedger(Ledger):
         self._forget(reservation, charged=True)
         event = reservation.event
         if time.monotonic() < self._down_until:
-            self._spool(event, "redis is unreachable")
+            self._to_outbox(event, "redis is unreachable")
             return
         try:
             reply = _script_reply(await self._charge(event, reservation.token), 3, "charge")
             status = _int(reply[0], "status")
         except asyncio.CancelledError:
-            self._spool(event, "the commit was cancelled")
+            self._to_outbox(event, "the commit was cancelled")
             raise
         except Exception as exc:
             if not self._failed(exc, "commit"):
                 raise
-            self._spool(event, "the commit failed")
+            self._to_outbox(event, "the commit failed")
             return
         if status < 0:
-            self._spool(event, "redis does not know the customer")
+            self._to_outbox(event, "redis does not know the customer")
 
     async def release(self, reservation: Reservation) -> None:
         """Give a reservation's hold back (one script call). Once only.
@@ -869,7 +865,7 @@ class RedisLedger(Ledger):
                     f"unknown customer {event.customer!r}", code="unknown_customer"
                 )
 
-    def _spool(self, event: UsageEvent, why: str) -> None:
+    def _to_outbox(self, event: UsageEvent, why: str) -> None:
         reporter = self._reporter
         if reporter is None:
             logger.error(

@@ -18,9 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
-from .._utils import is_sqlite_busy
+from .. import _sqlite
 from ..errors import ConfigurationError, LedgerError, PermanentProviderError
 from ..models import UNLIMITED, UsageEvent
 from ..pricing import DEFAULT_INTERVAL, Interval, Plan, Pricing, loads_pricing, period_bounds
@@ -177,7 +176,7 @@ class LedgerStore:
         self._conn: sqlite3.Connection | None = None
         self._read_only = False
         self._checkpoint_conn: sqlite3.Connection | None = None
-        self._waits = True
+        self._busy_wait: _sqlite.BusyWait | None = None
         self._rows: dict[tuple[str, str], dict[str, int]] = {}
         self._staged: dict[tuple[str, str, str], int] = {}
 
@@ -195,33 +194,29 @@ class LedgerStore:
         # event loop thread for short transactions with the busy timeout at 0 (see
         # LocalLedger._run). Checkpoints run on a connection of their own (checkpoint()).
         try:
-            conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-            )
+            conn = _sqlite.connect(self.path, timeout=BUSY_TIMEOUT)
         except sqlite3.Error as exc:
             raise cannot_open(self.path, exc) from exc
         self._conn = conn
         self._read_only = False
-        self._waits = True
+        self._busy_wait = _sqlite.BusyWait(conn, BUSY_TIMEOUT)
         try:
             try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                # No checkpoint inside a commit (it may fsync): checkpoint() runs them on
+                # the worker thread, every tick.
+                mode = _sqlite.wal(conn, "NORMAL", autocheckpoint=False)
             except sqlite3.Error as exc:
-                if isinstance(exc, sqlite3.OperationalError) and is_sqlite_busy(exc):
+                if _sqlite.is_busy(exc):
                     raise
                 raise cannot_open(self.path, exc) from exc
             if mode != "wal":
                 logger.warning("ledger %s: journal_mode is %s, not wal", self.path, mode)
-            conn.execute("PRAGMA synchronous=NORMAL")
-            # No checkpoint inside a commit (it may fsync): checkpoint() runs them on the
-            # worker thread, every tick.
-            conn.execute("PRAGMA wal_autocheckpoint=0")
             with self._write():
                 try:
                     for statement in _SCHEMA:
                         conn.execute(statement)
                 except sqlite3.Error as exc:
-                    if isinstance(exc, sqlite3.OperationalError) and is_sqlite_busy(exc):
+                    if _sqlite.is_busy(exc):
                         raise
                     raise cannot_open(self.path, exc) from exc
                 version = self._meta("schema")
@@ -254,10 +249,8 @@ class LedgerStore:
                 cannot write to, SQLite cannot create the ``-shm`` file it needs).
             ConfigurationError: the file's schema is newer than this package.
         """
-        uri = f"file:{quote(os.path.abspath(self.path))}?mode=ro"
-        conn = sqlite3.connect(
-            uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
-        )
+        conn = _sqlite.connect(self.path, timeout=BUSY_TIMEOUT, read_only=True)
+        self._busy_wait = _sqlite.BusyWait(conn, BUSY_TIMEOUT)
         self._conn = conn
         self._read_only = True
         try:
@@ -307,17 +300,15 @@ class LedgerStore:
 
     def wait_when_busy(self, wait: bool) -> None:
         """Set whether a locked file waits (up to ``BUSY_TIMEOUT``) or fails at once."""
-        if wait != self._waits:
-            self.conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000) if wait else 0}")
-            self._waits = wait
+        if self._busy_wait is None:
+            raise ConfigurationError("the ledger's database is not open")
+        self._busy_wait(wait)
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database (PASSIVE: never blocks writers). Worker thread only."""
         if self._checkpoint_conn is None:
-            self._checkpoint_conn = sqlite3.connect(
-                self.path, timeout=BUSY_TIMEOUT, isolation_level=None
-            )
-        self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._checkpoint_conn = _sqlite.connect(self.path, timeout=BUSY_TIMEOUT)
+        _sqlite.checkpoint(self._checkpoint_conn)
 
     def close(self) -> None:
         """Give back every lease of this owner and close the connection."""
@@ -340,15 +331,11 @@ class LedgerStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
         self._staged = {}
         try:
-            yield
-            conn.execute("COMMIT")
+            with _sqlite.write(self.conn):
+                yield
         except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             self._staged = {}
             raise
         for (customer, feature, period), units in self._staged.items():
@@ -361,14 +348,8 @@ class LedgerStore:
                     del self._rows[customer, feature]
         self._staged = {}
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[None]:
-        conn = self.conn
-        conn.execute("BEGIN")
-        try:
-            yield
-        finally:
-            conn.execute("COMMIT")
+    def _read(self) -> contextlib.AbstractContextManager[None]:
+        return _sqlite.read(self.conn)
 
     # -- small reads and writes (inside a transaction) -----------------------------------
 

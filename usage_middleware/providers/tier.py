@@ -366,7 +366,7 @@ class TierProvider(RemoteProvider):
         A report cut off after it was sent may be counted twice (class doc), so the
         Reporter's per-call timeout is ``report_timeout`` plus 5 s, and at least its 30 s.
         """
-        from ..reporter import Reporter
+        from ..delivery import Reporter
 
         assert self.outbox is not None
         return Reporter(

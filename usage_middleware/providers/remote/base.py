@@ -7,7 +7,8 @@ base turns them into a fast and safe ``can``/``reserve``/``commit``/``report``: 
 entitlement cache with single-flight (``cache_ttl``, ``deny_ttl``, ``feature_ttl``),
 local accounting so a cached answer never lets one process overspend, a failure policy
 (``"open"``: serve and still charge; ``"closed"``: 503) with a circuit breaker, and
-delivery through the durable outbox (``outbox=None``: in memory, tests only). How and why:
+delivery through the durable outbox (``outbox=None``: the same Reporter over an outbox
+in memory, tests only). How and why:
 docs/architecture.md, "Remote providers".
 """
 
@@ -17,15 +18,14 @@ import asyncio
 import dataclasses
 import logging
 import os
-import random
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import cast
 
 import httpx
 from asgiref.typing import HTTPScope
 
+from ...delivery import Reporter
 from ...errors import (
     ConfigurationError,
     PermanentProviderError,
@@ -45,6 +45,7 @@ from ...provider import (
     FailurePolicy,
     Provider,
     ProviderState,
+    ReporterLike,
     clobber_refused,
     on_another_loop,
 )
@@ -59,35 +60,11 @@ from .breaker import CircuitBreaker
 from .cache import Key, SingleFlight, new_cache
 from .entitlement import Entitlement
 
-if TYPE_CHECKING:
-    from ...reporter import Reporter
-
 __all__ = ["RemoteProvider", "ReporterLike"]
 
 logger = logging.getLogger("usage_middleware.providers.remote")
 
 _POLICIES = ("open", "closed")
-
-
-class ReporterLike(Protocol):
-    """The shape of :class:`usage_middleware.reporter.Reporter` this module relies on."""
-
-    async def open(self) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-    def enqueue(self, event: UsageEvent) -> None: ...
-
-    async def prepare(self, event: UsageEvent) -> None: ...
-
-    async def prepare_alone(self, event: UsageEvent) -> None:
-        """:meth:`prepare` when no other prepare can join its group commit (one hold)."""
-
-    def confirm(self, event: UsageEvent) -> None: ...
-
-    async def cancel(self, event: UsageEvent) -> None: ...
-
-    def stats(self) -> object: ...
 
 
 class RemoteProvider(Provider):
@@ -198,7 +175,7 @@ class RemoteProvider(Provider):
         self._client = client
         self._owns_client = client is None
         self._outbox = outbox
-        self._delivery: ReporterLike | _MemoryDelivery | None = None
+        self._delivery: ReporterLike | None = None
         self._cache = new_cache(cache_size, clock)
         self._accounts = Accounts(sweep_at=2 * cache_size + 1024)
         self._flights = SingleFlight()
@@ -273,13 +250,12 @@ class RemoteProvider(Provider):
         )
 
     def make_reporter(self) -> ReporterLike:
-        """The durable delivery queue for ``outbox``: a ``usage_middleware.reporter.Reporter``.
+        """The durable delivery for ``outbox``: a :class:`~usage_middleware.delivery.Reporter`.
 
-        Called in :meth:`open` when ``outbox`` is not ``None``. Override to tune it, e.g.
+        Called in :meth:`open` when ``outbox`` is not ``None`` (``outbox=None`` runs a
+        Reporter over an outbox in memory). Override to tune it, e.g.
         ``Reporter(self, path=self.outbox, max_delay=0.2)``.
         """
-        from ...reporter import Reporter  # lazy: the reporter imports the provider base
-
         if self._outbox is None:
             raise ConfigurationError("make_reporter() needs an outbox path (outbox=None given)")
         return Reporter(
@@ -287,6 +263,21 @@ class RemoteProvider(Provider):
             path=self._outbox,
             drain_timeout=self.drain_timeout,
             max_retry_age=self.max_retry_age,
+        )
+
+    def _memory_reporter(self) -> Reporter:
+        """The Reporter for ``outbox=None``: an outbox in memory, each call cut off after
+        ``timeout``, a short cool-down after failed retries, no in-process retrying past
+        ``max_retry_age``, and delivered rows deleted at once (so :meth:`flush` sees them go)."""
+        return Reporter(
+            self,
+            path=None,
+            drain_timeout=self.drain_timeout,
+            max_retry_age=self.max_retry_age,
+            call_timeout=self.timeout,
+            retry_timeout=min(60.0, self.max_retry_age),
+            retry_cooldown=min(1.0, self.max_retry_age),
+            delete_delay=0.0,
         )
 
     # -- delivery ------------------------------------------------------------------------
@@ -345,7 +336,7 @@ class RemoteProvider(Provider):
 
         (Whatever :meth:`make_reporter` returned; tests may return a look-alike.)
         """
-        return cast("Reporter", self._delivery) if self._outbox is not None else None
+        return cast(Reporter, self._delivery) if self._outbox is not None else None
 
     async def open(self) -> None:
         """Create the HTTP client and start delivery, inside the running loop. Idempotent.
@@ -366,13 +357,13 @@ class RemoteProvider(Provider):
         created = None
         if self._client is None:
             created = self._client = self.make_client()
-        delivery: ReporterLike | _MemoryDelivery
+        delivery: ReporterLike
         if self._outbox is not None:
             delivery = self.make_reporter()
-        elif isinstance(self._delivery, _MemoryDelivery):  # reopened: keep what it queued
+        elif isinstance(self._delivery, Reporter):  # reopened: keep what it queued
             delivery = self._delivery
         else:
-            delivery = _MemoryDelivery(self, drain_timeout=self.drain_timeout)
+            delivery = self._memory_reporter()
         try:
             await delivery.open()
         except BaseException:
@@ -544,8 +535,6 @@ class RemoteProvider(Provider):
         delivery = self._delivery
         if delivery is None:
             return
-        if isinstance(delivery, _MemoryDelivery):
-            return  # nothing to make durable: commit enqueues it, release forgets it
         hold.prepared = True  # a cancelled prepare may have written: settle it either way
         # The only reservation held in this process: no other prepare can share a group
         # commit, so commit at once instead of waiting a loop turn for the writer.
@@ -602,7 +591,7 @@ class RemoteProvider(Provider):
 
         Returns whether it is empty. With an outbox, delivery is the Reporter's: True.
         """
-        if isinstance(self._delivery, _MemoryDelivery):
+        if self._outbox is None and isinstance(self._delivery, Reporter):
             return await self._delivery.drain(within)
         return True
 
@@ -817,166 +806,3 @@ def _policy(what: str, value: object) -> FailurePolicy:
     if value not in _POLICIES:
         raise ConfigurationError(f"{what} must be 'open' or 'closed', got {value!r}")
     return cast(FailurePolicy, value)
-
-
-#: Seconds the in-memory delivery waits after a quiet spell for more events to batch.
-_LINGER = 0.005
-
-
-class _MemoryDelivery:
-    """In-memory delivery for ``outbox=None``: one task, retries with backoff, not durable.
-
-    Batches up to ``provider.max_batch`` events; a permanent error on a batch of several
-    re-sends them one by one so only the bad event is dropped (and logged).
-    """
-
-    def __init__(self, provider: RemoteProvider, *, drain_timeout: float) -> None:
-        self._provider = provider
-        self._drain_timeout = drain_timeout
-        self._queue: deque[UsageEvent] = deque()
-        self._since: dict[str, float] = {}  # idempotency key -> monotonic first failure
-        self._wake: asyncio.Event | None = None
-        self._idle: asyncio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._solo = 0
-        self.sent = 0
-        self.retried = 0
-        self.dropped = 0
-
-    async def open(self) -> None:
-        wake, idle = self._wake, self._idle = asyncio.Event(), asyncio.Event()
-        idle.set()
-        self._task = asyncio.get_running_loop().create_task(self._run(wake, idle))
-
-    def enqueue(self, event: UsageEvent) -> None:
-        self._queue.append(event)
-        if self._wake is not None and self._idle is not None:
-            self._idle.clear()
-            self._wake.set()
-        else:
-            logger.error("outbox=None delivery is closed; charge %s lost", event.idempotency_key)
-
-    async def prepare(self, event: UsageEvent) -> None:
-        """Nothing to make durable in memory."""
-
-    def confirm(self, event: UsageEvent) -> None:
-        self.enqueue(event)
-
-    async def cancel(self, event: UsageEvent) -> None:
-        """Nothing was written at prepare."""
-
-    def stats(self) -> dict[str, int]:
-        return {
-            "queued": len(self._queue),
-            "sent": self.sent,
-            "retried": self.retried,
-            "dropped": self.dropped,
-        }
-
-    async def drain(self, within: float) -> bool:
-        if self._idle is None:
-            return not self._queue
-        try:
-            async with asyncio.timeout(within):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
-
-    async def aclose(self) -> None:
-        if self._task is None:
-            return
-        if on_another_loop(self._task):  # its loop is gone: keep the queue for a reopen
-            self._task = self._wake = self._idle = None
-            if self._queue:
-                logger.warning(
-                    "%s: %d charge(s) queued on an event loop that is gone are kept for "
-                    "the next open() (outbox=None)",
-                    self._provider.name,
-                    len(self._queue),
-                )
-            return
-        await self.drain(self._drain_timeout)
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = self._wake = self._idle = None
-        if self._queue:
-            logger.error(
-                "%s: %d charge(s) not delivered before close are lost (outbox=None)",
-                self._provider.name,
-                len(self._queue),
-            )
-
-    def _too_old(self, batch: list[UsageEvent], exc: Exception) -> bool:
-        """Drop (and log) the head event once retryable failures kept it queued longer than
-        ``max_retry_age``; whether it dropped one."""
-        now = time.monotonic()
-        for event in batch:
-            self._since.setdefault(event.idempotency_key, now)
-        head = batch[0]
-        age = now - self._since[head.idempotency_key]
-        if age <= self._provider.max_retry_age:
-            return False
-        self._queue.popleft()
-        self._since.pop(head.idempotency_key, None)
-        self._solo = max(0, self._solo - 1)
-        self.dropped += 1
-        logger.error(
-            "%s: charge %s undeliverable for %.0f s (max_retry_age); dropped (outbox=None): %s",
-            self._provider.name,
-            head.idempotency_key,
-            age,
-            exc,
-        )
-        return True
-
-    async def _run(self, wake: asyncio.Event, idle: asyncio.Event) -> None:
-        provider = self._provider
-        delay = 0.1
-        while True:
-            if not self._queue:
-                idle.set()
-                wake.clear()
-                await wake.wait()
-                # Let a batch gather: one report() per request cost each request ~30 us.
-                if len(self._queue) < provider.max_batch:
-                    await asyncio.sleep(_LINGER)
-                continue
-            size = 1 if self._solo else max(1, provider.max_batch)
-            batch = [self._queue[i] for i in range(min(size, len(self._queue)))]
-            try:
-                async with asyncio.timeout(provider.timeout):
-                    await provider.report(batch)
-            except PermanentProviderError as exc:
-                if len(batch) > 1:
-                    self._solo = len(batch)
-                    continue
-                self._queue.popleft()
-                self._since.pop(batch[0].idempotency_key, None)
-                self._solo = max(0, self._solo - 1)
-                self.dropped += 1
-                logger.error(
-                    "%s: charge %s rejected and dropped (outbox=None): %s",
-                    provider.name,
-                    batch[0].idempotency_key,
-                    exc,
-                )
-                continue
-            except Exception as exc:
-                if self._too_old(batch, exc):
-                    continue
-                self.retried += 1
-                hint = exc.retry_after if isinstance(exc, ProviderError) else None
-                wait = hint if hint is not None else delay * (0.5 + random.random())
-                delay = min(delay * 2, 30.0)
-                logger.warning(
-                    "%s: delivery failed (%s); retrying in %.1f s", provider.name, exc, wait
-                )
-                await asyncio.sleep(wait)
-                continue
-            delay = 0.1
-            for event in batch:
-                self._queue.popleft()
-                self._since.pop(event.idempotency_key, None)
-            self._solo = max(0, self._solo - len(batch))
-            self.sent += len(batch)
