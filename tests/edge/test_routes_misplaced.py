@@ -378,3 +378,21 @@ def test_trap_covers_methods_with_class_cells_and_defaults(
     response = asyncio.run(func(cls()))
     assert response.status_code == 500
     assert asyncio.run(wrapper.__wrapped__(cls())).status_code == 500
+
+
+async def test_misplaced_start_up_error_names_each_endpoint_once() -> None:
+    """The start-up error names a misplaced endpoint of a mounted sub-app once, though the
+    walk reaches the sub-app by more than one attribute."""
+    provider = RecordingProvider({("org:acme", "feature:a"): 100})
+    app = fastapi_app(provider)
+    sub = FastAPI()
+
+    @metered("feature:a")
+    @sub.get("/x")
+    async def x() -> dict[str, str]:
+        return {"served": "free"}
+
+    app.mount("/sub", sub)
+    sent = await run_lifespan(app)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert sent[0]["message"].count("'/sub/x'") == 1, sent[0]["message"]
