@@ -1091,3 +1091,60 @@ async def test_report_oversized_2xx_still_counts_as_delivered(fake: FakeTier) ->
     finally:
         await provider.aclose()
     assert fake.used("org:acme", "feature:convert") == 2
+
+
+async def test_always_ask_refusal_after_a_delivery_during_the_check_asks_again(
+    fake: FakeTier,
+) -> None:
+    """cache_ttl=0, limit 5, 4 used: a report delivered while /v1/limits was in flight
+    (Tier counted it, the answer is ambiguous) does not make the 5th request a 402; the
+    provider asks once more (exactly one extra /v1/limits) and allows it."""
+    import asyncio
+
+    fake.add_org("org:acme", {"feature:convert": 5})
+    report_gate = asyncio.Event()
+    during_limits = False
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal during_limits
+        if request.url.path == "/v1/report" and len(fake.reports) == 3:
+            await report_gate.wait()  # the 4th report lands during the 5th check
+        if request.url.path == "/v1/limits" and during_limits:
+            during_limits = False
+            report_gate.set()
+            account = provider._accounts[("org:acme", "feature:convert")]
+            for _ in range(1000):  # until the provider saw the 4th delivery complete
+                if account.delivered == 4:
+                    break
+                await asyncio.sleep(0.001)
+            assert account.delivered == 4
+        return fake.handle(request)
+
+    provider = TierProvider(
+        FAKE_URL,
+        client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        outbox=None,
+        cache_ttl=0,
+    )
+    await provider.open()
+    try:
+        for _ in range(4):
+            r = await provider.reserve("org:acme", "feature:convert", 1)
+            assert r.answer.ok
+            await provider.prepare(r)
+            await provider.commit(r)
+        account = provider._accounts[("org:acme", "feature:convert")]
+        for _ in range(1000):  # the first three delivered; the 4th waits at the gate
+            if account.delivered == 3 and account.pending == 1:
+                break
+            await asyncio.sleep(0.001)
+        assert (account.delivered, account.pending) == (3, 1)
+        during_limits = True
+        before = fake.paths().count("/v1/limits")
+        fifth = await provider.reserve("org:acme", "feature:convert", 1)
+        assert fifth.answer.ok, fifth.answer
+        assert fake.paths().count("/v1/limits") - before == 2  # one extra call, no more
+        await provider.release(fifth)
+    finally:
+        await provider.aclose()
+    assert fake.used("org:acme", "feature:convert") == 4
