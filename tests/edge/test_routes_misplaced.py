@@ -396,3 +396,23 @@ async def test_misplaced_start_up_error_names_each_endpoint_once() -> None:
     sent = await run_lifespan(app)
     assert sent[0]["type"] == "lifespan.startup.failed"
     assert sent[0]["message"].count("'/sub/x'") == 1, sent[0]["message"]
+
+
+def test_a_function_that_cannot_be_trapped_is_named_at_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the trap cannot be built, a WARNING names the function (it was DEBUG: silent)."""
+    from usage_middleware import decorator
+
+    def broken(code: Any) -> str:
+        raise SyntaxError("simulated")
+
+    monkeypatch.setattr(decorator, "_parameters_of", broken)
+
+    async def untrappable(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    with caplog.at_level(logging.WARNING, logger="usage_middleware"):
+        metered("feature:a")(untrappable)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("untrappable" in r.getMessage() for r in warned), caplog.records
