@@ -294,23 +294,23 @@ def _trap(func: Callable[..., Any]) -> Callable[..., Any]:
     for attr in ("__qualname__", "__module__", "__doc__", "__annotations__", "__type_params__"):
         if hasattr(func, attr):
             setattr(copy, attr, getattr(func, attr))
-    cells = [f"__usage_cell_{i}" for i in range(len(code.co_freevars))]
-    # the trap's body names every cell, so it has as many free variables as the original
-    # (``__code__`` can only be swapped for code with the same number)
-    uses_cells = f"({', '.join(cells)},)" if cells else "None"
-    source = (
-        f"def __usage_outer({', '.join(cells)}):\n"
-        f"    {'async ' if code.co_flags & inspect.CO_COROUTINE else ''}"
-        f"def __usage_trap({_parameters_of(code)}):\n"
-        f"        if False:\n"
-        f"            {uses_cells}\n"
-        f"        return __import__('sys').modules[{__name__!r}]._misplaced_call(\n"
-        f"            {func.__qualname__!r}, {func.__module__!r})\n"
-        f"    return __usage_trap\n"
-    )
     if trapped is not None:
         return copy
     try:
+        cells = [f"__usage_cell_{i}" for i in range(len(code.co_freevars))]
+        # the trap's body names every cell, so it has as many free variables as the original
+        # (``__code__`` can only be swapped for code with the same number)
+        uses_cells = f"({', '.join(cells)},)" if cells else "None"
+        source = (
+            f"def __usage_outer({', '.join(cells)}):\n"
+            f"    {'async ' if code.co_flags & inspect.CO_COROUTINE else ''}"
+            f"def __usage_trap({_parameters_of(code)}):\n"
+            f"        if False:\n"
+            f"            {uses_cells}\n"
+            f"        return __import__('sys').modules[{__name__!r}]._misplaced_call(\n"
+            f"            {func.__qualname__!r}, {func.__module__!r})\n"
+            f"    return __usage_trap\n"
+        )
         namespace: dict[str, Any] = {}
         exec(compile(source, f"<@metered trap of {func.__qualname__}>", "exec"), namespace)
         trap = namespace["__usage_outer"](*cells).__code__
