@@ -217,7 +217,7 @@ def _wrap(
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"@metered cannot read the signature of {original!r}") from exc
     if call is None:
-        call = _trap(original, sig)
+        call = _trap(original)
 
     request_name = _request_param(call, sig)
     hidden = request_name is None
@@ -273,7 +273,7 @@ def _wrap(
     return wrapper
 
 
-def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any]:
+def _trap(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn ``func`` into a trap (see the module docstring); return what runs its body.
 
     A plain function gets a code object with the same parameters (so its signature, as
@@ -294,27 +294,23 @@ def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any
     for attr in ("__qualname__", "__module__", "__doc__", "__annotations__", "__type_params__"):
         if hasattr(func, attr):
             setattr(copy, attr, getattr(func, attr))
-    cells = [f"__usage_cell_{i}" for i in range(len(code.co_freevars))]
-    bare = sig.replace(
-        parameters=[
-            p.replace(annotation=inspect.Parameter.empty, default=inspect.Parameter.empty)
-            for p in sig.parameters.values()
-        ],
-        return_annotation=inspect.Signature.empty,
-    )
-    source = (
-        f"def __usage_outer({', '.join(cells)}):\n"
-        f"    {'async ' if code.co_flags & inspect.CO_COROUTINE else ''}"
-        f"def __usage_trap{bare}:\n"
-        f"        if False:\n"
-        f"            ({', '.join(cells)},)\n"
-        f"        return __import__('sys').modules[{__name__!r}]._misplaced_call(\n"
-        f"            {func.__qualname__!r}, {func.__module__!r})\n"
-        f"    return __usage_trap\n"
-    )
     if trapped is not None:
         return copy
     try:
+        cells = [f"__usage_cell_{i}" for i in range(len(code.co_freevars))]
+        # the trap's body names every cell, so it has as many free variables as the original
+        # (``__code__`` can only be swapped for code with the same number)
+        uses_cells = f"({', '.join(cells)},)" if cells else "None"
+        source = (
+            f"def __usage_outer({', '.join(cells)}):\n"
+            f"    {'async ' if code.co_flags & inspect.CO_COROUTINE else ''}"
+            f"def __usage_trap({_parameters_of(code)}):\n"
+            f"        if False:\n"
+            f"            {uses_cells}\n"
+            f"        return __import__('sys').modules[{__name__!r}]._misplaced_call(\n"
+            f"            {func.__qualname__!r}, {func.__module__!r})\n"
+            f"    return __usage_trap\n"
+        )
         namespace: dict[str, Any] = {}
         exec(compile(source, f"<@metered trap of {func.__qualname__}>", "exec"), namespace)
         trap = namespace["__usage_outer"](*cells).__code__
@@ -326,9 +322,40 @@ def _trap(func: Callable[..., Any], sig: inspect.Signature) -> Callable[..., Any
         )
         func.__dict__[_CODE_ATTR] = code
     except Exception:  # unusual parameters or code: leave it untrapped (the walk remains)
-        logger.debug("usage_middleware: cannot trap %r", func, exc_info=True)
+        logger.warning(
+            "usage_middleware: cannot guard %s.%s against a misplaced @metered; if a route "
+            "decorator registered it before @metered ran, only the start-up route check "
+            "can catch that",
+            func.__module__,
+            func.__qualname__,
+            exc_info=True,
+        )
         return func
     return copy
+
+
+def _parameters_of(code: types.CodeType) -> str:
+    """``code``'s parameter list as source: same names and kinds, no defaults/annotations.
+
+    Defaults stay on the function object (``__defaults__``/``__kwdefaults__``), so the
+    trapped function's signature is unchanged.
+    """
+    names = code.co_varnames
+    positional = code.co_argcount
+    kw_only = code.co_kwonlyargcount
+    parts = list(names[:positional])
+    if code.co_posonlyargcount:
+        parts.insert(code.co_posonlyargcount, "/")
+    at = positional + kw_only
+    if code.co_flags & inspect.CO_VARARGS:
+        parts.append("*" + names[at])
+        at += 1
+    elif kw_only:
+        parts.append("*")
+    parts.extend(names[positional : positional + kw_only])
+    if code.co_flags & inspect.CO_VARKEYWORDS:
+        parts.append("**" + names[at])
+    return ", ".join(parts)
 
 
 def _misplaced_call(qualname: str, module: str | None) -> Response:

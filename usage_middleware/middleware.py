@@ -183,7 +183,17 @@ class _ReceiveWatch:
             self._wake()
 
     async def before_final_body(self) -> None:
-        """Let a watch started in this loop turn take its first step (see its reads)."""
+        """Let the watch take its first step before the final body is judged.
+
+        A request that never yielded since its units were held (a slow dependency or units
+        callable ran *before* the hold, then the endpoint returned without awaiting) has no
+        watch yet: it is started here, so a disconnect the server already knows of (its
+        ``receive`` answers at once) is seen before the charge.
+        """
+        handle = self._handle
+        if handle is not None and self._task is None and not self._wanted:
+            handle.cancel()  # scheduled, never ran: start it now
+            self.watch()
         if self._task is not None and not self._started:
             await asyncio.sleep(0)
 

@@ -140,7 +140,9 @@ def misplaced_endpoints(app: object) -> list[str]:
     for _, endpoint, path in _walk(app):
         if _misplaced(endpoint):
             name = getattr(endpoint, "__qualname__", repr(endpoint))
-            problems.append(f"{name} (path {path!r})")
+            problem = f"{name} (path {path!r})"
+            if problem not in problems:  # a mount is reached through .app and .router
+                problems.append(problem)
     return problems
 
 
@@ -151,7 +153,9 @@ def clobber_endpoints(app: object) -> list[str]:
         specs = getattr(endpoint, "__usage_specs__", ())
         if any(getattr(spec, "clobber", False) for spec in specs):
             name = getattr(endpoint, "__qualname__", repr(endpoint))
-            found.append(f"{name} (path {path!r})")
+            entry = f"{name} (path {path!r})"
+            if entry not in found:
+                found.append(entry)
     return found
 
 

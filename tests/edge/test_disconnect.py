@@ -14,10 +14,11 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
+from fastapi import Depends, FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
@@ -417,4 +418,54 @@ async def test_watch_hands_a_receive_error_to_the_app(provider: RecordingProvide
         await asyncio.wait_for(_message_app(provider)(scope, receive, send), 10)
     assert calls == 1  # read once, by the watch; the route got that error
     assert provider.charged_units("org:acme", "feature:a") == 0
+    provider.assert_settled()
+
+
+# -- a client gone while the request waited *before* its units were held (issue: review F1) --
+
+
+async def _slow_user() -> str:
+    """A slow FastAPI dependency (an authentication call, say)."""
+    await asyncio.sleep(ROUTE_SECONDS)
+    return "user"
+
+
+async def _slow_units(request: Request) -> int:
+    """A slow async units callable."""
+    await asyncio.sleep(ROUTE_SECONDS)
+    return 1
+
+
+def make_fastapi_app(provider: RecordingProvider) -> Any:
+    """Endpoints that wait only before the check, then return without awaiting anything."""
+    app = FastAPI()
+
+    @app.post("/dep")
+    @metered("feature:a")
+    async def dep(user: Annotated[str, Depends(_slow_user)]) -> dict[str, str]:
+        return {"user": user}
+
+    @app.post("/units")
+    @metered("feature:a", units=_slow_units)
+    async def units() -> dict[str, bool]:
+        return {"ok": True}
+
+    app.add_middleware(UsageMiddleware, provider=provider, customer=by_header)
+    return app
+
+
+@pytest.mark.parametrize("http", HTTP_IMPLS)
+@pytest.mark.parametrize("path", ["/dep", "/units"])
+async def test_client_gone_during_a_slow_dependency_is_not_charged(
+    provider: RecordingProvider, http: str, path: str
+) -> None:
+    """Clients that time out during a slow dependency or units callable, before the units
+    are held, are not charged when the endpoint then answers without awaiting anything."""
+    n, m = 3, 2
+    async with serve(make_fastapi_app(provider), http=http) as url:
+        statuses = await impatient_and_patient(url, path, impatient=n, patient=m, json={})
+        assert statuses == [200] * m
+        await all_settled(provider, n + m)
+    assert provider.charged_units("org:acme", "feature:a") == m
+    assert len(provider.ops("release")) == n
     provider.assert_settled()

@@ -296,3 +296,123 @@ async def test_one_function_metered_twice_for_two_routes_serves_both() -> None:
         b = await c.get("/b", params={"n": 3})
     assert (a.status_code, a.json(), b.status_code, b.json()) == (200, {"n": 2}, 200, {"n": 3})
     assert provider.charged == {("org:acme", "feature:a"): 1, ("org:acme", "feature:b"): 1}
+
+
+# -- closure-free module-level functions are trapped too (review F2) --
+
+RAN_PLAIN: list[str] = []  # a global, not a closure cell: these functions have no free vars
+
+
+async def plain_async(request: Request) -> Response:
+    RAN_PLAIN.append("async")
+    return PlainTextResponse("served free")
+
+
+def plain_sync(request: Request, n: int = 1, *, k: str = "x") -> Response:
+    RAN_PLAIN.append("sync")
+    return PlainTextResponse("served free")
+
+
+@pytest.mark.parametrize("endpoint", [plain_async, plain_sync], ids=["async", "sync"])
+async def test_closure_free_module_function_is_refused_where_no_walk_reaches(
+    endpoint: Any,
+) -> None:
+    """A module-level function with no free variables, registered before @metered ran and
+    served behind an opaque ASGI callable, answers the 500 problem and never runs."""
+    RAN_PLAIN.clear()
+    sig = inspect.signature(endpoint)
+    inner = Starlette(routes=[Route("/plain", endpoint)])
+    metered("feature:a")(endpoint)  # the wrapper is thrown away: @metered above the route
+    assert inspect.signature(endpoint) == sig  # what frameworks read is unchanged
+
+    async def opaque(scope: Any, receive: Any, send: Any) -> None:  # no .app/.routes
+        await inner(scope, receive, send)
+
+    provider = RecordingProvider({("org:acme", "feature:a"): 100})
+    app = Starlette(
+        routes=[Mount("/", app=opaque)],
+        middleware=[
+            Middleware(
+                UsageMiddleware, provider=provider, customer=customer_from_header("X-Customer")
+            )
+        ],
+    )
+    sent = await run_lifespan(app)
+    assert sent[0]["type"] == "lifespan.startup.complete"  # the walk cannot see it...
+    async with client(app) as c:
+        r = await c.get("/plain")
+    assert r.status_code == 500 and r.json()["type"] == problems.MISPLACED_DECORATOR
+    assert "served free" not in r.text
+    assert RAN_PLAIN == [] and provider.charged == {}  # ...and it is refused all the same
+
+
+class _Base:
+    def answer(self) -> str:
+        return "base"
+
+
+class _Child(_Base):
+    async def answer(self, x: int = 1, *, y: int = 2) -> str:  # type: ignore[override]
+        return super().answer()  # a __class__ cell
+
+
+class _Plain:
+    async def answer(self, x: int = 1, /, *args: int, y: int = 2, **kw: int) -> str:
+        return "free"  # no free variables
+
+
+@pytest.mark.parametrize("cls", [_Child, _Plain])
+def test_trap_covers_methods_with_class_cells_and_defaults(
+    caplog: pytest.LogCaptureFixture, cls: type
+) -> None:
+    """A method (with a __class__ cell, or closure-free) with defaults, kw-only defaults,
+    *args and **kw is trapped with its signature unchanged; nothing logged untrappable."""
+    import asyncio
+
+    func = cls.__dict__["answer"]
+    sig, code = inspect.signature(func), func.__code__
+    with caplog.at_level(logging.WARNING, logger="usage_middleware"):
+        wrapper = metered("feature:a")(func)
+    assert func.__code__ is not code and inspect.signature(func) == sig
+    assert not [r for r in caplog.records if "cannot guard" in r.getMessage()]
+    response = asyncio.run(func(cls()))
+    assert response.status_code == 500
+    assert asyncio.run(wrapper.__wrapped__(cls())).status_code == 500
+
+
+async def test_misplaced_start_up_error_names_each_endpoint_once() -> None:
+    """The start-up error names a misplaced endpoint of a mounted sub-app once, though the
+    walk reaches the sub-app by more than one attribute."""
+    provider = RecordingProvider({("org:acme", "feature:a"): 100})
+    app = fastapi_app(provider)
+    sub = FastAPI()
+
+    @metered("feature:a")
+    @sub.get("/x")
+    async def x() -> dict[str, str]:
+        return {"served": "free"}
+
+    app.mount("/sub", sub)
+    sent = await run_lifespan(app)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert sent[0]["message"].count("'/sub/x'") == 1, sent[0]["message"]
+
+
+def test_a_function_that_cannot_be_trapped_is_named_at_warning(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the trap cannot be built, a WARNING names the function (it was DEBUG: silent)."""
+    from usage_middleware import decorator
+
+    def broken(code: Any) -> str:
+        raise SyntaxError("simulated")
+
+    monkeypatch.setattr(decorator, "_parameters_of", broken)
+
+    async def untrappable(request: Request) -> Response:
+        return PlainTextResponse("x")
+
+    with caplog.at_level(logging.WARNING, logger="usage_middleware"):
+        metered("feature:a")(untrappable)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("untrappable" in r.getMessage() for r in warned), caplog.records

@@ -524,3 +524,26 @@ def test_outbox_numbers_beyond_sqlite_are_one_line_errors(
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("usage-middleware: error:")
     assert "Traceback" not in err
+
+
+def test_plans_prints_a_dash_for_a_plan_without_title(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`plans` shows "-" in TITLE for a plan with no title, not the plan id again."""
+    pricing = tmp_path / "pricing.json"
+    pricing.write_text(
+        json.dumps(
+            {
+                "plans": {
+                    "plan:bare@1": {"features": {"feature:x": {"tiers": [{"upto": 3}]}}},
+                    "plan:named@1": {"title": "Named", "features": {"feature:y": {}}},
+                }
+            }
+        )
+    )
+    code, out, err = run(capsys, "--pricing", pricing, "plans")
+    assert (code, err) == (0, ""), err
+    bare = next(line for line in out.splitlines() if line.startswith("plan:bare@1"))
+    named = next(line for line in out.splitlines() if line.startswith("plan:named@1"))
+    assert re.split(r"\s{2,}", bare.strip())[1] == "-"
+    assert re.split(r"\s{2,}", named.strip())[1] == "Named"

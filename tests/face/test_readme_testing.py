@@ -41,6 +41,7 @@ def test_free_plan_allows_two_conversions_a_month(usage_ledger):
     usage_ledger.assert_charged("org:acme", "feature:convert", 3)
 
 
+@pytest.mark.asyncio  # needs pytest-asyncio (or use anyio's @pytest.mark.anyio)
 async def test_failed_request_is_not_charged(make_usage_ledger):
     """A request that raises is not charged (an async test over httpx's ASGITransport)."""
     kit = make_usage_ledger(PRICING, customers={"org:acme": "plan:free@1"})

@@ -294,3 +294,34 @@ def test_readme_testing_example_is_the_test_file_that_runs() -> None:
     block = block[: block.index("```\n")]
     source = (ROOT / "tests" / "face" / "test_readme_testing.py").read_text()
     assert block == source.split("\n", 2)[2].lstrip("\n")
+
+
+def test_readme_testing_example_runs_as_copied_outside_the_repo(tmp_path: Path) -> None:
+    """The README's test file, copied to a directory without this repo's configuration
+    (pytest-asyncio in strict mode, its default), runs both tests and passes."""
+    copy = tmp_path / "test_readme_testing.py"
+    copy.write_text((ROOT / "tests" / "face" / "test_readme_testing.py").read_text())
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "asyncio_mode=strict",
+            "-o",
+            "asyncio_default_fixture_loop_scope=function",
+            "--rootdir",
+            str(tmp_path),
+            str(copy),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0 and "2 passed" in result.stdout, result.stdout + result.stderr

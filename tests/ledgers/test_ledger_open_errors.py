@@ -63,3 +63,21 @@ def test_startup_failure_names_the_file(tmp_path: Path) -> None:
             asyncio.run(middleware({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send))
         assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
         assert str(path) in sent[0]["message"] and fix in sent[0]["message"], sent
+
+
+def test_a_device_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A path that exists but is not a regular file (a FIFO, like /dev/null) is refused
+    naming it, and no -journal/-wal file is created next to it."""
+    import os
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    async def open_it() -> None:
+        async with LocalLedger(fifo):
+            pass
+
+    with pytest.raises(ConfigurationError) as info:
+        asyncio.run(asyncio.wait_for(open_it(), 10))
+    assert str(fifo) in str(info.value) and "not a regular file" in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]

@@ -653,3 +653,46 @@ def test_bad_settings_are_configuration_errors(argument: str, value: float) -> N
     """A bad RedisLedger setting is a ConfigurationError at construction (no server needed)."""
     with pytest.raises(ConfigurationError, match=argument):
         RedisLedger(spool=None, **{argument: value})
+
+
+async def test_reserves_lost_in_a_redis_stall_leave_no_orphan_holds(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """Reserves that time out while Redis is stopped (SIGSTOP) and that Redis runs once it
+    resumes leave no hold behind: the next request is allowed, not a 402 with used 0."""
+    import signal
+
+    assert server.process is not None
+    async with opened(
+        server, tmp_path, timeout=0.5, retry_after=0.2, failure_policy="closed"
+    ) as ledger:
+        await ledger.subscribe(ACME, "plan:free@1")  # 10 units
+        warm = await asyncio.gather(*(ledger.reserve(ACME, CONVERT) for _ in range(10)))
+        assert all(r.answer.ok for r in warm)  # ten pooled connections, ready to send
+        for r in warm[1:]:
+            await ledger.release(r)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            stalled = await asyncio.gather(*(ledger.reserve(ACME, CONVERT) for _ in range(10)))
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert [r.answer.ok for r in stalled] == [False] * 10  # 503s while stopped
+        client = raw_client(server)
+        try:
+            holds = f"um:{{{ACME}}}:holds:{CONVERT}"
+
+            assert await client.ping()  # Redis runs what it had queued before answering
+
+            async def allowed() -> bool:
+                r = await ledger.reserve(ACME, CONVERT)
+                if r.answer.ok:
+                    await ledger.release(r)
+                    return True
+                assert r.answer.err is not None, r.answer  # 503 until retry_after; never 402
+                return False
+
+            await eventually(allowed, 5)  # well before reservation_ttl (30 s)
+            members = [m for m in await client.zrange(holds, 0, -1) if not m.startswith("=")]
+            assert len(members) == 1  # only the first, still unsettled, reservation
+        finally:
+            await client.aclose()

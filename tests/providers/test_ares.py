@@ -675,3 +675,23 @@ async def test_middleware_serves_charges_and_refuses_with_402(world: World, char
     # "after": the failed request is not charged; "before": it was charged up front.
     assert world.ares.charged(rich) == (6 if charge == "after" else 12)
     assert world.ares.charged(poor) == 0
+
+
+async def test_a_2xx_usage_answer_that_is_not_json_is_not_a_delivery(
+    world: World, opened: list[AresProvider], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 200 HTML page (a wrong base URL, a portal) to the usage POST is a retryable failure
+    logged naming the base URL, not a delivered charge; ARES's JSON answer is one."""
+    provider = await start(opened, world.provider(tokens=world.clerk_source()))
+    ares_id = world.clerk.connect("user_h", credits=100)
+    html = httpx.Response(
+        200, content=b"<html>welcome</html>", headers={"content-type": "text/html"}
+    )
+    world.ares.fail_next("/v1/partner/usage", html)
+    with caplog.at_level(logging.WARNING, logger="usage_middleware"):
+        with pytest.raises(RetryableProviderError):
+            await provider.report([UsageEvent("user_h", "feature:a", 2)])
+    assert any(ARES_URL in r.getMessage() for r in caplog.records)
+    assert world.ares.charged(ares_id) == 0
+    await provider.report([UsageEvent("user_h", "feature:a", 2)])  # the retry lands once
+    assert world.ares.charged(ares_id) == 2

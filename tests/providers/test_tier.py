@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -1040,3 +1041,110 @@ def test_drain_timeout_reaches_the_outbox_reporter(tmp_path: Path) -> None:
     """RemoteProvider(drain_timeout=...) sets how long the durable outbox drains at close."""
     tier = TierProvider(FAKE_URL, drain_timeout=30, outbox=tmp_path / "outbox.db")
     assert tier.make_reporter().drain_timeout == 30
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.Response(200, content=b"<html>app</html>", headers={"content-type": "text/html"}),
+        httpx.Response(200, content=b""),
+        httpx.Response(200, content=b"[]"),
+    ],
+    ids=["html", "empty", "json-array"],
+)
+async def test_report_2xx_that_is_not_a_json_object_is_not_delivered(
+    fake: FakeTier, tier: TierProvider, caplog: pytest.LogCaptureFixture, answer: httpx.Response
+) -> None:
+    """A 200 to /v1/report whose body is not a JSON object (§2: Tier answers `{}`) is a
+    retryable failure logged naming the base URL, not a delivered report."""
+    fake.add_org("org:acme", {"feature:convert": 10})
+    fake.inject("/v1/report", answer)
+    with caplog.at_level(logging.WARNING, logger="usage_middleware"):
+        with pytest.raises(RetryableProviderError) as info:
+            await tier.report([_event(units=3)])
+    assert info.value.code == "invalid_response" and FAKE_URL in str(info.value)
+    assert any(FAKE_URL in r.getMessage() for r in caplog.records)
+    await tier.report([_event(units=3)])  # Tier's own `{}` is a delivery
+    assert fake.used("org:acme", "feature:convert") == 3
+
+
+async def test_report_oversized_2xx_still_counts_as_delivered(fake: FakeTier) -> None:
+    """A 2xx report answer too large to read still counts as delivered (issue 12.4: a
+    resend could count twice); only a readable non-object body is refused."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/report":
+            fake.handle(request)
+            return httpx.Response(200, content=b"<" + b"x" * 4096)
+        return fake.handle(request)
+
+    fake.add_org("org:acme", {"feature:convert": 10})
+    provider = TierProvider(
+        FAKE_URL,
+        client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        outbox=None,
+        max_body=1024,
+    )
+    await provider.open()
+    try:
+        await provider.report([_event(units=2)])
+    finally:
+        await provider.aclose()
+    assert fake.used("org:acme", "feature:convert") == 2
+
+
+async def test_always_ask_refusal_after_a_delivery_during_the_check_asks_again(
+    fake: FakeTier,
+) -> None:
+    """cache_ttl=0, limit 5, 4 used: a report delivered while /v1/limits was in flight
+    (Tier counted it, the answer is ambiguous) does not make the 5th request a 402; the
+    provider asks once more (exactly one extra /v1/limits) and allows it."""
+    import asyncio
+
+    fake.add_org("org:acme", {"feature:convert": 5})
+    report_gate = asyncio.Event()
+    during_limits = False
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal during_limits
+        if request.url.path == "/v1/report" and len(fake.reports) == 3:
+            await report_gate.wait()  # the 4th report lands during the 5th check
+        if request.url.path == "/v1/limits" and during_limits:
+            during_limits = False
+            report_gate.set()
+            account = provider._accounts[("org:acme", "feature:convert")]
+            for _ in range(1000):  # until the provider saw the 4th delivery complete
+                if account.delivered == 4:
+                    break
+                await asyncio.sleep(0.001)
+            assert account.delivered == 4
+        return fake.handle(request)
+
+    provider = TierProvider(
+        FAKE_URL,
+        client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        outbox=None,
+        cache_ttl=0,
+    )
+    await provider.open()
+    try:
+        for _ in range(4):
+            r = await provider.reserve("org:acme", "feature:convert", 1)
+            assert r.answer.ok
+            await provider.prepare(r)
+            await provider.commit(r)
+        account = provider._accounts[("org:acme", "feature:convert")]
+        for _ in range(1000):  # the first three delivered; the 4th waits at the gate
+            if account.delivered == 3 and account.pending == 1:
+                break
+            await asyncio.sleep(0.001)
+        assert (account.delivered, account.pending) == (3, 1)
+        during_limits = True
+        before = fake.paths().count("/v1/limits")
+        fifth = await provider.reserve("org:acme", "feature:convert", 1)
+        assert fifth.answer.ok, fifth.answer
+        assert fake.paths().count("/v1/limits") - before == 2  # one extra call, no more
+        await provider.release(fifth)
+    finally:
+        await provider.aclose()
+    assert fake.used("org:acme", "feature:convert") == 4

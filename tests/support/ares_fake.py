@@ -64,7 +64,9 @@ CLIENT_ID = "partner-app-client-id"
 #: ASSUMPTION: the status ARES answers a usage POST the user cannot pay for (unknown, §5).
 INSUFFICIENT_STATUS = 402
 
-Failure = int | BaseException | type[BaseException] | Literal["timeout_after_charge"]
+Failure = (
+    int | BaseException | type[BaseException] | httpx.Response | Literal["timeout_after_charge"]
+)
 
 
 @dataclass
@@ -195,6 +197,8 @@ class FakeAres:
                 after_charge = True
             elif isinstance(item, int):
                 return _json(item, {"error": "Internal Server Error"})
+            elif isinstance(item, httpx.Response):
+                return item  # something else answered: nothing charged
             else:
                 _raise(item, request)
         if path == "/v1/user":

@@ -129,14 +129,16 @@ def render_plans(pricing: Pricing) -> str:
     for name in sorted(pricing.plans):
         plan = pricing.plans[name]
         features = sorted(plan.features.values(), key=lambda f: f.name)
+        # Plan.title falls back to the plan id: no title in the file shows as "-"
+        title = plan.title if plan.title and plan.title != name else "-"
         if not features:
-            body.append((name, plan.title or "", plan.interval, "-", "-"))
+            body.append((name, title, plan.interval, "-", "-"))
         for i, feature in enumerate(features):
             first = i == 0
             body.append(
                 (
                     name if first else "",
-                    (plan.title or "") if first else "",
+                    title if first else "",
                     plan.interval if first else "",
                     feature.name,
                     _units(feature.limit),

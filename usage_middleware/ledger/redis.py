@@ -147,6 +147,8 @@ logger = logging.getLogger("usage_middleware.ledger")
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 INSTALL_HINT: Final = "RedisLedger needs redis-py: install usage-middleware[redis]"
 
+#: Reserves with a lost reply remembered at most (beyond: the oldest are left to expire).
+_MAX_ORPHANS: Final = 100_000
 _INTERVAL_INDEX: Final = {interval: index for index, interval in enumerate(INTERVALS, 1)}
 _LOG_EVERY = 5.0  # seconds between repeated log lines about one kind of failure
 _RECANCEL_EVERY = 0.5  # seconds between cancels of a task that swallowed one (see _stop)
@@ -365,6 +367,11 @@ class RedisLedger(Ledger):
             weakref.WeakKeyDictionary()
         )
         self._lost: weakref.WeakSet[Reservation] = weakref.WeakSet()  # holds Redis lost
+        # Reserves whose reply was lost (timeout, broken connection, cancel): Redis may
+        # still run them when it resumes, leaving a hold nobody settles. (holds key, the
+        # members it may have added: one per period the script could pick), released
+        # once Redis answers again.
+        self._orphans: list[tuple[str, tuple[str, ...]]] = []
         self._down_until = 0.0
         self._down_error: RetryableProviderError | None = None
         self._logged: dict[str, float] = {}
@@ -695,16 +702,19 @@ class RedisLedger(Ledger):
             return self._unavailable(event, self._down_error, self._down_until - t)
         base = f"{self._prefix}{{{customer}}}:"
         holds = f"{base}holds:{feature}"
+        terms = self._terms(feature, at)
+        sent = False
         try:
             if not self._synced and not self._pricing_given:
                 await self._sync_pricing()
+            if self._orphans:
+                await self._release_orphans()
+            sent = hold
             result = await self._scripts["RESERVE"](
                 keys=[base + "sub", base + "credits", base + "usage", holds],
-                args=[
-                    feature, units, event.idempotency_key if hold else "", self._ttl_ms,
-                    self._terms(feature, at),
-                ],
+                args=[feature, units, event.idempotency_key if hold else "", self._ttl_ms, terms],
             )  # fmt: skip
+            sent = False
             status, limit, used, balance, held, period, in_plan = _script_reply(
                 result, 7, "the reserve script"
             )
@@ -713,8 +723,10 @@ class RedisLedger(Ledger):
             used, balance = _int(used, "used"), _int(balance, "balance")
             if not isinstance(period, bytes | str):
                 raise _BadReply(f"unexpected period in a Redis reply: {period!r:.50}")
-        except Exception as exc:
-            if not self._failed(exc, "reserve"):
+        except BaseException as exc:
+            if sent:  # Redis may run it yet (or did, and the reply was lost)
+                self._orphan(holds, units, terms, event.idempotency_key)
+            if not isinstance(exc, Exception) or not self._failed(exc, "reserve"):
                 raise
             if isinstance(exc, self._unreachable):
                 return self._unavailable(event, self._down_error, None)
@@ -745,6 +757,46 @@ class RedisLedger(Ledger):
         reservation = Reservation(answer, event, (holds, member))
         self._outstanding[reservation] = (t, t)
         return reservation
+
+    def _orphan(self, holds: str, units: int, terms: bytes, key: str) -> None:
+        """Remember a reserve whose reply was lost, to release its hold when Redis is back.
+
+        The period in the hold's member is the script's choice (by the customer's plan):
+        every period it could pick is listed (releasing an absent member does nothing).
+        """
+        if len(self._orphans) >= _MAX_ORPHANS:
+            self._log_once(
+                "orphans", logging.WARNING,
+                "redis ledger: over %d reserves lost their reply; the oldest holds are "
+                "left to expire after reservation_ttl", _MAX_ORPHANS,
+            )  # fmt: skip
+            del self._orphans[: _MAX_ORPHANS // 10]
+        periods = terms.decode().split("\n")[: len(INTERVALS)]
+        members = tuple(dict.fromkeys(f"{units}:{period}:{key}" for period in periods))
+        self._orphans.append((holds, members))
+
+    async def _release_orphans(self) -> None:
+        """Release the holds reserves with a lost reply may have left (one pipeline)."""
+        orphans, self._orphans = self._orphans, []
+        if not orphans:
+            return
+        assert self._client is not None
+        try:
+            pipeline: Any = self._client.pipeline(transaction=False)
+            async with pipeline as pipe:
+                for holds, members in orphans:
+                    for member in members:
+                        await self._scripts["RELEASE"](keys=[holds], args=[member], client=pipe)
+                results = await pipe.execute()
+        except BaseException:
+            self._orphans[:0] = orphans  # Redis is still away: next time
+            raise
+        freed = sum(1 for r in results if r == 1)
+        logger.info(
+            "redis ledger: released %d holds left by %d reserves whose reply was lost",
+            freed,
+            len(orphans),
+        )
 
     def _unavailable(
         self, event: UsageEvent, error: RetryableProviderError | None, wait: float | None
@@ -1008,6 +1060,8 @@ class RedisLedger(Ledger):
             if time.monotonic() < self._down_until:
                 continue
             try:
+                if self._orphans:
+                    await self._release_orphans()
                 await self._renew()
                 if not self._synced or not self._pricing_given:
                     await self._sync_pricing()

@@ -193,6 +193,13 @@ class LedgerStore:
         # One connection, used by one thread at a time: the ledger's worker thread, or the
         # event loop thread for short transactions with the busy timeout at 0 (see
         # LocalLedger._run). Checkpoints run on a connection of their own (checkpoint()).
+        if self.path and os.path.exists(self.path) and not os.path.isdir(self.path):
+            if not os.path.isfile(self.path):  # /dev/null, a FIFO: refuse before SQLite
+                raise ConfigurationError(  # writes a -journal file next to it
+                    f"ledger file {os.path.abspath(self.path)!r} cannot be opened: it is not "
+                    "a regular file; pass the path of a ledger file (or of a new file), "
+                    "such as 'usage.db'"
+                )
         try:
             conn = _sqlite.connect(self.path, timeout=BUSY_TIMEOUT)
         except sqlite3.Error as exc:

@@ -257,6 +257,7 @@ async def send(
             chunks: list[bytes] = []
             size = 0
             over = False
+            oversized = False
             async for chunk in response.aiter_bytes():
                 size += len(chunk)
                 if size > max_body:
@@ -282,6 +283,7 @@ async def send(
                 response.status_code,
             )
             chunks = []
+            oversized = True
         else:
             raise RetryableProviderError(
                 f"{what}: answer larger than {max_body} bytes (HTTP {response.status_code});"
@@ -300,5 +302,50 @@ async def send(
         headers=kept,
         content=b"".join(chunks),
         request=response.request,
-        extensions={"http_version": response.http_version.encode("ascii", "replace")},
+        extensions={
+            "http_version": response.http_version.encode("ascii", "replace"),
+            OVERSIZED: oversized,
+        },
+    )
+
+
+#: In a :func:`send` response's ``extensions``: a 2xx whose body was too large and dropped.
+OVERSIZED = "usage_middleware.oversized"
+
+
+def charge_answer_error(
+    response: httpx.Response, what: str, base_url: str
+) -> RetryableProviderError | None:
+    """Why a 2xx answer to a charge is not the provider's acknowledgement, or ``None``.
+
+    A charge counts as delivered on a 2xx whose body is a JSON object (what Tier, ARES and
+    Spaire document), or one too large to read (``keep_oversized_success``: the provider
+    evidently took it, and resending could count it twice). Anything else (HTML, an empty
+    body, JSON that is not an object) is not the provider answering: a wrong base URL, a
+    proxy's or portal's page. The charge evidently never reached the provider, so it is a
+    retryable failure (logged at WARNING naming ``base_url``), not a delivery.
+    """
+    if response.extensions.get(OVERSIZED):
+        return None
+    try:
+        data = loads(response.content) if response.content else None
+    except ValueError:
+        data = None
+    if isinstance(data, dict):
+        return None
+    kind = response.headers.get("content-type", "no content type")
+    logger.warning(
+        "%s: HTTP %d answer is not a JSON object (%s, %d bytes): is %s the provider's base "
+        "URL? Not counted as delivered; it will be retried",
+        what,
+        response.status_code,
+        kind,
+        len(response.content),
+        base_url,
+    )
+    return RetryableProviderError(
+        f"{what}: HTTP {response.status_code} answer is not a JSON object ({kind}); "
+        f"is {base_url} the provider's base URL?",
+        status=response.status_code,
+        code="invalid_response",
     )

@@ -55,7 +55,7 @@ from ..provider import (
     clobber_unsupported,
     on_another_loop,
 )
-from ._http import loads, redirect_error, send, status_error, status_kind
+from ._http import charge_answer_error, loads, redirect_error, send, status_error, status_kind
 from .remote import Charge, Entitlement, RemoteProvider
 from .tokens import AccessToken, BearerTokenSource, TokenSource
 
@@ -478,7 +478,11 @@ class AresProvider(RemoteProvider):
             raise _ares_error(
                 response, "refused the usage", token, self.base_url, self.max_retry_after
             )
-        # Any 2xx is a charge; the docs' "Success" message is only logged when missing.
+        # A 2xx JSON object is a charge (§3: `{"message": "Success", "usage": {...}}`; the
+        # message is only logged when missing); any other 2xx body is not ARES answering.
+        error = charge_answer_error(response, "ARES POST /v1/partner/usage", self.base_url)
+        if error is not None:
+            raise error
         try:
             message = loads(response.content).get("message")
         except (ValueError, AttributeError):
@@ -592,7 +596,8 @@ class AresProvider(RemoteProvider):
                 refused it after one refresh.
             InsufficientCreditsError: the user cannot pay.
             PermanentProviderError: other 4xx, or a ``clobber`` event (ARES only deducts).
-            RetryableProviderError: 5xx, 429, network errors, a failing token service.
+            RetryableProviderError: 5xx, 429, network errors, a failing token service, a 2xx
+                whose body is not a JSON object (not ARES answering).
         """
         for event in events:
             if event.clobber:

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..models import UNLIMITED, UsageEvent
 from ..provider import FailurePolicy
-from ._http import loads, send, status_error, status_kind
+from ._http import charge_answer_error, loads, send, status_error, status_kind
 from .remote import Entitlement, RemoteProvider, ReporterLike
 
 __all__ = ["SIDECAR_URL", "TIER_CLOUD_URL", "FeatureLimit", "TierProvider"]
@@ -411,7 +411,9 @@ class TierProvider(RemoteProvider):
     async def send(self, events: Sequence[UsageEvent]) -> None:
         """Deliver one usage event: ``POST /v1/report`` with :func:`report_body` (§2).
 
-        Success is any 2xx (Tier answers ``{}`` as ``text/plain``). At most one event per
+        Success is a 2xx whose body is a JSON object (Tier answers ``{}`` as
+        ``text/plain``) or too large to read; a 2xx with any other body (an HTML page: the
+        base URL is not the sidecar) is a retryable failure, logged. At most one event per
         call (``max_batch``): a failed second report would make a retry of the first count
         twice. Tier cannot tell a duplicate: every delivered event counts (``None``).
 
@@ -420,7 +422,8 @@ class TierProvider(RemoteProvider):
             PermanentProviderError: Tier refused the event (400 ``org_not_found``,
                 ``feature_not_found``, ``invalid_request``...; ``TERR1050``), or the customer
                 is not an org id (not sent).
-            RetryableProviderError: network error, timeout, 401, 408, 429, 5xx.
+            RetryableProviderError: network error, timeout, 401, 408, 429, 5xx, a 2xx that
+                is not a JSON object.
         """
         if not events:
             return
@@ -732,10 +735,15 @@ class TierProvider(RemoteProvider):
             request_timeout=request_timeout,
         )
         if response.is_success:
+            if report:  # §2: the literal `{}`; a page from something else is no delivery
+                error = charge_answer_error(response, f"Tier {path}", self._base_url)
+                if error is not None:
+                    raise error
+                return None
             try:
                 return loads(response.content) if response.content else None
             except ValueError:
-                if report or path == "/v1/subscribe":
+                if path == "/v1/subscribe":
                     return None  # only `{}` is expected; the status is what counts
                 raise _bad_response(path, "not JSON") from None
         raise self._error(response, path)

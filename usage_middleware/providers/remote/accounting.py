@@ -118,16 +118,25 @@ class Account:
 class Entry:
     """A fetched entitlement plus the mark that tells which later charges it lacks."""
 
-    __slots__ = ("account", "ent", "fetched_at", "mark", "ttl")
+    __slots__ = ("account", "ambiguous", "ent", "fetched_at", "mark", "ttl")
 
     def __init__(
-        self, ent: Entitlement, fetched_at: float, mark: int, account: Account, ttl: float
+        self,
+        ent: Entitlement,
+        fetched_at: float,
+        mark: int,
+        account: Account,
+        ttl: float,
+        ambiguous: bool = False,
     ) -> None:
         self.ent = ent
         self.fetched_at = fetched_at  # when the answer arrived (for Answer.age and TTLs)
         self.mark = mark  # account.delivered total the provider's answer includes
         self.account = account
         self.ttl = ttl
+        #: deliveries completed while the fetch was in flight: the provider may have
+        #: counted them, but they are subtracted (conservative); a refusal asks again
+        self.ambiguous = ambiguous
 
     def unseen(self) -> int:
         """Units charged here that the provider's answer does not include: pending, plus

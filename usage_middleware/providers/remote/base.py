@@ -614,6 +614,13 @@ class RemoteProvider(Provider):
             if available(entry) >= units or now - entry.fetched_at < self._deny_ttl(feature):
                 return self._answer(entry, customer, feature, units, now, hold=hold)
         outcome = await self._flight(key, scope)
+        if isinstance(outcome, Entry) and outcome.ambiguous and available(outcome) < units:
+            # A refusal that may only come from deliveries completed during the fetch
+            # (subtracted, though the provider may have counted them): one more fetch,
+            # started after they completed, tells. Bounded to this one extra call.
+            again = await self._flight(key, scope)
+            if isinstance(again, Entry):
+                outcome = again
         if isinstance(outcome, Entry):
             return self._answer(outcome, customer, feature, units, None, hold=hold)
         if entry is not None:  # a refresh of a cached denial failed: keep denying
@@ -708,6 +715,7 @@ class RemoteProvider(Provider):
         # (in flight during it: not included). A provider whose fetch() itself subtracts
         # the deliveries its numbers lack is marked when fetch() returns instead.
         mark = None if self.fetch_subtracts_delivered else account.mark(started, self.balance_lag)
+        delivered = account.delivered
         try:
             async with asyncio.timeout(self.timeout):
                 ent = await self.fetch(customer, feature, scope=scope)
@@ -737,9 +745,10 @@ class RemoteProvider(Provider):
         if not ent.unlimited and ent.remaining <= 0:
             ttl = min(ttl, self.deny_ttl)
         now = self._clock()
+        ambiguous = mark is not None and account.delivered != delivered
         if mark is None:
             mark = account.delivered
-        entry = Entry(ent, now, mark, account, ttl)
+        entry = Entry(ent, now, mark, account, ttl, ambiguous)
         if ttl > 0 and self._state is ProviderState.OPEN:
             self._cache[key] = entry
         return entry
