@@ -28,6 +28,7 @@ from ..models import UsageEvent
 from ..outbox import DEFAULT_MAX_RETRY_AGE, MAX_NOT_BEFORE, Outbox, OutboxStatus
 from ..provider import DeliverySink, ProviderState, on_another_loop
 from ._state import CANCELLED, HELD, READY, Entry, log
+from .aggregate import DEFAULT_AGGREGATE_WINDOW, DEFAULT_MAX_MEMBERS
 from .group_commit import GroupCommit
 from .senders import Senders
 from .stats import ReporterStats
@@ -78,6 +79,11 @@ class Reporter(GroupCommit, Senders):
             replay it; ``outbox status`` counts the undelivered ones past the bound.
         max_retry_after: most seconds a provider's ``Retry-After`` pauses delivery; default
             ``provider.max_retry_after`` when it has one, else 300.
+        aggregate_window: for a sink with ``aggregates = True`` (see
+            :mod:`.aggregate`), seconds a charge may wait for others of its aggregate key
+            (the flush window; it replaces ``max_delay``): one report per key and window.
+        max_members: most charges summed into one aggregate (a window with more sends
+            at once).
 
     Raises:
         ConfigurationError: a setting out of range (``max_batch`` above the provider's cap).
@@ -107,6 +113,8 @@ class Reporter(GroupCommit, Senders):
         delete_delay: float = 0.1,
         max_retry_age: float = DEFAULT_MAX_RETRY_AGE,
         max_retry_after: float | None = None,
+        aggregate_window: float = DEFAULT_AGGREGATE_WINDOW,
+        max_members: int = DEFAULT_MAX_MEMBERS,
     ) -> None:
         cap = provider.max_batch
         if not isinstance(cap, int) or cap < 1:
@@ -121,6 +129,7 @@ class Reporter(GroupCommit, Senders):
         for name, value in (
             ("concurrency", concurrency),
             ("retry_attempts", retry_attempts),
+            ("max_members", max_members),
         ):
             if value < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {value}")
@@ -134,6 +143,7 @@ class Reporter(GroupCommit, Senders):
             ("wait_jitter", wait_jitter),
             ("retry_cooldown", retry_cooldown),
             ("delete_delay", delete_delay),
+            ("aggregate_window", aggregate_window),
         ):
             if seconds < 0:
                 raise ConfigurationError(f"{name} must be >= 0 seconds, got {seconds}")
@@ -180,6 +190,11 @@ class Reporter(GroupCommit, Senders):
         #: Whether the provider deduplicates resent events (Spaire's external_id); when
         #: not, a call cut off by call_timeout may have been counted: ambiguous.
         self._deduplicates = bool(getattr(provider, "deduplicates", True))
+        #: Whether the sink sums queued events of one aggregate key into one (Tier, ARES).
+        self._aggregates = bool(getattr(provider, "aggregates", False))
+        self._window = aggregate_window if self._aggregates else max_delay
+        self._max_members = max_members
+        self._full_at = max_members if self._aggregates else max_batch
         self._lease = lease
         self._poll_interval = poll_interval
         self._stats_interval = stats_interval

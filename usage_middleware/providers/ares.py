@@ -278,6 +278,8 @@ class AresProvider(RemoteProvider):
 
     name = "ares"
     max_batch = 1
+    #: Queued charges of one customer and feature go out summed, one report per window.
+    aggregates = True
     #: No idempotency key reaches the provider: a resent charge may count twice.
     deduplicates = False
     #: ARES deducts on the POST itself: its balance includes a delivered charge at once.

@@ -265,6 +265,8 @@ class TierProvider(RemoteProvider):
 
     name = "tier"
     max_batch = 1
+    #: Queued charges of one customer and feature go out summed, one report per window.
+    aggregates = True
     #: No idempotency key reaches the provider: a resent charge may count twice.
     deduplicates = False
     supports_clobber = True
