@@ -468,12 +468,15 @@ class Reporter(GroupCommit, Senders):
         """:meth:`prepare` for a caller that knows no other prepare can join this group
         commit (one request in flight): commit at once, inline, without waiting a turn of
         the event loop for the writer task. Falls back to :meth:`prepare`'s group commit
-        when the file is busy. Same guarantees as :meth:`prepare`.
+        when the file is busy, or when other callbacks are ready to run on the loop before
+        it polls again (requests read in the same iteration: their prepares join this
+        group commit instead of paying a transaction each). Same guarantees as
+        :meth:`prepare`.
         """
         key = event.idempotency_key
         if key in self._held:
             return
-        if self._state is not ProviderState.OPEN or self._closing:
+        if self._state is not ProviderState.OPEN or self._closing or _others_ready():
             await self.prepare(event)
             return
         entry = Entry(event, HELD, 0.0)
@@ -664,6 +667,14 @@ class Reporter(GroupCommit, Senders):
         self._owner = await self._sqlite.submit(self._outbox.register, self._lease)
         self._ready.clear()
         self._mark_dirty()
+
+
+def _others_ready() -> bool:
+    """Whether other callbacks will run on this loop before it polls for I/O again (and so
+    may prepare too). asyncio's loop keeps them in ``_ready``; a loop without it (uvloop)
+    counts as busy: the group commit then costs a loop turn, never a transaction each."""
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return ready is None or len(ready) > 0
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:
