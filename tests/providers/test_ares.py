@@ -675,3 +675,37 @@ async def test_middleware_serves_charges_and_refuses_with_402(world: World, char
     # "after": the failed request is not charged; "before": it was charged up front.
     assert world.ares.charged(rich) == (6 if charge == "after" else 12)
     assert world.ares.charged(poor) == 0
+
+
+async def test_queued_charges_go_out_summed_per_user_and_feature_never_mixed(
+    world: World, tmp_path: Path
+) -> None:
+    """Interleaved queued charges of two users x two features reach ARES as summed POSTs:
+    each user pays exactly their own credits, each POST carries one user's token and one
+    feature's label, in fewer POSTs than charges."""
+    u1, t1 = world.user(credits=10_000)
+    u2, t2 = world.user(credits=10_000)
+    provider = world.provider(outbox=tmp_path / "o.db", prices={"feature:a": 2, "feature:b": 3})
+    await provider.open()
+    try:
+        await provider.user("c1", scope=bearer(t1))  # the tokens delivery will use
+        await provider.user("c2", scope=bearer(t2))
+        reporter: Any = provider.reporter
+        for i in range(120):
+            reporter.enqueue(
+                UsageEvent(("c1", "c2")[i % 2], ("feature:a", "feature:b")[i % 3 % 2], 1)
+            )
+        await _wait_outbox(provider, lambda s: s.depth == 0)
+    finally:
+        await provider.aclose()
+    want = {"c1": 0, "c2": 0}
+    for i in range(120):
+        want[("c1", "c2")[i % 2]] += (2, 3)[i % 3 % 2]
+    assert world.ares.charged(u1) == want["c1"]
+    assert world.ares.charged(u2) == want["c2"]
+    posts = [r for r in world.ares.requests if r.url.path == "/v1/partner/usage"]
+    assert 4 <= len(posts) < 120
+    tokens = {t1, t2}
+    for r in posts:
+        assert r.headers["authorization"].removeprefix("Bearer ") in tokens
+        assert json.loads(r.content)["usage"] in {"feature:a", "feature:b"}
