@@ -695,3 +695,37 @@ async def test_a_2xx_usage_answer_that_is_not_json_is_not_a_delivery(
     assert world.ares.charged(ares_id) == 0
     await provider.report([UsageEvent("user_h", "feature:a", 2)])  # the retry lands once
     assert world.ares.charged(ares_id) == 2
+
+
+async def test_queued_charges_go_out_summed_per_user_and_feature_never_mixed(
+    world: World, tmp_path: Path
+) -> None:
+    """Interleaved queued charges of two users x two features reach ARES as summed POSTs:
+    each user pays exactly their own credits, each POST carries one user's token and one
+    feature's label, in fewer POSTs than charges."""
+    u1, t1 = world.user(credits=10_000)
+    u2, t2 = world.user(credits=10_000)
+    provider = world.provider(outbox=tmp_path / "o.db", prices={"feature:a": 2, "feature:b": 3})
+    await provider.open()
+    try:
+        await provider.user("c1", scope=bearer(t1))  # the tokens delivery will use
+        await provider.user("c2", scope=bearer(t2))
+        reporter: Any = provider.reporter
+        for i in range(120):
+            reporter.enqueue(
+                UsageEvent(("c1", "c2")[i % 2], ("feature:a", "feature:b")[i % 3 % 2], 1)
+            )
+        await _wait_outbox(provider, lambda s: s.depth == 0)
+    finally:
+        await provider.aclose()
+    want = {"c1": 0, "c2": 0}
+    for i in range(120):
+        want[("c1", "c2")[i % 2]] += (2, 3)[i % 3 % 2]
+    assert world.ares.charged(u1) == want["c1"]
+    assert world.ares.charged(u2) == want["c2"]
+    posts = [r for r in world.ares.requests if r.url.path == "/v1/partner/usage"]
+    assert 4 <= len(posts) < 120
+    tokens = {t1, t2}
+    for r in posts:
+        assert r.headers["authorization"].removeprefix("Bearer ") in tokens
+        assert json.loads(r.content)["usage"] in {"feature:a", "feature:b"}

@@ -283,13 +283,54 @@ async def test_concurrent_prepares_share_group_commits(make: MakeReporter) -> No
     assert provider.deliveries == dict.fromkeys(keys(evs), 1)
 
 
+async def _loop_idle(reporter: Reporter) -> None:
+    """Let the tasks the reporter just started run (their first claim on its thread
+    included) until nothing else is ready on the loop; bounded (5 s)."""
+    loop: Any = asyncio.get_running_loop()
+    deadline = loop.time() + 5.0
+    while loop.time() < deadline:
+        await asyncio.sleep(0.001)
+        if not (loop._ready or reporter._sqlite.threaded):
+            return
+    raise AssertionError("the loop never went idle")
+
+
+async def test_prepare_alone_joins_the_group_commit_of_requests_ready_in_the_same_turn(
+    make: MakeReporter, outbox_path: Path
+) -> None:
+    """20 prepare_alone calls started in one loop turn commit together: every row written,
+    in fewer transactions than prepares (one per response before)."""
+    provider = FakeProvider(max_batch=10)
+    evs = events(20)
+    async with make(provider) as reporter:
+        await _loop_idle(reporter)
+        outbox: Any = reporter._outbox
+        applies = 0
+        real = outbox.apply
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal applies
+            applies += 1
+            return real(*args, **kwargs)
+
+        outbox.apply = counting
+        await asyncio.gather(*(reporter.prepare_alone(e) for e in evs))
+        outbox.apply = real
+        assert sorted(r[0] for r in rows(outbox_path)) == sorted(keys(evs))
+        assert applies <= 2, applies
+        for e in evs:
+            await reporter.cancel(e)
+
+
 async def test_prepare_alone_is_durable_on_return_without_a_loop_turn(
     make: MakeReporter, outbox_path: Path
 ) -> None:
-    """prepare_alone commits the row in the caller's step; confirm then delivers it once."""
+    """prepare_alone commits the row in the caller's step (nothing else ready on the loop);
+    confirm then delivers it once."""
     provider = FakeProvider(max_batch=10)
     (ev,) = events(1)
     async with make(provider) as reporter:
+        await _loop_idle(reporter)
         step = reporter.prepare_alone(ev).__await__()
         with pytest.raises(StopIteration):  # finished without suspending
             next(step)

@@ -24,6 +24,9 @@ CANCELLED: Final = 2  # prepared, then cancelled: never delivered
 #: Prefix of an outbox row's ``last_error`` once a send of it failed ambiguously.
 AMBIGUOUS: Final = "ambiguous: "
 
+#: An entry's aggregate key before a sender computed it.
+NO_KEY: Final = object()
+
 #: Group commits between two WAL checkpoints (besides the housekeeper's, every
 #: ``stats_interval``).
 CHECKPOINT_EVERY: Final = 1000
@@ -33,7 +36,7 @@ class Entry:
     """One event on its way: its state, when it became ready, its outbox row id, and when
     it entered the outbox."""
 
-    __slots__ = ("ambiguous", "created", "event", "owned", "rowid", "state", "t")
+    __slots__ = ("akey", "ambiguous", "created", "event", "owned", "rowid", "state", "t")
 
     def __init__(
         self,
@@ -50,6 +53,7 @@ class Entry:
         self.owned = True  # whether its row is owned by this reporter (set by the writer)
         self.created = time.time() if created is None else created  # epoch (max_retry_age)
         self.ambiguous = False  # a send may have reached a provider that cannot dedupe
+        self.akey: object = NO_KEY  # its aggregate key, once a sender computed it
 
 
 def resolve(waiters: list[asyncio.Future[None]]) -> None:
@@ -81,6 +85,10 @@ class Shared:
     _poll_interval: float
     _synchronous: Synchronous
     _delete_delay: float
+    _aggregates: bool  # the sink sums events of one aggregate key (delivery/aggregate.py)
+    _window: float  # seconds the oldest ready event waits for its batch (or aggregate)
+    _full_at: int  # ready events that make a batch full: send without waiting
+    _max_members: int  # most events summed into one aggregate
 
     # Lifecycle.
     _state: ProviderState
@@ -164,7 +172,7 @@ class Shared:
         ready = self._ready
         ready.append(entry)
         n = len(ready)
-        if n == 1 or n >= self.max_batch:
+        if n == 1 or n >= self._full_at:
             self._sender_wake.set()
 
     def _delete_soon(self) -> None:

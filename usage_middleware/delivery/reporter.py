@@ -28,6 +28,7 @@ from ..models import UsageEvent
 from ..outbox import DEFAULT_MAX_RETRY_AGE, MAX_NOT_BEFORE, Outbox, OutboxStatus
 from ..provider import DeliverySink, ProviderState, on_another_loop
 from ._state import CANCELLED, HELD, READY, Entry, log
+from .aggregate import DEFAULT_AGGREGATE_WINDOW, DEFAULT_MAX_MEMBERS
 from .group_commit import GroupCommit
 from .senders import Senders
 from .stats import ReporterStats
@@ -78,6 +79,11 @@ class Reporter(GroupCommit, Senders):
             replay it; ``outbox status`` counts the undelivered ones past the bound.
         max_retry_after: most seconds a provider's ``Retry-After`` pauses delivery; default
             ``provider.max_retry_after`` when it has one, else 300.
+        aggregate_window: for a sink with ``aggregates = True`` (see
+            :mod:`.aggregate`), seconds a charge may wait for others of its aggregate key
+            (the flush window; it replaces ``max_delay``): one report per key and window.
+        max_members: most charges summed into one aggregate (a window with more sends
+            at once).
 
     Raises:
         ConfigurationError: a setting out of range (``max_batch`` above the provider's cap).
@@ -107,6 +113,8 @@ class Reporter(GroupCommit, Senders):
         delete_delay: float = 0.1,
         max_retry_age: float = DEFAULT_MAX_RETRY_AGE,
         max_retry_after: float | None = None,
+        aggregate_window: float = DEFAULT_AGGREGATE_WINDOW,
+        max_members: int = DEFAULT_MAX_MEMBERS,
     ) -> None:
         cap = provider.max_batch
         if not isinstance(cap, int) or cap < 1:
@@ -121,6 +129,7 @@ class Reporter(GroupCommit, Senders):
         for name, value in (
             ("concurrency", concurrency),
             ("retry_attempts", retry_attempts),
+            ("max_members", max_members),
         ):
             if value < 1:
                 raise ConfigurationError(f"{name} must be >= 1, got {value}")
@@ -134,6 +143,7 @@ class Reporter(GroupCommit, Senders):
             ("wait_jitter", wait_jitter),
             ("retry_cooldown", retry_cooldown),
             ("delete_delay", delete_delay),
+            ("aggregate_window", aggregate_window),
         ):
             if seconds < 0:
                 raise ConfigurationError(f"{name} must be >= 0 seconds, got {seconds}")
@@ -180,6 +190,11 @@ class Reporter(GroupCommit, Senders):
         #: Whether the provider deduplicates resent events (Spaire's external_id); when
         #: not, a call cut off by call_timeout may have been counted: ambiguous.
         self._deduplicates = bool(getattr(provider, "deduplicates", True))
+        #: Whether the sink sums queued events of one aggregate key into one (Tier, ARES).
+        self._aggregates = bool(getattr(provider, "aggregates", False))
+        self._window = aggregate_window if self._aggregates else max_delay
+        self._max_members = max_members
+        self._full_at = max_members if self._aggregates else max_batch
         self._lease = lease
         self._poll_interval = poll_interval
         self._stats_interval = stats_interval
@@ -453,12 +468,15 @@ class Reporter(GroupCommit, Senders):
         """:meth:`prepare` for a caller that knows no other prepare can join this group
         commit (one request in flight): commit at once, inline, without waiting a turn of
         the event loop for the writer task. Falls back to :meth:`prepare`'s group commit
-        when the file is busy. Same guarantees as :meth:`prepare`.
+        when the file is busy, or when other callbacks are ready to run on the loop before
+        it polls again (requests read in the same iteration: their prepares join this
+        group commit instead of paying a transaction each). Same guarantees as
+        :meth:`prepare`.
         """
         key = event.idempotency_key
         if key in self._held:
             return
-        if self._state is not ProviderState.OPEN or self._closing:
+        if self._state is not ProviderState.OPEN or self._closing or _others_ready():
             await self.prepare(event)
             return
         entry = Entry(event, HELD, 0.0)
@@ -649,6 +667,14 @@ class Reporter(GroupCommit, Senders):
         self._owner = await self._sqlite.submit(self._outbox.register, self._lease)
         self._ready.clear()
         self._mark_dirty()
+
+
+def _others_ready() -> bool:
+    """Whether other callbacks will run on this loop before it polls for I/O again (and so
+    may prepare too). asyncio's loop keeps them in ``_ready``; a loop without it (uvloop)
+    counts as busy: the group commit then costs a loop turn, never a transaction each."""
+    ready = getattr(asyncio.get_running_loop(), "_ready", None)
+    return ready is None or len(ready) > 0
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:

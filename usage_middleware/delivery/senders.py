@@ -14,12 +14,18 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Hashable
+from typing import Final, cast
 
 import stamina
 
 from ..errors import PermanentProviderError, ProviderError, RetryableProviderError
 from ..models import UsageEvent
-from ._state import AMBIGUOUS, READY, Entry, Shared, log
+from ._state import AMBIGUOUS, NO_KEY, READY, Entry, Shared, log
+from .aggregate import AggregatingSink
+
+#: Ready events an aggregating sink's sender looks through for members of its batch.
+_SCAN: Final = 1000
 
 __all__ = ["Senders"]
 
@@ -52,13 +58,15 @@ class Senders(Shared):
             await self._pause()
             n = len(ready)
             now = time.monotonic()
-            if n >= self.max_batch or (n and (self._closing or now >= ready[0].t + self.max_delay)):
+            if n >= self._full_at or (n and (self._closing or now >= ready[0].t + self._window)):
+                if self._aggregates:
+                    return self._take_aggregates()
                 return [ready.popleft() for _ in range(min(n, self.max_batch))]
             if n < self.max_batch and self._db_dirty and not self._claiming and self._room() > 0:
                 await self._claim()
                 continue  # the queue changed while we were away: look again
             if n:
-                timeout: float | None = ready[0].t + self.max_delay - now
+                timeout: float | None = ready[0].t + self._window - now
             elif self._closing:
                 if not (
                     self._pending
@@ -78,6 +86,59 @@ class Senders(Shared):
                     await self._sender_wake.wait()
             except TimeoutError:
                 pass
+
+    def _group_of(self, entry: Entry) -> Hashable:
+        """The aggregate an entry may join: its sink's key and whether it is ambiguous (an
+        aggregate is resent whole: never mixed), or the entry alone (key ``None``)."""
+        key = entry.akey
+        if key is NO_KEY:
+            sink = cast(AggregatingSink, self.provider)
+            key = entry.akey = sink.aggregate_key(entry.event)
+        if key is None:
+            return entry
+        return (key, entry.ambiguous)
+
+    def _take_aggregates(self) -> list[Entry]:
+        """Take the next batch for an aggregating sink: the ready events of at most
+        ``max_batch`` aggregates (the oldest event's first), ``max_members`` each, looking
+        at the oldest ``_SCAN`` ready events; the rest keep their places."""
+        ready = self._ready
+        groups: dict[Hashable, list[Entry]] = {}
+        rest: list[Entry] = []
+        for _ in range(min(len(ready), max(_SCAN, self._max_members))):
+            e = ready.popleft()
+            k = self._group_of(e)
+            g = groups.get(k)
+            if g is None:
+                if len(groups) >= self.max_batch:
+                    rest.append(e)
+                    continue
+                g = groups[k] = []
+            if len(g) >= self._max_members:
+                rest.append(e)
+                continue
+            g.append(e)
+        ready.extendleft(reversed(rest))
+        return [e for g in groups.values() for e in g]
+
+    def _events(self, batch: list[Entry]) -> list[UsageEvent]:
+        """What one ``report`` call sends for ``batch``: its events, or for an aggregating
+        sink one merged event per aggregate in it (at most ``max_batch``)."""
+        if not self._aggregates:
+            return [e.event for e in batch]
+        groups: dict[Hashable, list[UsageEvent]] = {}
+        for e in batch:
+            groups.setdefault(self._group_of(e), []).append(e.event)
+        merge = cast(AggregatingSink, self.provider).merge
+        events = [merge(g) for g in groups.values()]
+        if len(events) < len(batch):
+            log.debug(
+                "%s: %d charges sent as %s",
+                self.provider.name,
+                len(batch),
+                ", ".join(f"{ev.idempotency_key} ({ev.units} units)" for ev in events),
+            )
+        return events
 
     async def _claim(self) -> int:
         """Move free, due rows from the outbox into memory; return how many."""
@@ -153,11 +214,13 @@ class Senders(Shared):
                     await self.provider.report(events)
 
     async def _deliver(self, batch: list[Entry]) -> None:
-        events = [e.event for e in batch]
+        events = self._events(batch)
         try:
             await self._send(events)
         except PermanentProviderError as exc:
-            if len(batch) > 1:  # one bad event rejects a whole batch: find it
+            # One bad event rejects a whole batch (or aggregate: its halves are summed
+            # anew): find it; the others are delivered.
+            if len(batch) > 1:
                 mid = len(batch) // 2
                 await self._deliver(batch[:mid])
                 await self._deliver(batch[mid:])
@@ -232,6 +295,14 @@ class Senders(Shared):
                 cooldown,
                 exc_info=exc,
             )
+        if self._aggregates:
+            sent = self._events(batch)
+            if len(sent) < len(batch):  # so a resend of the same aggregate can be told
+                log.warning(
+                    "%s: aggregates back to the outbox: %s",
+                    self.provider.name,
+                    ", ".join(f"{ev.idempotency_key} ({ev.units} units)" for ev in sent),
+                )
         not_before = time.time() + cooldown
         error = f"{type(exc).__name__}: {exc}"[:480]
         marked = AMBIGUOUS + error  # sticky: a later failure of another kind keeps it

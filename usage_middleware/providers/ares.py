@@ -229,11 +229,12 @@ class AresProvider(RemoteProvider):
 
     **report().** One ``POST /v1/partner/usage`` per event (``max_batch = 1``):
     ``{"client_id": ARES_CLIENT_ID, "usage": <description of the feature, default its
-    name>, "credits": units * price}``. 401/403: the token is refreshed once through the
-    token source, then the event is dead-lettered with ARES's reason. Insufficient credits
-    and other 4xx: dead-lettered. 5xx, 429 and network errors: retried by the outbox.
-    ARES has no idempotency key: a retry after a timeout that ARES did process charges the
-    user twice (the at-least-once window of the outbox).
+    name>, "credits": units * price}``; the outbox sums the queued charges of one user and
+    feature into one such event per flush window (``aggregates``). 401/403: the token is
+    refreshed once through the token source, then the event is dead-lettered with ARES's
+    reason. Insufficient credits and other 4xx: dead-lettered. 5xx, 429 and network
+    errors: retried by the outbox. ARES has no idempotency key: a retry after a timeout
+    that ARES did process charges the user twice (the at-least-once window of the outbox).
 
     **Tokens while events wait in the outbox.** Tokens are never written to the outbox.
     With ``ClerkTokenSource`` (or a callable that works without a request) delivery asks
@@ -278,6 +279,8 @@ class AresProvider(RemoteProvider):
 
     name = "ares"
     max_batch = 1
+    #: Queued charges of one customer and feature go out summed, one report per window.
+    aggregates = True
     #: No idempotency key reaches the provider: a resent charge may count twice.
     deduplicates = False
     #: ARES deducts on the POST itself: its balance includes a delivered charge at once.

@@ -219,10 +219,12 @@ class TierProvider(RemoteProvider):
     ``Answer.err`` set, and the charge is still queued); ``failure_policy="closed"`` answers
     503 instead.
 
-    Charges: each committed charge goes through the durable outbox and is delivered as one
+    Charges: each committed charge goes through the durable outbox; the charges of one org
+    and feature queued within a flush window are delivered summed (``aggregates``) as one
     ``POST /v1/report`` of exactly ``{org, feature, n, at, clobber}`` (``max_batch = 1``;
-    Tier has no batch endpoint). ``at`` is the time the charge was committed, so a report
-    delivered late still lands at the time of use.
+    Tier has no batch endpoint), ``n`` their units, ``at`` the latest of their commit
+    times (all within one minute), so a report delivered late still lands at the time of
+    use. A clobber is never summed.
 
     Delivery is at-least-once, and Tier cannot deduplicate (§5): the sidecar sends Stripe a
     fresh random idempotency key on every ``/v1/report`` and accepts no key from us. A
@@ -265,6 +267,8 @@ class TierProvider(RemoteProvider):
 
     name = "tier"
     max_batch = 1
+    #: Queued charges of one customer and feature go out summed, one report per window.
+    aggregates = True
     #: No idempotency key reaches the provider: a resent charge may count twice.
     deduplicates = False
     supports_clobber = True

@@ -19,13 +19,14 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from typing import cast
 
 import httpx
 from asgiref.typing import HTTPScope
 
 from ...delivery import Reporter
+from ...delivery.aggregate import default_aggregate_key, merge_events
 from ...errors import (
     ConfigurationError,
     PermanentProviderError,
@@ -237,6 +238,22 @@ class RemoteProvider(Provider):
         if event.clobber or event.units <= 0:
             return None
         return (event.customer, event.feature), event.units
+
+    #: Whether the outbox's Reporter may send queued charges of one :meth:`aggregate_key`
+    #: as one summed event (:meth:`merge`), one report per ``aggregate_window``: for a
+    #: provider that takes a sum but cannot deduplicate (Tier's ``n``, ARES's ``credits``).
+    #: Local accounting sees the sum arrive, which is every member's units at once.
+    aggregates: bool = False
+
+    def aggregate_key(self, event: UsageEvent) -> Hashable | None:
+        """The aggregate ``event`` may be summed in: ``(customer, feature, minute of at)``;
+        ``None`` (sent alone) for a clobber, which sets usage."""
+        return default_aggregate_key(event)
+
+    def merge(self, events: Sequence[UsageEvent]) -> UsageEvent:
+        """One event for ``events`` of one aggregate key: units summed, the latest ``at``,
+        an idempotency key derived from theirs (``delivery.aggregate.aggregate_id``)."""
+        return merge_events(events)
 
     def make_client(self) -> httpx.AsyncClient:
         """The ``httpx.AsyncClient`` :meth:`open` creates when none was injected.
