@@ -1152,3 +1152,23 @@ async def test_always_ask_refusal_after_a_delivery_during_the_check_asks_again(
     finally:
         await provider.aclose()
     assert fake.used("org:acme", "feature:convert") == 4
+
+
+async def test_aclose_with_nothing_queued_does_not_sit_out_drain_timeout(
+    fake: FakeTier, tmp_path: Path
+) -> None:
+    """Closing a provider whose outbox is empty returns at once, not after drain_timeout:
+    every sender wakes the others as it stops (one used to wait out the whole deadline)."""
+    import time
+
+    for outbox in (None, "durable"):
+        provider = TierProvider(
+            FAKE_URL,
+            client=httpx.AsyncClient(transport=httpx.MockTransport(fake.handle)),
+            outbox=None if outbox is None else tmp_path / "outbox.db",
+            drain_timeout=30.0,
+        )
+        await provider.open()
+        started = time.monotonic()
+        await provider.aclose()
+        assert time.monotonic() - started < 10.0, outbox

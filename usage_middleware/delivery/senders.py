@@ -42,6 +42,10 @@ class Senders(Shared):
                 await asyncio.sleep(self._poll_interval)
                 continue
             if batch is None:
+                # Closing: the others may be waiting on a state this sender just changed
+                # (a claim that found nothing): let them look again, so aclose() does not
+                # sit out drain_timeout with nothing left to send.
+                self._sender_wake.set()
                 return
             self._inflight += len(batch)
             try:
