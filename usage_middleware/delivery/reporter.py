@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from .. import telemetry
 from .._sqlite import InlineRunner, Synchronous
 from ..errors import ConfigurationError
 from ..models import UsageEvent
@@ -280,6 +281,7 @@ class Reporter(GroupCommit, Senders):
             raise ConfigurationError(f"cannot open the outbox at {self.path}: {exc}") from exc
         self._closed = asyncio.Event()
         self._state = ProviderState.OPEN
+        telemetry.watch_outbox(self, self.provider.name)
         self._tasks = [
             asyncio.create_task(self._writer(), name="usage-outbox-writer"),
             asyncio.create_task(self._housekeeper(), name="usage-outbox-heartbeat"),
@@ -359,6 +361,7 @@ class Reporter(GroupCommit, Senders):
         finally:
             self._state = ProviderState.CLOSED
             self._closing = False
+            telemetry.unwatch_outbox(self)
             if self._delete_timer is not None:
                 self._delete_timer.cancel()
                 self._delete_timer = None
@@ -560,6 +563,7 @@ class Reporter(GroupCommit, Senders):
         finally:
             self._state = ProviderState.CLOSED
             self._closing = False
+            telemetry.unwatch_outbox(self)
             if self._delete_timer is not None:
                 self._delete_timer.cancel()
                 self._delete_timer = None

@@ -17,6 +17,7 @@ import time
 
 import stamina
 
+from .. import telemetry
 from ..errors import PermanentProviderError, ProviderError, RetryableProviderError
 from ..models import UsageEvent
 from ._state import AMBIGUOUS, READY, Entry, Shared, log
@@ -149,8 +150,9 @@ class Senders(Shared):
                 if attempt.num > 1:
                     self._retried += len(events)
                 await self._pause()
-                async with asyncio.timeout(self._call_timeout):
-                    await self.provider.report(events)
+                with telemetry.delivery_attempt(self.provider.name):
+                    async with asyncio.timeout(self._call_timeout):
+                        await self.provider.report(events)
 
     async def _deliver(self, batch: list[Entry]) -> None:
         events = [e.event for e in batch]
@@ -192,6 +194,7 @@ class Senders(Shared):
     ) -> None:
         ev = entry.event
         self._dead_lettered += 1
+        telemetry.dead_lettered(self.provider.name)
         log.warning(
             "%s: event %s (%s, %s, %d units) moved to dead letters: status=%s code=%s %s",
             self.provider.name,
