@@ -54,6 +54,7 @@ __all__ = [
     "FAILED_CLOSED",
     "FAILED_OPEN",
     "REFUSED",
+    "available",
     "configure",
     "enabled",
 ]
@@ -193,6 +194,11 @@ def configure(
             )
         return
     _active = _Telemetry(meter_provider, tracer_provider)
+
+
+def available() -> bool:
+    """Whether the ``opentelemetry`` package (the ``[otel]`` extra) is installed."""
+    return _metrics is not None
 
 
 def enabled() -> bool:
