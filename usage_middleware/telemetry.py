@@ -19,6 +19,7 @@ name (unit)                                    kind       attributes
 ``usage_middleware.delivery.duration`` (s)     histogram  provider (error.type on failure)
 ``usage_middleware.dead_letters`` ({event})    counter    provider
 ``usage_middleware.outbox.depth`` ({event})    gauge      provider
+``usage_middleware.outbox.dead_letters``       gauge      provider
 ============================================  =========  ==================================
 
 Check outcomes: ``allowed``, ``refused``, ``failed_open``, ``failed_closed``. Spans (tracer
@@ -84,9 +85,12 @@ class _Stats(Protocol):
     @property
     def outbox_depth(self) -> int: ...
 
+    @property
+    def dead_letters(self) -> int: ...
+
 
 class Outbox(Protocol):
-    """What the outbox-depth gauge reads: a Reporter (``stats().outbox_depth``)."""
+    """What the outbox gauges read: a Reporter (``stats().outbox_depth``, ``.dead_letters``)."""
 
     def stats(self) -> _Stats: ...
 
@@ -101,11 +105,18 @@ def _error_type(exc: BaseException) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
-def _observe_outboxes(options: CallbackOptions) -> Iterable[Observation]:
+def _observe_depth(options: CallbackOptions) -> Iterable[Observation]:
     from opentelemetry.metrics import Observation
 
     for reporter, provider in list(_outboxes.items()):
         yield Observation(reporter.stats().outbox_depth, {PROVIDER: provider})
+
+
+def _observe_dead(options: CallbackOptions) -> Iterable[Observation]:
+    from opentelemetry.metrics import Observation
+
+    for reporter, provider in list(_outboxes.items()):
+        yield Observation(reporter.stats().dead_letters, {PROVIDER: provider})
 
 
 class _Telemetry:
@@ -143,9 +154,15 @@ class _Telemetry:
         )
         meter.create_observable_gauge(
             "usage_middleware.outbox.depth",
-            [_observe_outboxes],
+            [_observe_depth],
             "{event}",
             "Undelivered events in the outbox, as of the Reporter's last refresh.",
+        )
+        meter.create_observable_gauge(
+            "usage_middleware.outbox.dead_letters",
+            [_observe_dead],
+            "{event}",
+            "Dead letters waiting for `outbox retry` or `purge`, as of the last refresh.",
         )
         self._by_feature: dict[str, tuple[Attrs, dict[str, Attrs]]] = {}
         self._by_provider: dict[str, Attrs] = {}
@@ -233,12 +250,12 @@ def dead_lettered(provider: str, events: int = 1) -> None:
 
 
 def watch_outbox(reporter: Outbox, provider: str) -> None:
-    """Report ``reporter.stats().outbox_depth`` in the outbox-depth gauge while it lives."""
+    """Report ``reporter.stats()`` in the outbox gauges while it lives (weakly held)."""
     _outboxes[reporter] = provider
 
 
 def unwatch_outbox(reporter: Outbox) -> None:
-    """Stop reporting ``reporter`` in the outbox-depth gauge."""
+    """Stop reporting ``reporter`` in the outbox gauges."""
     _outboxes.pop(reporter, None)
 
 

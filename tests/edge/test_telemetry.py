@@ -18,10 +18,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tests.support.metering_helpers import RecordingProvider
+from tests.support.reporter_fakes import FakeProvider, events
 from tests.support.tier_fake import FAKE_URL, FakeTier
 from tests.support.waiting import eventually
 from usage_middleware import LocalLedger, Provider, UsageMiddleware, metered, telemetry
 from usage_middleware.customers import customer_from_header
+from usage_middleware.delivery import Reporter
 from usage_middleware.providers.tier import TierProvider
 
 sdk_metrics = pytest.importorskip("opentelemetry.sdk.metrics")
@@ -255,3 +257,44 @@ async def test_disabled_records_nothing(otel: OTel, provider: RecordingProvider)
     async with client(make_app(provider)) as c:
         assert (await c.get("/ok")).status_code == 200
     assert otel.points() == []
+
+
+async def test_outbox_gauges_report_depth_and_dead_letters(otel: OTel, tmp_path: Path) -> None:
+    """The outbox gauges give a Reporter's undelivered rows and its waiting dead letters
+    (ReporterStats.dead_letters) per provider, and stop once the Reporter is closed."""
+    evs = events(3)
+    provider = FakeProvider(bad_keys=[evs[0].idempotency_key])
+    provider.down = True  # nothing is delivered: the rows stay in the outbox
+    reporter = Reporter(
+        provider,
+        path=tmp_path / "outbox.db",
+        stats_interval=0.02,
+        poll_interval=0.02,
+        max_delay=0.005,
+        retry_cooldown=0.02,
+        wait_initial=0.001,
+        wait_max=0.005,
+        wait_jitter=0.0,
+    )
+    await reporter.open()
+    try:
+        for e in evs:
+            reporter.enqueue(e)
+        await reporter.flush()
+        await eventually(
+            lambda: otel.value("usage_middleware.outbox.depth", provider="fake") == 3, within=5.0
+        )
+        provider.down = False
+        await eventually(lambda: reporter.stats().dead_letters == 1, within=5.0)
+        await eventually(
+            lambda: (
+                otel.value("usage_middleware.outbox.dead_letters", provider="fake") == 1
+                and otel.value("usage_middleware.outbox.depth", provider="fake") == 0
+            ),
+            within=5.0,
+        )
+        assert otel.value("usage_middleware.dead_letters", provider="fake") == 1
+        assert otel.value("usage_middleware.delivery.failures", provider="fake") >= 1
+    finally:
+        await reporter.aclose()
+    assert not [p for p in otel.points() if p.name.startswith("usage_middleware.outbox.")]
