@@ -95,8 +95,8 @@ class Outbox(Protocol):
     def stats(self) -> _Stats: ...
 
 
-#: Reporters whose outbox depth the gauge reports, by provider name (weakly held).
-_outboxes: weakref.WeakKeyDictionary[Outbox, str] = weakref.WeakKeyDictionary()
+#: The Reporters the outbox gauges report (weakly held) and their provider names, by id().
+_outboxes: dict[int, tuple[weakref.ref[Outbox], str]] = {}
 
 
 def _error_type(exc: BaseException) -> str:
@@ -105,18 +105,27 @@ def _error_type(exc: BaseException) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
+def _watched() -> list[tuple[_Stats, str]]:
+    """Each watched Reporter's stats and provider name. The SDK calls the gauges' callbacks
+    from its export thread: copy the dict in one C call, then dereference."""
+    found = []
+    for ref, provider in list(_outboxes.values()):
+        reporter = ref()
+        if reporter is not None:
+            found.append((reporter.stats(), provider))
+    return found
+
+
 def _observe_depth(options: CallbackOptions) -> Iterable[Observation]:
     from opentelemetry.metrics import Observation
 
-    for reporter, provider in list(_outboxes.items()):
-        yield Observation(reporter.stats().outbox_depth, {PROVIDER: provider})
+    return [Observation(s.outbox_depth, {PROVIDER: p}) for s, p in _watched()]
 
 
 def _observe_dead(options: CallbackOptions) -> Iterable[Observation]:
     from opentelemetry.metrics import Observation
 
-    for reporter, provider in list(_outboxes.items()):
-        yield Observation(reporter.stats().dead_letters, {PROVIDER: provider})
+    return [Observation(s.dead_letters, {PROVIDER: p}) for s, p in _watched()]
 
 
 class _Telemetry:
@@ -251,12 +260,13 @@ def dead_lettered(provider: str, events: int = 1) -> None:
 
 def watch_outbox(reporter: Outbox, provider: str) -> None:
     """Report ``reporter.stats()`` in the outbox gauges while it lives (weakly held)."""
-    _outboxes[reporter] = provider
+    key = id(reporter)
+    _outboxes[key] = (weakref.ref(reporter, lambda _: _outboxes.pop(key, None)), provider)
 
 
 def unwatch_outbox(reporter: Outbox) -> None:
     """Stop reporting ``reporter`` in the outbox gauges."""
-    _outboxes.pop(reporter, None)
+    _outboxes.pop(id(reporter), None)
 
 
 @contextmanager
