@@ -347,8 +347,8 @@ _FAILED: Final = {"open": telemetry.FAILED_OPEN, "closed": telemetry.FAILED_CLOS
 
 
 def _outcome(reservation: Reservation) -> str:
-    """The check outcome of a reservation, for telemetry."""
-    if reservation.answer.err is not None:
+    """The check outcome of a reservation, for telemetry (never builds a lazy answer)."""
+    if reservation.failed:
         return telemetry.FAILED_OPEN if reservation.ok else telemetry.FAILED_CLOSED
     return telemetry.ALLOWED if reservation.ok else telemetry.REFUSED
 

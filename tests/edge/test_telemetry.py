@@ -21,7 +21,14 @@ from tests.support.metering_helpers import RecordingProvider
 from tests.support.reporter_fakes import FakeProvider, events
 from tests.support.tier_fake import FAKE_URL, FakeTier
 from tests.support.waiting import eventually
-from usage_middleware import LocalLedger, Provider, UsageMiddleware, metered, telemetry
+from usage_middleware import (
+    LocalLedger,
+    Provider,
+    Reservation,
+    UsageMiddleware,
+    metered,
+    telemetry,
+)
 from usage_middleware.customers import customer_from_header
 from usage_middleware.delivery import Reporter
 from usage_middleware.providers.tier import TierProvider
@@ -298,3 +305,17 @@ async def test_outbox_gauges_report_depth_and_dead_letters(otel: OTel, tmp_path:
     finally:
         await reporter.aclose()
     assert not [p for p in otel.points() if p.name.startswith("usage_middleware.outbox.")]
+
+
+def test_check_outcome_never_builds_a_lazy_answer() -> None:
+    """Reading a reservation's outcome (Reservation.failed) does not build the lazy Answer
+    a ledger serving from memory defers (that would cost every allowed request)."""
+    built: list[Reservation] = []
+
+    def make_answer(reservation: Reservation) -> Any:
+        built.append(reservation)
+        raise AssertionError("the lazy answer was built")
+
+    reservation = Reservation.lazy(ACME, "feature:a", 1, True, make_answer)
+    assert reservation.failed is False
+    assert built == []
