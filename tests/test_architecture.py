@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "pricing": CORE,
     "provider": CORE,
     "_utils": CORE,
+    "telemetry": CORE,
     # 1 storage and delivery: SQLite helper, the outbox, the Reporter that drains it.
     "_sqlite": STORAGE,
     "outbox": STORAGE,

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import problems
+from . import problems, telemetry
 from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .models import CUSTOMER_RE, MAX_UNITS, Reservation
@@ -216,6 +217,7 @@ class Meter:
         provider = config.provider
         scope: HTTPScope = request.scope  # type: ignore[assignment]
         for feature, units in zip(features, units_of, strict=True):
+            started = time.perf_counter()
             try:
                 if feature.clobber:
                     reservation = await provider.reserve(
@@ -226,6 +228,7 @@ class Meter:
                         customer, feature.feature, units, scope=scope
                     )
             except Exception as exc:
+                telemetry.checked(feature.feature, _FAILED[config.on_provider_error], started)
                 if config.on_provider_error == "open":
                     logger.exception(
                         "usage_middleware: reserve(%s, %s) raised; failing open, not charged",
@@ -240,6 +243,7 @@ class Meter:
                 )
                 self.denied = True
                 return problems.billing_unavailable(feature.feature, _retry_after(exc, None))
+            telemetry.checked(feature.feature, _outcome(reservation), started)
             if reservation.ok:
                 if self.reservations is None:
                     self.reservations = [reservation]
@@ -306,6 +310,7 @@ class Meter:
         for index, reservation in enumerate(reservations):
             try:
                 await settle(reservation)
+                telemetry.settled(reservation.feature, reservation.units, charge)
             except asyncio.CancelledError:
                 self._finish_later(reservations[index:], charge)
                 raise
@@ -328,6 +333,7 @@ class Meter:
                     continue
                 try:
                     await settle(reservation)
+                    telemetry.settled(reservation.feature, reservation.units, charge)
                 except Exception:
                     logger.exception("usage_middleware: settling after cancellation failed")
 
@@ -335,6 +341,16 @@ class Meter:
         task = asyncio.get_running_loop().create_task(finish())
         background.add(task)
         task.add_done_callback(background.discard)
+
+
+_FAILED: Final = {"open": telemetry.FAILED_OPEN, "closed": telemetry.FAILED_CLOSED}
+
+
+def _outcome(reservation: Reservation) -> str:
+    """The check outcome of a reservation, for telemetry (never builds a lazy answer)."""
+    if reservation.failed:
+        return telemetry.FAILED_OPEN if reservation.ok else telemetry.FAILED_CLOSED
+    return telemetry.ALLOWED if reservation.ok else telemetry.REFUSED
 
 
 async def _units(request: Request, feature: MeteredFeature) -> int | Response:

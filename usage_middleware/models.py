@@ -336,6 +336,13 @@ class Reservation:
         return self
 
     @property
+    def failed(self) -> bool:
+        """Whether the check itself failed (``answer.err`` set), without building a lazy
+        answer (a lazy reservation is one the provider allowed from memory: never failed)."""
+        answer = self._answer
+        return answer is not None and answer.err is not None
+
+    @property
     def answer(self) -> Answer:
         answer = self._answer
         if answer is None:

@@ -527,6 +527,11 @@ class Outbox:
         count, oldest = self._db.execute("SELECT COUNT(*), MIN(created) FROM outbox").fetchone()
         return count, oldest
 
+    def dead_count(self) -> int:
+        """Return the rows in the dead-letter table (waiting for `outbox retry`/`purge`)."""
+        count: int = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+        return count
+
     def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
         """Return dead letters, oldest first (at most ``limit``)."""
         rows = self._db.execute(

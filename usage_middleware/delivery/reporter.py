@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import Final
 
+from .. import telemetry
 from .._sqlite import InlineRunner, Synchronous
 from ..errors import ConfigurationError
 from ..models import UsageEvent
@@ -241,6 +242,7 @@ class Reporter(GroupCommit, Senders):
         self._dead_lettered = 0
         self._depth = 0
         self._oldest: float | None = None  # epoch seconds
+        self._dead_waiting = 0  # rows in the dead-letter table, as of the last refresh
 
     @property
     def state(self) -> ProviderState:
@@ -286,6 +288,7 @@ class Reporter(GroupCommit, Senders):
             self._owner = await self._sqlite.submit(self._outbox.register, self._lease)
             await self._sqlite.submit(self._outbox.reap)
             self._depth, self._oldest = await self._sqlite.submit(self._outbox.depth)
+            self._dead_waiting = await self._sqlite.submit(self._outbox.dead_count)
         except Exception as exc:
             if self._outbox is not None:
                 await self._sqlite.submit(self._disconnect, self._outbox)
@@ -295,6 +298,7 @@ class Reporter(GroupCommit, Senders):
             raise ConfigurationError(f"cannot open the outbox at {self.path}: {exc}") from exc
         self._closed = asyncio.Event()
         self._state = ProviderState.OPEN
+        telemetry.watch_outbox(self, self.provider.name)
         self._tasks = [
             asyncio.create_task(self._writer(), name="usage-outbox-writer"),
             asyncio.create_task(self._housekeeper(), name="usage-outbox-heartbeat"),
@@ -374,6 +378,7 @@ class Reporter(GroupCommit, Senders):
         finally:
             self._state = ProviderState.CLOSED
             self._closing = False
+            telemetry.unwatch_outbox(self)
             if self._delete_timer is not None:
                 self._delete_timer.cancel()
                 self._delete_timer = None
@@ -543,6 +548,7 @@ class Reporter(GroupCommit, Senders):
             held=len(self._held),
             in_memory=len(self._ready) + self._inflight,
             unwritten=len(self._pending) + self._writing,
+            dead_letters=self._dead_waiting,
         )
 
     async def outbox_status(self) -> OutboxStatus:
@@ -578,6 +584,7 @@ class Reporter(GroupCommit, Senders):
         finally:
             self._state = ProviderState.CLOSED
             self._closing = False
+            telemetry.unwatch_outbox(self)
             if self._delete_timer is not None:
                 self._delete_timer.cancel()
                 self._delete_timer = None
@@ -614,6 +621,7 @@ class Reporter(GroupCommit, Senders):
                     if now >= next_stats and self.in_memory:
                         next_stats = now + self._stats_interval
                         self._depth, self._oldest = await self._sqlite.submit(outbox.depth)
+                        self._dead_waiting = await self._sqlite.submit(outbox.dead_count)
                     elif now >= next_stats:
                         next_stats = now + self._stats_interval
                         if reader is None:
@@ -621,6 +629,7 @@ class Reporter(GroupCommit, Senders):
                                 Outbox, self.path, synchronous=self._synchronous, create=False
                             )
                         self._depth, self._oldest = await asyncio.to_thread(reader.depth)
+                        self._dead_waiting = await asyncio.to_thread(reader.dead_count)
                         # The writer commits inline with autocheckpoint off: copy the WAL
                         # here, on a connection of its own, off the event loop.
                         await asyncio.to_thread(reader.checkpoint)

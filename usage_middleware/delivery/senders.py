@@ -19,6 +19,7 @@ from typing import Final, cast
 
 import stamina
 
+from .. import telemetry
 from ..errors import PermanentProviderError, ProviderError, RetryableProviderError
 from ..models import UsageEvent
 from ._state import AMBIGUOUS, NO_KEY, READY, Entry, Shared, log
@@ -214,8 +215,9 @@ class Senders(Shared):
                 if attempt.num > 1:
                     self._retried += len(events)
                 await self._pause()
-                async with asyncio.timeout(self._call_timeout):
-                    await self.provider.report(events)
+                with telemetry.delivery_attempt(self.provider.name):
+                    async with asyncio.timeout(self._call_timeout):
+                        await self.provider.report(events)
 
     async def _deliver(self, batch: list[Entry]) -> None:
         events = self._events(batch)
@@ -259,6 +261,7 @@ class Senders(Shared):
     ) -> None:
         ev = entry.event
         self._dead_lettered += 1
+        telemetry.dead_lettered(self.provider.name)
         log.warning(
             "%s: event %s (%s, %s, %d units) moved to dead letters: status=%s code=%s %s",
             self.provider.name,

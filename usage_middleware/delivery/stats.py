@@ -23,6 +23,8 @@ class ReporterStats:
         held: prepared events whose response is still being sent.
         in_memory: events waiting in memory or in flight to the provider.
         unwritten: accepted events not yet committed to the outbox.
+        dead_letters: rows in the outbox's dead-letter table, every process included,
+            waiting for ``outbox retry`` or ``purge`` (same refresh as ``outbox_depth``).
     """
 
     queued: int
@@ -34,3 +36,4 @@ class ReporterStats:
     held: int = 0
     in_memory: int = 0
     unwritten: int = 0
+    dead_letters: int = 0

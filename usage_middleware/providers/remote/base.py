@@ -25,6 +25,7 @@ from typing import cast
 import httpx
 from asgiref.typing import HTTPScope
 
+from ... import telemetry
 from ...delivery import Reporter
 from ...delivery.aggregate import default_aggregate_key, merge_events
 from ...errors import (
@@ -308,7 +309,8 @@ class RemoteProvider(Provider):
         Raises:
             ProviderError: as :meth:`send` (nothing is recorded).
         """
-        counted = await self.send(events)
+        with telemetry.provider_call(self.name, "send", events=len(events)):
+            counted = await self.send(events)
         self.note_delivered(events, counted)
 
     def note_delivered(
@@ -734,8 +736,9 @@ class RemoteProvider(Provider):
         mark = None if self.fetch_subtracts_delivered else account.mark(started, self.balance_lag)
         delivered = account.delivered
         try:
-            async with asyncio.timeout(self.timeout):
-                ent = await self.fetch(customer, feature, scope=scope)
+            with telemetry.provider_call(self.name, "fetch", feature=feature):
+                async with asyncio.timeout(self.timeout):
+                    ent = await self.fetch(customer, feature, scope=scope)
             if not isinstance(ent, Entitlement):
                 raise TypeError(f"fetch() returned {type(ent).__name__}, not Entitlement")
         except TimeoutError as exc:
