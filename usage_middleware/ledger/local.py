@@ -66,6 +66,9 @@ _CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
 _MAX_BLOCK = 64  # a hot key's lease block grows to at most this many times lease_size
 _MAX_FLUSH = 1000  # charges per group-commit transaction, so a lease never waits long
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+_UPKEEP_BATCH = 256  # idle leases returned per upkeep transaction (the loop runs between)
+_SWEEP = 4096  # slots the tick looks at (round-robin), so upkeep never walks every customer
+_KEEP_IDLE = 30.0  # seconds an idle lease leased far from the limit stays (for its next use)
 
 
 def _utc(clock: Callable[[], datetime]) -> datetime:
@@ -277,6 +280,8 @@ class LocalLedger(Ledger):
         self._on_drop = self._dropped.append
         self._warned_until = 0.0  # holds made up to this monotonic time were logged as old
         self._batch: list[_Slot] = []  # slots with unflushed charges, in commit order
+        self._sweep: list[tuple[str, str, str]] = []  # slots the next ticks look at
+        self._unknown: set[tuple[str, str]] = set()  # keys remembered as unknown customers
         self._inflight: set[asyncio.Future[Any]] = set()
         self._generation = 0
 
@@ -734,6 +739,7 @@ class LocalLedger(Ledger):
             slot = _Slot(customer, feature, "", _FAR_FUTURE)
             slot.known = False
             slot.reason = REASON_UNKNOWN
+            self._unknown.add(key)
             slot.fresh_until = slot.denied_until = t + self._deny_for
         else:
             slot = self._slots.get((customer, feature, grant.period)) or _Slot(
@@ -908,15 +914,29 @@ class LocalLedger(Ledger):
         await self._sqlite.background(self._ready_store().checkpoint)
 
     async def _maintain(self) -> None:
-        """Once a tick: free dropped holds, return idle units, renew, poll for changes."""
+        """Once a tick: free dropped holds, return idle units, renew, poll for changes.
+
+        Bounded work per tick: it looks at up to ``_SWEEP`` slots (round-robin over all of
+        them), and returns idle leases ``_UPKEEP_BATCH`` per transaction, yielding to the
+        event loop between transactions.
+        """
         t = time.monotonic()
         self._release_dropped()
         self._log_old_reservations(t)
         gives: list[tuple[str, str, str, int]] = []
         givers: list[tuple[_Slot, int]] = []
-        for pk, slot in list(self._slots.items()):
+        if not self._sweep:
+            self._sweep = list(self._slots)
+        batch, self._sweep = self._sweep[-_SWEEP:], self._sweep[:-_SWEEP]
+        for pk in batch:
+            slot = self._slots.get(pk)
+            if slot is None:
+                continue
             idle = t - slot.touched
-            if slot.available and (slot.retired or idle >= self._tick):
+            # An idle lease leased far from the limit (low_water set) stays _KEEP_IDLE
+            # seconds for its customer's next request; near the limit it goes back at once.
+            keep = _KEEP_IDLE if slot.low_water else self._tick
+            if slot.available and (slot.retired or idle >= keep):
                 gives.append((slot.customer, slot.feature, slot.period, slot.available))
                 givers.append((slot, slot.available))
                 slot.available = 0
@@ -926,17 +946,35 @@ class LocalLedger(Ledger):
                 del self._slots[pk]
                 if self._current.get(pk[:2]) is slot:
                     del self._current[pk[:2]]
-        for key, slot in list(self._current.items()):
-            if not slot.known and t >= slot.denied_until:
+                lock = self._locks.get(pk[:2])
+                if lock is not None and not lock.locked() and pk[:2] not in self._current:
+                    del self._locks[pk[:2]]
+        for key in list(self._unknown):
+            slot = self._current.get(key)
+            if slot is None or slot.known:
+                self._unknown.discard(key)
+            elif t >= slot.denied_until:
                 del self._current[key]
-        for key, lock in list(self._locks.items()):
-            if key not in self._current and not lock.locked():
-                del self._locks[key]
+                self._unknown.discard(key)
         if not (self._slots or self._current):
             return
-        future = self._run(self._ready_store().maintain, gives, self._generation)
+        store = self._ready_store()
+        while len(gives) > _UPKEEP_BATCH:
+            chunk, gives = gives[:_UPKEEP_BATCH], gives[_UPKEEP_BATCH:]
+            chunk_givers, givers = givers[:_UPKEEP_BATCH], givers[_UPKEEP_BATCH:]
+            future = self._run(store.give_back, chunk)
+            future.add_done_callback(functools.partial(self._given_back, chunk_givers))
+            await asyncio.shield(future)
+            await asyncio.sleep(0)
+        future = self._run(store.maintain, gives, self._generation)
         future.add_done_callback(functools.partial(self._maintained, t, givers))
         await asyncio.shield(future)
+
+    @staticmethod
+    def _given_back(givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            for slot, units in givers:  # rolled back: the units are still ours
+                slot.available += units
 
     def _maintained(
         self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
@@ -947,18 +985,18 @@ class LocalLedger(Ledger):
             return
         generation, changed, lost = future.result()
         self._generation = generation
-        for slot in self._current.values():
-            if not slot.known:
-                continue
-            if (
-                changed is None
-                or slot.customer in changed
-                or (slot.customer, slot.feature, slot.period) in lost
-            ):
-                slot.fresh_until = 0.0  # re-validate on next use
+        # A slot re-validates (one lease transaction) fresh_for after its lease: no
+        # per-tick walk over every customer. Only changed customers' slots are touched.
+        if changed is None or changed:
+            for slot in self._current.values():
+                if slot.known and (changed is None or slot.customer in changed):
+                    slot.fresh_until = 0.0  # re-validate on next use
+                    slot.denied_until = 0.0
+        for key in lost:
+            slot = self._current.get(key[:2])
+            if slot is not None and slot.period == key[2]:
+                slot.fresh_until = 0.0
                 slot.denied_until = 0.0
-            elif slot.fresh_until:
-                slot.fresh_until = min(max(slot.fresh_until, t + self._fresh_for), slot.end_mono)
         for key in lost:
             held = self._slots.get(key)
             if held is not None and held.held:
