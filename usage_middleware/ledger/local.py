@@ -962,9 +962,9 @@ class LocalLedger(Ledger):
         while len(gives) > _UPKEEP_BATCH:
             chunk, gives = gives[:_UPKEEP_BATCH], gives[_UPKEEP_BATCH:]
             chunk_givers, givers = givers[:_UPKEEP_BATCH], givers[_UPKEEP_BATCH:]
-            future = self._run(store.give_back, chunk)
-            future.add_done_callback(functools.partial(self._given_back, chunk_givers))
-            await asyncio.shield(future)
+            given = self._run(store.give_back, chunk)
+            given.add_done_callback(functools.partial(self._given_back, chunk_givers))
+            await asyncio.shield(given)
             await asyncio.sleep(0)
         future = self._run(store.maintain, gives, self._generation)
         future.add_done_callback(functools.partial(self._maintained, t, givers))
@@ -993,10 +993,10 @@ class LocalLedger(Ledger):
                     slot.fresh_until = 0.0  # re-validate on next use
                     slot.denied_until = 0.0
         for key in lost:
-            slot = self._current.get(key[:2])
-            if slot is not None and slot.period == key[2]:
-                slot.fresh_until = 0.0
-                slot.denied_until = 0.0
+            current = self._current.get(key[:2])
+            if current is not None and current.period == key[2]:
+                current.fresh_until = 0.0
+                current.denied_until = 0.0
         for key in lost:
             held = self._slots.get(key)
             if held is not None and held.held:
