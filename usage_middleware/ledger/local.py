@@ -284,6 +284,9 @@ class LocalLedger(Ledger):
         self._unknown: set[tuple[str, str]] = set()  # keys remembered as unknown customers
         self._inflight: set[asyncio.Future[Any]] = set()
         self._generation = 0
+        # Monotonic time until which every lease row of this process is known alive (set by
+        # each upkeep that renewed them): the hot path serves from a lease only before it.
+        self._valid_until = 0.0
 
     @property
     def pricing(self) -> Pricing | None:
@@ -320,6 +323,7 @@ class LocalLedger(Ledger):
             self._sqlite.shutdown()
             raise
         self._loop, self._store = loop, store
+        self._valid_until = time.monotonic() + self._fresh_for
         self._wake = asyncio.Event()
         self._spawn(self._flush_loop())
         self._spawn(self._tick_loop())
@@ -414,7 +418,11 @@ class LocalLedger(Ledger):
         slot = self._current.get((customer, feature))
         if slot is not None and type(units) is int and units > 0:
             t = time.monotonic()
-            if t < slot.fresh_until and (not self._clock_injected or self._clock() < slot.end):
+            if (
+                t < slot.fresh_until
+                and t < self._valid_until
+                and (not self._clock_injected or self._clock() < slot.end)
+            ):
                 if slot.unlimited or slot.available >= units:
                     return self._hold(slot, units, t)
                 if t < slot.denied_until and units > slot.available + slot.spare:
@@ -429,7 +437,7 @@ class LocalLedger(Ledger):
         slot = self._current.get((customer, feature))
         if slot is not None and type(units) is int and units > 0:
             t = time.monotonic()
-            if t < slot.fresh_until and self._clock() < slot.end:
+            if t < slot.fresh_until and t < self._valid_until and self._clock() < slot.end:
                 if slot.unlimited or slot.available >= units:
                     return self._answer(slot, True, units)
                 if t < slot.denied_until and units > slot.available + slot.spare:
@@ -629,7 +637,12 @@ class LocalLedger(Ledger):
                 now = self._clock()
                 t = time.monotonic()
                 slot = self._current.get(key)
-                if slot is not None and t < slot.fresh_until and now < slot.end:
+                if (
+                    slot is not None
+                    and t < slot.fresh_until
+                    and t < self._valid_until
+                    and now < slot.end
+                ):
                     if slot.unlimited or slot.available >= units:
                         return self._serve(slot, units, now, t, hold=hold)
                     if t < slot.denied_until and units > slot.available + slot.spare:
@@ -765,7 +778,9 @@ class LocalLedger(Ledger):
             slot.leased_at = t
             slot.low_water = slot.block // 2 if grant.roomy else 0
             slot.end_mono = time.monotonic() + (slot.end - self._clock()).total_seconds()
-            slot.fresh_until = min(t + self._fresh_for, slot.end_mono)
+            # Valid until the period ends or a change re-validates it, as long as the tick
+            # keeps renewing this process's rows (see LocalLedger._valid_until).
+            slot.fresh_until = slot.end_mono
             slot.denied_until = 0.0
             slot.touched = max(slot.touched, t)
         if old is not None and old is not slot:
@@ -788,6 +803,7 @@ class LocalLedger(Ledger):
                     and self._current.get(key) is slot
                     and slot.available < slot.low_water
                     and t < slot.fresh_until
+                    and t < self._valid_until
                     and now < slot.end
                 ):
                     await self._lease(key, slot, 1, now, t, give_back=False)
@@ -985,8 +1001,9 @@ class LocalLedger(Ledger):
             return
         generation, changed, lost = future.result()
         self._generation = generation
-        # A slot re-validates (one lease transaction) fresh_for after its lease: no
-        # per-tick walk over every customer. Only changed customers' slots are touched.
+        # Every row of this process was renewed (or is younger than lease_ttl / 2).
+        self._valid_until = t + self._fresh_for
+        # No per-tick walk over every customer: only changed customers' slots are touched.
         if changed is None or changed:
             for slot in self._current.values():
                 if slot.known and (changed is None or slot.customer in changed):
