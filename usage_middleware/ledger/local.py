@@ -531,6 +531,22 @@ class LocalLedger(Ledger):
         await self._submit(store.subscribe, customer, plan, self._clock())
         self._changed({customer})
 
+    async def subscribe_many(self, customers: Sequence[str], plan: str) -> None:
+        """Put every customer of ``customers`` on ``plan`` in one transaction (bulk imports).
+
+        The same as :meth:`subscribe` for each, all or nothing.
+
+        Raises:
+            LedgerError: as :meth:`subscribe`.
+            ValueError: a malformed customer id (nothing is written).
+        """
+        customers = list(customers)
+        for customer in customers:
+            check_customer(customer)
+        store = await self._opened()
+        await self._submit(store.subscribe_many, customers, plan, self._clock())
+        self._changed(set(customers))
+
     async def grant(self, customer: str, feature: str, units: int) -> int:
         """Credit ``units`` (> 0) of ``feature`` to ``customer``; return the new balance.
 
@@ -972,8 +988,8 @@ class LocalLedger(Ledger):
             elif t >= slot.denied_until:
                 del self._current[key]
                 self._unknown.discard(key)
-        if not (self._slots or self._current):
-            return
+        if not (self._slots or self._current or gives):
+            return  # (with gives: the last slots were evicted, their units still go back)
         store = self._ready_store()
         while len(gives) > _UPKEEP_BATCH:
             chunk, gives = gives[:_UPKEEP_BATCH], gives[_UPKEEP_BATCH:]

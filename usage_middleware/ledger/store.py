@@ -648,7 +648,10 @@ class LedgerStore:
         hour = int(at // 3600) * 3600
         stamp = _iso(at)
         row = self.conn.execute(
-            "SELECT id FROM charges WHERE customer = ? AND feature = ? AND period = ?"
+            # INDEXED BY: the planner would otherwise take the idempotency_key index for
+            # "IS NULL", which matches every group-commit row (a scan per charge).
+            "SELECT id FROM charges INDEXED BY charges_hour"
+            " WHERE customer = ? AND feature = ? AND period = ?"
             " AND idempotency_key IS NULL AND at >= ? AND at < ? AND clobber = 0 LIMIT 1",
             (customer, feature, period, _iso(hour), _iso(hour + 3600)),
         ).fetchone()
@@ -741,23 +744,33 @@ class LedgerStore:
         return generation, changed, lost
 
     def subscribe(self, customer: str, plan: str, at: datetime) -> None:
+        self.subscribe_many([customer], plan, at)
+
+    def subscribe_many(self, customers: Sequence[str], plan: str, at: datetime) -> None:
+        """Put every customer of ``customers`` on ``plan``, in one transaction."""
+        who = repr(customers[0]) if len(customers) == 1 else f"{len(customers)} customers"
         with self._write():
             self._refresh_pricing()
             if self.pricing is None:
                 raise LedgerError(
-                    f"cannot subscribe {customer!r} to {plan!r}: the ledger has no pricing; "
+                    f"cannot subscribe {who} to {plan!r}: the ledger has no pricing; "
                     "pass pricing='pricing.json' to LocalLedger once"
                 )
             if plan not in self.pricing.plans:
                 known = ", ".join(sorted(self.pricing.plans)) or "none"
                 raise LedgerError(f"unknown plan {plan!r}; known plans: {known}")
-            self.conn.execute(
+            self.conn.executemany(
                 "INSERT INTO subscriptions (customer, plan, since) VALUES (?, ?, ?)"
                 " ON CONFLICT (customer) DO UPDATE SET plan = excluded.plan,"
                 " since = excluded.since",
-                (customer, plan, at.isoformat()),
+                [(customer, plan, at.isoformat()) for customer in customers],
             )
-            self._bump(customer)
+            generation = self._bump(None)
+            self.conn.executemany(
+                "INSERT INTO changes (customer, generation) VALUES (?, ?)"
+                " ON CONFLICT (customer) DO UPDATE SET generation = excluded.generation",
+                [(customer, generation) for customer in customers],
+            )
 
     def grant(self, customer: str, feature: str, units: int) -> int:
         """Credit ``units``; the credited sum stops at ``UNLIMITED`` (never a REAL)."""
