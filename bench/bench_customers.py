@@ -105,7 +105,7 @@ def file_size(path: Path) -> int:
 
 
 async def subscribe(ledger: Any, customers: list[str]) -> None:
-    if isinstance(ledger, LocalLedger):
+    if hasattr(ledger, "subscribe_many"):
         await ledger.subscribe_many(customers, PLAN)
         return
     for start in range(0, len(customers), 200):

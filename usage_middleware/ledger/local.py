@@ -7,8 +7,8 @@ memory, and charges are written in groups every ``flush_interval``, so the event
 waits for another process's lock. What that trades, stated plainly: a charge not yet
 written is lost if the process is killed (at most ``flush_interval`` of them;
 :meth:`LocalLedger.aclose` writes everything), units leased by one process are unavailable
-to the others for up to two ticks (1 s each), and another process's admin writes arrive at
-the next tick. A hold lives as long as its request. The design (leases, group commit,
+to the others for up to two ticks (1 s each) near the limit, or 30 s after their last use
+when leased far from it, and another process's admin writes arrive at the next tick. A hold lives as long as its request. The design (leases, group commit,
 where SQLite runs) is in ``docs/architecture.md``, "The embedded ledger".
 """
 
