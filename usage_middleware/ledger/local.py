@@ -8,8 +8,9 @@ waits for another process's lock. What that trades, stated plainly: a charge not
 written is lost if the process is killed (at most ``flush_interval`` of them;
 :meth:`LocalLedger.aclose` writes everything), units leased by one process are unavailable
 to the others for up to two ticks (1 s each) near the limit, or 30 s after their last use
-when leased far from it, and another process's admin writes arrive at the next tick. A hold lives as long as its request. The design (leases, group commit,
-where SQLite runs) is in ``docs/architecture.md``, "The embedded ledger".
+when leased far from it, and another process's admin writes arrive at the next tick. A
+hold lives as long as its request. The design (leases, group commit, where SQLite runs,
+many customers) is in ``docs/architecture.md``, "The embedded ledger".
 """
 
 from __future__ import annotations
@@ -645,39 +646,42 @@ class LocalLedger(Ledger):
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
-        async with lock:
-            for _ in range(3):
-                await self._settle_lease(key)
-                if self._closing():  # closed while we waited
-                    return self._closed(customer, feature, units)
-                now = self._clock()
-                t = time.monotonic()
-                slot = self._current.get(key)
-                if (
-                    slot is not None
-                    and t < slot.fresh_until
-                    and t < self._valid_until
-                    and now < slot.end
-                ):
+        try:
+            async with lock:
+                for _ in range(3):
+                    await self._settle_lease(key)
+                    if self._closing():  # closed while we waited
+                        return self._closed(customer, feature, units)
+                    now = self._clock()
+                    t = time.monotonic()
+                    slot = self._current.get(key)
+                    if (
+                        slot is not None
+                        and t < slot.fresh_until
+                        and t < self._valid_until
+                        and now < slot.end
+                    ):
+                        if slot.unlimited or slot.available >= units:
+                            return self._serve(slot, units, now, t, hold=hold)
+                        if t < slot.denied_until and units > slot.available + slot.spare:
+                            return self._refuse(slot, units)
+                    try:
+                        grant = await self._lease(key, slot, units, now, t, give_back=True)
+                    except Exception as exc:
+                        logger.exception("ledger %s: leasing %s %s failed", self.path, *key)
+                        return self._failed(customer, feature, units, exc, REASON_FAILED)
+                    if self._closing():
+                        return self._closed(customer, feature, units)
+                    slot = self._current[key]
                     if slot.unlimited or slot.available >= units:
                         return self._serve(slot, units, now, t, hold=hold)
-                    if t < slot.denied_until and units > slot.available + slot.spare:
+                    if not grant.take:
+                        slot.denied_until = t + self._deny_for
                         return self._refuse(slot, units)
-                try:
-                    grant = await self._lease(key, slot, units, now, t, give_back=True)
-                except Exception as exc:
-                    logger.exception("ledger %s: leasing %s %s failed", self.path, *key)
-                    return self._failed(customer, feature, units, exc, REASON_FAILED)
-                if self._closing():
-                    return self._closed(customer, feature, units)
-                slot = self._current[key]
-                if slot.unlimited or slot.available >= units:
-                    return self._serve(slot, units, now, t, hold=hold)
-                if not grant.take:
-                    slot.denied_until = t + self._deny_for
-                    return self._refuse(slot, units)
-                # Other tasks used the block this transaction brought before we woke up.
-            return self._refuse(self._current[key], units)
+                    # Other tasks used the block this transaction brought before we woke up.
+                return self._refuse(self._current[key], units)
+        finally:
+            self._drop_lock(key, lock)
 
     def _serve(
         self, slot: _Slot, units: int, now: datetime, t: float, *, hold: bool
@@ -687,6 +691,12 @@ class LocalLedger(Ledger):
         return Reservation(
             self._answer(slot, True, units), trusted_event(slot.customer, slot.feature, units)
         )
+
+    def _drop_lock(self, key: tuple[str, str], lock: asyncio.Lock) -> None:
+        """Forget a key's lock once nobody holds or awaits it (memory per customer)."""
+        if not lock.locked() and not getattr(lock, "_waiters", None):
+            if self._locks.get(key) is lock:
+                del self._locks[key]
 
     def _closing(self) -> bool:
         """Whether aclose() has begun (a method, so checks after an await are not narrowed)."""
@@ -810,19 +820,22 @@ class LocalLedger(Ledger):
             lock = self._locks.get(key)
             if lock is None:
                 lock = self._locks[key] = asyncio.Lock()
-            async with lock:
-                await self._settle_lease(key)
-                now = self._clock()
-                t = time.monotonic()
-                if (
-                    self.state is ProviderState.OPEN
-                    and self._current.get(key) is slot
-                    and slot.available < slot.low_water
-                    and t < slot.fresh_until
-                    and t < self._valid_until
-                    and now < slot.end
-                ):
-                    await self._lease(key, slot, 1, now, t, give_back=False)
+            try:
+                async with lock:
+                    await self._settle_lease(key)
+                    now = self._clock()
+                    t = time.monotonic()
+                    if (
+                        self.state is ProviderState.OPEN
+                        and self._current.get(key) is slot
+                        and slot.available < slot.low_water
+                        and t < slot.fresh_until
+                        and t < self._valid_until
+                        and now < slot.end
+                    ):
+                        await self._lease(key, slot, 1, now, t, give_back=False)
+            finally:
+                self._drop_lock(key, lock)
         except Exception:
             logger.exception("ledger %s: refilling the lease of %s %s failed", self.path, *key)
         finally:
