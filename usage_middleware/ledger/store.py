@@ -10,6 +10,7 @@ The tables (``meta``, ``subscriptions``, ``credits``, ``usage``, ``charges``, ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -91,8 +92,12 @@ def cannot_open(path: str, exc: sqlite3.Error) -> ConfigurationError:
     return ConfigurationError(f"cannot open the ledger file {shown!r} ({exc}): {why}")
 
 
+@functools.lru_cache(maxsize=256)
 def period_key(start: datetime, end: datetime) -> str:
-    """The usage row's period: an ISO 8601 interval of dates, e.g. ``2026-11-01/2026-12-01``."""
+    """The usage row's period: an ISO 8601 interval of dates, e.g. ``2026-11-01/2026-12-01``.
+
+    Cached: every customer's slot and lease record share one string per period.
+    """
     return f"{start.date().isoformat()}/{end.date().isoformat()}"
 
 
