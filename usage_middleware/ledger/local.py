@@ -7,9 +7,10 @@ memory, and charges are written in groups every ``flush_interval``, so the event
 waits for another process's lock. What that trades, stated plainly: a charge not yet
 written is lost if the process is killed (at most ``flush_interval`` of them;
 :meth:`LocalLedger.aclose` writes everything), units leased by one process are unavailable
-to the others for up to two ticks (1 s each), and another process's admin writes arrive at
-the next tick. A hold lives as long as its request. The design (leases, group commit,
-where SQLite runs) is in ``docs/architecture.md``, "The embedded ledger".
+to the others for up to two ticks (1 s each) near the limit, or 30 s after their last use
+when leased far from it, and another process's admin writes arrive at the next tick. A
+hold lives as long as its request. The design (leases, group commit, where SQLite runs,
+many customers) is in ``docs/architecture.md``, "The embedded ledger".
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ _CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
 _MAX_BLOCK = 64  # a hot key's lease block grows to at most this many times lease_size
 _MAX_FLUSH = 1000  # charges per group-commit transaction, so a lease never waits long
 _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
+_UPKEEP_BATCH = 256  # idle leases returned per upkeep transaction (the loop runs between)
+_SWEEP = 4096  # slots the tick looks at (round-robin), so upkeep never walks every customer
+_KEEP_IDLE = 30.0  # seconds an idle lease leased far from the limit stays (for its next use)
 
 
 def _utc(clock: Callable[[], datetime]) -> datetime:
@@ -277,8 +281,13 @@ class LocalLedger(Ledger):
         self._on_drop = self._dropped.append
         self._warned_until = 0.0  # holds made up to this monotonic time were logged as old
         self._batch: list[_Slot] = []  # slots with unflushed charges, in commit order
+        self._sweep: list[tuple[str, str, str]] = []  # slots the next ticks look at
+        self._unknown: set[tuple[str, str]] = set()  # keys remembered as unknown customers
         self._inflight: set[asyncio.Future[Any]] = set()
         self._generation = 0
+        # Monotonic time until which every lease row of this process is known alive (set by
+        # each upkeep that renewed them): the hot path serves from a lease only before it.
+        self._valid_until = 0.0
 
     @property
     def pricing(self) -> Pricing | None:
@@ -315,6 +324,7 @@ class LocalLedger(Ledger):
             self._sqlite.shutdown()
             raise
         self._loop, self._store = loop, store
+        self._valid_until = time.monotonic() + self._fresh_for
         self._wake = asyncio.Event()
         self._spawn(self._flush_loop())
         self._spawn(self._tick_loop())
@@ -409,7 +419,11 @@ class LocalLedger(Ledger):
         slot = self._current.get((customer, feature))
         if slot is not None and type(units) is int and units > 0:
             t = time.monotonic()
-            if t < slot.fresh_until and (not self._clock_injected or self._clock() < slot.end):
+            if (
+                t < slot.fresh_until
+                and t < self._valid_until
+                and (not self._clock_injected or self._clock() < slot.end)
+            ):
                 if slot.unlimited or slot.available >= units:
                     return self._hold(slot, units, t)
                 if t < slot.denied_until and units > slot.available + slot.spare:
@@ -424,7 +438,7 @@ class LocalLedger(Ledger):
         slot = self._current.get((customer, feature))
         if slot is not None and type(units) is int and units > 0:
             t = time.monotonic()
-            if t < slot.fresh_until and self._clock() < slot.end:
+            if t < slot.fresh_until and t < self._valid_until and self._clock() < slot.end:
                 if slot.unlimited or slot.available >= units:
                     return self._answer(slot, True, units)
                 if t < slot.denied_until and units > slot.available + slot.spare:
@@ -517,6 +531,22 @@ class LocalLedger(Ledger):
         store = await self._opened()
         await self._submit(store.subscribe, customer, plan, self._clock())
         self._changed({customer})
+
+    async def subscribe_many(self, customers: Sequence[str], plan: str) -> None:
+        """Put every customer of ``customers`` on ``plan`` in one transaction (bulk imports).
+
+        The same as :meth:`subscribe` for each, all or nothing.
+
+        Raises:
+            LedgerError: as :meth:`subscribe`.
+            ValueError: a malformed customer id (nothing is written).
+        """
+        customers = list(customers)
+        for customer in customers:
+            check_customer(customer)
+        store = await self._opened()
+        await self._submit(store.subscribe_many, customers, plan, self._clock())
+        self._changed(set(customers))
 
     async def grant(self, customer: str, feature: str, units: int) -> int:
         """Credit ``units`` (> 0) of ``feature`` to ``customer``; return the new balance.
@@ -616,34 +646,42 @@ class LocalLedger(Ledger):
         lock = self._locks.get(key)
         if lock is None:
             lock = self._locks[key] = asyncio.Lock()
-        async with lock:
-            for _ in range(3):
-                await self._settle_lease(key)
-                if self._closing():  # closed while we waited
-                    return self._closed(customer, feature, units)
-                now = self._clock()
-                t = time.monotonic()
-                slot = self._current.get(key)
-                if slot is not None and t < slot.fresh_until and now < slot.end:
+        try:
+            async with lock:
+                for _ in range(3):
+                    await self._settle_lease(key)
+                    if self._closing():  # closed while we waited
+                        return self._closed(customer, feature, units)
+                    now = self._clock()
+                    t = time.monotonic()
+                    slot = self._current.get(key)
+                    if (
+                        slot is not None
+                        and t < slot.fresh_until
+                        and t < self._valid_until
+                        and now < slot.end
+                    ):
+                        if slot.unlimited or slot.available >= units:
+                            return self._serve(slot, units, now, t, hold=hold)
+                        if t < slot.denied_until and units > slot.available + slot.spare:
+                            return self._refuse(slot, units)
+                    try:
+                        grant = await self._lease(key, slot, units, now, t, give_back=True)
+                    except Exception as exc:
+                        logger.exception("ledger %s: leasing %s %s failed", self.path, *key)
+                        return self._failed(customer, feature, units, exc, REASON_FAILED)
+                    if self._closing():
+                        return self._closed(customer, feature, units)
+                    slot = self._current[key]
                     if slot.unlimited or slot.available >= units:
                         return self._serve(slot, units, now, t, hold=hold)
-                    if t < slot.denied_until and units > slot.available + slot.spare:
+                    if not grant.take:
+                        slot.denied_until = t + self._deny_for
                         return self._refuse(slot, units)
-                try:
-                    grant = await self._lease(key, slot, units, now, t, give_back=True)
-                except Exception as exc:
-                    logger.exception("ledger %s: leasing %s %s failed", self.path, *key)
-                    return self._failed(customer, feature, units, exc, REASON_FAILED)
-                if self._closing():
-                    return self._closed(customer, feature, units)
-                slot = self._current[key]
-                if slot.unlimited or slot.available >= units:
-                    return self._serve(slot, units, now, t, hold=hold)
-                if not grant.take:
-                    slot.denied_until = t + self._deny_for
-                    return self._refuse(slot, units)
-                # Other tasks used the block this transaction brought before we woke up.
-            return self._refuse(self._current[key], units)
+                    # Other tasks used the block this transaction brought before we woke up.
+                return self._refuse(self._current[key], units)
+        finally:
+            self._drop_lock(key, lock)
 
     def _serve(
         self, slot: _Slot, units: int, now: datetime, t: float, *, hold: bool
@@ -653,6 +691,12 @@ class LocalLedger(Ledger):
         return Reservation(
             self._answer(slot, True, units), trusted_event(slot.customer, slot.feature, units)
         )
+
+    def _drop_lock(self, key: tuple[str, str], lock: asyncio.Lock) -> None:
+        """Forget a key's lock once nobody holds or awaits it (memory per customer)."""
+        if not lock.locked() and not getattr(lock, "_waiters", None):
+            if self._locks.get(key) is lock:
+                del self._locks[key]
 
     def _closing(self) -> bool:
         """Whether aclose() has begun (a method, so checks after an await are not narrowed)."""
@@ -734,6 +778,7 @@ class LocalLedger(Ledger):
             slot = _Slot(customer, feature, "", _FAR_FUTURE)
             slot.known = False
             slot.reason = REASON_UNKNOWN
+            self._unknown.add(key)
             slot.fresh_until = slot.denied_until = t + self._deny_for
         else:
             slot = self._slots.get((customer, feature, grant.period)) or _Slot(
@@ -759,7 +804,9 @@ class LocalLedger(Ledger):
             slot.leased_at = t
             slot.low_water = slot.block // 2 if grant.roomy else 0
             slot.end_mono = time.monotonic() + (slot.end - self._clock()).total_seconds()
-            slot.fresh_until = min(t + self._fresh_for, slot.end_mono)
+            # Valid until the period ends or a change re-validates it, as long as the tick
+            # keeps renewing this process's rows (see LocalLedger._valid_until).
+            slot.fresh_until = slot.end_mono
             slot.denied_until = 0.0
             slot.touched = max(slot.touched, t)
         if old is not None and old is not slot:
@@ -773,18 +820,22 @@ class LocalLedger(Ledger):
             lock = self._locks.get(key)
             if lock is None:
                 lock = self._locks[key] = asyncio.Lock()
-            async with lock:
-                await self._settle_lease(key)
-                now = self._clock()
-                t = time.monotonic()
-                if (
-                    self.state is ProviderState.OPEN
-                    and self._current.get(key) is slot
-                    and slot.available < slot.low_water
-                    and t < slot.fresh_until
-                    and now < slot.end
-                ):
-                    await self._lease(key, slot, 1, now, t, give_back=False)
+            try:
+                async with lock:
+                    await self._settle_lease(key)
+                    now = self._clock()
+                    t = time.monotonic()
+                    if (
+                        self.state is ProviderState.OPEN
+                        and self._current.get(key) is slot
+                        and slot.available < slot.low_water
+                        and t < slot.fresh_until
+                        and t < self._valid_until
+                        and now < slot.end
+                    ):
+                        await self._lease(key, slot, 1, now, t, give_back=False)
+            finally:
+                self._drop_lock(key, lock)
         except Exception:
             logger.exception("ledger %s: refilling the lease of %s %s failed", self.path, *key)
         finally:
@@ -908,15 +959,29 @@ class LocalLedger(Ledger):
         await self._sqlite.background(self._ready_store().checkpoint)
 
     async def _maintain(self) -> None:
-        """Once a tick: free dropped holds, return idle units, renew, poll for changes."""
+        """Once a tick: free dropped holds, return idle units, renew, poll for changes.
+
+        Bounded work per tick: it looks at up to ``_SWEEP`` slots (round-robin over all of
+        them), and returns idle leases ``_UPKEEP_BATCH`` per transaction, yielding to the
+        event loop between transactions.
+        """
         t = time.monotonic()
         self._release_dropped()
         self._log_old_reservations(t)
         gives: list[tuple[str, str, str, int]] = []
         givers: list[tuple[_Slot, int]] = []
-        for pk, slot in list(self._slots.items()):
+        if not self._sweep:
+            self._sweep = list(self._slots)
+        batch, self._sweep = self._sweep[-_SWEEP:], self._sweep[:-_SWEEP]
+        for pk in batch:
+            slot = self._slots.get(pk)
+            if slot is None:
+                continue
             idle = t - slot.touched
-            if slot.available and (slot.retired or idle >= self._tick):
+            # An idle lease leased far from the limit (low_water set) stays _KEEP_IDLE
+            # seconds for its customer's next request; near the limit it goes back at once.
+            keep = _KEEP_IDLE if slot.low_water else self._tick
+            if slot.available and (slot.retired or idle >= keep):
                 gives.append((slot.customer, slot.feature, slot.period, slot.available))
                 givers.append((slot, slot.available))
                 slot.available = 0
@@ -926,17 +991,35 @@ class LocalLedger(Ledger):
                 del self._slots[pk]
                 if self._current.get(pk[:2]) is slot:
                     del self._current[pk[:2]]
-        for key, slot in list(self._current.items()):
-            if not slot.known and t >= slot.denied_until:
+                lock = self._locks.get(pk[:2])
+                if lock is not None and not lock.locked() and pk[:2] not in self._current:
+                    del self._locks[pk[:2]]
+        for key in list(self._unknown):
+            slot = self._current.get(key)
+            if slot is None or slot.known:
+                self._unknown.discard(key)
+            elif t >= slot.denied_until:
                 del self._current[key]
-        for key, lock in list(self._locks.items()):
-            if key not in self._current and not lock.locked():
-                del self._locks[key]
-        if not (self._slots or self._current):
-            return
-        future = self._run(self._ready_store().maintain, gives, self._generation)
+                self._unknown.discard(key)
+        if not (self._slots or self._current or gives):
+            return  # (with gives: the last slots were evicted, their units still go back)
+        store = self._ready_store()
+        while len(gives) > _UPKEEP_BATCH:
+            chunk, gives = gives[:_UPKEEP_BATCH], gives[_UPKEEP_BATCH:]
+            chunk_givers, givers = givers[:_UPKEEP_BATCH], givers[_UPKEEP_BATCH:]
+            given = self._run(store.give_back, chunk)
+            given.add_done_callback(functools.partial(self._given_back, chunk_givers))
+            await asyncio.shield(given)
+            await asyncio.sleep(0)
+        future = self._run(store.maintain, gives, self._generation)
         future.add_done_callback(functools.partial(self._maintained, t, givers))
         await asyncio.shield(future)
+
+    @staticmethod
+    def _given_back(givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            for slot, units in givers:  # rolled back: the units are still ours
+                slot.available += units
 
     def _maintained(
         self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
@@ -947,18 +1030,19 @@ class LocalLedger(Ledger):
             return
         generation, changed, lost = future.result()
         self._generation = generation
-        for slot in self._current.values():
-            if not slot.known:
-                continue
-            if (
-                changed is None
-                or slot.customer in changed
-                or (slot.customer, slot.feature, slot.period) in lost
-            ):
-                slot.fresh_until = 0.0  # re-validate on next use
-                slot.denied_until = 0.0
-            elif slot.fresh_until:
-                slot.fresh_until = min(max(slot.fresh_until, t + self._fresh_for), slot.end_mono)
+        # Every row of this process was renewed (or is younger than lease_ttl / 2).
+        self._valid_until = t + self._fresh_for
+        # No per-tick walk over every customer: only changed customers' slots are touched.
+        if changed is None or changed:
+            for slot in self._current.values():
+                if slot.known and (changed is None or slot.customer in changed):
+                    slot.fresh_until = 0.0  # re-validate on next use
+                    slot.denied_until = 0.0
+        for key in lost:
+            current = self._current.get(key[:2])
+            if current is not None and current.period == key[2]:
+                current.fresh_until = 0.0
+                current.denied_until = 0.0
         for key in lost:
             held = self._slots.get(key)
             if held is not None and held.held:

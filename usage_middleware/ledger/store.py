@@ -10,6 +10,7 @@ The tables (``meta``, ``subscriptions``, ``credits``, ``usage``, ``charges``, ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -49,11 +50,18 @@ _SCHEMA = (
     " id INTEGER PRIMARY KEY, customer TEXT NOT NULL, feature TEXT NOT NULL,"
     " period TEXT NOT NULL, units INTEGER NOT NULL, requests INTEGER NOT NULL DEFAULT 1,"
     " at TEXT NOT NULL, idempotency_key TEXT UNIQUE, clobber INTEGER NOT NULL DEFAULT 0)",
+    # Group commits add to one row per (customer, feature, period, hour): this index finds it.
+    "CREATE INDEX IF NOT EXISTS charges_hour ON charges (customer, feature, period, at)"
+    " WHERE idempotency_key IS NULL",
     "CREATE TABLE IF NOT EXISTS leases ("
     " customer TEXT NOT NULL, feature TEXT NOT NULL, period TEXT NOT NULL,"
     " owner TEXT NOT NULL, units INTEGER NOT NULL, expires_at REAL NOT NULL,"
     " PRIMARY KEY (customer, feature, period, owner)) WITHOUT ROWID",
     "CREATE INDEX IF NOT EXISTS leases_owner ON leases (owner)",
+    # The tick renews only this owner's rows near expiry and deletes only dead rows: both
+    # are range scans, so upkeep does not read every lease of every process.
+    "CREATE INDEX IF NOT EXISTS leases_renew ON leases (owner, expires_at)",
+    "CREATE INDEX IF NOT EXISTS leases_expiry ON leases (expires_at)",
     "CREATE TABLE IF NOT EXISTS changes ("
     " customer TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID",
 )
@@ -84,8 +92,12 @@ def cannot_open(path: str, exc: sqlite3.Error) -> ConfigurationError:
     return ConfigurationError(f"cannot open the ledger file {shown!r} ({exc}): {why}")
 
 
+@functools.lru_cache(maxsize=256)
 def period_key(start: datetime, end: datetime) -> str:
-    """The usage row's period: an ISO 8601 interval of dates, e.g. ``2026-11-01/2026-12-01``."""
+    """The usage row's period: an ISO 8601 interval of dates, e.g. ``2026-11-01/2026-12-01``.
+
+    Cached: every customer's slot and lease record share one string per period.
+    """
     return f"{start.date().isoformat()}/{end.date().isoformat()}"
 
 
@@ -178,7 +190,12 @@ class LedgerStore:
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._busy_wait: _sqlite.BusyWait | None = None
         self._rows: dict[tuple[str, str], dict[str, int]] = {}
-        self._staged: dict[tuple[str, str, str], int] = {}
+        # Wall time of the last maintain() that committed: until renewed_at + lease_ttl / 2
+        # none of this owner's rows can have expired (maintain renews every row that would).
+        self._renewed_at = -float("inf")
+        # This transaction's writes to this owner's lease rows: (customer, feature) ->
+        # period -> units, indexed by key so a transaction touching many keys stays linear.
+        self._staged: dict[tuple[str, str], dict[str, int]] = {}
 
     # -- connection ----------------------------------------------------------------------
 
@@ -345,14 +362,15 @@ class LedgerStore:
         except BaseException:
             self._staged = {}
             raise
-        for (customer, feature, period), units in self._staged.items():
-            rows = self._rows.setdefault((customer, feature), {})
-            if units > 0:
-                rows[period] = units
-            else:
-                rows.pop(period, None)
-                if not rows:
-                    del self._rows[customer, feature]
+        for key, periods in self._staged.items():
+            rows = self._rows.setdefault(key, {})
+            for period, units in periods.items():
+                if units > 0:
+                    rows[period] = units
+                else:
+                    rows.pop(period, None)
+            if not rows:
+                del self._rows[key]
         self._staged = {}
 
     def _read(self) -> contextlib.AbstractContextManager[None]:
@@ -425,13 +443,11 @@ class LedgerStore:
     def _own_rows(self, customer: str, feature: str) -> dict[str, int]:
         """This owner's lease rows for (customer, feature) as of now in the transaction."""
         rows = dict(self._rows.get((customer, feature), {}))
-        for (staged_customer, staged_feature, period), units in self._staged.items():
-            if staged_customer == customer and staged_feature == feature:
-                rows[period] = units
+        rows.update(self._staged.get((customer, feature), {}))
         return {period: units for period, units in rows.items() if units > 0}
 
     def _row(self, customer: str, feature: str, period: str) -> int:
-        staged = self._staged.get((customer, feature, period))
+        staged = self._staged.get((customer, feature), {}).get(period)
         if staged is not None:
             return staged
         return self._rows.get((customer, feature), {}).get(period, 0)
@@ -447,7 +463,7 @@ class LedgerStore:
             " DO UPDATE SET units = excluded.units, expires_at = excluded.expires_at",
             (customer, feature, period, self.owner, units, now + self.lease_ttl),
         )
-        self._staged[customer, feature, period] = units
+        self._staged.setdefault((customer, feature), {})[period] = units
 
     def _shrink(self, customer: str, feature: str, period: str, units: int, now: float) -> None:
         """Take ``units`` off this owner's lease row; never revives an expired row."""
@@ -465,7 +481,7 @@ class LedgerStore:
                 " AND owner = ? AND expires_at >= ?",
                 (left, *key, now),
             )
-        self._staged[customer, feature, period] = max(0, left)
+        self._staged.setdefault((customer, feature), {})[period] = max(0, left)
 
     def _taken_elsewhere(
         self, customer: str, feature: str, period: str, limit: int, now: float
@@ -605,27 +621,15 @@ class LedgerStore:
         result: dict[tuple[str, str, str], tuple[int, int]] = {}
         with self._write():
             if not isolate:
-                self.conn.executemany(
-                    "INSERT INTO charges (customer, feature, period, units, requests, at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    [
-                        (customer, feature, period, _capped(units), _capped(requests), _iso(at))
-                        for customer, feature, period, _, units, _, requests, at in batch
-                    ],
-                )
                 for entry in batch:
+                    self._charge_row(entry)
                     self._flush_entry(entry, now, result)
                 return result
             for entry in batch:
-                staged = dict(self._staged)
+                staged = {key: dict(periods) for key, periods in self._staged.items()}
                 self.conn.execute("SAVEPOINT charge")
                 try:
-                    customer, feature, period, _, units, _, requests, at = entry
-                    self.conn.execute(
-                        "INSERT INTO charges (customer, feature, period, units, requests, at)"
-                        " VALUES (?, ?, ?, ?, ?, ?)",
-                        (customer, feature, period, _capped(units), _capped(requests), _iso(at)),
-                    )
+                    self._charge_row(entry)
                     self._flush_entry(entry, now, result)
                 except _BAD_ENTRY:
                     self.conn.execute("ROLLBACK TO charge")
@@ -644,6 +648,41 @@ class LedgerStore:
                 self.conn.execute("RELEASE charge")
         return result
 
+    def _charge_row(self, entry: StoredCharge) -> None:
+        """Add a group commit's charges to their (customer, feature, period, hour) row.
+
+        The audit trail of group commits is coalesced per hour of ``at`` (UTC), so the
+        ``charges`` table grows with customers x hours, not with requests; ``at`` is the
+        hour's last charge. Rows of :meth:`report` (idempotency keys) stay one per event.
+        """
+        customer, feature, period, _, units, _, requests, at = entry
+        units, requests = _capped(units), _capped(requests)
+        hour = int(at // 3600) * 3600
+        stamp = _iso(at)
+        row = self.conn.execute(
+            # INDEXED BY: the planner would otherwise take the idempotency_key index for
+            # "IS NULL", which matches every group-commit row (a scan per charge).
+            "SELECT id FROM charges INDEXED BY charges_hour"
+            " WHERE customer = ? AND feature = ? AND period = ?"
+            " AND idempotency_key IS NULL AND at >= ? AND at < ? AND clobber = 0 LIMIT 1",
+            (customer, feature, period, _iso(hour), _iso(hour + 3600)),
+        ).fetchone()
+        if row is None:
+            self.conn.execute(
+                "INSERT INTO charges (customer, feature, period, units, requests, at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (customer, feature, period, units, requests, stamp),
+            )
+            return
+        self.conn.execute(
+            "UPDATE charges SET units = "
+            + _CAPPED_ADD.format("units")
+            + ", requests = "
+            + _CAPPED_ADD.format("requests")
+            + ", at = MAX(at, ?) WHERE id = ?",
+            (*_capped_add_args(units), *_capped_add_args(requests), stamp, row[0]),
+        )
+
     def _flush_entry(
         self,
         entry: StoredCharge,
@@ -657,35 +696,48 @@ class LedgerStore:
         if leased:
             self._shrink(customer, feature, period, leased, now)
 
+    def give_back(self, gives: Sequence[tuple[str, str, str, int]]) -> None:
+        """Return idle units (customer, feature, period, units) in one transaction."""
+        now = time.time()
+        with self._write():
+            for customer, feature, period, units in gives:
+                self._shrink(customer, feature, period, units, now)
+
     def maintain(
         self, gives: Sequence[tuple[str, str, str, int]], seen: int
     ) -> tuple[int, set[str] | None, set[tuple[str, str, str]]]:
-        """Return idle units, renew this owner's live leases, clean up dead ones.
+        """Return idle units, renew this owner's leases near expiry, clean up dead ones.
 
         Returns the generation, the customers changed since ``seen`` (``None``: everything,
         the pricing changed) and this owner's rows that expired before being renewed.
+        The work is proportional to ``gives``, the rows renewed (each about once every
+        ``lease_ttl / 2``) and the rows expired: the live rows are read only after a stall
+        long enough for one of them to have expired.
         """
         now = time.time()
         with self._write():
             conn = self.conn
             for customer, feature, period, units in gives:
                 self._shrink(customer, feature, period, units, now)
-            live = set(
-                conn.execute(
-                    "SELECT customer, feature, period FROM leases"
-                    " WHERE owner = ? AND expires_at >= ?",
-                    (self.owner, now),
+            lost: set[tuple[str, str, str]] = set()
+            if now >= self._renewed_at + self.lease_ttl / 2:
+                live = set(
+                    conn.execute(
+                        "SELECT customer, feature, period FROM leases"
+                        " WHERE owner = ? AND expires_at >= ?",
+                        (self.owner, now),
+                    )
                 )
-            )
-            lost = {
-                (customer, feature, period)
-                for customer, feature in {*self._rows, *(key[:2] for key in self._staged)}
-                for period in self._own_rows(customer, feature)
-                if (customer, feature, period) not in live
-            }
+                lost = {
+                    (customer, feature, period)
+                    for customer, feature in {*self._rows, *self._staged}
+                    for period in self._own_rows(customer, feature)
+                    if (customer, feature, period) not in live
+                }
             conn.execute(
-                "UPDATE leases SET expires_at = ? WHERE owner = ? AND expires_at >= ?",
-                (now + self.lease_ttl, self.owner, now),
+                "UPDATE leases SET expires_at = ? WHERE owner = ? AND expires_at >= ?"
+                " AND expires_at < ?",
+                (now + self.lease_ttl, self.owner, now, now + self.lease_ttl / 2),
             )
             conn.execute("DELETE FROM leases WHERE expires_at < ?", (now,))
             generation = int(self._meta("generation") or 0)
@@ -700,26 +752,37 @@ class LedgerStore:
                             "SELECT customer FROM changes WHERE generation > ?", (seen,)
                         )
                     }
+        self._renewed_at = now
         return generation, changed, lost
 
     def subscribe(self, customer: str, plan: str, at: datetime) -> None:
+        self.subscribe_many([customer], plan, at)
+
+    def subscribe_many(self, customers: Sequence[str], plan: str, at: datetime) -> None:
+        """Put every customer of ``customers`` on ``plan``, in one transaction."""
+        who = repr(customers[0]) if len(customers) == 1 else f"{len(customers)} customers"
         with self._write():
             self._refresh_pricing()
             if self.pricing is None:
                 raise LedgerError(
-                    f"cannot subscribe {customer!r} to {plan!r}: the ledger has no pricing; "
+                    f"cannot subscribe {who} to {plan!r}: the ledger has no pricing; "
                     "pass pricing='pricing.json' to LocalLedger once"
                 )
             if plan not in self.pricing.plans:
                 known = ", ".join(sorted(self.pricing.plans)) or "none"
                 raise LedgerError(f"unknown plan {plan!r}; known plans: {known}")
-            self.conn.execute(
+            self.conn.executemany(
                 "INSERT INTO subscriptions (customer, plan, since) VALUES (?, ?, ?)"
                 " ON CONFLICT (customer) DO UPDATE SET plan = excluded.plan,"
                 " since = excluded.since",
-                (customer, plan, at.isoformat()),
+                [(customer, plan, at.isoformat()) for customer in customers],
             )
-            self._bump(customer)
+            generation = self._bump(None)
+            self.conn.executemany(
+                "INSERT INTO changes (customer, generation) VALUES (?, ?)"
+                " ON CONFLICT (customer) DO UPDATE SET generation = excluded.generation",
+                [(customer, generation) for customer in customers],
+            )
 
     def grant(self, customer: str, feature: str, units: int) -> int:
         """Credit ``units``; the credited sum stops at ``UNLIMITED`` (never a REAL)."""
