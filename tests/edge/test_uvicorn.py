@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -17,6 +15,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.metering_helpers import RecordingProvider
+from tests.support.uvicorn_server import serve
 from tests.support.waiting import eventually
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
@@ -27,30 +26,6 @@ pytestmark = pytest.mark.slow
 
 ACME = {"X-Customer": "org:acme"}
 by_header = customer_from_header("X-Customer")
-
-
-@contextlib.asynccontextmanager
-async def serve(app: Any, **options: Any) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port; yield its base URL.
-
-    ``options`` go to ``uvicorn.Config`` (e.g. ``http="h11"`` or ``http="httptools"``).
-    """
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", **options
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started, "uvicorn did not start"
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=10)
 
 
 async def _stream(n: int, pause: float) -> AsyncIterator[bytes]:

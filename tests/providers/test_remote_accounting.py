@@ -30,6 +30,7 @@ from tests.support.ares_fake import CLIENT_ID, FakeAres, transport
 from tests.support.contract_fake_remote import FakeRemote
 from tests.support.spaire_fake import BASE_URL, TOKEN, FakeSpaire
 from tests.support.tier_fake import FAKE_URL, FakeTier
+from tests.support.uvicorn_server import serve
 from usage_middleware import UsageEvent
 from usage_middleware.customers import customer_from_header
 from usage_middleware.decorator import metered
@@ -427,24 +428,6 @@ async def test_in_memory_delivery_drops_a_charge_past_max_retry_age(
 
 
 # -- 11.3: a hold lives as long as its request ---------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
-    """Run ``app`` under uvicorn on a free loopback port; yield its base URL."""
-    import uvicorn
-
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    try:
-        await until(lambda: server.started or task.done())
-        assert server.started, "uvicorn did not start"
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, timeout=10)
 
 
 @pytest.mark.slow
