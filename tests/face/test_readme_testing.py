@@ -1,4 +1,4 @@
-"""The README's "Testing your app" example, run as written (the README quotes this file)."""
+"""The "Testing your app" example of docs/testing.md, run as written (the page quotes it)."""
 
 import httpx
 import pytest

@@ -287,9 +287,9 @@ def test_plugin_is_registered_by_entry_point_and_loads_nothing_heavy(
 
 
 def test_readme_testing_example_is_the_test_file_that_runs() -> None:
-    """The README's "Testing your app" code block is tests/face/test_readme_testing.py, verbatim."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Testing your app") :]
+    """The docs' "Testing your app" code block is tests/face/test_readme_testing.py, verbatim."""
+    page = (ROOT / "docs" / "testing.md").read_text()
+    section = page[page.index("# Testing your app") :]
     block = section[section.index("```python\n") + len("```python\n") :]
     block = block[: block.index("```\n")]
     source = (ROOT / "tests" / "face" / "test_readme_testing.py").read_text()
@@ -297,7 +297,7 @@ def test_readme_testing_example_is_the_test_file_that_runs() -> None:
 
 
 def test_readme_testing_example_runs_as_copied_outside_the_repo(tmp_path: Path) -> None:
-    """The README's test file, copied to a directory without this repo's configuration
+    """The docs' test file, copied to a directory without this repo's configuration
     (pytest-asyncio in strict mode, its default), runs both tests and passes."""
     copy = tmp_path / "test_readme_testing.py"
     copy.write_text((ROOT / "tests" / "face" / "test_readme_testing.py").read_text())
