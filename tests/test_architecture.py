@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "delivery": STORAGE,
     # 2 ledgers and remote providers.
     "ledger": SERVICES,
+    "ledger.engine": SERVICES,
     "providers": SERVICES,
     # 3 edge: a request's check, charge and problem response.
     "meter": EDGE,

@@ -16,165 +16,70 @@ many customers) is in ``docs/architecture.md``, "The embedded ledger".
 from __future__ import annotations
 
 import asyncio
-import collections
-import contextlib
-import functools
-import logging
-import math
 import os
-import time
 import uuid
-import weakref
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
-
-from asgiref.typing import HTTPScope
 
 from .._sqlite import InlineRunner
 from ..errors import ConfigurationError
-from ..models import (
-    UNLIMITED,
-    Answer,
-    Reservation,
-    UsageEvent,
-    check_customer,
-    check_feature,
-    check_units,
-    trusted_event,
-)
+from ..models import UsageEvent, check_customer, check_feature, check_units
 from ..pricing import Pricing, load_pricing
-from ..provider import ProviderState, clobber_refused, on_another_loop
-from .base import (
-    REASON_CLOSED,
-    REASON_FAILED,
-    REASON_LIMIT,
-    REASON_NOT_IN_PLAN,
-    REASON_UNKNOWN,
-    FeatureUsage,
-    Ledger,
-)
+from ..provider import ProviderState
+from .base import FeatureUsage
+from .engine import Gives, LeaseEngine, Settled, Upkept
 from .store import LeaseGrant, LedgerStore, StoredCharge
 
 __all__ = ["LocalLedger"]
 
-logger = logging.getLogger("usage_middleware.ledger")
-
 T = TypeVar("T")
 
-_EVICT_AFTER = 60.0  # seconds an empty, idle slot stays in memory
-_CLOSE_ATTEMPTS = 3  # tries to write pending charges on close
-_MAX_BLOCK = 64  # a hot key's lease block grows to at most this many times lease_size
-_MAX_FLUSH = 1000  # charges per group-commit transaction, so a lease never waits long
-_FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
-_UPKEEP_BATCH = 256  # idle leases returned per upkeep transaction (the loop runs between)
-_SWEEP = 4096  # slots the tick looks at (round-robin), so upkeep never walks every customer
-_KEEP_IDLE = 30.0  # seconds an idle lease leased far from the limit stays (for its next use)
 
+class _SQLiteLeases:
+    """:class:`LedgerStore`'s transactions as the engine's :class:`~.engine.LeaseStore`.
 
-def _utc(clock: Callable[[], datetime]) -> datetime:
-    """Read an injected clock, in UTC."""
-    at = clock()
-    if at.utcoffset() is None:
-        raise ConfigurationError(f"LocalLedger(now=...) must return aware datetimes, got {at!r}")
-    return at.astimezone(UTC)
-
-
-class _Slot:
-    """This process's state for one (customer, feature, period); event-loop thread only.
-
-    Units: ``available`` leased and free for new reservations; ``held`` reserved by
-    in-flight requests; ``pending`` committed, not yet written. This process's lease row
-    holds ``available + held`` plus the lease-funded part of ``pending``. ``used``,
-    ``credits``, ``others`` and ``spare`` (units free for any process) are the file's numbers
-    at the last transaction that read them; a refusal is repeated without I/O until
-    ``denied_until`` for requests above ``available + spare``.
-    ``block`` is the lease block this key asks for (units): ``lease_size``, doubled after
-    requests ran dry while a refill was in flight (``starved``) or after a block lasted
-    less than a tick (``leased_at``). ``low_water``: refill
-    below this.
-    Times (``fresh_until``, ``denied_until``, ``touched``) are ``time.monotonic()`` seconds.
+    Short transactions (lease, group commit, upkeep) run inline on the event loop when the
+    file is not locked, else on the ledger's worker thread (see
+    :class:`~usage_middleware._sqlite.InlineRunner`); the checkpoint and close always run
+    on the thread.
     """
 
-    __slots__ = (
-        "available",
-        "block",
-        "credits",
-        "customer",
-        "denied_until",
-        "dirty",
-        "end",
-        "end_mono",
-        "feature",
-        "fresh_until",
-        "held",
-        "known",
-        "leased_at",
-        "limit",
-        "low_water",
-        "others",
-        "pending",
-        "period",
-        "reason",
-        "refilling",
-        "retired",
-        "spare",
-        "starved",
-        "touched",
-        "unflushed",
-        "unflushed_at",
-        "unflushed_leased",
-        "unflushed_requests",
-        "unlimited",
-        "used",
-    )
+    __slots__ = ("_runner", "_store")
 
-    def __init__(self, customer: str, feature: str, period: str, end: datetime) -> None:
-        self.customer = customer
-        self.feature = feature
-        self.period = period
-        self.end = end
-        self.known = True
-        self.limit = 0
-        self.unlimited = False
-        self.reason = REASON_LIMIT
-        self.available = 0
-        self.held = 0
-        self.pending = 0
-        self.used = 0
-        self.credits = 0
-        self.others = 0
-        self.spare = 0
-        self.block = 0
-        self.low_water = 0
-        self.refilling = False
-        self.starved = False
-        self.fresh_until = 0.0
-        self.end_mono = math.inf  # time.monotonic() at the period's end (set when leased)
-        self.leased_at = 0.0  # monotonic time of the last lease granted to this slot
-        self.denied_until = 0.0
-        self.touched = 0.0
-        self.retired = False
-        # Committed here, not yet handed to a group commit (see LocalLedger.commit).
-        self.dirty = False
-        self.unflushed = 0
-        self.unflushed_leased = 0
-        self.unflushed_requests = 0
-        self.unflushed_at = 0.0
+    def __init__(self, store: LedgerStore, runner: InlineRunner) -> None:
+        self._store = store
+        self._runner = runner
 
-    def remaining(self) -> int:
-        """Units still usable as this process sees them (after its own holds)."""
-        if self.unlimited:
-            return UNLIMITED
-        free = max(0, self.limit - self.used) + self.credits - self.others
-        return max(0, free - self.held - self.pending)
+    def lease(
+        self,
+        customer: str,
+        feature: str,
+        at: datetime,
+        need: int,
+        want: int,
+        gives: Sequence[tuple[str, int]],
+    ) -> asyncio.Future[LeaseGrant]:
+        return self._runner.run(self._store.lease, customer, feature, at, need, want, gives)
+
+    def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
+        return self._runner.run(self._store.flush, batch)
+
+    def give_back(self, gives: Gives) -> asyncio.Future[None]:
+        return self._runner.run(self._store.give_back, gives)
+
+    def maintain(self, gives: Gives, seen: int) -> asyncio.Future[Upkept]:
+        return self._runner.run(self._store.maintain, gives, seen)
+
+    async def upkeep(self) -> None:
+        """Copy the WAL into the database on the worker thread (its own connection)."""
+        await self._runner.background(self._store.checkpoint)
+
+    async def close(self) -> None:
+        await self._runner.submit(self._store.close)  # after every queued transaction
 
 
-# A group commit's share of one slot: slot, units, units from the lease, requests, at.
-_Taken = tuple[_Slot, int, int, int, float]
-
-
-class LocalLedger(Ledger):
+class LocalLedger(LeaseEngine):
     """The embedded ledger: one SQLite file, shared safely by the processes of one machine.
 
     See ``docs/architecture.md`` for the design and its trade-offs (crash window, parked
@@ -219,75 +124,21 @@ class LocalLedger(Ledger):
         reservation_timeout: float | None = None,
         now: Callable[[], datetime] | None = None,
     ) -> None:
-        super().__init__()
-        check_units(lease_size, what="lease_size", setting=True)
-        for what, value in (("lease_ttl", lease_ttl), ("reservation_timeout", reservation_timeout)):
-            if what == "reservation_timeout" and value is None:
-                continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not 0 < value < math.inf
-            ):
-                raise ConfigurationError(
-                    f"{what} must be a finite number of seconds > 0, got {value!r}"
-                )
-        if (
-            isinstance(flush_interval, bool)
-            or not isinstance(flush_interval, int | float)
-            or not 0 <= flush_interval < math.inf
-        ):
-            raise ConfigurationError(
-                "flush_interval must be a finite number of seconds >= 0 (it bounds the crash "
-                f"window), got {flush_interval!r}"
-            )
+        super().__init__(
+            lease_size=lease_size,
+            lease_ttl=lease_ttl,
+            flush_interval=flush_interval,
+            reservation_timeout=reservation_timeout,
+            now=now,
+        )
         self.path = os.fspath(path)
+        self._label = self.path
         if pricing is not None and not isinstance(pricing, Pricing):
             pricing = load_pricing(pricing)
         self._pricing = pricing
-        self._lease_size = lease_size
-        self._lease_ttl = float(lease_ttl)
-        self._flush_interval = float(flush_interval)
-        self._reservation_timeout = (
-            None if reservation_timeout is None else float(reservation_timeout)
-        )
-        # With the real clock the hot path checks the period's end on time.monotonic()
-        # (fresh_until never passes it); an injected clock may jump, so it is asked.
-        self._clock_injected = now is not None
-        self._clock: Callable[[], datetime] = (
-            functools.partial(datetime.now, UTC) if now is None else functools.partial(_utc, now)
-        )
-        self._tick = min(1.0, self._lease_ttl / 4)
-        self._fresh_for = self._lease_ttl / 2
-        self._deny_for = min(0.25, self._tick)
-        # Set by open(), inside the running loop.
-        self._loop: asyncio.AbstractEventLoop | None = None
         # Short transactions inline on the loop, the rest on one worker thread.
         self._sqlite = InlineRunner("usage-middleware-ledger", lambda: self._store)
         self._store: LedgerStore | None = None
-        self._wake: asyncio.Event | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Event-loop state.
-        self._current: dict[tuple[str, str], _Slot] = {}
-        self._slots: dict[tuple[str, str, str], _Slot] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._leasing: dict[tuple[str, str], asyncio.Future[LeaseGrant]] = {}
-        # Unsettled lease-funded holds, keyed by a weak reference to their reservation (so
-        # a reservation dropped unsettled can be noticed): slot, units, monotonic time held.
-        self._outstanding: dict[weakref.ref[Reservation], tuple[_Slot, int, float]] = {}
-        # Weak references of reservations that died unsettled; appended from any thread
-        # (the garbage collector), drained by the tick.
-        self._dropped: collections.deque[weakref.ref[Reservation]] = collections.deque()
-        self._on_drop = self._dropped.append
-        self._warned_until = 0.0  # holds made up to this monotonic time were logged as old
-        self._batch: list[_Slot] = []  # slots with unflushed charges, in commit order
-        self._sweep: list[tuple[str, str, str]] = []  # slots the next ticks look at
-        self._unknown: set[tuple[str, str]] = set()  # keys remembered as unknown customers
-        self._inflight: set[asyncio.Future[Any]] = set()
-        self._generation = 0
-        # Monotonic time until which every lease row of this process is known alive (set by
-        # each upkeep that renewed them): the hot path serves from a lease only before it.
-        self._valid_until = 0.0
 
     @property
     def pricing(self) -> Pricing | None:
@@ -313,21 +164,17 @@ class LocalLedger(Ledger):
         await self._open_once(self._start)
 
     async def _start(self) -> None:
-        loop = asyncio.get_running_loop()
         owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         store = LedgerStore(self.path, owner, lease_ttl=self._lease_ttl)
         self._sqlite.start()
         pricing_json = None if self._pricing is None else self._pricing.to_json()
         try:
-            self._generation = await self._sqlite.background(store.open, pricing_json)
+            generation = await self._sqlite.background(store.open, pricing_json)
         except BaseException:
             self._sqlite.shutdown()
             raise
-        self._loop, self._store = loop, store
-        self._valid_until = time.monotonic() + self._fresh_for
-        self._wake = asyncio.Event()
-        self._spawn(self._flush_loop())
-        self._spawn(self._tick_loop())
+        self._store = store
+        self._start_engine(_SQLiteLeases(store, self._sqlite), generation)
         await super().open()
 
     async def aclose(self) -> None:
@@ -335,171 +182,27 @@ class LocalLedger(Ledger):
 
         A reservation committed after this is written on a short-lived connection.
         """
-        was_open = self._state is ProviderState.OPEN
         await super().aclose()
-        if not was_open:
-            return
-        tasks = [task for task in self._tasks if not on_another_loop(task)]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        loop = asyncio.get_running_loop()
-        if self._loop is not loop:
-            # Opened on a loop that is gone (no lifespan closed it): its futures will never
-            # call back. Writes it had in flight ran on the worker thread regardless.
-            self._loop = loop
-            self._inflight.clear()
-            self._leasing.clear()
-            self._locks.clear()
-            self._sqlite.forget_thread()
-        for attempt in range(1, _CLOSE_ATTEMPTS + 1):
-            try:
-                await self._flush_all()
-                break
-            except Exception:
-                logger.exception(
-                    "ledger %s: writing charges on close failed (%d)", self.path, attempt
-                )
-                await asyncio.sleep(0.1 * attempt)
-        if self._batch:
-            logger.error(
-                "ledger %s: the charges of %d customer features could not be written on close",
-                self.path,
-                len(self._batch),
-            )
+
+    def _loop_gone(self) -> None:
+        # Writes the gone loop had in flight ran on the worker thread regardless.
+        self._sqlite.forget_thread()
+
+    def _engine_closed(self) -> None:
+        self._sqlite.shutdown()
+        self._store = None
+
+    async def _write_late(self, charge: StoredCharge) -> None:
+        """Write a charge committed after close, on a short-lived connection (a thread)."""
+        await asyncio.to_thread(self._write_late_sync, charge)
+
+    def _write_late_sync(self, charge: StoredCharge) -> None:
+        store = LedgerStore(self.path, f"{os.getpid()}-late", lease_ttl=1.0)
+        store.open(None)
         try:
-            await self._submit(self._ready_store().close)  # after every queued transaction
+            store.flush([charge])
         finally:
-            self._sqlite.shutdown()
-            self._current.clear()
-            self._slots.clear()
-            # Loop-bound state goes with the loop that made it (a reopen may use another).
-            self._locks.clear()
-            self._leasing.clear()
-            self._tasks.clear()
-            self._loop = self._wake = self._store = None
-
-    async def flush(self) -> None:
-        """Write every charge committed so far to the file now (the group commit, early).
-
-        For tests and admin code that read the file right after a request. Call it on the
-        ledger's event loop. Does nothing unless the ledger is open.
-        """
-        if self._state is ProviderState.OPEN:
-            await self._flush_all()
-
-    # -- the hot path --------------------------------------------------------------------
-
-    async def reserve(
-        self,
-        customer: str,
-        feature: str,
-        units: int = 1,
-        *,
-        scope: HTTPScope | None = None,
-        clobber: bool = False,
-    ) -> Reservation:
-        """Check and hold ``units`` of ``feature`` for one request of ``customer``.
-
-        Served from this process's lease without I/O when it can; otherwise leases (one
-        transaction on the worker thread). The answer's numbers are this process's view:
-        ``limit`` the plan's (``UNLIMITED``; 0 outside the plan); ``used`` the units charged
-        this period as of this process's last transaction plus the charges it committed
-        since; ``remaining`` what is left after this reservation and this process's other
-        holds, less what other processes held at the last transaction.
-
-        A failed transaction gives ``ok=False`` with ``err`` set and ``retry_after``.
-
-        Raises:
-            ValueError: malformed customer id or units.
-            ConfigurationError: malformed feature name.
-        """
-        if clobber:
-            raise clobber_refused(self)
-        slot = self._current.get((customer, feature))
-        if slot is not None and type(units) is int and units > 0:
-            t = time.monotonic()
-            if (
-                t < slot.fresh_until
-                and t < self._valid_until
-                and (not self._clock_injected or self._clock() < slot.end)
-            ):
-                if slot.unlimited or slot.available >= units:
-                    return self._hold(slot, units, t)
-                if t < slot.denied_until and units > slot.available + slot.spare:
-                    return self._refuse(slot, units)
-        return await self._reserve_slow(customer, feature, units, hold=True)
-
-    async def can(self, customer: str, feature: str, units: int = 1) -> Answer:
-        """Whether ``customer`` may use ``units`` of ``feature`` now. Holds nothing.
-
-        Numbers and errors as :meth:`reserve`.
-        """
-        slot = self._current.get((customer, feature))
-        if slot is not None and type(units) is int and units > 0:
-            t = time.monotonic()
-            if t < slot.fresh_until and t < self._valid_until and self._clock() < slot.end:
-                if slot.unlimited or slot.available >= units:
-                    return self._answer(slot, True, units)
-                if t < slot.denied_until and units > slot.available + slot.spare:
-                    return self._answer(slot, False, units)
-        return (await self._reserve_slow(customer, feature, units, hold=False)).answer
-
-    async def prepare(self, reservation: Reservation) -> None:
-        """Nothing: the charge is written by the group commit after :meth:`commit`."""
-
-    async def commit(self, reservation: Reservation) -> None:
-        """Charge a reservation: queued in memory, written by the next group commit.
-
-        Settling a reservation a second time, or a refused one, does nothing. The hold is
-        there however long the request ran (holds do not expire in a live process). A
-        reservation whose hold this ledger does not know (made by another instance) is
-        still charged, and logged.
-        """
-        if reservation.settled:
-            return
-        reservation.settled = True
-        if not reservation.ok:
-            return
-        slot, from_lease = reservation.token
-        units = reservation.units
-        if from_lease:
-            if self._outstanding.pop(weakref.ref(reservation), None) is None:
-                logger.warning(
-                    "ledger %s: charging %s %s x%d whose hold was already given back",
-                    self.path,
-                    slot.customer,
-                    slot.feature,
-                    units,
-                )
-                from_lease = False
-            else:
-                slot.held -= units
-        slot.pending += units
-        if self._wake is not None and self._state is ProviderState.OPEN:
-            slot.unflushed += units
-            slot.unflushed_requests += 1
-            slot.unflushed_at = time.time()
-            if from_lease:
-                slot.unflushed_leased += units
-            if not slot.dirty:
-                slot.dirty = True
-                self._batch.append(slot)
-            self._wake.set()
-        else:
-            await asyncio.to_thread(self._write_late, slot, units)
-
-    async def release(self, reservation: Reservation) -> None:
-        """Give a reservation's units back to this process's lease (no I/O). Once only."""
-        if reservation.settled:
-            return
-        reservation.settled = True
-        if not reservation.ok:
-            return
-        slot, from_lease = reservation.token
-        if from_lease and self._outstanding.pop(weakref.ref(reservation), None) is not None:
-            slot.held -= reservation.units
-            slot.available += reservation.units
+            store.close()
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -574,536 +277,7 @@ class LocalLedger(Ledger):
         await self._flush_all()
         return await self._submit(store.usage, customer, self._clock())
 
-    # -- internals: serving ----------------------------------------------------------------
-
-    def _hold(self, slot: _Slot, units: int, t: float) -> Reservation:
-        from_lease = not slot.unlimited
-        if from_lease:
-            slot.available -= units
-            slot.held += units
-            if slot.available < slot.low_water and not slot.refilling:
-                slot.refilling = True
-                self._spawn(self._refill(slot))
-        slot.touched = t
-        reservation = Reservation.lazy(
-            slot.customer, slot.feature, units, True, self._held_answer, (slot, from_lease)
-        )
-        if from_lease:
-            # Held until settled, however long the request runs; the weak reference's
-            # callback notices a reservation dropped unsettled (see _release_dropped).
-            self._outstanding[weakref.ref(reservation, self._on_drop)] = (slot, units, t)
-        return reservation
-
-    def _held_answer(self, reservation: Reservation) -> Answer:
-        """The answer of an allowed reservation, made when first read (numbers as of then)."""
-        slot: _Slot = reservation.token[0]
-        return self._answer(slot, True, reservation.units)
-
-    def _answer(self, slot: _Slot, ok: bool, units: int) -> Answer:
-        if not slot.known:
-            return Answer(
-                False,
-                slot.customer,
-                slot.feature,
-                units,
-                0,
-                0,
-                0,
-                reason=REASON_UNKNOWN,
-                provider=self,
-            )
-        return Answer(
-            ok,
-            slot.customer,
-            slot.feature,
-            units,
-            UNLIMITED if slot.unlimited else slot.limit,
-            slot.used + slot.pending,
-            slot.remaining(),
-            reason=None if ok else slot.reason,
-            provider=self,
-        )
-
-    def _refuse(self, slot: _Slot, units: int) -> Reservation:
-        return Reservation(
-            self._answer(slot, False, units), trusted_event(slot.customer, slot.feature, units)
-        )
-
-    async def _reserve_slow(
-        self, customer: str, feature: str, units: int, *, hold: bool
-    ) -> Reservation:
-        check_customer(customer)
-        check_feature(feature)
-        check_units(units)
-        if self._state is ProviderState.NEW:
-            await self.open()
-        if self._state is ProviderState.CLOSED:
-            return self._closed(customer, feature, units)
-        key = (customer, feature)
-        slot = self._current.get(key)
-        if slot is not None and slot.refilling:
-            slot.starved = True  # ran dry before the refill came back: lease more next time
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        try:
-            async with lock:
-                for _ in range(3):
-                    await self._settle_lease(key)
-                    if self._closing():  # closed while we waited
-                        return self._closed(customer, feature, units)
-                    now = self._clock()
-                    t = time.monotonic()
-                    slot = self._current.get(key)
-                    if (
-                        slot is not None
-                        and t < slot.fresh_until
-                        and t < self._valid_until
-                        and now < slot.end
-                    ):
-                        if slot.unlimited or slot.available >= units:
-                            return self._serve(slot, units, now, t, hold=hold)
-                        if t < slot.denied_until and units > slot.available + slot.spare:
-                            return self._refuse(slot, units)
-                    try:
-                        grant = await self._lease(key, slot, units, now, t, give_back=True)
-                    except Exception as exc:
-                        logger.exception("ledger %s: leasing %s %s failed", self.path, *key)
-                        return self._failed(customer, feature, units, exc, REASON_FAILED)
-                    if self._closing():
-                        return self._closed(customer, feature, units)
-                    slot = self._current[key]
-                    if slot.unlimited or slot.available >= units:
-                        return self._serve(slot, units, now, t, hold=hold)
-                    if not grant.take:
-                        slot.denied_until = t + self._deny_for
-                        return self._refuse(slot, units)
-                    # Other tasks used the block this transaction brought before we woke up.
-                return self._refuse(self._current[key], units)
-        finally:
-            self._drop_lock(key, lock)
-
-    def _serve(
-        self, slot: _Slot, units: int, now: datetime, t: float, *, hold: bool
-    ) -> Reservation:
-        if hold:
-            return self._hold(slot, units, t)
-        return Reservation(
-            self._answer(slot, True, units), trusted_event(slot.customer, slot.feature, units)
-        )
-
-    def _drop_lock(self, key: tuple[str, str], lock: asyncio.Lock) -> None:
-        """Forget a key's lock once nobody holds or awaits it (memory per customer)."""
-        if not lock.locked() and not getattr(lock, "_waiters", None):
-            if self._locks.get(key) is lock:
-                del self._locks[key]
-
-    def _closing(self) -> bool:
-        """Whether aclose() has begun (a method, so checks after an await are not narrowed)."""
-        return self._state is ProviderState.CLOSED
-
-    def _closed(self, customer: str, feature: str, units: int) -> Reservation:
-        error = ConfigurationError(f"{type(self).__name__} is closed")
-        return self._failed(customer, feature, units, error, REASON_CLOSED)
-
-    def _failed(
-        self, customer: str, feature: str, units: int, error: Exception, reason: str
-    ) -> Reservation:
-        answer = Answer(
-            False,
-            customer,
-            feature,
-            units,
-            err=error,
-            reason=reason,
-            retry_after=1.0,
-            provider=self,
-        )
-        return Reservation(answer, trusted_event(customer, feature, units))
-
-    async def _settle_lease(self, key: tuple[str, str]) -> None:
-        """Wait for a lease transaction whose requester was cancelled (its result applies)."""
-        running = self._leasing.get(key)
-        if running is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(running)
-
-    async def _lease(
-        self,
-        key: tuple[str, str],
-        slot: _Slot | None,
-        need: int,
-        now: datetime,
-        t: float,
-        *,
-        give_back: bool,
-    ) -> LeaseGrant:
-        """One lease transaction for ``key``; caller holds the key's lock.
-
-        With ``give_back`` the slot's free units are returned in the same transaction (so
-        the grant re-checks everything: limit, credits, period, other processes).
-        """
-        gives: list[tuple[str, int]] = []
-        if give_back and slot is not None and slot.available:
-            gives.append((slot.period, slot.available))
-            slot.available = 0
-        store = self._ready_store()
-        want = self._lease_size if slot is None else max(slot.block, self._lease_size)
-        future = self._run(store.lease, key[0], key[1], now, need, want, gives)
-        future.add_done_callback(functools.partial(self._leased, key, t, slot, gives))
-        self._leasing[key] = future
-        return await asyncio.shield(future)
-
-    def _leased(
-        self,
-        key: tuple[str, str],
-        t: float,
-        giver: _Slot | None,
-        gives: list[tuple[str, int]],
-        future: asyncio.Future[LeaseGrant],
-    ) -> None:
-        """Apply a lease transaction's result (runs even if the requester was cancelled)."""
-        if self._leasing.get(key) is future:
-            del self._leasing[key]
-        if self._state is ProviderState.CLOSED:
-            return  # close() gives every lease back
-        if future.cancelled() or future.exception() is not None:
-            if giver is not None:  # rolled back: the units are still ours
-                giver.available += sum(units for _, units in gives)
-            return
-        grant = future.result()
-        customer, feature = key
-        old = self._current.get(key)
-        if not grant.known or grant.end is None:
-            slot = _Slot(customer, feature, "", _FAR_FUTURE)
-            slot.known = False
-            slot.reason = REASON_UNKNOWN
-            self._unknown.add(key)
-            slot.fresh_until = slot.denied_until = t + self._deny_for
-        else:
-            slot = self._slots.get((customer, feature, grant.period)) or _Slot(
-                customer, feature, grant.period, grant.end
-            )
-            self._slots[customer, feature, grant.period] = slot
-            slot.retired = False
-            slot.limit = grant.limit
-            slot.unlimited = grant.limit >= UNLIMITED
-            slot.reason = REASON_LIMIT if grant.in_plan else REASON_NOT_IN_PLAN
-            slot.used = grant.used
-            slot.credits = grant.credits
-            slot.others = grant.others
-            slot.spare = grant.spare
-            slot.available += grant.take
-            slot.block = max(slot.block, self._lease_size)
-            # A key that ran dry before its refill came back, or that needs a new block
-            # within a tick, is hot: double its block so leases stay rare (each one is a
-            # transaction). Near the limit the grant itself stays small (free // 4).
-            if slot.starved or (slot.leased_at and t - slot.leased_at < self._tick):
-                slot.block = min(2 * slot.block, _MAX_BLOCK * self._lease_size)
-                slot.starved = False
-            slot.leased_at = t
-            slot.low_water = slot.block // 2 if grant.roomy else 0
-            slot.end_mono = time.monotonic() + (slot.end - self._clock()).total_seconds()
-            # Valid until the period ends or a change re-validates it, as long as the tick
-            # keeps renewing this process's rows (see LocalLedger._valid_until).
-            slot.fresh_until = slot.end_mono
-            slot.denied_until = 0.0
-            slot.touched = max(slot.touched, t)
-        if old is not None and old is not slot:
-            old.retired = True
-        self._current[key] = slot
-
-    async def _refill(self, slot: _Slot) -> None:
-        """Top up a roomy lease in the background before requests run out of it."""
-        key = (slot.customer, slot.feature)
-        try:
-            lock = self._locks.get(key)
-            if lock is None:
-                lock = self._locks[key] = asyncio.Lock()
-            try:
-                async with lock:
-                    await self._settle_lease(key)
-                    now = self._clock()
-                    t = time.monotonic()
-                    if (
-                        self.state is ProviderState.OPEN
-                        and self._current.get(key) is slot
-                        and slot.available < slot.low_water
-                        and t < slot.fresh_until
-                        and t < self._valid_until
-                        and now < slot.end
-                    ):
-                        await self._lease(key, slot, 1, now, t, give_back=False)
-            finally:
-                self._drop_lock(key, lock)
-        except Exception:
-            logger.exception("ledger %s: refilling the lease of %s %s failed", self.path, *key)
-        finally:
-            slot.refilling = False
-
-    # -- internals: writing ----------------------------------------------------------------
-
-    async def _flush_loop(self) -> None:
-        assert self._wake is not None
-        backoff = 0.05
-        while True:
-            await self._wake.wait()
-            if self._flush_interval:
-                await asyncio.sleep(self._flush_interval)
-            self._wake.clear()
-            try:
-                # One transaction per wake-up: charges that arrive while it runs wait for
-                # the next cycle (after flush_interval), so batches grow with the load
-                # instead of the flusher chasing each new charge with a tiny transaction.
-                await self._flush_once()
-                while len(self._batch) >= _MAX_FLUSH:
-                    await self._flush_once()
-                if self._batch:
-                    self._wake.set()
-                backoff = 0.05
-            except Exception:
-                logger.exception("ledger %s: writing charges failed; will retry", self.path)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                self._wake.set()
-
-    async def _flush_once(self) -> None:
-        """Write the charges of up to ``_MAX_FLUSH`` slots in one transaction."""
-        slots = self._batch[:_MAX_FLUSH]
-        if not slots:
-            return
-        del self._batch[:_MAX_FLUSH]
-        taken: list[_Taken] = []
-        stored: list[StoredCharge] = []
-        for slot in slots:
-            share = (
-                slot,
-                slot.unflushed,
-                slot.unflushed_leased,
-                slot.unflushed_requests,
-                slot.unflushed_at,
-            )
-            slot.dirty = False
-            slot.unflushed = slot.unflushed_leased = slot.unflushed_requests = 0
-            taken.append(share)
-            stored.append(
-                (
-                    slot.customer,
-                    slot.feature,
-                    slot.period,
-                    UNLIMITED if slot.unlimited else slot.limit,
-                    share[1],
-                    share[2],
-                    share[3],
-                    share[4],
-                )
-            )
-        future = self._run(self._ready_store().flush, stored)
-        future.add_done_callback(functools.partial(self._flushed, taken))
-        self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
-        await asyncio.shield(future)
-
-    async def _flush_all(self) -> None:
-        """Write every charge committed so far (after any write already running)."""
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        while self._batch:
-            await self._flush_once()
-
-    def _flushed(self, taken: list[_Taken], future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            # Rolled back, nothing written: put the shares back for the next attempt.
-            for slot, units, leased, requests, at in taken:
-                slot.unflushed += units
-                slot.unflushed_leased += leased
-                slot.unflushed_requests += requests
-                slot.unflushed_at = max(slot.unflushed_at, at)
-                if not slot.dirty:
-                    slot.dirty = True
-                    self._batch.append(slot)
-            return
-        result: dict[tuple[str, str, str], tuple[int, int]] = future.result()
-        for slot, units, _, _, _ in taken:
-            slot.pending -= units
-            numbers = result.get((slot.customer, slot.feature, slot.period))
-            if numbers is not None:
-                slot.used, balance = numbers
-                slot.credits = max(0, balance)
-
-    def _write_late(self, slot: _Slot, units: int) -> None:
-        """Write a charge committed after close, on a short-lived connection (a thread)."""
-        store = LedgerStore(self.path, f"{os.getpid()}-late", lease_ttl=1.0)
-        store.open(None)
-        try:
-            limit = UNLIMITED if slot.unlimited else slot.limit
-            store.flush(
-                [(slot.customer, slot.feature, slot.period, limit, units, 0, 1, time.time())]
-            )
-        finally:
-            store.close()
-
-    # -- internals: upkeep -----------------------------------------------------------------
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._tick)
-            try:
-                await self._checkpoint()
-                await self._maintain()
-            except Exception:
-                logger.exception("ledger %s: lease upkeep failed", self.path)
-
-    async def _checkpoint(self) -> None:
-        """Copy the WAL into the database on the worker thread (its own connection)."""
-        await self._sqlite.background(self._ready_store().checkpoint)
-
-    async def _maintain(self) -> None:
-        """Once a tick: free dropped holds, return idle units, renew, poll for changes.
-
-        Bounded work per tick: it looks at up to ``_SWEEP`` slots (round-robin over all of
-        them), and returns idle leases ``_UPKEEP_BATCH`` per transaction, yielding to the
-        event loop between transactions.
-        """
-        t = time.monotonic()
-        self._release_dropped()
-        self._log_old_reservations(t)
-        gives: list[tuple[str, str, str, int]] = []
-        givers: list[tuple[_Slot, int]] = []
-        if not self._sweep:
-            self._sweep = list(self._slots)
-        batch, self._sweep = self._sweep[-_SWEEP:], self._sweep[:-_SWEEP]
-        for pk in batch:
-            slot = self._slots.get(pk)
-            if slot is None:
-                continue
-            idle = t - slot.touched
-            # An idle lease leased far from the limit (low_water set) stays _KEEP_IDLE
-            # seconds for its customer's next request; near the limit it goes back at once.
-            keep = _KEEP_IDLE if slot.low_water else self._tick
-            if slot.available and (slot.retired or idle >= keep):
-                gives.append((slot.customer, slot.feature, slot.period, slot.available))
-                givers.append((slot, slot.available))
-                slot.available = 0
-            if not (slot.available or slot.held or slot.pending) and (
-                slot.retired or idle >= _EVICT_AFTER
-            ):
-                del self._slots[pk]
-                if self._current.get(pk[:2]) is slot:
-                    del self._current[pk[:2]]
-                lock = self._locks.get(pk[:2])
-                if lock is not None and not lock.locked() and pk[:2] not in self._current:
-                    del self._locks[pk[:2]]
-        for key in list(self._unknown):
-            slot = self._current.get(key)
-            if slot is None or slot.known:
-                self._unknown.discard(key)
-            elif t >= slot.denied_until:
-                del self._current[key]
-                self._unknown.discard(key)
-        if not (self._slots or self._current or gives):
-            return  # (with gives: the last slots were evicted, their units still go back)
-        store = self._ready_store()
-        while len(gives) > _UPKEEP_BATCH:
-            chunk, gives = gives[:_UPKEEP_BATCH], gives[_UPKEEP_BATCH:]
-            chunk_givers, givers = givers[:_UPKEEP_BATCH], givers[_UPKEEP_BATCH:]
-            given = self._run(store.give_back, chunk)
-            given.add_done_callback(functools.partial(self._given_back, chunk_givers))
-            await asyncio.shield(given)
-            await asyncio.sleep(0)
-        future = self._run(store.maintain, gives, self._generation)
-        future.add_done_callback(functools.partial(self._maintained, t, givers))
-        await asyncio.shield(future)
-
-    @staticmethod
-    def _given_back(givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            for slot, units in givers:  # rolled back: the units are still ours
-                slot.available += units
-
-    def _maintained(
-        self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
-    ) -> None:
-        if future.cancelled() or future.exception() is not None:
-            for slot, units in givers:  # rolled back: the units are still ours
-                slot.available += units
-            return
-        generation, changed, lost = future.result()
-        self._generation = generation
-        # Every row of this process was renewed (or is younger than lease_ttl / 2).
-        self._valid_until = t + self._fresh_for
-        # No per-tick walk over every customer: only changed customers' slots are touched.
-        if changed is None or changed:
-            for slot in self._current.values():
-                if slot.known and (changed is None or slot.customer in changed):
-                    slot.fresh_until = 0.0  # re-validate on next use
-                    slot.denied_until = 0.0
-        for key in lost:
-            current = self._current.get(key[:2])
-            if current is not None and current.period == key[2]:
-                current.fresh_until = 0.0
-                current.denied_until = 0.0
-        for key in lost:
-            held = self._slots.get(key)
-            if held is not None and held.held:
-                logger.warning(
-                    "ledger %s: the lease under %d held units of %s %s expired before this "
-                    "process renewed it (its event loop stalled longer than lease_ttl); their "
-                    "requests are still charged when they end, possibly beyond the limit",
-                    self.path,
-                    held.held,
-                    held.customer,
-                    held.feature,
-                )
-
-    def _release_dropped(self) -> None:
-        """Give back the holds of reservations garbage-collected before being settled."""
-        released = 0
-        while self._dropped:
-            entry = self._outstanding.pop(self._dropped.popleft(), None)
-            if entry is not None:
-                slot, units, _ = entry
-                slot.held -= units
-                slot.available += units
-                released += 1
-        if released:
-            logger.warning(
-                "ledger %s: gave back the holds of %d reservations dropped unsettled "
-                "(commit or release every reservation)",
-                self.path,
-                released,
-            )
-
-    def _log_old_reservations(self, t: float) -> None:
-        """Log (once each) the holds unsettled for longer than ``reservation_timeout``."""
-        if self._reservation_timeout is None:
-            return
-        cutoff = t - self._reservation_timeout
-        old = []
-        for slot, units, since in self._outstanding.values():
-            if since > cutoff:
-                break  # roughly in the order they were made: the rest are younger
-            if since > self._warned_until:
-                old.append((slot.customer, slot.feature, units))
-        self._warned_until = max(self._warned_until, cutoff)
-        if old:
-            logger.warning(
-                "ledger %s: %d reservations unsettled after %ss (first: %s %s x%d); "
-                "their units stay held until they are settled",
-                self.path,
-                len(old),
-                self._reservation_timeout,
-                *old[0],
-            )
-
-    def _changed(self, customers: set[str]) -> None:
-        """After an admin write here: re-validate these customers' slots on next use."""
-        for slot in self._current.values():
-            if slot.customer in customers:
-                slot.fresh_until = 0.0
-                slot.denied_until = 0.0
-
-    # -- internals: plumbing ---------------------------------------------------------------
+    # -- internals -------------------------------------------------------------------------
 
     async def _opened(self) -> LedgerStore:
         if self._state is ProviderState.NEW:
@@ -1116,12 +290,6 @@ class LocalLedger(Ledger):
         if self._store is None:
             raise ConfigurationError(f"{type(self).__name__} is not open")
         return self._store
-
-    def _spawn(self, coroutine: Any) -> None:
-        assert self._loop is not None
-        task = self._loop.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """Run a store call on the ledger's worker thread; callbacks run in submission order."""
