@@ -3,7 +3,7 @@
 Servers drop ``send`` silently once the client is gone, and a plain endpoint never calls
 ``receive``; the middleware watches for ``http.disconnect`` itself. Each test runs a real
 server (uvicorn with h11 and httptools, hypercorn) on loopback with httpx clients whose
-timeout is shorter than the route (they close the connection) next to patient ones.
+read timeout is shorter than the route (they close the connection) next to patient ones.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from usage_middleware.middleware import UsageMiddleware
 pytestmark = pytest.mark.slow
 
 ROUTE_SECONDS = 0.5  # how long the slow routes work
-IMPATIENT = 0.1  # the impatient clients' timeout: they close the connection then
+IMPATIENT = 0.1  # the impatient clients' read timeout: they close the connection then
 HTTP_IMPLS = ["h11", "httptools"]
 DISCONNECTED = "client disconnected; not charged"
 
@@ -131,14 +131,22 @@ async def impatient_and_patient(
     url: str, path: str, *, impatient: int, patient: int, **request: Any
 ) -> list[int]:
     """``impatient`` clients that time out and ``patient`` ones, concurrently, each on its
-    own connection; returns the patient clients' statuses."""
+    own connection; returns the patient clients' statuses.
+
+    Only the *read* timeout is short: every client connects and sends its whole request
+    (so the server gets it and the middleware holds units for it), then the impatient
+    ones give up waiting for the answer. A short connect or write timeout would let a
+    stall of the shared event loop (a ~0.1 s gen-2 garbage collection late in the suite)
+    make a client give up before its request was sent: no request, no hold to settle.
+    """
 
     async def one(patience: float) -> int | None:
-        async with httpx.AsyncClient(base_url=url, timeout=patience) as client:
+        timeout = httpx.Timeout(10.0, read=patience)
+        async with httpx.AsyncClient(base_url=url, timeout=timeout) as client:
             method = "POST" if "json" in request else "GET"
             try:
                 response = await client.request(method, path, headers=ACME, **request)
-            except httpx.TimeoutException:
+            except httpx.ReadTimeout:
                 return None
             return response.status_code
 
