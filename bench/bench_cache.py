@@ -108,8 +108,13 @@ def bare_app() -> ASGIApp:
 
 
 def metered_app(provider: RemoteProvider) -> ASGIApp:
+    # A function of its own: @metered traps the function it wraps (called without the
+    # wrapper it answers 500), so the bare app's item must never be wrapped.
+    async def metered_item(request: Request) -> JSONResponse:
+        return JSONResponse({"id": 1, "name": "widget"})
+
     return Starlette(
-        routes=[Route("/item", metered(FEATURE)(item))],
+        routes=[Route("/item", metered(FEATURE)(metered_item))],
         middleware=[
             Middleware(
                 UsageMiddleware, provider=provider, customer=customer_from_header("x-customer")
@@ -129,8 +134,13 @@ def fastapi_bare_app() -> ASGIApp:
 
 
 def fastapi_metered_app(provider: RemoteProvider) -> ASGIApp:
+    # A function of its own: @metered traps the function it wraps (called without the
+    # wrapper it answers 500), so the bare app's fastapi_item must never be wrapped.
+    async def fastapi_metered_item() -> dict[str, Any]:
+        return {"id": 1, "name": "widget"}
+
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    app.get("/item")(metered(FEATURE)(fastapi_item))
+    app.get("/item")(metered(FEATURE)(fastapi_metered_item))
     app.add_middleware(
         UsageMiddleware, provider=provider, customer=customer_from_header("x-customer")
     )
@@ -190,9 +200,16 @@ async def throughput(
             await provider.flush(10.0)
     finally:
         await provider.aclose()
-    ok = set(drivers["metered"].statuses) == {200} and provider.charged == served
+    ok = (
+        set(drivers["metered"].statuses) == {200}
+        and set(drivers["bare"].statuses) == {200}
+        and provider.charged == served
+    )
     if not ok:
-        print(f"  statuses {drivers['metered'].statuses}, charged {provider.charged}")
+        print(
+            f"  statuses {drivers['metered'].statuses} (bare {drivers['bare'].statuses}), "
+            f"charged {provider.charged}"
+        )
     return met / bare, ok
 
 
