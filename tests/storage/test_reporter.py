@@ -389,6 +389,7 @@ async def test_prepare_alone_groups_under_load_and_commits_inline_once_it_is_gon
         for e in lone[:-1]:  # one per turn: the load is gone
             await reporter.prepare_alone(e)
             await asyncio.sleep(0)
+        await _loop_idle(reporter)  # no claim of the senders' on the thread just now
         asyncio.get_running_loop().call_soon(lambda: None)
         step = reporter.prepare_alone(lone[-1]).__await__()
         with pytest.raises(StopIteration):  # inline again: finished without suspending
