@@ -4,7 +4,8 @@ Every app serves the same ``GET /item`` from its own uvicorn process (1 worker, 
 h11`` by default, loopback, a free port):
 
 * bare Starlette (the baseline), a pass-through ASGI middleware (the floor), slowapi
-  (memory storage);
+  (memory storage), ``UsageMiddleware`` + ``@metered`` on a provider that does nothing
+  (the edge's own cost: the floor of every metered app);
 * ``UsageMiddleware`` + ``@metered`` on a ``LocalLedger``, on a ``RedisLedger`` (against
   a ``redis-server`` started here on a free loopback port), and on a ``TierProvider`` with
   its durable outbox (against the Tier fake of ``tests/support/tier_fake.py`` served by uvicorn
@@ -14,8 +15,10 @@ wrk (``-t1``, at 16 and then 64 connections) loads one app at a time, in interle
 rounds (the order rotates each round, so drift on a noisy machine hits every app alike).
 Reported per app and connection count: the median requests/s, the median of each round's
 ratio to bare's requests/s in the same round (with its range), p50 and p99 latency
-(medians over rounds, exact percentiles from wrk's Lua ``done`` hook), and the median
-per-round ratio of p99 to bare's p99.
+(medians over rounds, exact percentiles from wrk's Lua ``done`` hook), the median
+per-round ratio of p99 to bare's p99, and the server process's CPU time per request (from
+``/proc``; with bare's divided by it: the ratio a server with a core of its own would
+approach, less sensitive to other load on a shared machine).
 
 After every wrk run against a metered app it checks the units charged (the ledger's
 ``usage()``, or the Tier fake's recorded usage once the outbox has delivered) against
@@ -67,6 +70,7 @@ from wire_apps import APPS, CUSTOMER  # noqa: E402
 LABELS = {
     "bare": "bare Starlette, one JSON route",
     "passthrough": "pass-through ASGI middleware",
+    "null": "metered, a provider that does nothing (the edge alone)",
     "local": "metered, LocalLedger",
     "slowapi": "slowapi (memory storage)",
     "redis": "metered, RedisLedger",
@@ -249,6 +253,8 @@ class Run:
     p90: float
     p99: float
     max: float
+    #: the server process's CPU time (user + system) per request during the run, in µs
+    server_cpu_us: float | None = None
 
     @property
     def rate(self) -> float:
@@ -262,6 +268,15 @@ class Run:
     @property
     def socket_errors(self) -> int:
         return self.connect + self.read + self.write + self.timeout
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) process ``pid`` used so far, from /proc (None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def run_wrk(procs: Processes, script: Path, port: int, conns: int, seconds: int) -> Run:
@@ -429,7 +444,12 @@ def bench(args: argparse.Namespace, procs: Processes, http: str, tmp: Path) -> t
 
     def one(name: str, conns: int, seconds: int) -> tuple[Run, Check | None]:
         nonlocal failed
+        pid = servers[name].process.pid
+        before = cpu_seconds(pid)
         run = run_wrk(procs, script, servers[name].port, conns, seconds)
+        after = cpu_seconds(pid)
+        if before is not None and after is not None and run.requests:
+            run.server_cpu_us = (after - before) / run.requests * 1e6
         check = None
         if name in meters:
             check = check_charges(meters[name], run, conns)
@@ -498,8 +518,9 @@ def report(
         f"count, after {args.warmup:g} s of warm-up; Python {sys.version.split()[0]}, "
         f"{os.cpu_count()} CPUs (shared with wrk and the fakes); commit {git_commit()}",
         "",
-        "| app | conns | req/s | ratio to bare (range) | p50 ms | p99 ms | p99 / bare |",
-        "|---|---|---|---|---|---|---|",
+        "| app | conns | req/s | ratio to bare (range) | p50 ms | p99 ms | p99 / bare "
+        "| server CPU µs/req (bare / app) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for conns in args.conns:
         bare = results.runs.get(("bare", conns))
@@ -514,9 +535,16 @@ def report(
                 ratio = f"{m:.2f} ({lo:.2f}-{hi:.2f})"
                 m99, _, _ = _median_ratio([r.p99 for r in runs], [r.p99 for r in bare])
                 p99_ratio = f"{m99:.2f}"
+            cpu = "n/a"
+            cpus = [r.server_cpu_us for r in runs if r.server_cpu_us is not None]
+            if cpus:
+                cpu = f"{statistics.median(cpus):.0f}"
+                base = [r.server_cpu_us for r in bare or () if r.server_cpu_us is not None]
+                if base:
+                    cpu += f" ({statistics.median(base) / statistics.median(cpus):.2f})"
             lines.append(
                 f"| {LABELS[name]} | {conns} | {rate:,.0f} | {ratio} | {p50:.2f} | {p99:.2f} "
-                f"| {p99_ratio} |"
+                f"| {p99_ratio} | {cpu} |"
             )
             if name == "tier" and (name, conns) in results.lags:
                 # Delivery that outlasts the run is work the req/s above leaves out.
@@ -531,7 +559,7 @@ def report(
                 lag = statistics.median(lags)
                 lines.append(
                     f"| ... counting its delivery after the run (median {lag:.1f} s) | {conns} "
-                    f"| {statistics.median(sustained):,.0f} | {ratio} | | | |"
+                    f"| {statistics.median(sustained):,.0f} | {ratio} | | | | |"
                 )
     lines += [
         "",

@@ -9,6 +9,8 @@ reads the ``x-customer`` header only where it meters:
 * ``bare``: a Starlette app, nothing else (the baseline);
 * ``passthrough``: the same behind a pure ASGI middleware that forwards everything (the
   floor of any middleware);
+* ``null``: ``UsageMiddleware`` + ``@metered`` on a provider that allows everything and
+  records nothing (the middleware's and decorator's own cost);
 * ``local``: ``UsageMiddleware`` + ``@metered`` on a ``LocalLedger`` in ``WIRE_DIR``;
 * ``slowapi``: slowapi's ``@limiter.limit`` (memory storage, a limit never reached);
 * ``redis``: ``UsageMiddleware`` + ``@metered`` on a ``RedisLedger`` at ``WIRE_REDIS_URL``;
@@ -54,7 +56,7 @@ LIMIT = 10**12  # far out of reach: nothing is ever refused
 PRICING = {
     "plans": {PLAN: {"interval": "@monthly", "features": {FEATURE: {"tiers": [{"upto": LIMIT}]}}}}
 }
-APPS = ("bare", "passthrough", "local", "slowapi", "redis", "tier")
+APPS = ("bare", "passthrough", "null", "local", "slowapi", "redis", "tier")
 
 
 async def item(request: Request) -> JSONResponse:
@@ -128,6 +130,32 @@ def metered_app(provider: Any, *, subscribe: bool) -> Starlette:
         ],
         lifespan=lifespan,
     )
+
+
+def null() -> Starlette:
+    """``GET /item`` metered on a provider that allows everything and records nothing."""
+    from usage_middleware import Answer, Provider, Reservation, UsageEvent
+
+    class NullProvider(Provider):
+        name = "null"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self._answer = Answer(True, CUSTOMER, FEATURE, 1)
+            self._event = UsageEvent(CUSTOMER, FEATURE, 1)
+
+        async def reserve(
+            self, customer: str, feature: str, units: int = 1, **kwargs: Any
+        ) -> Reservation:
+            return Reservation(answer=self._answer, event=self._event)
+
+        async def commit(self, reservation: Reservation) -> None:
+            reservation.settled = True
+
+        async def release(self, reservation: Reservation) -> None:
+            reservation.settled = True
+
+    return metered_app(NullProvider(), subscribe=False)
 
 
 def local(directory: Path) -> Starlette:
@@ -226,6 +254,8 @@ def create() -> ASGIApp:
         return passthrough()
     if name == "slowapi":
         return slowapi()
+    if name == "null":
+        return null()
     if name == "local":
         return local(directory)
     if name == "redis":

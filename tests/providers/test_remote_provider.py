@@ -20,6 +20,7 @@ from usage_middleware.errors import (
 from usage_middleware.models import UNLIMITED, Reservation, UsageEvent
 from usage_middleware.provider import ProviderState
 from usage_middleware.providers.remote import CircuitBreaker, Entitlement, RemoteProvider
+from usage_middleware.providers.remote.accounting import Account
 
 C, F = "org:acme", "feature:convert"
 
@@ -753,3 +754,20 @@ def test_a_subclass_overriding_report_without_send_is_refused() -> None:
 
     with pytest.raises(ConfigurationError, match=r"implement send\(events\)"):
         OldStyle(outbox=None)
+
+
+def test_charges_close_in_time_share_a_pending_record_and_count_until_the_latest_expires() -> None:
+    """1,000 charges 1 ms apart keep a few dozen pending records (not one each while their
+    deliveries are on the way), count every unit, stop counting no earlier than each one's
+    delivery_allowance, and leave pending exactly as deliveries arrive."""
+    account = Account(0.0)
+    for i in range(1000):
+        account.charge(i * 0.001, 1)
+    assert account.pending == 1000
+    assert len(account.queue) <= 25
+    account.expire(600.5, 600.0)  # charges made after 0.5 s must still count
+    assert 499 <= account.pending < 1000
+    account.arrived(1.0, 300, True, 0.0)
+    assert 199 <= account.pending < 700
+    account.expire(600.999, 600.0)
+    assert account.pending == 0

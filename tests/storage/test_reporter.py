@@ -342,6 +342,64 @@ async def test_prepare_alone_is_durable_on_return_without_a_loop_turn(
     assert rows(outbox_path) == []
 
 
+async def test_prepare_alone_commits_inline_while_unrelated_callbacks_are_ready(
+    make: MakeReporter, outbox_path: Path
+) -> None:
+    """A lone prepare commits in the caller's step even with other (non-prepare) callbacks
+    ready on the loop: a timer or a sender costs the response no loop turn."""
+    provider = FakeProvider(max_batch=10)
+    (ev,) = events(1)
+    async with make(provider) as reporter:
+        await _loop_idle(reporter)
+        ran = asyncio.Event()
+        asyncio.get_running_loop().call_soon(ran.set)  # something else ready this turn
+        step = reporter.prepare_alone(ev).__await__()
+        with pytest.raises(StopIteration):  # finished without suspending
+            next(step)
+        assert rows(outbox_path) == [(ev.idempotency_key, 1, 1)]
+        await ran.wait()
+        await reporter.cancel(ev)
+    assert rows(outbox_path) == []
+
+
+async def test_prepare_alone_groups_under_load_and_commits_inline_once_it_is_gone(
+    make: MakeReporter, outbox_path: Path
+) -> None:
+    """Prepares seen sharing loop turns keep sharing group commits (a later turn's 20 in at
+    most 2 transactions); after a few turns with one prepare each, a lone prepare commits
+    inline again, even with other callbacks ready."""
+    provider = FakeProvider(max_batch=10)
+    first, burst, lone = events(20), events(20), events(8)
+    async with make(provider) as reporter:
+        await _loop_idle(reporter)
+        outbox: Any = reporter._outbox
+        applies = 0
+        real = outbox.apply
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            nonlocal applies
+            applies += 1
+            return real(*args, **kwargs)
+
+        await asyncio.gather(*(reporter.prepare_alone(e) for e in first))
+        outbox.apply = counting
+        await asyncio.gather(*(reporter.prepare_alone(e) for e in burst))
+        outbox.apply = real
+        assert applies <= 2, applies
+        for e in lone[:-1]:  # one per turn: the load is gone
+            await reporter.prepare_alone(e)
+            await asyncio.sleep(0)
+        await _loop_idle(reporter)  # no claim of the senders' on the thread just now
+        asyncio.get_running_loop().call_soon(lambda: None)
+        step = reporter.prepare_alone(lone[-1]).__await__()
+        with pytest.raises(StopIteration):  # inline again: finished without suspending
+            next(step)
+        assert len(rows(outbox_path)) == 48
+        for e in first + burst + lone:
+            await reporter.cancel(e)
+    assert rows(outbox_path) == []
+
+
 async def test_close_drains_confirmed_rows_that_did_not_fit_in_memory(
     make: MakeReporter, outbox_path: Path
 ) -> None:

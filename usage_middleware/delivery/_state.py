@@ -31,6 +31,10 @@ NO_KEY: Final = object()
 #: ``stats_interval``).
 CHECKPOINT_EVERY: Final = 1000
 
+#: End-of-turn group commits in a row with a single prepare each after which prepares
+#: commit inline again (the load that grouped them is gone).
+LONELY_TURNS: Final = 4
+
 
 class Entry:
     """One event on its way: its state, when it became ready, its outbox row id, and when
@@ -114,6 +118,10 @@ class Shared:
     _dead: list[tuple[int, int | None, str | None, str | None]]
     _releases: list[tuple[int, float, str]]
     _waiters: list[asyncio.Future[None]]
+    _turn: asyncio.Handle | None  # the end-of-turn group commit, once scheduled
+    _turn_members: int  # prepares of this loop turn
+    _grouping: bool  # prepares were seen sharing loop turns lately: group them
+    _lonely: int  # end-of-turn commits in a row with a single prepare
     _writer_wake: asyncio.Event
     _sender_wake: asyncio.Event
     _db_dirty: bool  # the outbox may hold rows we could claim

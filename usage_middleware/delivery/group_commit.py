@@ -2,8 +2,10 @@
 
 Accepted events, delivered rows to delete, rows to hand back, dead letters and released
 rows collect in memory; one :meth:`~usage_middleware.outbox.Outbox.apply` writes them all.
-It runs inline in the caller's step when nothing else is writing (``prepare_alone``), else
-in the writer task, inline on the loop when the file is free, else on the Reporter's
+Prepares commit at the end of their event-loop turn (:meth:`GroupCommit._turn_commit`,
+one transaction for the turn's prepares), or inline in the caller's step when one request
+is in flight (``prepare_alone``); everything else (and a commit the file was too busy
+for) in the writer task, inline on the loop when the file is free, else on the Reporter's
 thread (:class:`~usage_middleware._sqlite.InlineRunner`).
 """
 
@@ -16,7 +18,17 @@ from collections.abc import Callable, Sequence
 from ..models import UsageEvent
 from ..outbox import Outbox
 from ..provider import ProviderState
-from ._state import CANCELLED, CHECKPOINT_EVERY, HELD, READY, Entry, Shared, log, resolve
+from ._state import (
+    CANCELLED,
+    CHECKPOINT_EVERY,
+    HELD,
+    LONELY_TURNS,
+    READY,
+    Entry,
+    Shared,
+    log,
+    resolve,
+)
 
 __all__ = ["GroupCommit"]
 
@@ -131,6 +143,42 @@ class GroupCommit(Shared):
             self._writing = 0
             self._committed(c, first)
 
+    def _turn_commit(self) -> asyncio.Future[None]:
+        """A future resolved once the prepares of this event-loop turn are committed.
+
+        One group commit for them all, run by :meth:`_end_turn`, a callback the loop runs
+        after every callback that was ready before it (the other requests read in this
+        iteration included): a response waits for the batch its charge is in, one loop
+        turn, and no task hop. Resolved at once when the writer does not run (closed).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if not self._writer_running():
+            fut.set_result(None)
+            return fut
+        self._waiters.append(fut)
+        self._turn_members += 1
+        if self._turn is None:
+            self._turn = loop.call_soon(self._end_turn)
+        return fut
+
+    def _end_turn(self) -> None:
+        """The end of a loop turn with prepares in it: commit them (inline, else through
+        the writer), and note whether prepares share loop turns (then ``prepare_alone``
+        joins the turn's commit) or come one per turn (then it commits inline again)."""
+        self._turn = None
+        members, self._turn_members = self._turn_members, 0
+        if members > 1:
+            self._grouping = True
+            self._lonely = 0
+        elif self._grouping:
+            self._lonely += 1
+            if self._lonely >= LONELY_TURNS:
+                self._grouping = False
+                self._lonely = 0
+        if self._pending and not self._commit_inline():
+            self._writer_wake.set()  # the writer commits (and resolves the waiters)
+
     def _commit_inline(self) -> bool:
         """Run the group commit now, in the caller's step, when nothing else is writing.
 
@@ -147,6 +195,13 @@ class GroupCommit(Shared):
             or outbox is None
         ):
             return False
+        pending = self._pending
+        if (
+            len(pending) == 1
+            and pending[0].state == HELD
+            and not (self._deletes or self._frees or self._dead or self._releases or self._waiters)
+        ):
+            return self._insert_held(outbox, pending[0])
         c = self._take_changes()
         try:
             done, first = self._sqlite.try_inline(self._apply(outbox, c))
@@ -157,6 +212,27 @@ class GroupCommit(Shared):
             self._writer_wake.set()
             return False
         self._committed(c, first)
+        return True
+
+    def _insert_held(self, outbox: Outbox, entry: Entry) -> bool:
+        """:meth:`_commit_inline` of the common case at one request in flight: one prepared
+        row and nothing else to write (one statement; none of the group's bookkeeping)."""
+        try:
+            done, rowid = self._sqlite.try_inline(
+                outbox.apply, self._owner, ((entry.event, True, True),)
+            )
+        except Exception:
+            done, rowid = False, None
+        if not done or not rowid:
+            self._writer_wake.set()  # the entry stays pending: the writer commits it
+            return False
+        self._pending = []
+        entry.owned = True
+        entry.rowid = rowid
+        self._commits += 1
+        if self._commits >= CHECKPOINT_EVERY:
+            self._commits = 0
+            self._checkpoint_wake.set()
         return True
 
     async def _commit_on_close(self) -> None:

@@ -228,6 +228,10 @@ class Reporter(GroupCommit, Senders):
         self._dead: list[tuple[int, int | None, str | None, str | None]] = []
         self._releases: list[tuple[int, float, str]] = []
         self._waiters: list[asyncio.Future[None]] = []
+        self._turn: asyncio.Handle | None = None  # this loop turn's end-of-turn commit
+        self._turn_members = 0  # prepares of this loop turn
+        self._grouping = False  # prepares were seen sharing loop turns lately
+        self._lonely = 0  # group commits in a row with one prepare each
         self._writer_wake = asyncio.Event()
         self._sender_wake = asyncio.Event()
         self._db_dirty = True  # the outbox may hold rows we could claim
@@ -279,6 +283,9 @@ class Reporter(GroupCommit, Senders):
             self._writer_wake = asyncio.Event()
             self._sender_wake = asyncio.Event()
             self._waiters = []
+            self._turn = None
+            self._turn_members = 0
+            self._grouping = False
             self._paused_until = 0.0
             self._mark_dirty()  # rows this instance left are free: claim them
         self._sqlite.start()
@@ -453,11 +460,12 @@ class Reporter(GroupCommit, Senders):
     async def prepare(self, event: UsageEvent) -> None:
         """Make ``event`` durable in the outbox, held back from delivery.
 
-        Returns once its row committed (group commit: concurrent prepares share one
-        transaction). The event is delivered after :meth:`confirm`, never after
-        :meth:`cancel`; if the process dies in between, it is delivered after the restart
-        (the response was about to be sent). Never raises into the request: when the
-        outbox cannot be written it logs, keeps the event in memory, and returns.
+        Returns once its row committed (group commit: the prepares of one event-loop turn
+        share one transaction, run once the callbacks already ready have run). The event
+        is delivered after :meth:`confirm`, never after :meth:`cancel`; if the process
+        dies in between, it is delivered after the restart (the response was about to be
+        sent). Never raises into the request: when the outbox cannot be written it logs,
+        keeps the event in memory, and returns.
         """
         key = event.idempotency_key
         if key in self._held:
@@ -467,21 +475,25 @@ class Reporter(GroupCommit, Senders):
         entry = Entry(event, HELD, 0.0)
         self._held[key] = entry
         self._pending.append(entry)
-        await self._flushed()
+        await self._turn_commit()
 
     async def prepare_alone(self, event: UsageEvent) -> None:
-        """:meth:`prepare` for a caller that knows no other prepare can join this group
-        commit (one request in flight): commit at once, inline, without waiting a turn of
-        the event loop for the writer task. Falls back to :meth:`prepare`'s group commit
-        when the file is busy, or when other callbacks are ready to run on the loop before
-        it polls again (requests read in the same iteration: their prepares join this
-        group commit instead of paying a transaction each). Same guarantees as
-        :meth:`prepare`.
+        """:meth:`prepare` for a caller that holds no other reservation: commit at once,
+        inline in the caller's step, without waiting for the end of the loop turn, unless
+        other prepares were seen sharing loop turns lately (requests read together under
+        load: then it joins this turn's group commit instead of paying a transaction of
+        its own). Falls back to the group commit when the file is busy. Same guarantees
+        as :meth:`prepare`.
         """
         key = event.idempotency_key
         if key in self._held:
             return
-        if self._state is not ProviderState.OPEN or self._closing or _others_ready():
+        if (
+            self._state is not ProviderState.OPEN
+            or self._closing
+            or self._grouping
+            or self._turn is not None  # another prepare ran in this loop turn
+        ):
             await self.prepare(event)
             return
         entry = Entry(event, HELD, 0.0)
@@ -489,6 +501,12 @@ class Reporter(GroupCommit, Senders):
         self._pending.append(entry)
         if not self._commit_inline():
             await self._flushed()
+            return
+        # Did other prepares run in this same loop turn? The end-of-turn callback counts
+        # them (a prepare that finds it scheduled joins its group commit): if they did,
+        # prepares are grouped from then on.
+        self._turn_members = 1
+        self._turn = asyncio.get_running_loop().call_soon(self._end_turn)
 
     def confirm(self, event: UsageEvent) -> None:
         """Let a prepared ``event`` be delivered. O(1); never raises.
@@ -676,14 +694,6 @@ class Reporter(GroupCommit, Senders):
         self._owner = await self._sqlite.submit(self._outbox.register, self._lease)
         self._ready.clear()
         self._mark_dirty()
-
-
-def _others_ready() -> bool:
-    """Whether other callbacks will run on this loop before it polls for I/O again (and so
-    may prepare too). asyncio's loop keeps them in ``_ready``; a loop without it (uvloop)
-    counts as busy: the group commit then costs a loop turn, never a transaction each."""
-    ready = getattr(asyncio.get_running_loop(), "_ready", None)
-    return ready is None or len(ready) > 0
 
 
 async def _cancel(tasks: Sequence[asyncio.Task[None]]) -> None:

@@ -28,6 +28,9 @@ Key = tuple[str, str]
 #: delivered event.
 Charge = tuple[tuple[str, str], int]
 
+#: Seconds within which charges of one account share a record of ``Account.queue``.
+_BUCKET = 0.05
+
 
 class Account:
     """Local accounting for one (customer, feature), in units.
@@ -47,21 +50,29 @@ class Account:
         self.touched = now  # last time a fetch, delivery or failed-open check used it
         self.inflight = 0
         self.pending = 0
-        self.queue: deque[list[float]] = deque()  # [committed_at, units not yet delivered]
+        # [last committed_at, units not yet delivered, first committed_at]
+        self.queue: deque[list[float]] = deque()
         self.delivered = 0
         self.log: deque[tuple[float, int]] = deque()  # (delivered_at, total after it)
         self.log_base = 0  # ``delivered`` before the oldest ``log`` record
 
     def charge(self, now: float, units: int) -> None:
-        """``units`` were committed here and queued for delivery."""
+        """``units`` were committed here and queued for delivery.
+
+        Charges within ``_BUCKET`` seconds of a record's first share that record, stamped
+        with the latest of them (so each counts at least ``delivery_allowance`` seconds):
+        not one record kept per request while deliveries are on their way.
+        """
         if units <= 0:  # a clobber sets usage: nothing to subtract
             return
         self.pending += units
         queue = self.queue
-        if queue and queue[-1][0] == now:
-            queue[-1][1] += units
+        if queue and now - queue[-1][2] < _BUCKET:
+            last = queue[-1]
+            last[0] = now
+            last[1] += units
         else:
-            queue.append([now, units])
+            queue.append([now, units, now])
 
     def arrived(self, now: float, units: int, counted: bool, lag: float) -> None:
         """``units`` reached the provider; ``counted``: it took them as new usage."""
