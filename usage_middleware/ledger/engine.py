@@ -226,7 +226,7 @@ class LeaseEngine(Ledger):
     Subclasses pass their settings to ``__init__``, call :meth:`_start_engine` with their
     :class:`LeaseStore` when opening (inside the running loop), implement
     :meth:`_write_late`, and may override the hooks :meth:`_lease_failed`,
-    :meth:`_flush_failed`, :meth:`_loop_gone` and :meth:`_engine_closed`. Use it from one
+    :meth:`_log_failure`, :meth:`_loop_gone` and :meth:`_engine_closed`. Use it from one
     event loop.
 
     Args:
@@ -241,6 +241,12 @@ class LeaseEngine(Ledger):
     Raises:
         ConfigurationError: a number is out of range.
     """
+
+    #: Whether a failed store call did nothing (a rolled-back transaction), so units it was
+    #: giving back are still this process's. False for a store whose failure may be a lost
+    #: reply (the call ran): such units are then dropped from memory, never counted twice
+    #: (the store may keep them leased to this process: parked, never overspent).
+    _failures_roll_back = True
 
     def __init__(
         self,
@@ -599,7 +605,7 @@ class LeaseEngine(Ledger):
                     try:
                         grant = await self._lease(key, slot, units, now, t, give_back=True)
                     except Exception as exc:
-                        logger.exception("ledger %s: leasing %s %s failed", self._label, *key)
+                        self._log_failure(exc, "leasing %s %s failed", *key)
                         return self._lease_failed(customer, feature, units, exc)
                     if self._closing():
                         return self._closed(customer, feature, units)
@@ -699,7 +705,7 @@ class LeaseEngine(Ledger):
         if self._state is ProviderState.CLOSED:
             return  # close() gives every lease back
         if future.cancelled() or future.exception() is not None:
-            if giver is not None:  # rolled back: the units are still ours
+            if giver is not None and self._failures_roll_back:  # the units are still ours
                 giver.available += sum(units for _, units in gives)
             return
         grant = future.result()
@@ -767,8 +773,8 @@ class LeaseEngine(Ledger):
                         await self._lease(key, slot, 1, now, t, give_back=False)
             finally:
                 self._drop_lock(key, lock)
-        except Exception:
-            logger.exception("ledger %s: refilling the lease of %s %s failed", self._label, *key)
+        except Exception as exc:
+            self._log_failure(exc, "refilling the lease of %s %s failed", *key)
         finally:
             slot.refilling = False
 
@@ -792,8 +798,8 @@ class LeaseEngine(Ledger):
                 if self._batch:
                     self._wake.set()
                 backoff = 0.05
-            except Exception:
-                logger.exception("ledger %s: writing charges failed; will retry", self._label)
+            except Exception as exc:
+                self._log_failure(exc, "writing charges failed; will retry")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._wake.set()
@@ -844,9 +850,7 @@ class LeaseEngine(Ledger):
 
     def _flushed(self, taken: list[_Taken], future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
-            error = None if future.cancelled() else future.exception()
-            if self._flush_failed(taken, error):
-                self._retake(taken)
+            self._retake(taken)
             return
         result: dict[tuple[str, str, str], tuple[int, int]] = future.result()
         for slot, units, _, _, _ in taken:
@@ -879,8 +883,8 @@ class LeaseEngine(Ledger):
             try:
                 await self._ready_backend().upkeep()
                 await self._maintain()
-            except Exception:
-                logger.exception("ledger %s: lease upkeep failed", self._label)
+            except Exception as exc:
+                self._log_failure(exc, "lease upkeep failed")
 
     async def _maintain(self) -> None:
         """Once a tick: free dropped holds, return idle units, renew, poll for changes.
@@ -939,9 +943,8 @@ class LeaseEngine(Ledger):
         future.add_done_callback(functools.partial(self._maintained, t, givers))
         await asyncio.shield(future)
 
-    @staticmethod
-    def _given_back(givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
+    def _given_back(self, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
+        if (future.cancelled() or future.exception() is not None) and self._failures_roll_back:
             for slot, units in givers:  # rolled back: the units are still ours
                 slot.available += units
 
@@ -949,8 +952,9 @@ class LeaseEngine(Ledger):
         self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
     ) -> None:
         if future.cancelled() or future.exception() is not None:
-            for slot, units in givers:  # rolled back: the units are still ours
-                slot.available += units
+            if self._failures_roll_back:
+                for slot, units in givers:  # rolled back: the units are still ours
+                    slot.available += units
             return
         generation, changed, lost = future.result()
         self._generation = generation
@@ -1035,10 +1039,9 @@ class LeaseEngine(Ledger):
         """The answer when a lease could not be taken (the store failed): refused."""
         return self._failed(customer, feature, units, error, REASON_FAILED)
 
-    def _flush_failed(self, taken: list[_Taken], error: BaseException | None) -> bool:
-        """A group commit failed (``error``; ``None``: cancelled), nothing written: whether
-        the engine retries its charges (True), or the subclass took them over (False)."""
-        return True
+    def _log_failure(self, exc: Exception, message: str, *args: object) -> None:
+        """Log a failed store call (with its traceback); the engine retries or answers."""
+        logger.error("ledger %s: " + message, self._label, *args, exc_info=exc)
 
     def _loop_gone(self) -> None:
         """Closing on another loop than the one opened on: forget loop-bound work."""
