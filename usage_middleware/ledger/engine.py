@@ -226,8 +226,8 @@ class LeaseEngine(Ledger):
     Subclasses pass their settings to ``__init__``, call :meth:`_start_engine` with their
     :class:`LeaseStore` when opening (inside the running loop), implement
     :meth:`_write_late`, and may override the hooks :meth:`_lease_failed`,
-    :meth:`_log_failure`, :meth:`_loop_gone` and :meth:`_engine_closed`. Use it from one
-    event loop.
+    :meth:`_flush_failed`, :meth:`_log_failure`, :meth:`_loop_gone` and
+    :meth:`_engine_closed` (and :attr:`_failures_roll_back`). Use it from one event loop.
 
     Args:
         lease_size: the lease block in units (>= 1); a hot key's block grows up to 64 times
@@ -850,7 +850,9 @@ class LeaseEngine(Ledger):
 
     def _flushed(self, taken: list[_Taken], future: asyncio.Future[Any]) -> None:
         if future.cancelled() or future.exception() is not None:
-            self._retake(taken)
+            error = None if future.cancelled() else future.exception()
+            if self._flush_failed(taken, error):
+                self._retake(taken)
             return
         result: dict[tuple[str, str, str], tuple[int, int]] = future.result()
         for slot, units, _, _, _ in taken:
@@ -1038,6 +1040,11 @@ class LeaseEngine(Ledger):
     ) -> Reservation:
         """The answer when a lease could not be taken (the store failed): refused."""
         return self._failed(customer, feature, units, error, REASON_FAILED)
+
+    def _flush_failed(self, taken: list[_Taken], error: BaseException | None) -> bool:
+        """A group commit failed (``error``; ``None``: cancelled): whether the engine
+        retries its charges (True), or the subclass took them over (False)."""
+        return True
 
     def _log_failure(self, exc: Exception, message: str, *args: object) -> None:
         """Log a failed store call (with its traceback); the engine retries or answers."""
