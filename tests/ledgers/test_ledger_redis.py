@@ -772,3 +772,27 @@ async def test_a_lease_whose_reply_is_lost_never_lets_a_customer_overspend(
         await other.flush()
         assert await used(other) == served
         assert 1 <= served <= 10
+
+
+async def test_a_group_commit_after_redis_forgot_its_scripts_is_charged_once(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A group commit sent by EVALSHA after Redis forgot the scripts (SCRIPT FLUSH, as a
+    restart does) loads them and is applied once; the lease renewals go on too."""
+    async with opened(server, tmp_path, reservation_ttl=0.6) as ledger:
+        await ledger.subscribe(ACME, "plan:free@1")
+        reservation = await ledger.reserve(ACME, CONVERT, 3)
+        client = raw_client(server)
+        await client.script_flush()
+        await ledger.commit(reservation)
+        await ledger.flush()
+        assert await used(ledger) == 3
+        await client.script_flush()
+        held = await ledger.reserve(ACME, CONVERT, 7)
+        assert held.answer.ok
+        await asyncio.sleep(1.5)  # renewed past reservation_ttl, scripts loaded again
+        await client.aclose()
+        async with opened(server, tmp_path) as other:
+            assert not (await other.reserve(ACME, CONVERT)).answer.ok
+        await ledger.commit(held)
+        assert await used(ledger) == 10

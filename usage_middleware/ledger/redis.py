@@ -153,6 +153,8 @@ _RECANCEL_EVERY = 0.5  # seconds between cancels of a task that swallowed one (s
 _GC_KEY: Final = "~gc|"
 _MAX_ACKED = 8  # markers of one customer's earlier group commits deleted by the next one
 _MAX_ACK_CUSTOMERS = 100_000  # customers with markers to delete remembered at most
+#: A call of a pipeline: the script's name (``None``: a ``GET`` of the key), keys, args.
+_Call = tuple[str | None, list[str], list[Any]]
 _SCRIPTS: Final = ("CHANGED", "CHARGE", "FLUSH", "GIVE", "GRANT", "LEASE", "RENEW", "USAGE")
 
 
@@ -414,21 +416,18 @@ class _RedisLeases:
         result: Settled = {}
         try:
             ledger._check_up()
-            client = ledger._client
-            assert client is not None
-            pipeline: Any = client.pipeline(transaction=False)
-            async with pipeline as pipe:
-                for customer, entries in by_customer.items():
-                    done = acked[customer] = self._acked.pop(customer, [])
-                    base = f"{ledger._prefix}{{{customer}}}:"
-                    keys = [base + "credits", base + "usage", base + "gc"]
-                    args: list[Any] = [self._owner, name, ledger._idem_ms, "0", len(done), *done]
-                    for _, feature, period, limit, units, leased, _, _ in entries:
-                        keys.append(f"{base}lease:{feature}")
-                        shown = -1 if limit >= UNLIMITED else limit
-                        args += (feature, period, shown, units, leased)
-                    await ledger._scripts["FLUSH"](keys=keys, args=args, client=pipe)
-                replies = await ledger._call(pipe.execute(), "a group commit")
+            calls: list[_Call] = []
+            for customer, entries in by_customer.items():
+                done = acked[customer] = self._acked.pop(customer, [])
+                base = f"{ledger._prefix}{{{customer}}}:"
+                keys = [base + "credits", base + "usage", base + "gc"]
+                args: list[Any] = [self._owner, name, ledger._idem_ms, "0", len(done), *done]
+                for _, feature, period, limit, units, leased, _, _ in entries:
+                    keys.append(f"{base}lease:{feature}")
+                    shown = -1 if limit >= UNLIMITED else limit
+                    args += (feature, period, shown, units, leased)
+                calls.append(("FLUSH", keys, args))
+            replies = await ledger._call(ledger._pipeline(calls), "a group commit")
             if not isinstance(replies, list) or len(replies) != len(by_customer):
                 raise _BadReply(f"unexpected reply to a group commit: {replies!r:.100}")
             for entries, reply in zip(by_customer.values(), replies, strict=True):
@@ -470,24 +469,17 @@ class _RedisLeases:
     async def _give_back(self, gives: Gives) -> None:
         ledger = self._ledger
         ledger._check_up()
-        client = ledger._client
-        assert client is not None
-        pipeline: Any = client.pipeline(transaction=False)
-        async with pipeline as pipe:
-            await self._gives(pipe, gives)
-            await ledger._call(pipe.execute(), "giving back leases")
+        await ledger._call(ledger._pipeline(self._gives(gives)), "giving back leases")
 
-    async def _gives(self, pipe: Any, gives: Gives) -> int:
-        """Queue the GIVE calls of ``gives`` on ``pipe`` (one per customer); how many."""
+    def _gives(self, gives: Gives) -> list[_Call]:
+        """The GIVE calls of ``gives``, one per customer."""
         by_customer: dict[str, tuple[list[str], list[Any]]] = {}
         ledger = self._ledger
         for customer, feature, period, units in gives:
             keys, args = by_customer.setdefault(customer, ([], [self._owner]))
             keys.append(f"{ledger._prefix}{{{customer}}}:lease:{feature}")
             args += (period, units)
-        for keys, args in by_customer.values():
-            await ledger._scripts["GIVE"](keys=keys, args=args, client=pipe)
-        return len(by_customer)
+        return [("GIVE", keys, args) for keys, args in by_customer.values()]
 
     async def _maintain(self, gives: Gives, seen: int) -> Upkept:
         """Give back idle units, renew the records due, read what changed: one pipeline
@@ -507,18 +499,19 @@ class _RedisLeases:
             taken.append(key)
             due.setdefault(key[0], []).append(key[1:])
         try:
-            pipeline: Any = client.pipeline(transaction=False)
-            async with pipeline as pipe:
-                n_gives = await self._gives(pipe, gives)
-                for customer, records in due.items():
-                    base = f"{ledger._prefix}{{{customer}}}:"
-                    await ledger._scripts["RENEW"](
-                        keys=[f"{base}lease:{feature}" for feature, _ in records],
-                        args=[self._owner, ledger._ttl_ms, *(period for _, period in records)],
-                        client=pipe,
+            calls = self._gives(gives)
+            n_gives = len(calls)
+            for customer, records in due.items():
+                base = f"{ledger._prefix}{{{customer}}}:"
+                calls.append(
+                    (
+                        "RENEW",
+                        [f"{base}lease:{feature}" for feature, _ in records],
+                        [self._owner, ledger._ttl_ms, *(period for _, period in records)],
                     )
-                pipe.get(ledger._generation_key)
-                replies = await ledger._call(pipe.execute(), "lease upkeep")
+                )
+            calls.append((None, [ledger._generation_key], []))
+            replies = await ledger._call(ledger._pipeline(calls), "lease upkeep")
         except BaseException:
             for key in taken:  # still due
                 if key not in self._records:
@@ -1244,13 +1237,54 @@ class RedisLedger(LeaseEngine):
         """After an admin write: this process's slots of ``customers`` re-validate at
         once, the other processes' at their next tick."""
         self._changed(customers)
-        await self._admin(
+        generation = await self._admin(
             self._scripts["CHANGED"](
                 keys=[self._generation_key, self._changes_key], args=sorted(customers)
             )
         )
+        if _int(generation, "generation") == self._generation + 1:
+            self._generation += 1  # only this write since: nothing to re-read at the tick
 
     # -- internals: the engine's hooks -----------------------------------------------------
+
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        """Run ``calls`` (script name, keys, args; no name: ``GET`` of the key) in one
+        pipeline by ``EVALSHA``, without redis-py's ``SCRIPT EXISTS`` round trip before
+        each pipeline: calls Redis did not run for want of their script (``NOSCRIPT``, after
+        a restart) are run again once it is loaded. Raises the first other error reply."""
+        from redis.exceptions import NoScriptError
+
+        client = self._client
+        assert client is not None
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipeline: Any = client.pipeline(transaction=False)
+            async with pipeline as pipe:
+                for i in todo:
+                    name, keys, args = calls[i]
+                    if name is None:
+                        pipe.get(keys[0])
+                    else:
+                        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                got = await pipe.execute(raise_on_error=False)
+            if not isinstance(got, list) or len(got) != len(todo):
+                raise _BadReply(f"unexpected reply to a pipeline: {got!r:.100}")
+            missing = []
+            for i, reply in zip(todo, got, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+            if not missing:
+                break
+            for name in {calls[i][0] for i in missing}:
+                assert name is not None
+                await client.script_load(self._scripts[name].script)
+            todo = missing
+        return replies
 
     def _check_up(self) -> None:
         """Raise ``RetryableProviderError`` while the breaker is open (Redis unreachable)."""
