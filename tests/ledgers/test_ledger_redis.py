@@ -796,3 +796,22 @@ async def test_a_group_commit_after_redis_forgot_its_scripts_is_charged_once(
             assert not (await other.reserve(ACME, CONVERT)).answer.ok
         await ledger.commit(held)
         assert await used(ledger) == 10
+
+
+async def test_a_lease_refused_by_the_breaker_keeps_the_units_it_was_giving_back(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A lease call the open breaker refused before sending anything did nothing: the
+    units it was giving back stay with the process (served later), not parked in Redis
+    out of everyone's reach until the process closes."""
+    async with opened(server, tmp_path) as ledger, opened(server, tmp_path) as other:
+        await ledger.subscribe(ACME, "plan:free@1")  # 10 units
+        first = await ledger.reserve(ACME, CONVERT)  # leases 2 (a quarter of what is free)
+        await ledger.release(first)
+        ledger._trip(ConnectionError("Redis went away"))  # the breaker opens
+        refused = await ledger.reserve(ACME, CONVERT, 5)  # needs a lease: gives back 2
+        assert not refused.answer.ok and refused.answer.err is not None
+        ledger._down_until = 0.0  # Redis answers again
+        kept = await ledger.reserve(ACME, CONVERT, 2)
+        assert kept.answer.ok
+        assert (await other.reserve(ACME, CONVERT, 8)).answer.ok

@@ -227,7 +227,7 @@ class LeaseEngine(Ledger):
     :class:`LeaseStore` when opening (inside the running loop), implement
     :meth:`_write_late`, and may override the hooks :meth:`_lease_failed`,
     :meth:`_flush_failed`, :meth:`_log_failure`, :meth:`_loop_gone` and
-    :meth:`_engine_closed` (and :attr:`_failures_roll_back`). Use it from one event loop.
+    :meth:`_engine_closed` and :meth:`_rolled_back`. Use it from one event loop.
 
     Args:
         lease_size: the lease block in units (>= 1); a hot key's block grows up to 64 times
@@ -241,12 +241,6 @@ class LeaseEngine(Ledger):
     Raises:
         ConfigurationError: a number is out of range.
     """
-
-    #: Whether a failed store call did nothing (a rolled-back transaction), so units it was
-    #: giving back are still this process's. False for a store whose failure may be a lost
-    #: reply (the call ran): such units are then dropped from memory, never counted twice
-    #: (the store may keep them leased to this process: parked, never overspent).
-    _failures_roll_back = True
 
     def __init__(
         self,
@@ -705,7 +699,7 @@ class LeaseEngine(Ledger):
         if self._state is ProviderState.CLOSED:
             return  # close() gives every lease back
         if future.cancelled() or future.exception() is not None:
-            if giver is not None and self._failures_roll_back:  # the units are still ours
+            if giver is not None and self._rolled_back(future):  # the units are still ours
                 giver.available += sum(units for _, units in gives)
             return
         grant = future.result()
@@ -946,7 +940,7 @@ class LeaseEngine(Ledger):
         await asyncio.shield(future)
 
     def _given_back(self, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
-        if (future.cancelled() or future.exception() is not None) and self._failures_roll_back:
+        if (future.cancelled() or future.exception() is not None) and self._rolled_back(future):
             for slot, units in givers:  # rolled back: the units are still ours
                 slot.available += units
 
@@ -954,7 +948,7 @@ class LeaseEngine(Ledger):
         self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
     ) -> None:
         if future.cancelled() or future.exception() is not None:
-            if self._failures_roll_back:
+            if self._rolled_back(future):
                 for slot, units in givers:  # rolled back: the units are still ours
                     slot.available += units
             return
@@ -1044,6 +1038,14 @@ class LeaseEngine(Ledger):
     def _flush_failed(self, taken: list[_Taken], error: BaseException | None) -> bool:
         """A group commit failed (``error``; ``None``: cancelled): whether the engine
         retries its charges (True), or the subclass took them over (False)."""
+        return True
+
+    def _rolled_back(self, future: asyncio.Future[Any]) -> bool:
+        """Whether a failed store call did nothing (a rolled-back transaction), so units it
+        was giving back are still this process's. A store whose failure may be a lost reply
+        (the call ran) answers False unless sure: such units are then dropped from memory,
+        never counted twice (the store may keep them leased to this process: parked, never
+        overspent)."""
         return True
 
     def _log_failure(self, exc: Exception, message: str, *args: object) -> None:

@@ -158,6 +158,10 @@ _Call = tuple[str | None, list[str], list[Any]]
 _SCRIPTS: Final = ("CHANGED", "CHARGE", "FLUSH", "GIVE", "GRANT", "LEASE", "RENEW", "USAGE")
 
 
+class _NotSent(RetryableProviderError):
+    """A store call refused before anything was sent (the breaker is open): it did nothing."""
+
+
 class _BadReply(Exception):
     """Redis (or what answers in its place: a proxy, another server) replied with a shape
     the scripts never return. Treated as a Redis failure: spool, failure policy."""
@@ -595,8 +599,6 @@ class RedisLedger(LeaseEngine):
     """
 
     name = "redis"
-    # A failed call may have run in Redis (its reply lost): never count its units twice.
-    _failures_roll_back = False
 
     def __init__(
         self,
@@ -1287,11 +1289,18 @@ class RedisLedger(LeaseEngine):
         return replies
 
     def _check_up(self) -> None:
-        """Raise ``RetryableProviderError`` while the breaker is open (Redis unreachable)."""
+        """Raise ``_NotSent`` while the breaker is open (Redis unreachable)."""
         if time.monotonic() < self._down_until:
-            raise self._down_error or RetryableProviderError(
-                "the Redis ledger could not be reached", retry_after=self._retry_after
+            raise _NotSent(
+                str(self._down_error or "the Redis ledger could not be reached"),
+                retry_after=self._retry_after,
+                original_error=self._down_error,
             )
+
+    def _rolled_back(self, future: asyncio.Future[Any]) -> bool:
+        # A call that failed may have run in Redis (its reply lost): only one refused by
+        # the breaker before sending anything surely did nothing.
+        return not future.cancelled() and isinstance(future.exception(), _NotSent)
 
     async def _call(self, call: Awaitable[Any], what: str) -> Any:
         """Await a store call; Redis failures become ``RetryableProviderError`` (logged
