@@ -1,7 +1,8 @@
 """The Lua scripts of :class:`~usage_middleware.ledger.redis.RedisLedger`.
 
-Each script runs atomically inside Redis (one ``EVALSHA`` round trip) and touches only the
-keys it is given, all of one customer (one hash tag, so one Redis Cluster slot). Times are
+Each script runs atomically inside Redis (one ``EVALSHA``, usually pipelined with others)
+and touches only the keys it is given, all of one customer (one hash tag, so one Redis
+Cluster slot; :data:`CHANGED`'s keys share the change log's tag ``{~}``). Times are
 the server's (``TIME``, milliseconds), so replicas with skewed clocks agree on expiry.
 Scripts write effects only (Redis >= 5 replicates script effects), so ``TIME`` is allowed.
 

@@ -403,13 +403,14 @@ class LeaseEngine(Ledger):
         """Check and hold ``units`` of ``feature`` for one request of ``customer``.
 
         Served from this process's lease without I/O when it can; otherwise leases (one
-        transaction on the worker thread). The answer's numbers are this process's view:
-        ``limit`` the plan's (``UNLIMITED``; 0 outside the plan); ``used`` the units charged
-        this period as of this process's last transaction plus the charges it committed
-        since; ``remaining`` what is left after this reservation and this process's other
-        holds, less what other processes held at the last transaction.
+        store call: a SQLite transaction, a Redis script). The answer's numbers are this
+        process's view: ``limit`` the plan's (``UNLIMITED``; 0 outside the plan); ``used``
+        the units charged this period as of this process's last store call plus the charges
+        it committed since; ``remaining`` what is left after this reservation and this
+        process's other holds, less what other processes held at the last store call.
 
-        A failed transaction gives ``ok=False`` with ``err`` set and ``retry_after``.
+        A failed store call gives ``ok=False`` with ``err`` set and ``retry_after`` (a
+        ledger may answer per its failure policy instead, see ``RedisLedger``).
 
         Raises:
             ValueError: malformed customer id or units.

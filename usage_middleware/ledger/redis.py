@@ -192,15 +192,17 @@ def _int(value: object, what: str) -> int:
 def customer_keys(prefix: str, customer: str) -> dict[str, str]:
     """The Redis keys of ``customer`` (one hash tag, so one Cluster slot), by role.
 
-    ``holds`` is the prefix of the per-feature holds keys (``holds:<feature>``), ``ik``
-    the prefix of the idempotency markers (``ik:<key>``). See :mod:`._redis_scripts`.
+    ``lease`` is the prefix of the per-feature lease hashes (``lease:<feature>``), ``gc``
+    the hash of group-commit markers, ``ik`` the prefix of the idempotency markers of
+    reported events (``ik:<key>``). See :mod:`._redis_scripts`.
     """
     base = f"{prefix}{{{customer}}}:"
     return {
         "sub": base + "sub",
         "credits": base + "credits",
         "usage": base + "usage",
-        "holds": base + "holds:",
+        "lease": base + "lease:",
+        "gc": base + "gc",
         "ik": base + "ik:",
     }
 
