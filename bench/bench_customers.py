@@ -121,8 +121,8 @@ async def charged(ledger: Any, customers: list[str]) -> int:
             ).fetchone()
         return int(total)
     total = 0
-    for start in range(0, len(customers), 500):
-        rows = await asyncio.gather(*(ledger.usage(c) for c in customers[start : start + 500]))
+    for start in range(0, len(customers), 50):  # no more at once than pooled connections
+        rows = await asyncio.gather(*(ledger.usage(c) for c in customers[start : start + 50]))
         total += sum(row.used for rows_ in rows for row in rows_ if row.feature == FEATURE)
     return total
 

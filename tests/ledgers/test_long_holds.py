@@ -308,9 +308,10 @@ async def test_a_reservation_dropped_unsettled_frees_its_hold(
 async def test_a_hold_redis_lost_is_logged_and_still_charged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A running request's hold that Redis lost is noticed by renewal (logged); the request
-    is still charged at its end (it was served), with a warning that the limit may be
-    exceeded: never a silent overspend."""
+    """A running request's lease that Redis lost is noticed by renewal (logged, with the
+    units held under it); the request is still charged at its end (it was served): never a
+    silent overspend. (Holds live in memory on the lease engine: what Redis can lose is
+    the process's lease record.)"""
     import redis.asyncio
 
     ledgers = Ledgers("redis", tmp_path)
@@ -324,19 +325,19 @@ async def test_a_hold_redis_lost_is_logged_and_still_charged(
                 assert running.answer.ok
                 raw = redis.asyncio.Redis.from_url(server.url)
                 try:
-                    assert await raw.delete(f"{ledgers.prefix}{{{ACME}}}:holds:{LONG}") == 1
+                    assert await raw.delete(f"{ledgers.prefix}{{{ACME}}}:lease:{LONG}") == 1
                 finally:
                     await raw.aclose()
 
                 async def noticed() -> bool:
-                    return "were gone from Redis" in caplog.text
+                    return "expired before this process renewed it" in caplog.text
 
                 await eventually(noticed)
                 other = await ledger.reserve(ACME, LONG)  # the lost unit was free meanwhile
                 assert other.answer.ok
                 await ledger.commit(other)
                 await ledger.commit(running)
-        assert "although its hold was lost" in caplog.text
+        assert "1 held units of org:acme feature:long" in caplog.text
         assert await ledgers.used() == 2
     finally:
         server.stop()
@@ -371,8 +372,8 @@ async def test_a_local_hold_whose_lease_expired_is_logged_and_still_charged(
 async def test_redis_renews_many_holds_with_one_call_per_customer_feature(
     tmp_path: Path,
 ) -> None:
-    """Renewing 30 in-flight holds costs one script call per customer-feature per
-    reservation_ttl / 3 (batched in a pipeline), not one per hold per tick."""
+    """Renewing the leases under 30 in-flight holds costs one script call per customer per
+    reservation_ttl / 2 (batched in a pipeline), not one per hold per tick."""
     import redis.asyncio
 
     ledgers = Ledgers("redis", tmp_path)
@@ -391,11 +392,12 @@ async def test_redis_renews_many_holds_with_one_call_per_customer_feature(
             window = 3 * ttl
             await asyncio.sleep(window)
             after = (await raw.info("commandstats"))["cmdstat_evalsha"]["calls"]
-            for customer in customers:  # every hold is still there, none expired
-                key = f"{ledgers.prefix}{{{customer}}}:holds:{LONG}"
-                assert await raw.zcount(key, "(0", "+inf") == 10
+            for customer in customers:  # every lease is still there, none expired
+                key = f"{ledgers.prefix}{{{customer}}}:lease:{LONG}"
+                records = await raw.hvals(key)
+                assert sum(int(value.split("|")[0]) for value in records) == 10
             renewals = after - before
-            rounds = window / (ttl / 3)
+            rounds = window / (ttl / 2)
             assert 0 < renewals <= len(customers) * (rounds + 2), renewals
             for reservation in held:
                 await ledger.release(reservation)

@@ -640,6 +640,7 @@ async def test_redis_ok_reply_to_a_commit_is_spooled_not_raised(
             await wrong.open()
             try:
                 await wrong.commit(reservation)  # must not raise
+                await wrong.flush()  # its group commit (the lease engine's, after commit)
                 assert wrong.spool is not None
                 await wrong.spool.flush()
                 assert (await wrong.spool.outbox_status()).depth == 1

@@ -1,24 +1,36 @@
 """The Lua scripts of :class:`~usage_middleware.ledger.redis.RedisLedger`.
 
-Each script runs atomically inside Redis (one ``EVALSHA`` round trip) and touches only the
-keys it is given, all of one customer (one hash tag, so one Redis Cluster slot). Times are
+Each script runs atomically inside Redis (one ``EVALSHA``, usually pipelined with others)
+and touches only the keys it is given, all of one customer (one hash tag, so one Redis
+Cluster slot; :data:`CHANGED`'s keys share the change log's tag ``{~}``). Times are
 the server's (``TIME``, milliseconds), so replicas with skewed clocks agree on expiry.
 Scripts write effects only (Redis >= 5 replicates script effects), so ``TIME`` is allowed.
 
-Keys of customer ``C`` under prefix ``P`` (see :func:`~usage_middleware.ledger.redis.keys`):
+Keys of customer ``C`` under prefix ``P`` (see
+:func:`~usage_middleware.ledger.redis.customer_keys`):
 
 * ``P{C}:sub``            hash: ``plan`` (the subscribed plan), ``since`` (ISO 8601).
 * ``P{C}:credits``        hash: ``+<feature>`` units credited, ``-<feature>`` units consumed
                           (balance = credited - consumed, as the SQLite ledger).
 * ``P{C}:usage``          hash: ``<feature>@<period>`` -> units charged in that period
                           (``period`` like ``2026-11-01/2026-12-01``).
-* ``P{C}:holds:<feature>`` sorted set of live reservations: member
-                          ``<units>:<period>:<id>`` scored by its expiry (server ms), and
-                          per period a member ``=<period>`` scored ``-total`` (the units of
-                          that period's holds, kept so a check costs O(1)). The key's own
-                          TTL is past its last hold's expiry, so an idle set vanishes whole.
-* ``P{C}:ik:<key>``       idempotency marker of a charged event (``PX`` = the idempotency
-                          window); a charge whose marker exists is not applied again.
+* ``P{C}:lease:<feature>`` hash of the live leases of every process: field
+                          ``<owner>|<period>`` -> ``<units>|<expiry>`` (server ms). An
+                          expired record is dead (deleted when met); the key's own TTL is
+                          past its last record's expiry, so an idle hash vanishes whole.
+* ``P{C}:gc``             hash of group-commit markers: field ``<batch>`` (a group commit
+                          applied whole) or ``<batch>|<feature>|<period>`` (one entry
+                          replayed from the spool). The whole hash expires
+                          ``idempotency_ttl`` after its last write, and each group commit
+                          deletes the markers of this owner's earlier ones whose reply
+                          arrived, so it holds a few fields per customer, not one per
+                          request.
+* ``P{C}:ik:<key>``       idempotency marker of an event charged by :data:`CHARGE` (a
+                          reported event, or one served while Redis was unreachable;
+                          ``PX`` = the idempotency window).
+* ``P{~}:generation``, ``P{~}:changes``: a counter bumped by every admin write, and a
+                          sorted set customer -> the generation of its last change, which
+                          each process polls once a tick.
 
 The plan terms come from the caller as ONE argument, the *terms* (fewer arguments to
 encode: cheaper on the client): lines joined by ``\n``, first the four period keys of the
@@ -30,7 +42,7 @@ the terms gets limit 0 on the monthly period (as the SQLite ledger).
 
 from __future__ import annotations
 
-__all__ = ["CHARGE", "GRANT", "RELEASE", "RENEW", "RESERVE", "USAGE"]
+__all__ = ["CHANGED", "CHARGE", "FLUSH", "GIVE", "GRANT", "LEASE", "RENEW", "USAGE"]
 
 # Shared Lua helpers, prepended to the scripts that need them.
 _COMMON = r"""
@@ -39,40 +51,7 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Add n (may be negative) to a period's held total (member '=<period>', score -total).
-local function add_held(key, period, n)
-  local sentinel = redis.call('ZSCORE', key, '=' .. period)
-  local total = n
-  if sentinel then total = total - tonumber(sentinel) end
-  if total > 0 then
-    redis.call('ZADD', key, -total, '=' .. period)
-  else
-    redis.call('ZREM', key, '=' .. period)
-  end
-end
-
--- Drop the expired members of a holds set (and their units from the totals).
-local function expire(key, now)
-  local expired = redis.call('ZRANGEBYSCORE', key, '(0', now)
-  if #expired == 0 then return end
-  local freed = {}
-  for i = 1, #expired do
-    local units, period = string.match(expired[i], '^(%d+):([^:]*):')
-    freed[period] = (freed[period] or 0) + tonumber(units)
-  end
-  redis.call('ZREMRANGEBYSCORE', key, '(0', now)
-  for period, units in pairs(freed) do add_held(key, period, -units) end
-end
-
--- Remove one hold; whether it was there.
-local function unhold(key, member)
-  if redis.call('ZREM', key, member) == 0 then return false end
-  local units, period = string.match(member, '^(%d+):([^:]*):')
-  add_held(key, period, -tonumber(units))
-  return true
-end
-
--- Keep an idle holds set alive until after its last member expires.
+-- Keep a lease hash alive until after its last record expires.
 local function keep(key, ttl)
   if redis.call('PTTL', key) < ttl + 1000 then
     redis.call('PEXPIRE', key, ttl + 1000)
@@ -142,78 +121,52 @@ local function overage(used, limit)
   if limit < 0 or used <= limit then return 0 end
   return used - limit
 end
-"""
 
-#: Check (and with a hold id, hold) units.
-#: KEYS: sub, credits, usage, holds. ARGV: feature, units, hold id ('' = check only),
-#: ttl_ms, terms.
-#: Returns {status, limit, used, balance, held, period, in_plan}: status 1 allowed (held),
-#: 0 refused, -1 unknown customer; limit -1 = unlimited; balance = credits (may be < 0);
-#: held = units this period's capacity cannot give (live holds, this one included, and
-#: the credits that holds of another period may still consume).
-RESERVE = (
-    _COMMON
-    + r"""
-local feature, units, id, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-local lines = split(ARGV[5])
-local known, plan, limit, interval, in_plan = terms(KEYS[1], KEYS[2], lines, 5)
-if not known then return {-1, 0, 0, 0, 0, '', 0} end
-local period = lines[interval]
-local used = tonumber(redis.call('HGET', KEYS[3], feature .. '@' .. period) or '0')
-local balance = balance_of(KEYS[2], feature)
-local flag = 0
-if in_plan then flag = 1 end
-if limit < 0 then return {1, -1, reply(used), reply(balance), 0, period, flag} end
-local now = now_ms()
-expire(KEYS[4], now)
-local held = 0
-local totals = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', 0, 'WITHSCORES')
-for i = 1, #totals, 2 do
-  local other = string.sub(totals[i], 2)
-  local units_held = -tonumber(totals[i + 1])
-  if other == period then
-    held = held + units_held
-  else  -- a hold from another period (a rollover) may still consume credits
-    local used_then = tonumber(redis.call('HGET', KEYS[3], feature .. '@' .. other) or '0')
-    held = held + overage(used_then + units_held, limit) - overage(used_then, limit)
+-- A whole number as text (never 1e+15 notation).
+local function fmt(n)
+  return string.format('%.0f', n)
+end
+
+-- One lease record: field '<owner>|<period>' of a lease hash, value '<units>|<expiry ms>'.
+-- Its live units (0 when absent; an expired record is deleted).
+local function record(key, field, now)
+  local v = redis.call('HGET', key, field)
+  if not v then return 0, 0 end
+  local units, expiry = string.match(v, '^(%d+)|(%d+)$')
+  if tonumber(expiry) <= now then
+    redis.call('HDEL', key, field)
+    return 0, 0
   end
+  return tonumber(units), tonumber(expiry)
 end
-local member = units .. ':' .. period .. ':' .. id
-if id ~= '' and redis.call('ZSCORE', KEYS[4], member) then  -- a retried call: held already
-  return {1, limit, reply(used), reply(balance), held, period, flag}
-end
-local credits = balance
-if credits < 0 then credits = 0 end
-local free = limit - used
-if free < 0 then free = 0 end
-free = free + credits - held
-if units > free then return {0, limit, reply(used), reply(balance), held, period, flag} end
-if id ~= '' then
-  redis.call('ZADD', KEYS[4], now + ttl, member)
-  add_held(KEYS[4], period, units)
-  held = held + units
-  keep(KEYS[4], ttl)
-end
-return {1, limit, reply(used), reply(balance), held, period, flag}
-"""
-)
 
-#: Charge an event (commit of a reservation, or a reported event), once per idempotency key.
-#: KEYS: sub, credits, usage, holds, marker. ARGV: feature, units, clobber ('1'/'0'),
-#: the hold to drop (member; '' = the one this event would have made: units, period of its
-#: time, key), the event's idempotency key, marker_ttl_ms, terms (of the event's time).
+-- Take n units off a live lease record (deleted at 0); never revives an expired one.
+local function shrink(key, field, n, now)
+  local units, expiry = record(key, field, now)
+  if units == 0 then return 0 end
+  units = units - n
+  if units <= 0 then
+    redis.call('HDEL', key, field)
+    return 0
+  end
+  redis.call('HSET', key, field, fmt(units) .. '|' .. fmt(expiry))
+  return units
+end
+"""
+
+#: Charge an event (a reported one, or one served while Redis was unreachable), once per
+#: idempotency key. KEYS: sub, credits, usage, marker. ARGV: feature, units, clobber
+#: ('1'/'0'), marker_ttl_ms, terms (of the event's time).
 #: Returns {status, used, balance}: 1 charged, 0 already charged (nothing done), -1 unknown
 #: customer (nothing done).
 CHARGE = (
     _COMMON
     + r"""
-local feature, units, clobber, member = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local lines = split(ARGV[7])
+local feature, units, clobber = ARGV[1], ARGV[2], ARGV[3]
+local lines = split(ARGV[5])
 local known, plan, limit, interval = terms(KEYS[1], KEYS[2], lines, 5)
 local period = lines[interval]
-if member == '' then member = units .. ':' .. period .. ':' .. ARGV[5] end
-unhold(KEYS[4], member)
-if redis.call('EXISTS', KEYS[5]) == 1 then return {0, 0, 0} end
+if redis.call('EXISTS', KEYS[4]) == 1 then return {0, 0, 0} end
 if not known then return {-1, 0, 0} end
 local field = feature .. '@' .. period
 local old = tonumber(redis.call('HGET', KEYS[3], field) or '0')
@@ -236,39 +189,8 @@ elseif delta < 0 then
     redis.call('HINCRBY', KEYS[2], '-' .. feature, delta)
   end
 end
-redis.call('SET', KEYS[5], '1', 'PX', ARGV[6])
+redis.call('SET', KEYS[4], '1', 'PX', ARGV[4])
 return {1, reply(new), reply(balance_of(KEYS[2], feature))}
-"""
-)
-
-#: Give a hold back. KEYS: holds. ARGV: member. Returns 1 if it was held, else 0.
-RELEASE = (
-    _COMMON
-    + r"""
-if unhold(KEYS[1], ARGV[1]) then return 1 end
-return 0
-"""
-)
-
-#: Push the expiry of live holds forward. KEYS: holds. ARGV: ttl_ms, members...
-#: Returns the members that were no longer held (expired or gone: never re-added, since
-#: their units may have been taken meanwhile).
-RENEW = (
-    _COMMON
-    + r"""
-local ttl = tonumber(ARGV[1])
-local now = now_ms()
-local gone = {}
-for i = 2, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
-  if score and tonumber(score) > now then
-    redis.call('ZADD', KEYS[1], 'XX', now + ttl, ARGV[i])
-  else
-    gone[#gone + 1] = ARGV[i]
-  end
-end
-if #gone < #ARGV - 1 then keep(KEYS[1], ttl) end
-return gone
 """
 )
 
@@ -289,4 +211,163 @@ return {redis.call('HGET', KEYS[1], '+' .. ARGV[1]),
 USAGE = r"""
 return {redis.call('HGET', KEYS[1], 'plan'), redis.call('HGETALL', KEYS[2]),
         redis.call('HGETALL', KEYS[3])}
+"""
+
+#: Lease units for one (customer, feature): give back, then grant as LedgerStore.lease does.
+#: KEYS: sub, credits, usage, lease. ARGV: feature, owner, need, want, ttl_ms, terms, then
+#: pairs (period, units) to give back first.
+#: Returns {status, limit, used, balance, others, take, spare, roomy, interval, in_plan,
+#: mine}: status -1 unknown customer (nothing else set), 1 otherwise; limit -1 unlimited
+#: (nothing leased); others = units of this period's capacity held by other live leases
+#: (and the credits this owner's leases of other periods may still consume); take = units
+#: added to this owner's lease; spare = units still free after it; roomy 1 when spare is
+#: at least 4 blocks; interval = the index (1-4) of the period in the terms; mine = this
+#: owner's lease of the period after this call.
+LEASE = (
+    _COMMON
+    + r"""
+local feature, owner = ARGV[1], ARGV[2]
+local need, want, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
+for i = 7, #ARGV, 2 do
+  shrink(KEYS[4], owner .. '|' .. ARGV[i], tonumber(ARGV[i + 1]), now)
+end
+local lines = split(ARGV[6])
+local known, plan, limit, interval, in_plan = terms(KEYS[1], KEYS[2], lines, 5)
+if not known then return {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0} end
+local flag = 0
+if in_plan then flag = 1 end
+local period = lines[interval]
+local used = tonumber(redis.call('HGET', KEYS[3], feature .. '@' .. period) or '0')
+local balance = balance_of(KEYS[2], feature)
+if limit < 0 then return {1, -1, reply(used), reply(balance), 0, 0, 0, 0, interval, flag, 0} end
+local credits = balance
+if credits < 0 then credits = 0 end
+local held, mine = {}, 0
+local all = redis.call('HGETALL', KEYS[4])
+for i = 1, #all, 2 do
+  local who, p = string.match(all[i], '^(.*)|([^|]*)$')
+  local units, expiry = string.match(all[i + 1], '^(%d+)|(%d+)$')
+  if tonumber(expiry) <= now then
+    redis.call('HDEL', KEYS[4], all[i])
+  elseif who == owner and p == period then
+    mine = tonumber(units)
+  else
+    held[p] = (held[p] or 0) + tonumber(units)
+  end
+end
+local others = held[period] or 0
+held[period] = nil
+for p, units in pairs(held) do  -- leases of another period (a rollover) may use credits
+  local used_then = tonumber(redis.call('HGET', KEYS[3], feature .. '@' .. p) or '0')
+  others = others + overage(used_then + units, limit) - overage(used_then, limit)
+end
+local free = limit - used
+if free < 0 then free = 0 end
+free = free + credits - others - mine
+local take = 0
+if need <= free then
+  take = math.min(free, math.max(need, math.min(want, math.floor(free / 4))))
+end
+local spare = free - take
+if spare < 0 then spare = 0 end
+local roomy = 0
+if spare >= 4 * want then roomy = 1 end
+if take > 0 or mine > 0 then
+  redis.call('HSET', KEYS[4], owner .. '|' .. period, fmt(mine + take) .. '|' .. fmt(now + ttl))
+  keep(KEYS[4], ttl)
+end
+return {1, limit, reply(used), reply(balance), reply(others), reply(take), reply(spare), roomy,
+        interval, flag, reply(mine + take)}
+"""
+)
+
+#: One customer's share of a group commit, once per batch: add each entry's units to the
+#: period's usage (the overage beyond the limit consumes credits) and take its lease-funded
+#: units off the owner's lease. KEYS: credits, usage, gc, then one lease key per entry.
+#: ARGV: owner, batch, marker_ttl_ms, replay ('1': entries replayed from the spool, marked
+#: one by one), n_acks, the n_acks markers to delete (earlier batches whose reply arrived),
+#: then per entry: feature, period, limit (-1 unlimited), units, leased.
+#: Returns {1, used, balance, ...} (per entry, after it), or {0} if the batch was applied.
+FLUSH = (
+    _COMMON
+    + r"""
+local owner, batch, ttl, replay = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local acks = tonumber(ARGV[5])
+if redis.call('HEXISTS', KEYS[3], batch) == 1 then return {0} end
+local now = now_ms()
+local out = {1}
+local k = 4
+for i = 6 + acks, #ARGV, 5 do
+  local feature, period = ARGV[i], ARGV[i + 1]
+  local limit, leased = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 4])
+  local field = feature .. '@' .. period
+  local mark = batch .. '|' .. feature .. '|' .. period
+  local used
+  if redis.call('HEXISTS', KEYS[3], mark) == 0 then
+    local old = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+    used = incr_capped(KEYS[2], field, ARGV[i + 3])
+    local delta = overage(used, limit) - overage(old, limit)
+    if delta > 0 then incr_capped(KEYS[1], '-' .. feature, delta) end
+    if leased > 0 then shrink(KEYS[k], owner .. '|' .. period, leased, now) end
+    if replay == '1' then redis.call('HSET', KEYS[3], mark, '1') end
+  else
+    used = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+  end
+  out[#out + 1] = reply(used)
+  out[#out + 1] = reply(balance_of(KEYS[1], feature))
+  k = k + 1
+end
+if acks > 0 then redis.call('HDEL', KEYS[3], unpack(ARGV, 6, 5 + acks)) end
+if replay ~= '1' then redis.call('HSET', KEYS[3], batch, '1') end
+redis.call('PEXPIRE', KEYS[3], ttl)
+return out
+"""
+)
+
+#: Give back units of this owner's leases (never reviving an expired record).
+#: KEYS: one lease key per entry. ARGV: owner, then per entry: period, units.
+#: Returns the units left per entry.
+GIVE = (
+    _COMMON
+    + r"""
+local now = now_ms()
+local out = {}
+for i = 1, #KEYS do
+  out[i] = reply(shrink(KEYS[i], ARGV[1] .. '|' .. ARGV[2 * i], tonumber(ARGV[2 * i + 1]), now))
+end
+return out
+"""
+)
+
+#: Renew this owner's live lease records. KEYS: one lease key per record. ARGV: owner,
+#: ttl_ms, then the period of each record. Returns per record 1 (renewed) or 0 (gone:
+#: expired or given back; never revived, its units may have gone to others meanwhile).
+RENEW = (
+    _COMMON
+    + r"""
+local owner, ttl = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+local out = {}
+for i = 1, #KEYS do
+  local field = owner .. '|' .. ARGV[i + 2]
+  local units = record(KEYS[i], field, now)
+  if units > 0 then
+    redis.call('HSET', KEYS[i], field, fmt(units) .. '|' .. fmt(now + ttl))
+    keep(KEYS[i], ttl)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"""
+)
+
+#: Note admin writes for the other processes. KEYS: generation, changes. ARGV: customers.
+#: Returns the new generation.
+CHANGED = r"""
+local generation = redis.call('INCR', KEYS[1])
+for i = 1, #ARGV do redis.call('ZADD', KEYS[2], generation, ARGV[i]) end
+return generation
 """

@@ -226,8 +226,8 @@ class LeaseEngine(Ledger):
     Subclasses pass their settings to ``__init__``, call :meth:`_start_engine` with their
     :class:`LeaseStore` when opening (inside the running loop), implement
     :meth:`_write_late`, and may override the hooks :meth:`_lease_failed`,
-    :meth:`_flush_failed`, :meth:`_loop_gone` and :meth:`_engine_closed`. Use it from one
-    event loop.
+    :meth:`_flush_failed`, :meth:`_log_failure`, :meth:`_loop_gone` and
+    :meth:`_engine_closed` and :meth:`_rolled_back`. Use it from one event loop.
 
     Args:
         lease_size: the lease block in units (>= 1); a hot key's block grows up to 64 times
@@ -403,13 +403,14 @@ class LeaseEngine(Ledger):
         """Check and hold ``units`` of ``feature`` for one request of ``customer``.
 
         Served from this process's lease without I/O when it can; otherwise leases (one
-        transaction on the worker thread). The answer's numbers are this process's view:
-        ``limit`` the plan's (``UNLIMITED``; 0 outside the plan); ``used`` the units charged
-        this period as of this process's last transaction plus the charges it committed
-        since; ``remaining`` what is left after this reservation and this process's other
-        holds, less what other processes held at the last transaction.
+        store call: a SQLite transaction, a Redis script). The answer's numbers are this
+        process's view: ``limit`` the plan's (``UNLIMITED``; 0 outside the plan); ``used``
+        the units charged this period as of this process's last store call plus the charges
+        it committed since; ``remaining`` what is left after this reservation and this
+        process's other holds, less what other processes held at the last store call.
 
-        A failed transaction gives ``ok=False`` with ``err`` set and ``retry_after``.
+        A failed store call gives ``ok=False`` with ``err`` set and ``retry_after`` (a
+        ledger may answer per its failure policy instead, see ``RedisLedger``).
 
         Raises:
             ValueError: malformed customer id or units.
@@ -599,7 +600,7 @@ class LeaseEngine(Ledger):
                     try:
                         grant = await self._lease(key, slot, units, now, t, give_back=True)
                     except Exception as exc:
-                        logger.exception("ledger %s: leasing %s %s failed", self._label, *key)
+                        self._log_failure(exc, "leasing %s %s failed", *key)
                         return self._lease_failed(customer, feature, units, exc)
                     if self._closing():
                         return self._closed(customer, feature, units)
@@ -699,7 +700,7 @@ class LeaseEngine(Ledger):
         if self._state is ProviderState.CLOSED:
             return  # close() gives every lease back
         if future.cancelled() or future.exception() is not None:
-            if giver is not None:  # rolled back: the units are still ours
+            if giver is not None and self._rolled_back(future):  # the units are still ours
                 giver.available += sum(units for _, units in gives)
             return
         grant = future.result()
@@ -767,8 +768,8 @@ class LeaseEngine(Ledger):
                         await self._lease(key, slot, 1, now, t, give_back=False)
             finally:
                 self._drop_lock(key, lock)
-        except Exception:
-            logger.exception("ledger %s: refilling the lease of %s %s failed", self._label, *key)
+        except Exception as exc:
+            self._log_failure(exc, "refilling the lease of %s %s failed", *key)
         finally:
             slot.refilling = False
 
@@ -792,8 +793,8 @@ class LeaseEngine(Ledger):
                 if self._batch:
                     self._wake.set()
                 backoff = 0.05
-            except Exception:
-                logger.exception("ledger %s: writing charges failed; will retry", self._label)
+            except Exception as exc:
+                self._log_failure(exc, "writing charges failed; will retry")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 self._wake.set()
@@ -879,8 +880,8 @@ class LeaseEngine(Ledger):
             try:
                 await self._ready_backend().upkeep()
                 await self._maintain()
-            except Exception:
-                logger.exception("ledger %s: lease upkeep failed", self._label)
+            except Exception as exc:
+                self._log_failure(exc, "lease upkeep failed")
 
     async def _maintain(self) -> None:
         """Once a tick: free dropped holds, return idle units, renew, poll for changes.
@@ -939,9 +940,8 @@ class LeaseEngine(Ledger):
         future.add_done_callback(functools.partial(self._maintained, t, givers))
         await asyncio.shield(future)
 
-    @staticmethod
-    def _given_back(givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
-        if future.cancelled() or future.exception() is not None:
+    def _given_back(self, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
+        if (future.cancelled() or future.exception() is not None) and self._rolled_back(future):
             for slot, units in givers:  # rolled back: the units are still ours
                 slot.available += units
 
@@ -949,8 +949,9 @@ class LeaseEngine(Ledger):
         self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
     ) -> None:
         if future.cancelled() or future.exception() is not None:
-            for slot, units in givers:  # rolled back: the units are still ours
-                slot.available += units
+            if self._rolled_back(future):
+                for slot, units in givers:  # rolled back: the units are still ours
+                    slot.available += units
             return
         generation, changed, lost = future.result()
         self._generation = generation
@@ -1036,9 +1037,21 @@ class LeaseEngine(Ledger):
         return self._failed(customer, feature, units, error, REASON_FAILED)
 
     def _flush_failed(self, taken: list[_Taken], error: BaseException | None) -> bool:
-        """A group commit failed (``error``; ``None``: cancelled), nothing written: whether
-        the engine retries its charges (True), or the subclass took them over (False)."""
+        """A group commit failed (``error``; ``None``: cancelled): whether the engine
+        retries its charges (True), or the subclass took them over (False)."""
         return True
+
+    def _rolled_back(self, future: asyncio.Future[Any]) -> bool:
+        """Whether a failed store call did nothing (a rolled-back transaction), so units it
+        was giving back are still this process's. A store whose failure may be a lost reply
+        (the call ran) answers False unless sure: such units are then dropped from memory,
+        never counted twice (the store may keep them leased to this process: parked, never
+        overspent)."""
+        return True
+
+    def _log_failure(self, exc: Exception, message: str, *args: object) -> None:
+        """Log a failed store call (with its traceback); the engine retries or answers."""
+        logger.error("ledger %s: " + message, self._label, *args, exc_info=exc)
 
     def _loop_gone(self) -> None:
         """Closing on another loop than the one opened on: forget loop-bound work."""

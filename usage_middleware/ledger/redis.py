@@ -1,42 +1,41 @@
 """The Redis ledger: one ledger shared by every replica of an app, on Redis.
 
-:class:`RedisLedger` keeps plans, subscriptions, credits, usage periods and reservations in
-Redis (``redis.asyncio``; install ``usage-middleware[redis]``), with the semantics of the
+:class:`RedisLedger` keeps plans, subscriptions, credits, usage periods and leases in Redis
+(``redis.asyncio``; install ``usage-middleware[redis]``), with the semantics of the
 embedded :class:`~usage_middleware.ledger.LocalLedger` (see :mod:`.base`): a charge is taken
-from the plan's allowance first, then from credits; ``reserve`` allows when
-``max(0, limit - used) + max(0, credits) - held >= units``.
+from the plan's allowance first, then from credits; a request is allowed when
+``max(0, limit - used) + max(0, credits) - leased elsewhere >= units``.
 
 How a request is metered
 ------------------------
 
-Each step is ONE atomic Lua script (``EVALSHA``, one round trip; the scripts and the key
-layout are in :mod:`._redis_scripts`). Python never reads a number and writes it back:
+The same lease engine as :class:`~usage_middleware.ledger.LocalLedger`
+(:mod:`.engine`; ``docs/architecture.md``, "The embedded ledger"), with Redis as its
+store. Each store call is ONE atomic Lua script per customer (pipelined across customers;
+the scripts and the key layout are in :mod:`._redis_scripts`):
 
-* ``reserve`` drops the customer-feature's expired holds, reads the plan, usage and credits
-  and, if the units are free, adds a hold: a member ``<units>:<id>`` of a sorted set scored
-  by its expiry, ``reservation_ttl`` seconds ahead on the Redis server's clock. A replica
-  that dies holding units leaks nothing: its holds expire. A live replica renews the holds
-  of requests still running (a ten-minute stream) for as long as they run: each hold is
-  renewed every ``reservation_ttl / 3`` seconds, all of them due at a tick in one
-  pipeline (one script call per customer-feature). A hold is renewed until its
-  reservation is settled, or garbage-collected unsettled (a caller that dropped it: the
-  hold then expires). ``reservation_timeout``, if set, only logs holds unsettled longer.
-* ``commit`` drops the hold and adds the units to the period's usage (the overage beyond
-  the limit consumes credits), unless the event's idempotency key was charged before: the
-  script sets a marker ``ik:<key>`` that lives ``idempotency_ttl`` seconds (default one day,
-  as Stripe keeps idempotency keys). So a commit retried after a lost reply, or replayed
-  from the spool, is charged once. ``report`` runs the same script per event.
-* ``release`` drops the hold.
-* A hold can still vanish under a running request: Redis lost it (a restart without
-  persistence, a failover) or this replica could not renew it for ``reservation_ttl``
-  (Redis unreachable from here, or the event loop stalled). Renewal notices this and logs
-  it (WARNING); the request is still charged when it ends, since its response was served,
-  and its commit is logged too. Meanwhile its units were free for other requests, so the
-  customer may end beyond the limit by that request's units.
+* **Leases.** A process takes units for a (customer, feature, period) in blocks: the lease
+  script grants ``n`` only if every live lease of every process on every machine plus
+  ``n`` fits in ``max(0, limit - used) + credits``; the block is ``min(block, free // 4)``,
+  at least what the request needs (near the limit, a quarter of what is left). Each
+  process's lease is a record (its owner id, units, expiry on the Redis server's clock)
+  that lives ``reservation_ttl`` seconds unless renewed: a live process renews its
+  records once a tick (one pipeline), a dead process's units come back after the TTL.
+* ``reserve``/``release`` are served from the lease in memory: **no Redis round trip on a
+  warm request**. A request that needs a lease waits for one script call (single-flight
+  per customer feature); a refusal is remembered a quarter of a second.
+* ``commit`` queues the charge in memory. Every ``flush_interval`` (5 ms) one pipeline
+  carries all pending charges, one script call per customer: it adds the units to the
+  period's usage (the overage beyond the limit consumes credits), takes them off this
+  process's lease, and is idempotent per group commit: a marker ``<batch>`` in the
+  customer's ``gc`` hash (kept ``idempotency_ttl``; each group commit deletes this
+  process's earlier markers whose reply arrived), so memory grows per group commit at
+  most, never per request.
+* Another replica's admin writes (``subscribe``, ``grant``, ``report``) and pricing
+  changes reach this process's leases at its next tick.
 
-Every key of a script belongs to one customer and carries it as a hash tag
-(``um:{org:acme}:usage``), so the scripts work on Redis Cluster (pass a ``RedisCluster``
-as ``client``).
+Every key of a script carries the customer as a hash tag (``um:{org:acme}:usage``), so
+the scripts work on Redis Cluster (pass a ``RedisCluster`` as ``client``).
 
 When Redis cannot be reached
 ----------------------------
@@ -44,55 +43,60 @@ When Redis cannot be reached
 A connection error or a timeout (``timeout`` seconds per command) opens a short breaker:
 for ``retry_after`` seconds calls do not try Redis. Meanwhile:
 
-* ``reserve``/``can`` answer with ``err`` set (a ``RetryableProviderError``) and, per
-  ``failure_policy``, ``ok=True`` (``"open"``: serve; the charge is recorded later) or
-  ``ok=False`` with ``retry_after`` (``"closed"``: the middleware answers 503).
-* ``commit`` writes the event to an **outbox** (the ``spool`` file: the same durable
-  SQLite outbox as a remote provider's, :mod:`usage_middleware.outbox`), whose
-  :class:`~usage_middleware.delivery.Reporter` delivers it to Redis (the charge scripts)
-  once Redis answers, with the same idempotency key: a charge is never lost
-  and never applied twice. This holds for both policies: a request reserved before Redis
-  went away and served is still charged. A served-open request of a customer Redis does
-  not know ends in the spool's dead letters (``usage-middleware outbox ...``).
-* ``release`` does nothing: the hold expires.
+* Requests served from a lease in memory go on being served (for up to
+  ``reservation_ttl / 2`` after the last renewal, while no other process can take those
+  units).
+* A request that needs a lease gets an answer with ``err`` set (a
+  ``RetryableProviderError``) and, per ``failure_policy``, ``ok=True`` (``"open"``: serve;
+  the charge goes to the spool) or ``ok=False`` with ``retry_after`` (``"closed"``: the
+  middleware answers 503).
+* A group commit that fails goes to an **outbox** (the ``spool`` file: the same durable
+  SQLite outbox as a remote provider's, :mod:`usage_middleware.outbox`), one event per
+  customer feature with its group commit's key, which its
+  :class:`~usage_middleware.delivery.Reporter` delivers to Redis (the same script) once
+  Redis answers: a charge is never lost and never applied twice. An event served while
+  Redis was down (failing open) is spooled with a key of its own (marker ``ik:<key>``).
 
 Trade-offs, stated plainly:
 
-* **Crash window.** A process killed between sending a response and the commit's reply
-  loses that charge (one round trip); its hold expires. Redis's own durability applies on
-  top (``appendonly yes``; ``appendfsync everysec`` can lose a second of charges on a
-  Redis crash, ``always`` loses none). A failover to an asynchronous replica can lose
-  acknowledged writes.
-* **Idempotency window.** A replay later than ``idempotency_ttl`` after a commit that did
-  run (its reply lost) would charge again. Markers cost memory: about 100 bytes per charge
-  kept for ``idempotency_ttl``.
+* **Parked units.** Units leased by one process are unavailable to the others while it
+  holds them: near the limit for up to two ticks (1 s each) after their last use, or 30 s
+  when leased far from it (then at least four blocks stay free for the others); a killed
+  process's for ``reservation_ttl``. A lease whose reply was lost (a timeout) stays
+  parked with this process until it closes or its record expires. So a customer near the
+  limit may be refused while another replica holds the last units; never overspent.
+* **Crash window.** A charge committed in memory but not yet flushed is lost if the
+  process is killed: at most ``flush_interval`` of them (:meth:`RedisLedger.aclose`
+  flushes everything). Redis's own durability applies on top (``appendonly yes``;
+  ``appendfsync everysec`` can lose a second of charges on a Redis crash). A failover to
+  an asynchronous replica can lose acknowledged writes.
+* **Idempotency window.** A spool replay later than ``idempotency_ttl`` after a group
+  commit that did run (its reply lost) would charge again.
+* **Staleness.** Answers' ``used``/``remaining`` are this process's view as of its last
+  script call plus its own charges since; another replica's admin writes arrive at the
+  next tick.
 * **Failing open** serves without a check: a customer may overspend by what is served
   while Redis is down; the replay records it (beyond the limit, the balance may go
   negative), as ``report`` does.
-* **Clocks.** Periods follow this process's clock (``now``); hold expiry follows Redis's.
-* **Round trips.** Every reserve and every commit is one round trip (~0.1 ms on loopback);
-  there is no local lease, so there is no staleness and no parked units between replicas.
+* **Clocks.** Periods follow this process's clock (``now``); lease expiry follows Redis's.
 
 Pricing: the ``pricing`` given here is stored in Redis (``<prefix>pricing``) by
 :meth:`RedisLedger.open`; a ledger built without ``pricing`` (another replica, the CLI)
-uses the stored one and picks up a newer one within a second.
+uses the stored one and picks up a newer one within a tick.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import collections
 import hashlib
 import logging
 import os
 import time
 import urllib.parse
-import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Final
-
-from asgiref.typing import HTTPScope
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from ..errors import (
     ConfigurationError,
@@ -120,19 +124,11 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..provider import FailurePolicy, ProviderState, clobber_refused, on_another_loop
+from ..provider import FailurePolicy, ProviderState, on_another_loop
 from . import _redis_scripts as scripts
-from .base import (
-    REASON_CLOSED,
-    REASON_FAILED,
-    REASON_LIMIT,
-    REASON_NOT_IN_PLAN,
-    REASON_UNKNOWN,
-    FeatureUsage,
-    Ledger,
-    usage_rows,
-)
-from .store import period_key
+from .base import REASON_FAILED, FeatureUsage, usage_rows
+from .engine import Gives, LeaseEngine, Settled, Upkept
+from .store import LeaseGrant, StoredCharge, period_key
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -144,14 +140,26 @@ __all__ = ["RedisLedger", "customer_keys"]
 
 logger = logging.getLogger("usage_middleware.ledger")
 
+_T = TypeVar("_T")
+
 DEFAULT_URL: Final = "redis://127.0.0.1:6379/0"
 INSTALL_HINT: Final = "RedisLedger needs redis-py: install usage-middleware[redis]"
 
-#: Reserves with a lost reply remembered at most (beyond: the oldest are left to expire).
-_MAX_ORPHANS: Final = 100_000
 _INTERVAL_INDEX: Final = {interval: index for index, interval in enumerate(INTERVALS, 1)}
 _LOG_EVERY = 5.0  # seconds between repeated log lines about one kind of failure
 _RECANCEL_EVERY = 0.5  # seconds between cancels of a task that swallowed one (see _stop)
+#: The idempotency key of a spooled group-commit entry starts with this:
+#: ``~gc|<batch>|<period>|<limit>|<leased>`` (``<batch>`` = ``<owner>.<n>``).
+_GC_KEY: Final = "~gc|"
+_MAX_ACKED = 8  # markers of one customer's earlier group commits deleted by the next one
+_MAX_ACK_CUSTOMERS = 100_000  # customers with markers to delete remembered at most
+#: A call of a pipeline: the script's name (``None``: a ``GET`` of the key), keys, args.
+_Call = tuple[str | None, list[str], list[Any]]
+_SCRIPTS: Final = ("CHANGED", "CHARGE", "FLUSH", "GIVE", "GRANT", "LEASE", "RENEW", "USAGE")
+
+
+class _NotSent(RetryableProviderError):
+    """A store call refused before anything was sent (the breaker is open): it did nothing."""
 
 
 class _BadReply(Exception):
@@ -184,15 +192,17 @@ def _int(value: object, what: str) -> int:
 def customer_keys(prefix: str, customer: str) -> dict[str, str]:
     """The Redis keys of ``customer`` (one hash tag, so one Cluster slot), by role.
 
-    ``holds`` is the prefix of the per-feature holds keys (``holds:<feature>``), ``ik``
-    the prefix of the idempotency markers (``ik:<key>``). See :mod:`._redis_scripts`.
+    ``lease`` is the prefix of the per-feature lease hashes (``lease:<feature>``), ``gc``
+    the hash of group-commit markers, ``ik`` the prefix of the idempotency markers of
+    reported events (``ik:<key>``). See :mod:`._redis_scripts`.
     """
     base = f"{prefix}{{{customer}}}:"
     return {
         "sub": base + "sub",
         "credits": base + "credits",
         "usage": base + "usage",
-        "holds": base + "holds:",
+        "lease": base + "lease:",
+        "gc": base + "gc",
         "ik": base + "ik:",
     }
 
@@ -242,7 +252,305 @@ class _RedisSink:
         await self._ledger._record(events)
 
 
-class RedisLedger(Ledger):
+def _gc_key(batch: str, period: str, limit: int, leased: int) -> str:
+    """The spool key of one customer feature's share of group commit ``batch``."""
+    return f"{_GC_KEY}{batch}|{period}|{limit}|{leased}"
+
+
+def _parse_gc_key(key: str) -> tuple[str, str, int, int] | None:
+    """``(batch, period, limit, leased)`` of a spooled group-commit key, else ``None``."""
+    if not key.startswith(_GC_KEY):
+        return None
+    parts = key[len(_GC_KEY) :].split("|")
+    if len(parts) != 4 or "." not in parts[0]:
+        return None
+    try:
+        return parts[0], parts[1], int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+
+
+class _RedisLeases:
+    """The lease engine's store on Redis (see :class:`~.engine.LeaseStore`).
+
+    Every call is a task on the ledger's loop running one script call, or one pipeline of
+    script calls (one per customer). Which lease records this owner holds, and when each
+    is due for renewal, is tracked here (``_due``, oldest first), so a tick renews only
+    the records near expiry. A failed call may have run (a lost reply): the engine then
+    counts the units it was giving back as gone (parked in Redis, never counted twice).
+    """
+
+    def __init__(self, ledger: RedisLedger, owner: str) -> None:
+        self._ledger = ledger
+        self._owner = owner
+        self._batches = 0
+        # (customer, feature, period) -> monotonic time its record is due for renewal;
+        # _order holds (due, key) in the order made (due times only grow).
+        self._records: dict[tuple[str, str, str], float] = {}
+        self._order: collections.deque[tuple[float, tuple[str, str, str]]] = collections.deque()
+        # customer -> markers of this owner's group commits whose reply arrived.
+        self._acked: dict[str, list[str]] = {}
+        self._running: set[asyncio.Task[Any]] = set()
+
+    def _task(self, coroutine: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return task
+
+    def _hold(self, key: tuple[str, str, str], t: float) -> None:
+        """Note a record of this owner renewed (or made) at ``t``."""
+        due = t + self._ledger._lease_ttl / 2
+        self._records[key] = due
+        self._order.append((due, key))
+
+    # -- LeaseStore ------------------------------------------------------------------------
+
+    def lease(
+        self,
+        customer: str,
+        feature: str,
+        at: datetime,
+        need: int,
+        want: int,
+        gives: Sequence[tuple[str, int]],
+    ) -> asyncio.Future[LeaseGrant]:
+        return self._task(self._lease(customer, feature, at, need, want, gives))
+
+    def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
+        return self._task(self._flush(batch))
+
+    def give_back(self, gives: Gives) -> asyncio.Future[None]:
+        return self._task(self._give_back(gives))
+
+    def maintain(self, gives: Gives, seen: int) -> asyncio.Future[Upkept]:
+        return self._task(self._maintain(gives, seen))
+
+    async def upkeep(self) -> None:
+        """Nothing: the pricing is synced and the records renewed by :meth:`maintain`."""
+
+    async def close(self) -> None:
+        """Wait (briefly) for the calls still running, then give back every record."""
+        ledger = self._ledger
+        running = {task for task in self._running if not on_another_loop(task)}
+        if running:
+            await asyncio.wait(running, timeout=ledger._timeout + 1)
+            for task in running:
+                await _stop(task)
+        self._running.clear()
+        records, self._records = self._records, {}
+        self._order.clear()
+        if not records or time.monotonic() < ledger._down_until:
+            return  # (Redis away: they expire after reservation_ttl)
+        client = ledger._client
+        assert client is not None
+        try:
+            pipeline: Any = client.pipeline(transaction=False)
+            async with pipeline as pipe:
+                for customer, feature, period in records:
+                    base = f"{ledger._prefix}{{{customer}}}:"
+                    pipe.hdel(f"{base}lease:{feature}", f"{self._owner}|{period}")
+                await pipe.execute()
+        except Exception as exc:
+            if not ledger._redis_failed(exc, "giving back leases"):
+                raise
+
+    # -- the calls -------------------------------------------------------------------------
+
+    async def _lease(
+        self,
+        customer: str,
+        feature: str,
+        at: datetime,
+        need: int,
+        want: int,
+        gives: Sequence[tuple[str, int]],
+    ) -> LeaseGrant:
+        ledger = self._ledger
+        ledger._check_up()
+        await ledger._ready_pricing()
+        terms = ledger._terms(feature, at)
+        base = f"{ledger._prefix}{{{customer}}}:"
+        args: list[Any] = [feature, self._owner, need, want, ledger._ttl_ms, terms]
+        for period, units in gives:
+            args += (period, units)
+        t = time.monotonic()
+        reply = await ledger._call(
+            ledger._scripts["LEASE"](
+                keys=[base + "sub", base + "credits", base + "usage", f"{base}lease:{feature}"],
+                args=args,
+            ),
+            "leasing",
+        )
+        fields = _script_reply(reply, 11, "the lease script")
+        status, limit, used, balance, others, take, spare, roomy, interval, in_plan, mine = (
+            _int(value, "lease field") for value in fields
+        )
+        if status < 0:
+            return LeaseGrant(known=False)
+        if not 1 <= interval <= len(INTERVALS):
+            raise _BadReply(f"unexpected interval in a Redis reply: {interval!r}")
+        start, end = period_bounds(INTERVALS[interval - 1], at)
+        period = period_key(start, end)
+        if mine > 0:
+            self._hold((customer, feature, period), t)
+        return LeaseGrant(
+            known=True,
+            in_plan=bool(in_plan),
+            end=end,
+            period=period,
+            limit=UNLIMITED if limit < 0 else limit,
+            used=used,
+            credits=max(0, balance),
+            others=others,
+            take=take,
+            spare=spare,
+            roomy=bool(roomy),
+        )
+
+    async def _flush(self, batch: Sequence[StoredCharge]) -> Settled:
+        """One pipeline of the group commit's script calls, one per customer. On a Redis
+        failure (or a cancel) the charges go to the spool with the batch's key, and the
+        engine counts them as written (the spool delivers them exactly once)."""
+        ledger = self._ledger
+        self._batches += 1
+        name = f"{self._owner}.{self._batches}"
+        by_customer: dict[str, list[StoredCharge]] = {}
+        for entry in batch:
+            by_customer.setdefault(entry[0], []).append(entry)
+        acked: dict[str, list[str]] = {}
+        result: Settled = {}
+        try:
+            ledger._check_up()
+            calls: list[_Call] = []
+            for customer, entries in by_customer.items():
+                done = acked[customer] = self._acked.pop(customer, [])
+                base = f"{ledger._prefix}{{{customer}}}:"
+                keys = [base + "credits", base + "usage", base + "gc"]
+                args: list[Any] = [self._owner, name, ledger._idem_ms, "0", len(done), *done]
+                for _, feature, period, limit, units, leased, _, _ in entries:
+                    keys.append(f"{base}lease:{feature}")
+                    shown = -1 if limit >= UNLIMITED else limit
+                    args += (feature, period, shown, units, leased)
+                calls.append(("FLUSH", keys, args))
+            replies = await ledger._call(ledger._pipeline(calls), "a group commit")
+            if not isinstance(replies, list) or len(replies) != len(by_customer):
+                raise _BadReply(f"unexpected reply to a group commit: {replies!r:.100}")
+            for entries, reply in zip(by_customer.values(), replies, strict=True):
+                if not isinstance(reply, list) or reply[:1] != [1]:
+                    continue  # {0}: applied before (nothing to read back)
+                numbers = _script_reply(reply, 1 + 2 * len(entries), "a group commit")
+                for i, entry in enumerate(entries):
+                    result[entry[:3]] = (
+                        _int(numbers[1 + 2 * i], "used"),
+                        _int(numbers[2 + 2 * i], "balance"),
+                    )
+        except BaseException as exc:
+            # It may have run (a lost reply): the spool replays it under the same markers,
+            # so it is applied exactly once either way. Never retried here under a new one.
+            for customer, done in acked.items():  # not deleted: they expire instead
+                self._acked.setdefault(customer, done)
+            for customer, feature, period, limit, units, leased, _, at in batch:
+                event = UsageEvent(
+                    customer,
+                    feature,
+                    units,
+                    datetime.fromtimestamp(at, UTC),
+                    idempotency_key=_gc_key(name, period, limit, leased),
+                )
+                ledger._to_outbox(event, "a group commit failed")
+            if not isinstance(exc, Exception | asyncio.CancelledError):
+                raise
+            if isinstance(exc, Exception) and not isinstance(exc, ProviderError):
+                logger.error("redis ledger: a group commit failed", exc_info=exc)
+            return {}
+        if len(self._acked) >= _MAX_ACK_CUSTOMERS:
+            self._acked.clear()  # their markers expire after idempotency_ttl instead
+        for customer in by_customer:
+            done = self._acked.setdefault(customer, [])
+            done.append(name)
+            del done[:-_MAX_ACKED]
+        return result
+
+    async def _give_back(self, gives: Gives) -> None:
+        ledger = self._ledger
+        ledger._check_up()
+        await ledger._call(ledger._pipeline(self._gives(gives)), "giving back leases")
+
+    def _gives(self, gives: Gives) -> list[_Call]:
+        """The GIVE calls of ``gives``, one per customer."""
+        by_customer: dict[str, tuple[list[str], list[Any]]] = {}
+        ledger = self._ledger
+        for customer, feature, period, units in gives:
+            keys, args = by_customer.setdefault(customer, ([], [self._owner]))
+            keys.append(f"{ledger._prefix}{{{customer}}}:lease:{feature}")
+            args += (period, units)
+        return [("GIVE", keys, args) for keys, args in by_customer.values()]
+
+    async def _maintain(self, gives: Gives, seen: int) -> Upkept:
+        """Give back idle units, renew the records due, read what changed: one pipeline
+        (a second round trip only when something changed)."""
+        ledger = self._ledger
+        ledger._check_up()
+        client = ledger._client
+        assert client is not None
+        t = time.monotonic()
+        due: dict[str, list[tuple[str, str]]] = {}
+        taken: list[tuple[str, str, str]] = []
+        while self._order and self._order[0][0] <= t:
+            when, key = self._order.popleft()
+            if self._records.get(key) != when:
+                continue  # renewed since (a newer entry follows)
+            del self._records[key]
+            taken.append(key)
+            due.setdefault(key[0], []).append(key[1:])
+        try:
+            calls = self._gives(gives)
+            n_gives = len(calls)
+            for customer, records in due.items():
+                base = f"{ledger._prefix}{{{customer}}}:"
+                calls.append(
+                    (
+                        "RENEW",
+                        [f"{base}lease:{feature}" for feature, _ in records],
+                        [self._owner, ledger._ttl_ms, *(period for _, period in records)],
+                    )
+                )
+            calls.append((None, [ledger._generation_key], []))
+            replies = await ledger._call(ledger._pipeline(calls), "lease upkeep")
+        except BaseException:
+            for key in taken:  # still due
+                if key not in self._records:
+                    self._hold(key, t - ledger._lease_ttl / 2)
+            raise
+        if not isinstance(replies, list) or len(replies) != n_gives + len(due) + 1:
+            raise _BadReply(f"unexpected reply to lease upkeep: {replies!r:.100}")
+        lost: set[tuple[str, str, str]] = set()
+        renewed = replies[n_gives : n_gives + len(due)]
+        for (customer, records), alive in zip(due.items(), renewed, strict=True):
+            if not isinstance(alive, list) or len(alive) != len(records):
+                raise _BadReply(f"unexpected reply to RENEW: {alive!r:.100}")
+            for (feature, period), ok in zip(records, alive, strict=True):
+                key = (customer, feature, period)
+                if ok == 1:
+                    if key not in self._records:  # (a lease meanwhile renewed it too)
+                        self._hold(key, t)
+                else:
+                    lost.add(key)
+        raw = replies[-1]
+        generation = 0 if raw is None else _int(raw, "generation")
+        changed: set[str] | None = set()
+        if generation != seen:
+            members = await ledger._call(
+                client.zrangebyscore(ledger._changes_key, f"({seen}", "+inf"), "lease upkeep"
+            )
+            changed = {m if isinstance(m, str) else m.decode() for m in members}
+        if await ledger._pricing_changed():
+            changed = None
+        return generation, changed, lost
+
+
+class RedisLedger(LeaseEngine):
     """A ledger in Redis, shared by every process and machine of an app.
 
     See the module docstring for the design, the failure policy and its trade-offs. Use
@@ -256,11 +564,13 @@ class RedisLedger(Ledger):
         pricing: a Tier pricing.json (path, decoded JSON or :class:`Pricing`); stored in
             Redis by :meth:`open` for ledgers created without one.
         prefix: prepended to every key (no ``{`` or ``}``), e.g. ``"um:"``.
-        reservation_ttl: seconds a hold lives unless its process renews it.
+        reservation_ttl: seconds a process's lease lives unless the process renews it (a
+            killed process's units come back after this).
         failure_policy: ``"closed"`` (refuse with 503 while Redis is unreachable) or
             ``"open"`` (serve; charge later from the spool).
         client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use (not closed by the
-            ledger); default one built from ``url``.
+            ledger; best without retries of its own: a retried lease call may park its
+            units twice); default one built from ``url``.
         now: the clock for usage periods, returning an aware datetime; default UTC now.
         timeout: seconds to connect, to wait for a free pooled connection, and per
             command, for the client built from ``url``.
@@ -268,21 +578,25 @@ class RedisLedger(Ledger):
             for one (up to ``timeout``).
         retry_after: seconds calls skip Redis after it was found unreachable (also the
             ``Retry-After`` of a failed-closed answer).
-        idempotency_ttl: seconds an event's idempotency key is remembered.
-        reservation_timeout: ``None`` (default), or seconds after which a hold still
-            unsettled is logged (WARNING, once): a request that never ends, or a caller
-            that never settles. The hold is renewed either way, as long as its
-            reservation is unsettled and referenced.
+        idempotency_ttl: seconds a group commit's (or a reported event's) idempotency
+            marker is kept.
+        reservation_timeout: ``None`` (default), or seconds after which a reservation
+            still unsettled is logged (WARNING, once): a request that never ends, or a
+            caller that never settles. Its hold is kept either way.
         spool: the outbox file where charges wait while Redis is unreachable (shared by the
             processes of one machine; ``usage-middleware outbox --outbox FILE`` reads it);
             ``None`` loses such charges (logged).
         spool_options: keyword arguments for the outbox's
             :class:`~usage_middleware.delivery.Reporter` (e.g. ``retry_cooldown``).
+        lease_size: the lease block in units (>= 1); a hot key's block grows up to 64 times
+            this, never beyond a quarter of the units still free.
+        flush_interval: seconds the flusher waits to group commits into one pipeline;
+            bounds the crash window for committed charges.
 
     Raises:
         ConfigurationError: redis-py is not installed ("install usage-middleware[redis]"),
             the URL or prefix is malformed, ``failure_policy`` is unknown, or a number
-            (of seconds, of connections) is out of range.
+            (of seconds, of connections, of units) is out of range.
         PricingError: ``pricing`` does not validate.
     """
 
@@ -305,8 +619,9 @@ class RedisLedger(Ledger):
         reservation_timeout: float | None = None,
         spool: str | os.PathLike[str] | None = "usage-redis-spool.db",
         spool_options: Mapping[str, Any] | None = None,
+        lease_size: int = 64,
+        flush_interval: float = 0.005,
     ) -> None:
-        super().__init__()
         try:
             import redis.asyncio  # noqa: F401
         except ImportError as exc:
@@ -328,6 +643,21 @@ class RedisLedger(Ledger):
                     "RedisLedger(url=...) must be a redis://, rediss:// or unix:// URL "
                     f"(scheme {scheme!r} given)"
                 )
+        ttl = _seconds("reservation_ttl", reservation_ttl)
+        self._timeout = _seconds("timeout", timeout)
+        self._max_connections = check_units(max_connections, what="max_connections", setting=True)
+        self._retry_after = _seconds("retry_after", retry_after)
+        self._idem_ms = int(_seconds("idempotency_ttl", idempotency_ttl) * 1000) or 1
+        if reservation_timeout is not None:
+            _seconds("reservation_timeout", reservation_timeout)
+        super().__init__(
+            lease_size=lease_size,
+            lease_ttl=ttl,
+            flush_interval=flush_interval,
+            reservation_timeout=reservation_timeout,
+            now=now,
+        )
+        self._label = "redis"
         self._url = url
         self._client_arg = client
         self._pricing = (
@@ -335,43 +665,22 @@ class RedisLedger(Ledger):
         )
         self._pricing_given = pricing is not None
         self._prefix = prefix
-        self._ttl_ms = int(_seconds("reservation_ttl", reservation_ttl) * 1000) or 1
-        self._timeout = _seconds("timeout", timeout)
-        self._max_connections = check_units(max_connections, what="max_connections", setting=True)
-        self._retry_after = _seconds("retry_after", retry_after)
-        self._idem_ms = int(_seconds("idempotency_ttl", idempotency_ttl) * 1000) or 1
-        self._reservation_timeout = (
-            None
-            if reservation_timeout is None
-            else _seconds("reservation_timeout", reservation_timeout)
-        )
+        self._generation_key = f"{prefix}{{~}}:generation"
+        self._changes_key = f"{prefix}{{~}}:changes"
+        self._ttl_ms = int(ttl * 1000) or 1
         self.failure_policy: FailurePolicy = failure_policy
-        self._clock: Callable[[], datetime] = now or functools.partial(datetime.now, UTC)
         self._outbox_path = None if spool is None else os.fspath(spool)
         self._spool_options = dict(spool_options or {})
-        self._tick = min(1.0, reservation_ttl / 3)
         # Set by open(), inside the running loop.
         self._client: Redis | RedisCluster | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._reporter: Reporter | None = None
-        self._upkeep: asyncio.Task[None] | None = None
         self._unreachable: tuple[type[BaseException], ...] = ()
-        self._redis_error: type[BaseException] = Exception
+        self._lost_loop = False
         # Event-loop state.
         self._pricing_json: str | None = None  # what Redis held when last read
         self._synced = False  # the pricing was stored in (or read from) Redis
         self._terms_cache: dict[tuple[str, int], bytes] = {}
-        # Unsettled holds, weakly (a reservation dropped unsettled stops being renewed):
-        # reservation -> (monotonic time held, time last renewed), oldest renewal first.
-        self._outstanding: weakref.WeakKeyDictionary[Reservation, tuple[float, float]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._lost: weakref.WeakSet[Reservation] = weakref.WeakSet()  # holds Redis lost
-        # Reserves whose reply was lost (timeout, broken connection, cancel): Redis may
-        # still run them when it resumes, leaving a hold nobody settles. (holds key, the
-        # members it may have added: one per period the script could pick), released
-        # once Redis answers again.
-        self._orphans: list[tuple[str, tuple[str, ...]]] = []
         self._down_until = 0.0
         self._down_error: RetryableProviderError | None = None
         self._logged: dict[str, float] = {}
@@ -389,49 +698,34 @@ class RedisLedger(Ledger):
         """The Redis client in use (after :meth:`open`)."""
         return self._client
 
+    @property
+    def pricing(self) -> Pricing | None:
+        """The pricing model in use: the one given, else the one stored in Redis (once read)."""
+        return self._pricing
+
     async def open(self) -> None:
-        """Build the client, register the scripts, open the spool, sync the pricing.
+        """Build the client, register the scripts, open the spool, sync the pricing, start
+        the flusher and the lease upkeep.
 
         Idempotent while open. Redis being unreachable is not an error here (the failure
         policy applies to requests; the pricing is synced once Redis answers).
 
         Raises:
-            ConfigurationError: the spool file cannot be opened. A closed ledger opens
-                again (a new client and spool on the running loop).
+            ConfigurationError: the spool file cannot be opened, or the pricing given
+                drops a plan customers are still on. A closed ledger opens again (a new
+                client and spool on the running loop).
         """
         await self._open_once(self._start)
 
     async def _start(self) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
         from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import RedisError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 
         from ..delivery import Reporter
 
         self._unreachable = (RedisConnectionError, RedisTimeoutError, OSError)
-        self._redis_error = RedisError
-        client = self._client_arg
-        if client is None:
-            assert self._url is not None
-            pool = aioredis.BlockingConnectionPool.from_url(
-                self._url,
-                max_connections=self._max_connections,
-                timeout=self._timeout,  # waiting for a free connection
-                socket_timeout=self._timeout,
-                socket_connect_timeout=self._timeout,
-                # One immediate retry on a broken connection (a pooled socket that
-                # died with a Redis restart); none on a timeout. Every script is
-                # idempotent, so a retry never holds or charges twice.
-                retry=Retry(NoBackoff(), 1, (RedisConnectionError,)),
-            )
-            client = aioredis.Redis.from_pool(pool)
-        self._scripts = {
-            name: client.register_script(getattr(scripts, name))
-            for name in ("RESERVE", "CHARGE", "RELEASE", "RENEW", "GRANT", "USAGE")
-        }
+        client = self._client_arg or self._make_client()
+        self._scripts = {name: client.register_script(getattr(scripts, name)) for name in _SCRIPTS}
         reporter = None
         if self._outbox_path is not None:
             reporter = Reporter(_RedisSink(self), path=self._outbox_path, **self._spool_options)
@@ -442,134 +736,96 @@ class RedisLedger(Ledger):
                     await client.aclose()
                 raise
         self._client, self._reporter = client, reporter
-        await super().open()
+        self._lost_loop = False
+        self._down_until = 0.0
+        generation = 0
         try:
             await self._sync_pricing()
+            raw = await client.get(self._generation_key)
+            generation = 0 if raw is None else _int(raw, "generation")
         except ConfigurationError:  # the pricing would cut customers off: refuse to start
-            await self.aclose()
+            await self._close_client()
             raise
-        except Exception as exc:  # retried by the upkeep task and on first use
+        except Exception as exc:  # retried by the upkeep and on first use
             if isinstance(exc, self._unreachable):
                 self._trip(exc)
             else:
                 logger.exception("redis ledger: reading or storing the pricing failed")
-        self._upkeep = asyncio.get_running_loop().create_task(
-            self._upkeep_loop(), name="usage-redis-ledger-upkeep"
+        owner = f"{os.getpid()}-{os.urandom(6).hex()}"
+        self._start_engine(_RedisLeases(self, owner), generation)
+        await super().open()
+
+    def _make_client(self) -> Redis:
+        """A client of ``url`` for the running loop."""
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        assert self._url is not None
+        pool = aioredis.BlockingConnectionPool.from_url(
+            self._url,
+            max_connections=self._max_connections,
+            timeout=self._timeout,  # waiting for a free connection
+            socket_timeout=self._timeout,
+            socket_connect_timeout=self._timeout,
+            # No retry: a lease call that ran but whose reply was lost would run twice.
+            # A broken pooled connection (a Redis restart) fails one call instead.
+            retry=Retry(NoBackoff(), 0),
         )
+        return aioredis.Redis.from_pool(pool)
 
     async def aclose(self) -> None:
-        """Stop renewing holds, drain the spool (up to its ``drain_timeout``), close the
-        client it built. Idempotent. Unsettled holds expire by themselves."""
+        """Write every pending charge (to Redis, else to the spool), give back this
+        process's leases, drain the spool (up to its ``drain_timeout``), close the client
+        it built. Idempotent."""
         was_open = self._state is ProviderState.OPEN
         await super().aclose()
-        if not was_open:
-            return
-        upkeep, self._upkeep = self._upkeep, None  # the loop stops when it sees this
-        lost_loop = upkeep is not None and on_another_loop(upkeep)
-        if upkeep is not None and not lost_loop:
-            await _stop(upkeep)
+        if was_open:
+            await self._close_client()
+
+    async def _close_client(self) -> None:
         try:
             if self._reporter is not None:
-                await self._reporter.aclose()
+                await self._reporter.aclose()  # (kept: a late charge is written to its file)
         finally:
             if self._client_arg is None and self._client is not None:
                 try:
                     await self._client.aclose()
                 except Exception:  # its connections belong to a loop that is gone
-                    if not lost_loop:
+                    if not self._lost_loop:
                         raise
                     logger.debug("redis ledger: closing the old loop's client", exc_info=True)
             if self._client_arg is None:
                 self._client = None
-            self._reporter = None
 
-    # -- the hot path --------------------------------------------------------------------
+    def _loop_gone(self) -> None:
+        # Opened on a loop that is gone: its connections cannot be used (nor closed) here.
+        # Charges still pending are written with a client of this loop.
+        self._lost_loop = True
+        if self._client_arg is None and self._client is not None:
+            self._client = client = self._make_client()
+            self._scripts = {
+                name: client.register_script(getattr(scripts, name)) for name in _SCRIPTS
+            }
 
-    async def reserve(
-        self,
-        customer: str,
-        feature: str,
-        units: int = 1,
-        *,
-        scope: HTTPScope | None = None,
-        clobber: bool = False,
-    ) -> Reservation:
-        """Check and hold ``units`` of ``feature`` for ``customer`` (one script call).
-
-        The answer's numbers are Redis's at that moment: ``limit`` (``UNLIMITED``; 0 outside
-        the plan), ``used`` (units charged this period), ``remaining`` (what is left after
-        this hold and every other live hold). While Redis is unreachable the answer has
-        ``err`` set and follows ``failure_policy``.
-
-        Raises:
-            ValueError: malformed customer id or units.
-            ConfigurationError: malformed feature name.
-        """
-        if clobber:
-            raise clobber_refused(self)
-        return await self._check(customer, feature, units, hold=True)
-
-    async def can(self, customer: str, feature: str, units: int = 1) -> Answer:
-        """Whether ``customer`` may use ``units`` of ``feature`` now. Holds nothing.
-
-        Numbers and errors as :meth:`reserve`.
-        """
-        return (await self._check(customer, feature, units, hold=False)).answer
-
-    async def prepare(self, reservation: Reservation) -> None:
-        """Nothing: :meth:`commit` charges in one script call."""
+    # -- the hot path (the rest is the engine's) ------------------------------------------
 
     async def commit(self, reservation: Reservation) -> None:
-        """Charge a reservation (one script call); once per reservation and event key.
-
-        When Redis is unreachable (or the call is cancelled) the event goes to the spool
-        and is charged when Redis answers again. Settling twice, or a refused
-        reservation, does nothing. Never raises for Redis errors.
-        """
-        if reservation.settled:
+        """Charge a reservation: queued in memory, written by the next group commit (to the
+        spool when Redis is unreachable). A reservation served while Redis was unreachable
+        (failing open) goes to the spool. Once per reservation; never raises for Redis."""
+        if reservation.token is None and reservation.ok and not reservation.settled:
+            reservation.settled = True
+            self._to_outbox(reservation.event, "a request was served without Redis")
             return
-        reservation.settled = True
-        if not reservation.ok:
-            return
-        self._forget(reservation, charged=True)
-        event = reservation.event
-        if time.monotonic() < self._down_until:
-            self._to_outbox(event, "redis is unreachable")
-            return
-        try:
-            reply = _script_reply(await self._charge(event, reservation.token), 3, "charge")
-            status = _int(reply[0], "status")
-        except asyncio.CancelledError:
-            self._to_outbox(event, "the commit was cancelled")
-            raise
-        except Exception as exc:
-            if not self._failed(exc, "commit"):
-                raise
-            self._to_outbox(event, "the commit failed")
-            return
-        if status < 0:
-            self._to_outbox(event, "redis does not know the customer")
+        await super().commit(reservation)
 
     async def release(self, reservation: Reservation) -> None:
-        """Give a reservation's hold back (one script call). Once only.
-
-        When Redis is unreachable the hold simply expires (``reservation_ttl``).
-        """
-        if reservation.settled:
+        """Give a reservation's units back to this process's lease (no I/O). Once only."""
+        if reservation.token is None:
+            reservation.settled = True
             return
-        reservation.settled = True
-        token = reservation.token
-        if not reservation.ok or token is None:
-            return
-        self._forget(reservation, charged=False)
-        if time.monotonic() < self._down_until:
-            return
-        holds, member = token
-        try:
-            await self._scripts["RELEASE"](keys=[holds], args=[member])
-        except Exception as exc:
-            if not self._failed(exc, "release"):
-                raise
+        await super().release(reservation)
 
     # -- admin ---------------------------------------------------------------------------
 
@@ -587,6 +843,7 @@ class RedisLedger(Ledger):
         """
         await self._opened()
         await self._record(events)
+        await self._note_changes({event.customer for event in events})
 
     async def subscribe(self, customer: str, plan: str) -> None:
         """Put ``customer`` on ``plan``, replacing any earlier plan.
@@ -611,6 +868,7 @@ class RedisLedger(Ledger):
         since = self._clock().astimezone(UTC).isoformat()
         key = customer_keys(self._prefix, customer)["sub"]
         await self._admin(client.hset(key, mapping={"plan": plan, "since": since}))
+        await self._note_changes({customer})
 
     async def grant(self, customer: str, feature: str, units: int) -> int:
         """Credit ``units`` (> 0) of ``feature`` to ``customer``; return the new balance.
@@ -628,10 +886,12 @@ class RedisLedger(Ledger):
         credited, consumed = await self._admin(
             self._scripts["GRANT"](keys=[key], args=[feature, units])
         )
+        await self._note_changes({customer})
         return int(credited) - int(consumed)
 
     async def usage(self, customer: str) -> list[FeatureUsage]:
-        """The customer's standing per feature this period, sorted by feature name.
+        """The customer's standing per feature this period, sorted by feature name, after
+        writing this process's pending charges.
 
         Raises:
             LedgerError: the customer is unknown (no subscription and no credits).
@@ -639,6 +899,7 @@ class RedisLedger(Ledger):
         """
         check_customer(customer)
         await self._opened()
+        await self._flush_all()
         await self._ready_pricing()
         names = customer_keys(self._prefix, customer)
         plan_raw, credit_list, usage_list = await self._admin(
@@ -674,129 +935,7 @@ class RedisLedger(Ledger):
         return usage_rows(plan, credits, used, start, end)
 
     # -- internals: checking -------------------------------------------------------------
-
-    async def _check(self, customer: str, feature: str, units: int, *, hold: bool) -> Reservation:
-        check_customer(customer)
-        check_feature(feature)
-        check_units(units)
-        at = self._clock()
-        if at.tzinfo is not UTC:
-            if at.utcoffset() is None:
-                raise ConfigurationError(
-                    f"RedisLedger(now=...) must return aware datetimes, got {at!r}"
-                )
-            at = at.astimezone(UTC)
-        event = trusted_event(customer, feature, units, at)
-        if self._state is not ProviderState.OPEN:
-            if self._state is ProviderState.NEW:
-                await self.open()
-            if self._state is ProviderState.CLOSED:
-                closed = ConfigurationError(f"{type(self).__name__} is closed")
-                answer = Answer(
-                    False, customer, feature, units, err=closed, reason=REASON_CLOSED,
-                    retry_after=self._retry_after, provider=self,
-                )  # fmt: skip
-                return Reservation(answer, event)
-        t = time.monotonic()
-        if t < self._down_until:
-            return self._unavailable(event, self._down_error, self._down_until - t)
-        base = f"{self._prefix}{{{customer}}}:"
-        holds = f"{base}holds:{feature}"
-        terms = self._terms(feature, at)
-        sent = False
-        try:
-            if not self._synced and not self._pricing_given:
-                await self._sync_pricing()
-            if self._orphans:
-                await self._release_orphans()
-            sent = hold
-            result = await self._scripts["RESERVE"](
-                keys=[base + "sub", base + "credits", base + "usage", holds],
-                args=[feature, units, event.idempotency_key if hold else "", self._ttl_ms, terms],
-            )  # fmt: skip
-            sent = False
-            status, limit, used, balance, held, period, in_plan = _script_reply(
-                result, 7, "the reserve script"
-            )
-            status, limit, held = _int(status, "status"), _int(limit, "limit"), _int(held, "held")
-            # used and balance come as text when clamped at 2**63-1 (see scripts)
-            used, balance = _int(used, "used"), _int(balance, "balance")
-            if not isinstance(period, bytes | str):
-                raise _BadReply(f"unexpected period in a Redis reply: {period!r:.50}")
-        except BaseException as exc:
-            if sent:  # Redis may run it yet (or did, and the reply was lost)
-                self._orphan(holds, units, terms, event.idempotency_key)
-            if not isinstance(exc, Exception) or not self._failed(exc, "reserve"):
-                raise
-            if isinstance(exc, self._unreachable):
-                return self._unavailable(event, self._down_error, None)
-            error = RetryableProviderError(
-                f"the Redis ledger failed: {exc!r}",
-                retry_after=self._retry_after,
-                original_error=exc,
-            )
-            return self._unavailable(event, error, None)
-        if status < 0:
-            answer = Answer(
-                False, customer, feature, units, 0, 0, 0, reason=REASON_UNKNOWN, provider=self
-            )
-            return Reservation(answer, event)
-        ok = status == 1
-        if limit < 0:
-            limit = remaining = UNLIMITED
-        else:
-            remaining = max(0, max(0, limit - used) + max(0, balance) - held)
-        reason = None if ok else (REASON_LIMIT if in_plan else REASON_NOT_IN_PLAN)
-        answer = Answer(
-            ok, customer, feature, units, limit, used, remaining, reason=reason, provider=self
-        )
-        if not (ok and hold) or limit == UNLIMITED:
-            return Reservation(answer, event)
-        period = period.decode() if isinstance(period, bytes) else period
-        member = f"{units}:{period}:{event.idempotency_key}"
-        reservation = Reservation(answer, event, (holds, member))
-        self._outstanding[reservation] = (t, t)
-        return reservation
-
-    def _orphan(self, holds: str, units: int, terms: bytes, key: str) -> None:
-        """Remember a reserve whose reply was lost, to release its hold when Redis is back.
-
-        The period in the hold's member is the script's choice (by the customer's plan):
-        every period it could pick is listed (releasing an absent member does nothing).
-        """
-        if len(self._orphans) >= _MAX_ORPHANS:
-            self._log_once(
-                "orphans", logging.WARNING,
-                "redis ledger: over %d reserves lost their reply; the oldest holds are "
-                "left to expire after reservation_ttl", _MAX_ORPHANS,
-            )  # fmt: skip
-            del self._orphans[: _MAX_ORPHANS // 10]
-        periods = terms.decode().split("\n")[: len(INTERVALS)]
-        members = tuple(dict.fromkeys(f"{units}:{period}:{key}" for period in periods))
-        self._orphans.append((holds, members))
-
-    async def _release_orphans(self) -> None:
-        """Release the holds reserves with a lost reply may have left (one pipeline)."""
-        orphans, self._orphans = self._orphans, []
-        if not orphans:
-            return
-        assert self._client is not None
-        try:
-            pipeline: Any = self._client.pipeline(transaction=False)
-            async with pipeline as pipe:
-                for holds, members in orphans:
-                    for member in members:
-                        await self._scripts["RELEASE"](keys=[holds], args=[member], client=pipe)
-                results = await pipe.execute()
-        except BaseException:
-            self._orphans[:0] = orphans  # Redis is still away: next time
-            raise
-        freed = sum(1 for r in results if r == 1)
-        logger.info(
-            "redis ledger: released %d holds left by %d reserves whose reply was lost",
-            freed,
-            len(orphans),
-        )
+    # -- internals -------------------------------------------------------------------------
 
     def _unavailable(
         self, event: UsageEvent, error: RetryableProviderError | None, wait: float | None
@@ -842,62 +981,52 @@ class RedisLedger(Ledger):
 
     # -- internals: charging ---------------------------------------------------------------
 
-    def _charge(
-        self, event: UsageEvent, token: tuple[str, str] | None = None, client: Any = None
-    ) -> Any:
-        """Run the charge script for ``event`` (on ``client``, e.g. a pipeline).
-
-        ``token`` is the reservation's (holds key, member); without it the script drops
-        the hold such an event's reservation would have made, if any.
-        """
+    def _charge(self, event: UsageEvent, client: Any = None) -> Any:
+        """Run the charge script for ``event`` (on ``client``, e.g. a pipeline)."""
         base = f"{self._prefix}{{{event.customer}}}:"
         return self._scripts["CHARGE"](
             keys=[
                 base + "sub", base + "credits", base + "usage",
-                f"{base}holds:{event.feature}", _marker(base, event.idempotency_key),
+                _marker(base, event.idempotency_key),
             ],
             args=[
-                event.feature, event.units, "1" if event.clobber else "0",
-                "" if token is None else token[1], event.idempotency_key, self._idem_ms,
+                event.feature, event.units, "1" if event.clobber else "0", self._idem_ms,
                 self._terms(event.feature, event.at),
             ],
             client=client,
         )  # fmt: skip
 
     async def _record(self, events: Sequence[UsageEvent]) -> None:
-        """Charge ``events`` (pipelined charge scripts); the raw path of report and spool."""
+        """Charge ``events`` (pipelined scripts); the raw path of report and of the spool.
+
+        A spooled group-commit entry (its key starts with ``~gc|``) is replayed with the
+        group commit's script under its batch's markers; any other event is charged once
+        per idempotency key (:data:`~._redis_scripts.CHARGE`).
+        """
         if not events:
             return
         client = self._client
         if client is None:
             raise RetryableProviderError("the Redis ledger is not open")
+        plain: list[UsageEvent] = []
+        replays: dict[tuple[str, str], list[tuple[UsageEvent, str, int, int]]] = {}
+        for event in events:
+            parsed = _parse_gc_key(event.idempotency_key)
+            if parsed is None:
+                plain.append(event)
+            else:
+                batch, period, limit, leased = parsed
+                replays.setdefault((event.customer, batch), []).append(
+                    (event, period, limit, leased)
+                )
+        statuses: list[int] = []
         try:
             if not self._synced and not self._pricing_given:
                 await self._sync_pricing()
-            customers = sorted({event.customer for event in events})
-            # Pipelines in ``async with``: one cancelled in execute() (its SCRIPT EXISTS
-            # comes before redis-py's own cleanup) still gives its connection back.
-            async with client.pipeline(transaction=False) as check:
-                for customer in customers:
-                    names = customer_keys(self._prefix, customer)
-                    check.exists(names["sub"], names["credits"])
-                exists = await check.execute()
-            if not isinstance(exists, list) or len(exists) != len(customers):
-                raise _BadReply(f"unexpected reply to EXISTS: {exists!r:.100}")
-            unknown = [c for c, n in zip(customers, exists, strict=True) if not _int(n, "count")]
-            if unknown:
-                raise PermanentProviderError(
-                    f"unknown customer {unknown[0]!r}: subscribe it to a plan or grant it "
-                    "credits before reporting usage",
-                    code="unknown_customer",
-                )
-            async with client.pipeline(transaction=False) as pipe:
-                for event in events:
-                    await self._charge(event, None, pipe)
-                replies = await pipe.execute()
-            if not isinstance(replies, list) or len(replies) != len(events):
-                raise _BadReply(f"unexpected reply to the charge pipeline: {replies!r:.100}")
-            statuses = [_int(_script_reply(r, 3, "charge")[0], "status") for r in replies]
+            if plain:
+                statuses = await self._charge_all(client, plain)
+            if replays:
+                await self._replay(client, replays)
             self._down_until = 0.0  # Redis answers again
         except self._unreachable as exc:
             self._trip(exc)
@@ -906,16 +1035,66 @@ class RedisLedger(Ledger):
             ) from exc
         except ProviderError:
             raise
-        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _failed)
+        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _redis_failed)
             self._log_once("record", logging.ERROR, "redis ledger: charging failed: %r", exc)
             raise RetryableProviderError(
                 f"the Redis ledger failed: {exc}", original_error=exc
             ) from exc
-        for event, status in zip(events, statuses, strict=True):
+        for event, status in zip(plain, statuses, strict=True):
             if status < 0:
                 raise PermanentProviderError(
                     f"unknown customer {event.customer!r}", code="unknown_customer"
                 )
+
+    async def _charge_all(self, client: Any, events: Sequence[UsageEvent]) -> list[int]:
+        """Check the customers are known, then charge ``events``; their statuses."""
+        customers = sorted({event.customer for event in events})
+        # Pipelines in ``async with``: one cancelled in execute() (its SCRIPT EXISTS
+        # comes before redis-py's own cleanup) still gives its connection back.
+        async with client.pipeline(transaction=False) as check:
+            for customer in customers:
+                names = customer_keys(self._prefix, customer)
+                check.exists(names["sub"], names["credits"])
+            exists = await check.execute()
+        if not isinstance(exists, list) or len(exists) != len(customers):
+            raise _BadReply(f"unexpected reply to EXISTS: {exists!r:.100}")
+        unknown = [c for c, n in zip(customers, exists, strict=True) if not _int(n, "count")]
+        if unknown:
+            raise PermanentProviderError(
+                f"unknown customer {unknown[0]!r}: subscribe it to a plan or grant it "
+                "credits before reporting usage",
+                code="unknown_customer",
+            )
+        async with client.pipeline(transaction=False) as pipe:
+            for event in events:
+                await self._charge(event, pipe)
+            replies = await pipe.execute()
+        if not isinstance(replies, list) or len(replies) != len(events):
+            raise _BadReply(f"unexpected reply to the charge pipeline: {replies!r:.100}")
+        return [_int(_script_reply(r, 3, "charge")[0], "status") for r in replies]
+
+    async def _replay(
+        self,
+        client: Any,
+        replays: Mapping[tuple[str, str], Sequence[tuple[UsageEvent, str, int, int]]],
+    ) -> None:
+        """Apply spooled group-commit entries, each once (markers per batch and entry)."""
+        async with client.pipeline(transaction=False) as pipe:
+            for (customer, batch), group in replays.items():
+                base = f"{self._prefix}{{{customer}}}:"
+                keys = [base + "credits", base + "usage", base + "gc"]
+                args: list[Any] = [batch.rpartition(".")[0], batch, self._idem_ms, "1", 0]
+                for event, period, limit, leased in group:
+                    keys.append(f"{base}lease:{event.feature}")
+                    shown = -1 if limit < 0 or limit >= UNLIMITED else limit
+                    args += (event.feature, period, shown, event.units, leased)
+                await self._scripts["FLUSH"](keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        if not isinstance(replies, list) or len(replies) != len(replays):
+            raise _BadReply(f"unexpected reply to a group commit replay: {replies!r:.100}")
+        for reply in replies:
+            if not isinstance(reply, list) or reply[:1] not in ([0], [1]):
+                raise _BadReply(f"unexpected reply to a group commit replay: {reply!r:.100}")
 
     def _to_outbox(self, event: UsageEvent, why: str) -> None:
         reporter = self._reporter
@@ -932,7 +1111,7 @@ class RedisLedger(Ledger):
 
     # -- internals: failures ---------------------------------------------------------------
 
-    def _failed(self, exc: BaseException, what: str) -> bool:
+    def _redis_failed(self, exc: BaseException, what: str) -> bool:
         """Note a failed Redis call; False if ``exc`` is not a Redis failure (re-raise it)."""
         if isinstance(exc, self._unreachable):
             self._trip(exc)
@@ -979,7 +1158,7 @@ class RedisLedger(Ledger):
             ) from exc
         except UsageMiddlewareError:
             raise
-        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _failed)
+        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _redis_failed)
             raise RetryableProviderError(
                 f"the Redis ledger failed: {exc!r}", original_error=exc
             ) from exc
@@ -999,8 +1178,9 @@ class RedisLedger(Ledger):
         if not self._synced and not self._pricing_given:
             await self._admin(self._sync_pricing())
 
-    async def _sync_pricing(self) -> None:
-        """Store the given pricing in Redis, or read (a newer) one stored there."""
+    async def _sync_pricing(self) -> bool:
+        """Store the given pricing in Redis, or read (a newer) one stored there; whether
+        the pricing in use changed."""
         client = self._client
         assert client is not None
         key = f"{self._prefix}pricing"
@@ -1010,14 +1190,16 @@ class RedisLedger(Ledger):
                 await self._refuse_dropped_plans(key, self._pricing)
                 await client.set(key, self._pricing.to_json())
                 self._synced = True
-            return
+            return False
         raw = await client.get(key)
         text = raw if raw is None or isinstance(raw, str) else raw.decode()
-        if text != self._pricing_json or not self._synced:
+        changed = text != self._pricing_json
+        if changed or not self._synced:
             self._pricing = None if text is None else loads_pricing(text, origin="stored pricing")
             self._pricing_json = text
             self._terms_cache.clear()
         self._synced = True
+        return changed
 
     async def _refuse_dropped_plans(self, key: str, pricing: Pricing) -> None:
         """Raise ``ConfigurationError`` if ``pricing`` drops a stored plan customers are on.
@@ -1049,93 +1231,129 @@ class RedisLedger(Ledger):
                 "the pricing without the old plan"
             )
 
-    async def _upkeep_loop(self) -> None:
-        """Every tick: renew the holds of running requests, sync the pricing. Returns once
-        :meth:`aclose` (or a reopen) took the task off ``_upkeep``."""
-        me = asyncio.current_task()
-        while self._upkeep is me:
-            await asyncio.sleep(self._tick)
-            if self._upkeep is not me:
-                return
-            if time.monotonic() < self._down_until:
-                continue
-            try:
-                if self._orphans:
-                    await self._release_orphans()
-                await self._renew()
-                if not self._synced or not self._pricing_given:
-                    await self._sync_pricing()
-            except Exception as exc:
-                if not self._failed(exc, "upkeep"):
-                    logger.exception("redis ledger: upkeep failed")
+    async def _pricing_changed(self) -> bool:
+        """Once a tick: sync the pricing; whether another replica replaced it."""
+        if self._pricing_given and self._synced:
+            return False
+        return await self._call(self._sync_pricing(), "reading the pricing")  # type: ignore[no-any-return]
 
-    async def _renew(self) -> None:
-        """Renew the holds due (last renewed ``reservation_ttl / 3`` ago): one pipeline."""
-        t = time.monotonic()
-        due = t - self._ttl_ms / 3000
-        members: dict[str, list[str]] = {}
-        renewing: dict[tuple[str, str], Reservation] = {}
-        old = []
-        timeout = self._reservation_timeout
-        for reservation, (since, renewed) in self._outstanding.items():
-            if renewed > due:
-                break  # oldest renewal first: the rest are not due
-            holds, member = reservation.token
-            members.setdefault(holds, []).append(member)
-            renewing[holds, member] = reservation
-            if timeout is not None and renewed - since < timeout <= t - since:
-                old.append(reservation)
-        if old:
-            logger.warning(
-                "redis ledger: %d holds unsettled after %ss (first: %s %s x%d); they are "
-                "renewed until settled",
-                len(old), timeout, old[0].customer, old[0].feature, old[0].units,
-            )  # fmt: skip
-        if not members:
-            return
-        assert self._client is not None
-        pipeline: Any = self._client.pipeline(transaction=False)
-        async with pipeline as pipe:  # gives its connection back even if cancelled (_record)
-            for holds, held in members.items():
-                await self._scripts["RENEW"](keys=[holds], args=[self._ttl_ms, *held], client=pipe)
-            results = await pipe.execute()
-        if (
-            not isinstance(results, list)
-            or len(results) != len(members)
-            or not all(isinstance(gone, list) for gone in results)
-        ):
-            raise _BadReply(f"unexpected reply to RENEW: {results!r:.100}")
-        lost = []
-        for holds, gone in zip(members, results, strict=True):
-            for member in gone:
-                name = member if isinstance(member, str) else member.decode()
-                gone_one = renewing.pop((holds, name), None)
-                if gone_one is not None:
-                    lost.append(gone_one)
-        for reservation in renewing.values():  # renewed: move to the end (newest renewal)
-            entry = self._outstanding.pop(reservation, None)
-            if entry is not None:
-                self._outstanding[reservation] = (entry[0], t)
-        # Settled while the pipeline ran (its commit dropped the hold): not lost.
-        lost = [r for r in lost if self._outstanding.pop(r, None) is not None]
-        for reservation in lost:
-            self._lost.add(reservation)
-        if lost:
-            logger.warning(
-                "redis ledger: %d holds of running requests were gone from Redis when "
-                "renewed (first: %s %s x%d): Redis lost them, or they were not renewed "
-                "for reservation_ttl; their units may have gone to other requests",
-                len(lost), lost[0].customer, lost[0].feature, lost[0].units,
-            )  # fmt: skip
+    async def _note_changes(self, customers: set[str]) -> None:
+        """After an admin write: this process's slots of ``customers`` re-validate at
+        once, the other processes' at their next tick."""
+        self._changed(customers)
+        generation = await self._admin(
+            self._scripts["CHANGED"](
+                keys=[self._generation_key, self._changes_key], args=sorted(customers)
+            )
+        )
+        if _int(generation, "generation") == self._generation + 1:
+            self._generation += 1  # only this write since: nothing to re-read at the tick
 
-    def _forget(self, reservation: Reservation, *, charged: bool) -> None:
-        """Stop renewing a settled reservation's hold; log a charge whose hold was lost."""
-        self._outstanding.pop(reservation, None)
-        if reservation in self._lost:
-            self._lost.discard(reservation)
-            if charged:
-                logger.warning(
-                    "redis ledger: charging %s %s x%d although its hold was lost while the "
-                    "request ran (the response was served); the usage may exceed the limit",
-                    reservation.customer, reservation.feature, reservation.units,
-                )  # fmt: skip
+    # -- internals: the engine's hooks -----------------------------------------------------
+
+    async def _pipeline(self, calls: Sequence[_Call]) -> list[Any]:
+        """Run ``calls`` (script name, keys, args; no name: ``GET`` of the key) in one
+        pipeline by ``EVALSHA``, without redis-py's ``SCRIPT EXISTS`` round trip before
+        each pipeline: calls Redis did not run for want of their script (``NOSCRIPT``, after
+        a restart) are run again once it is loaded. Raises the first other error reply."""
+        from redis.exceptions import NoScriptError
+
+        client = self._client
+        assert client is not None
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for attempt in range(2):
+            pipeline: Any = client.pipeline(transaction=False)
+            async with pipeline as pipe:
+                for i in todo:
+                    name, keys, args = calls[i]
+                    if name is None:
+                        pipe.get(keys[0])
+                    else:
+                        pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+                got = await pipe.execute(raise_on_error=False)
+            if not isinstance(got, list) or len(got) != len(todo):
+                raise _BadReply(f"unexpected reply to a pipeline: {got!r:.100}")
+            missing = []
+            for i, reply in zip(todo, got, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    missing.append(i)
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    replies[i] = reply
+            if not missing:
+                break
+            for name in {calls[i][0] for i in missing}:
+                assert name is not None
+                await client.script_load(self._scripts[name].script)
+            todo = missing
+        return replies
+
+    def _check_up(self) -> None:
+        """Raise ``_NotSent`` while the breaker is open (Redis unreachable)."""
+        if time.monotonic() < self._down_until:
+            raise _NotSent(
+                str(self._down_error or "the Redis ledger could not be reached"),
+                retry_after=self._retry_after,
+                original_error=self._down_error,
+            )
+
+    def _rolled_back(self, future: asyncio.Future[Any]) -> bool:
+        # A call that failed may have run in Redis (its reply lost): only one refused by
+        # the breaker before sending anything surely did nothing.
+        return not future.cancelled() and isinstance(future.exception(), _NotSent)
+
+    async def _call(self, call: Awaitable[Any], what: str) -> Any:
+        """Await a store call; Redis failures become ``RetryableProviderError`` (logged
+        at most every few seconds) and trip the breaker when Redis is unreachable."""
+        try:
+            result = await call
+        except self._unreachable as exc:
+            self._trip(exc)
+            raise RetryableProviderError(
+                f"the Redis ledger could not be reached: {exc}",
+                retry_after=self._retry_after,
+                original_error=exc,
+            ) from exc
+        except UsageMiddlewareError:
+            raise
+        except Exception as exc:  # RedisError, or a reply of the wrong shape (see _redis_failed)
+            self._log_once(what, logging.ERROR, "redis ledger: %s failed: %r", what, exc)
+            raise RetryableProviderError(
+                f"the Redis ledger failed: {exc!r}",
+                retry_after=self._retry_after,
+                original_error=exc,
+            ) from exc
+        self._down_until = 0.0  # Redis answers again
+        return result
+
+    def _lease_failed(
+        self, customer: str, feature: str, units: int, error: Exception
+    ) -> Reservation:
+        """A lease could not be taken: the answer of ``failure_policy`` (nothing held)."""
+        if not isinstance(error, RetryableProviderError):
+            error = RetryableProviderError(
+                f"the Redis ledger failed: {error!r}",
+                retry_after=self._retry_after,
+                original_error=error,
+            )
+        wait = self._down_until - time.monotonic()
+        event = trusted_event(customer, feature, units, self._clock())
+        return self._unavailable(event, error, wait if wait > 0 else None)
+
+    def _log_failure(self, exc: Exception, message: str, *args: object) -> None:
+        if isinstance(exc, ProviderError):  # Redis away: logged when the breaker opened
+            self._log_once(
+                message, logging.WARNING, "redis ledger: " + message + ": %s", *args, exc
+            )
+        else:
+            logger.error("redis ledger: " + message, *args, exc_info=exc)
+
+    async def _write_late(self, charge: StoredCharge) -> None:
+        """A charge committed after close goes to the spool (delivered at its next open)."""
+        customer, feature, _, _, units, _, _, at = charge
+        self._to_outbox(
+            trusted_event(customer, feature, units, datetime.fromtimestamp(at, UTC)),
+            "the ledger is closed",
+        )
