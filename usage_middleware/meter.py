@@ -57,10 +57,11 @@ DEFAULT_RETRY_AFTER: Final = 5.0
 ProviderErrorPolicy = Literal["open", "closed"]
 
 #: Websocket close codes that end a connection normally (RFC 6455 section 7.4.1): 1000
-#: normal closure, 1001 going away (a browser tab closed, a server restarting), 1005 a
-#: close frame without a code. A connection that ends with any other code (1006 dropped,
-#: 1011 server error, 1008 policy, application codes 3000-4999) is not charged.
-NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001, 1005})
+#: normal closure and 1001 going away (a browser tab closed). A connection that ends with
+#: any other code (1006 dropped, 1011 server error, 1008 policy, 1012 server restart,
+#: application codes 3000-4999) is not charged, nor one closed without a code (1005):
+#: uvicorn's wsproto server reports a dropped TCP connection as 1005 too.
+NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 
 logger = logging.getLogger("usage_middleware")
 

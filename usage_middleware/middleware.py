@@ -23,6 +23,7 @@ handling are described in ``docs/architecture.md`` ("Edge: one request's path").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -271,9 +272,10 @@ class UsageMiddleware:
     the connection is accepted and closed at once with code 1008 and the problem's title
     and detail as reason. A connection is charged once, when it ends normally: the app or
     the client closed it with a code of :data:`~usage_middleware.meter.NORMAL_CLOSE_CODES`
-    (1000, 1001, 1005), or the app returned after accepting without closing (the server
-    closes with 1000). A connection that is dropped (1006), closed with another code, or
-    whose app raised before any close, is not charged; neither is one never accepted.
+    (1000, 1001), or the app returned after accepting without closing (the middleware
+    then closes it with 1000). A connection that is dropped (1006), closed with another
+    code or without one (1005), or whose app raised before any close, is not charged;
+    neither is one never accepted.
 
     Raises:
         ConfigurationError: an argument is missing or of the wrong kind (the message names
@@ -494,6 +496,12 @@ class UsageMiddleware:
             try:
                 await self.app(scope, receive_wrapper, send_wrapper)
                 returned = True
+                if accepted and close_code is None:
+                    # returned without closing: close normally, as the ASGI spec asks of
+                    # the server (uvicorn 0.32 leaves such a connection open)
+                    close_code = 1000
+                    with contextlib.suppress(Exception):
+                        await send({"type": "websocket.close", "code": 1000, "reason": ""})
             except Refused as exc:
                 if accepted or denied:
                     raise
