@@ -258,6 +258,8 @@ class Meter:
             check): the first check decides every feature of the route at once.
         default_holds: the holds of ``UsageMiddleware(default=...)`` taken before routing;
             released as soon as a route-level check covers the request.
+        default_refusal: the default's refusal, deferred because the request's path is
+            that of a metered route (see :meth:`authorize_default`).
         refusal: the refusal raised as :class:`Refused` (the middleware sends it).
         customer: the customer id once resolved.
         claim: ``(customer, route, key)`` of an ``Idempotency-Key`` this request claimed.
@@ -271,6 +273,7 @@ class Meter:
         "customer",
         "decided",
         "default_holds",
+        "default_refusal",
         "denied",
         "refusal",
         "replay",
@@ -288,6 +291,7 @@ class Meter:
         self.charged = False
         self.decided: set[MeteredFeature] | None = None
         self.default_holds: list[Reservation] | None = None
+        self.default_refusal: Response | None = None
         self.refusal: Response | None = None
         self.customer: str | None = None
         self.claim: tuple[str, str, str] | None = None
@@ -322,15 +326,25 @@ class Meter:
             decided.update(specs)
         return await self.reserve(request, specs)
 
-    async def authorize_default(self, request: HTTPConnection) -> Response | None:
+    async def authorize_default(self, request: HTTPConnection, *, defer: bool) -> Response | None:
         """Reserve the middleware's ``default=`` features before routing (see
-        :meth:`authorize`, which gives them back when the route meters itself)."""
+        :meth:`authorize`, which gives them back when the route meters itself).
+
+        ``defer``: the request may be on a route that meters itself; a refusal is then
+        kept in :attr:`default_refusal` instead of returned: a route-level check drops
+        it, and the middleware sends it in place of the response otherwise.
+        """
         refusal = await self.reserve(request, self.config.default)
         if self.reservations:
             self.default_holds = list(self.reservations)
+        if refusal is not None and defer:
+            self.default_refusal = refusal
+            self.denied = False
+            return None
         return refusal
 
     async def _uncover_default(self) -> None:
+        self.default_refusal = None
         holds = self.default_holds
         if not holds:
             return

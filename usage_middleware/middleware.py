@@ -51,6 +51,7 @@ from .meter import (
 from .provider import Provider, ProviderState
 from .routes import (
     clobber_endpoints,
+    covered_paths,
     document_routes,
     install_openapi_hook,
     meters_websockets,
@@ -255,13 +256,15 @@ class UsageMiddleware:
             (default) or ``'Basic realm="api"'``. A non-empty single-line string.
         default: meter every HTTP request that no route-level metering covers: a feature
             name (1 unit), or ``(feature, units)`` with units an int or a units callable
-            of the request. Reserved before routing for every request whose path is not
-            excluded and whose method is not free (so every such request needs a
-            customer: 401 without one, 402 when the default is used up, even on a path
-            that then answers 404, which is not charged). A route metered by
-            ``@metered`` or ``Metered`` gives the default hold back when its own check
-            runs: it is charged its own features, never the default as well. ``None``
-            (the default): nothing is metered by default.
+            of the request. It is reserved before routing, for every request whose path
+            is not excluded and whose method is not free, so every such request needs a
+            customer (401 without one) and the default's units (402), also one that
+            then answers 404 (not charged: not 2xx). On a route metered by ``@metered``
+            or ``Metered`` the default hold is given back when the route's own check
+            runs: the route is charged its own features, never the default as well, and
+            a refused default does not refuse it (on a request whose method and path are
+            those of a metered route, found by the start-up route walk, the default's
+            refusal waits for the route's check). ``None`` (the default): off.
         default_exclude: path prefixes ``default`` does not apply to (each the path and
             everything below it: ``"/docs"`` covers ``/docs/oauth2-redirect``, not
             ``/docsx``), relative to the app's root path; default :data:`DEFAULT_EXCLUDE`.
@@ -366,6 +369,8 @@ class UsageMiddleware:
         #: Whether the app has a metered websocket route (found by the route walk): the
         #: websockets of an app without one pass through untouched.
         self._websockets = False
+        #: Path patterns of metered HTTP routes (``default=`` defers its refusal there).
+        self._covered: list[tuple[re.Pattern[str], frozenset[str] | None]] = []
         try:
             document_routes(app)
         except Exception:  # documentation is best effort; never break start-up
@@ -414,6 +419,15 @@ class UsageMiddleware:
             if meter.refusal is not None:
                 return  # refused by a dependency: the app's own answer (a 500) is not sent
             message_type = message["type"]
+            if meter.default_refusal is not None:  # no route-level check covered it after all
+                if message_type == "http.response.start":
+                    meter.refusal, meter.denied = meter.default_refusal, True
+                    logger.warning(
+                        "usage_middleware: %s is not metered although its path is that of a "
+                        "metered route; its response was replaced by the default's refusal",
+                        endpoint_name(scope),
+                    )
+                    return
             if message_type == "http.response.start":
                 meter.status = message["status"]
             elif (
@@ -439,7 +453,9 @@ class UsageMiddleware:
         try:
             refusal: Response | None = None
             if self.config.default and self.config.default_applies(scope):
-                refusal = await meter.authorize_default(Request(scope, watch.receive))
+                refusal = await meter.authorize_default(
+                    Request(scope, watch.receive), defer=self._may_be_covered(scope)
+                )
             if refusal is not None:
                 await refusal(scope, watch.receive, send)
             else:
@@ -461,6 +477,20 @@ class UsageMiddleware:
                         endpoint_name(scope),
                     )
                 await meter.settle()
+
+    def _may_be_covered(self, scope: Scope) -> bool:
+        """Whether the request's method and path are those of a metered route."""
+        if not self._covered:
+            return False
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        method = scope["method"]
+        return any(
+            regex.match(path) is not None and (methods is None or method in methods)
+            for regex, methods in self._covered
+        )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Meter a websocket connection (see the class docstring)."""
@@ -582,6 +612,8 @@ class UsageMiddleware:
         except Exception:  # documentation is best effort; never break a request
             logger.exception("usage_middleware: could not document metered routes")
         self._websockets = meters_websockets(self.app)
+        if self.config.default:
+            self._covered = covered_paths(self.app)
         self._routes_checked = True
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:

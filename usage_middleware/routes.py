@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,6 +29,7 @@ __all__ = [
     "SUPERSEDED_ATTR",
     "WRAPPER_ATTR",
     "clobber_endpoints",
+    "covered_paths",
     "document_routes",
     "document_schema",
     "install_openapi_hook",
@@ -261,6 +263,28 @@ def meters_websockets(app: object) -> bool:
     from starlette.routing import WebSocketRoute
 
     return any(isinstance(route, WebSocketRoute) for route, _, _, _ in iter_metered(app))
+
+
+def covered_paths(app: object) -> list[tuple[re.Pattern[str], frozenset[str] | None]]:
+    """``(path regex, methods or None)`` of every metered HTTP route reachable from ``app``.
+
+    Full paths (mount and include prefixes), compiled as Starlette compiles a route's
+    path; ``UsageMiddleware(default=...)`` reads them to tell, before routing, whether a
+    request may be on a route that meters itself.
+    """
+    from starlette.routing import WebSocketRoute, compile_path
+
+    found: list[tuple[re.Pattern[str], frozenset[str] | None]] = []
+    for route, _, path, _ in iter_metered(app):
+        if isinstance(route, WebSocketRoute):
+            continue
+        try:
+            regex = compile_path(path)[0]
+        except Exception:  # an unusual path: treated as not covered (the stricter choice)
+            continue
+        methods = getattr(route, "methods", None)
+        found.append((regex, frozenset(methods) if methods else None))
+    return found
 
 
 def _misplaced(endpoint: object) -> bool:
