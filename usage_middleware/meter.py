@@ -1,9 +1,12 @@
 """One request's metering: :class:`Meter` at ``scope["usage_middleware"]`` (:data:`SCOPE_KEY`).
 
 :class:`~usage_middleware.UsageMiddleware` puts a :class:`Meter` in the scope of every HTTP
-request; ``@metered`` calls :meth:`Meter.authorize` with its :class:`MeteredFeature` specs;
-the middleware calls :meth:`Meter.prepare` just before a chargeable final body and
-:meth:`Meter.settle` when the request is over. See ``docs/architecture.md`` ("Edge").
+request (and of every websocket of an app with a metered websocket route); ``@metered``
+and ``Metered`` (the FastAPI dependency) call :meth:`Meter.authorize` with their
+:class:`MeteredFeature` specs (built by :func:`make_spec`); the middleware calls
+:meth:`Meter.authorize_default` before routing (``default=``), :meth:`Meter.prepare` just
+before a chargeable final body and :meth:`Meter.settle` when the request is over. See
+``docs/architecture.md`` ("Edge").
 """
 
 from __future__ import annotations
