@@ -72,6 +72,14 @@ class Metered:
         if refusal is not None:
             meter.refuse(refusal)
 
+    @property
+    def dependency(self) -> None:
+        """Raises: a bare ``Metered`` where FastAPI expects ``Depends(...)`` (in
+        ``dependencies=[...]``) fails at declaration naming the fix."""
+        raise AttributeError(
+            f"{self!r} must be wrapped in Depends: dependencies=[Depends({self!r})]"
+        )
+
     def __repr__(self) -> str:
         spec = self.spec
         units = spec.units_fn if spec.units_fn is not None else spec.units

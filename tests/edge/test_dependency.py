@@ -161,6 +161,16 @@ async def test_metered_validates_like_the_decorator() -> None:
     assert repr(Metered("feature:a", units=2)) == "Metered('feature:a', units=2)"
 
 
+def test_bare_metered_in_dependencies_fails_at_declaration() -> None:
+    """dependencies=[Metered(...)] without Depends fails when the route is declared, naming it."""
+    app = FastAPI()
+    with pytest.raises(AttributeError, match=r"must be wrapped in Depends"):
+
+        @app.get("/x", dependencies=[Metered("feature:a")])  # type: ignore[list-item]
+        async def x() -> dict[str, int]:
+            return {}
+
+
 async def test_units_callable_and_bad_units(provider: RecordingProvider) -> None:
     """A units callable sizes the request; ValueError is a 400 and nothing is charged."""
     app = build(provider)
