@@ -282,3 +282,24 @@ async def test_router_dependency_over_uvicorn(provider: RecordingProvider) -> No
     assert refused.headers["content-type"] == "application/problem+json"
     assert provider.charged_units("org:acme", "feature:a") == 1
     provider.assert_settled()
+
+
+def test_router_dependency_with_testclient(provider: RecordingProvider) -> None:
+    """Through Starlette's TestClient (lifespan on): served, charged once, then 402."""
+    from fastapi.testclient import TestClient
+
+    provider.set_balance("org:acme", "feature:a", 2)
+    app = build(provider)
+    router = APIRouter(dependencies=[Depends(Metered("feature:a", units=2))])
+
+    @router.get("/x")
+    def x() -> dict[str, int]:
+        return {"x": 1}
+
+    app.include_router(router)
+    with TestClient(app, headers=ACME) as c:
+        assert c.get("/x").status_code == 200
+        refused = c.get("/x")
+    assert refused.status_code == 402 and refused.json()["units"] == 2
+    assert provider.charged_units("org:acme", "feature:a") == 2
+    provider.assert_settled()
