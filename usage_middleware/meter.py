@@ -292,7 +292,7 @@ class Meter:
         self.status: int | None = None
         self.denied = False
         self.charged = False
-        self.decided: set[MeteredFeature] | None = None
+        self.decided: tuple[MeteredFeature, ...] | None = None
         self.default_holds: list[Reservation] | None = None
         self.default_refusal: Response | None = None
         self.refusal: Response | None = None
@@ -319,14 +319,14 @@ class Meter:
         """
         decided = self.decided
         if decided is None:
-            specs = route_specs(request.scope, features)
-            self.decided = decided = set(specs)
-            await self._uncover_default()
+            specs = self.decided = route_specs(request.scope, tuple(features))
+            if self.default_holds is not None or self.default_refusal is not None:
+                await self._uncover_default()
         else:
-            specs = [feature for feature in features if feature not in decided]
+            specs = tuple(feature for feature in features if feature not in decided)
             if not specs:
                 return None
-            decided.update(specs)
+            self.decided = (*decided, *specs)
         return await self.reserve(request, specs)
 
     async def authorize_default(self, request: HTTPConnection, *, defer: bool) -> Response | None:
@@ -399,9 +399,15 @@ class Meter:
                 )
             self.customer = customer
             if scope["type"] == "http":
-                refusal = await self._claim_key(customer, scope)
-                if refusal is not None or self.replay:
-                    return refusal
+                try:
+                    key = parse_idempotency_key(scope["headers"])
+                except ValueError as exc:
+                    self.denied = True
+                    return problems.invalid_idempotency_key(str(exc))
+                if key is not None:
+                    refusal = await self._claim_key(customer, scope, key)
+                    if refusal is not None or self.replay:
+                        return refusal
 
         units_of: Sequence[int]
         if len(features) == 1 and features[0].units_fn is None:  # the common case, cheaply
@@ -465,15 +471,8 @@ class Meter:
             return problems.quota_exceeded(answer, units)
         return None
 
-    async def _claim_key(self, customer: str, scope: Any) -> Response | None:
-        """Claim the request's ``Idempotency-Key``, if it has one (see ``idempotency.py``)."""
-        try:
-            key = parse_idempotency_key(scope["headers"])
-        except ValueError as exc:
-            self.denied = True
-            return problems.invalid_idempotency_key(str(exc))
-        if key is None:
-            return None
+    async def _claim_key(self, customer: str, scope: Any, key: str) -> Response | None:
+        """Claim the request's ``Idempotency-Key`` (see ``idempotency.py``)."""
         route = idempotency_route(scope)
         try:
             claim: KeyClaim = await self.config.provider.claim_key(customer, route, key)

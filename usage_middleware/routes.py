@@ -145,44 +145,48 @@ def depends_specs(depends: object) -> tuple[Any, ...]:
     return tuple(found)
 
 
-_DEPENDANTS: dict[int, tuple[object, tuple[Any, ...]]] = {}
+#: ``(ids of context, route, endpoint) -> (context, route, endpoint, specs)``: what a
+#: route meters, computed once per route (the objects are kept, so the ids stay theirs).
+_ROUTES: dict[tuple[int, int, int], tuple[object, object, object, tuple[Any, ...]]] = {}
 
 
-def _request_dependant(scope: Any) -> object:
-    """The FastAPI ``Dependant`` of the route serving ``scope`` (``None`` elsewhere).
-
-    FastAPI 0.165 serves an included route through an effective route context that
-    carries the including routers' dependencies; older versions copy the included route,
-    dependencies merged, and name it in ``scope["route"]``.
-    """
-    fastapi_scope = scope.get("fastapi")
-    if isinstance(fastapi_scope, dict):
-        dependant = getattr(fastapi_scope.get("effective_route_context"), "dependant", None)
-        if dependant is not None:
-            return dependant
-    return getattr(scope.get("route"), "dependant", None)
-
-
-def route_specs(scope: Any, own: Any) -> list[Any]:
+def route_specs(scope: Any, own: tuple[Any, ...]) -> tuple[Any, ...]:
     """Every spec the route serving ``scope`` meters, ``own`` included, each once.
 
     ``Metered`` dependencies first (the route's FastAPI dependency tree: app, routers,
     route, parameters), then the endpoint's ``@metered`` specs (``scope["endpoint"]``),
-    then any of ``own`` not found there (a route the walk could not read).
+    then any of ``own`` not found there (a route the walk could not read). Computed once
+    per route. FastAPI 0.165 serves an included route through an effective route context
+    (``scope["fastapi"]``) carrying the including routers' dependencies; older versions
+    copy the included route, dependencies merged, into ``scope["route"]``.
     """
-    specs: list[Any] = []
-    dependant = _request_dependant(scope)
-    if dependant is not None:
-        cached = _DEPENDANTS.get(id(dependant))
-        if cached is None or cached[0] is not dependant:
-            if len(_DEPENDANTS) >= 4096:
-                _DEPENDANTS.clear()
-            cached = _DEPENDANTS[id(dependant)] = (dependant, dependant_specs(dependant))
-        specs.extend(cached[1])
-    for spec in (*endpoint_specs(scope.get("endpoint")), *own):
-        if not any(spec is seen for seen in specs):
-            specs.append(spec)
-    return specs
+    fastapi_scope = scope.get("fastapi")
+    context = fastapi_scope.get("effective_route_context") if type(fastapi_scope) is dict else None
+    route = scope.get("route")
+    endpoint = scope.get("endpoint")
+    key = (id(context), id(route), id(endpoint))
+    cached = _ROUTES.get(key)
+    if cached is not None and cached[0] is context and cached[1] is route and cached[2] is endpoint:
+        specs = cached[3]
+    else:
+        dependant = getattr(context, "dependant", None)
+        if dependant is None:
+            dependant = getattr(route, "dependant", None)
+        from_dependencies = dependant_specs(dependant)
+        specs = endpoint_specs(endpoint)  # kept as is: the same tuple as the wrapper's own
+        if from_dependencies:
+            found: list[Any] = []
+            for spec in (*from_dependencies, *specs):
+                if spec not in found:
+                    found.append(spec)
+            specs = tuple(found)
+        if len(_ROUTES) >= 4096:
+            _ROUTES.clear()
+        _ROUTES[key] = (context, route, endpoint, specs)
+    if specs is own:  # an @metered endpoint alone: its own specs
+        return specs
+    missing = [spec for spec in own if spec not in specs]  # specs compare by identity
+    return (*specs, *missing) if missing else specs
 
 
 def route_features(
