@@ -52,6 +52,7 @@ LAYERS: dict[str, int] = {
 #: Imports within a layer that the design rules out: (importer prefix, imported prefix, why).
 APART: list[tuple[str, str, str]] = [
     ("decorator", "middleware", "the decorator talks to the per-request meter"),
+    ("dependency", "middleware", "the dependency talks to the per-request meter"),
     ("ledger.redis", "ledger.local", "shared ledger constants live in ledger/base.py"),
     ("ledger", "providers", "a ledger must not load the remote providers (and httpx)"),
 ]
