@@ -212,3 +212,33 @@ async def test_unmetered_websocket_app_passes_through(provider: RecordingProvide
         assert await ws.handshake("/echo", {}) is None
         assert await ws.receive() == "plain"
     assert provider.ops("reserve") == []
+
+
+def test_fastapi_decorator_form_with_testclient(provider: RecordingProvider) -> None:
+    """@metered on a FastAPI websocket via TestClient: served and charged, then denied 402."""
+    from fastapi.testclient import TestClient
+    from starlette.testclient import WebSocketDenialResponse
+
+    provider.set_balance("org:acme", "feature:a", 3)
+    app = FastAPI()
+    app.add_middleware(UsageMiddleware, provider=provider, customer=by_header)
+    ran: list[str] = []
+
+    @app.websocket("/chat")
+    @metered("feature:a", units=2)
+    async def chat(websocket: WebSocket) -> None:
+        await _chat(websocket, ran)
+
+    with TestClient(app, headers=ACME) as client:
+        with client.websocket_connect("/chat") as ws:
+            ws.send_text("hi")
+            assert ws.receive_text() == "HI"
+            ws.close(1000)
+        with pytest.raises(WebSocketDenialResponse) as denied:  # 1 unit left, 2 needed
+            with client.websocket_connect("/chat"):
+                pass
+    assert denied.value.status_code == 402
+    assert denied.value.json()["feature"] == "feature:a"
+    assert ran == ["chat"]
+    assert provider.charged_units("org:acme", "feature:a") == 2
+    provider.assert_settled()
