@@ -50,16 +50,19 @@ from .meter import (
 )
 from .provider import Provider, ProviderState
 from .routes import (
+    SPECS_ATTR,
     clobber_endpoints,
     covered_paths,
     document_routes,
     install_openapi_hook,
+    is_metered_dependency,
     meters_websockets,
     misplaced_endpoints,
 )
 
 if TYPE_CHECKING:
     from .customers import CustomerResolver
+    from .dependency import Metered
 
 __all__ = ["SCOPE_KEY", "UsageMiddleware"]
 
@@ -255,9 +258,10 @@ class UsageMiddleware:
             malformed customer), as RFC 9110 section 15.5.2 requires; e.g. ``"Bearer"``
             (default) or ``'Basic realm="api"'``. A non-empty single-line string.
         default: meter every HTTP request that no route-level metering covers: a feature
-            name (1 unit), or ``(feature, units)`` with units an int or a units callable
-            of the request. It is reserved before routing, for every request whose path
-            is not excluded and whose method is not free, so every such request needs a
+            name (1 unit), ``(feature, units)`` with units an int or a units callable
+            of the request, or a ``Metered(feature, units=...)``. It is reserved before
+            routing, for every request whose path is not excluded and whose method is not
+            free, so every such request needs a
             customer (401 without one) and the default's units (402), also one that
             then answers 404 (not charged: not 2xx). On a route metered by ``@metered``
             or ``Metered`` the default hold is given back when the route's own check
@@ -296,7 +300,7 @@ class UsageMiddleware:
         failure_policy: ProviderErrorPolicy | None = None,
         free_methods: Collection[str] = frozenset({"HEAD", "OPTIONS"}),
         www_authenticate: str = "Bearer",
-        default: str | tuple[str, int | UnitsFunction] | None = None,
+        default: str | tuple[str, int | UnitsFunction] | Metered | None = None,
         default_exclude: Collection[str] = DEFAULT_EXCLUDE,
     ) -> None:
         if not callable(app):
@@ -761,14 +765,18 @@ def _default_specs(default: object) -> tuple[MeteredFeature, ...]:
     """``UsageMiddleware(default=...)`` as specs (see the class docstring)."""
     if default is None:
         return ()
+    if is_metered_dependency(default):  # Metered(...): the same spec object
+        specs: tuple[MeteredFeature, ...] = getattr(default, SPECS_ATTR)
+        return specs
     if isinstance(default, str):
         return (make_spec(default, 1, where="UsageMiddleware(default=...)"),)
     if isinstance(default, tuple) and len(default) == 2:
         return (make_spec(default[0], default[1], where="UsageMiddleware(default=...)"),)
     raise ConfigurationError(
         "UsageMiddleware(default=...) must be a feature name such as 'feature:requests' "
-        "(1 unit per request) or a (feature, units) tuple such as ('feature:requests', 2), "
-        f"units an int or a callable of the request; got {default!r}"
+        "(1 unit per request), a (feature, units) tuple such as ('feature:requests', 2), "
+        "units an int or a callable of the request, or Metered('feature:requests', "
+        f"units=...); got {default!r}"
     )
 
 

@@ -141,6 +141,15 @@ async def test_custom_exclude_and_plain_feature_name(provider: RecordingProvider
     assert provider.charged == {("org:acme", "feature:req"): 1}
 
 
+async def test_default_as_a_metered_spec(provider: RecordingProvider) -> None:
+    """default=Metered(feature, units=...) is the same spec the dependency form takes."""
+    ran: list[str] = []
+    app = build(provider, ran, default=Metered("feature:req", units=lambda request: 5))
+    async with client(app) as c:
+        assert (await c.get("/plain")).status_code == 200
+    assert provider.charged == {("org:acme", "feature:req"): 5}
+
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
