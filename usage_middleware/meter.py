@@ -303,78 +303,42 @@ class Meter:
     # -- before the endpoint -------------------------------------------------------------------
 
     async def authorize(
-        self, request: HTTPConnection, features: Sequence[MeteredFeature]
+        self,
+        request: HTTPConnection,
+        features: Sequence[MeteredFeature],
+        *,
+        route: bool = True,
     ) -> Response | None:
         """Decide the route-level metering of this request: ``features`` and the rest.
 
         The route's first check (a ``Metered`` dependency or ``@metered``) decides every
         metered feature of the route at once (its ``Metered`` dependencies, then the
         endpoint's ``@metered`` features, see :func:`~usage_middleware.routes.route_specs`)
-        with one all-or-nothing :meth:`reserve`; later checks of the same request find
-        their features decided and return ``None``. The holds of the middleware's
-        ``default=`` are given back first: a covered route is not charged the default.
+        with one all-or-nothing reservation; later checks of the same request find their
+        features decided and return ``None``. The holds of the middleware's ``default=``
+        are given back first: a covered route is not charged the default. (``route=False``:
+        reserve ``features`` alone, as :meth:`authorize_default` does.)
 
-        Returns ``None`` when the endpoint may run, or the refusal to send (see
-        :meth:`reserve`).
-        """
-        decided = self.decided
-        if decided is None:
-            specs = self.decided = route_specs(request.scope, tuple(features))
-            if self.default_holds is not None or self.default_refusal is not None:
-                await self._uncover_default()
-        else:
-            specs = tuple(feature for feature in features if feature not in decided)
-            if not specs:
-                return None
-            self.decided = (*decided, *specs)
-        return await self.reserve(request, specs)
-
-    async def authorize_default(self, request: HTTPConnection, *, defer: bool) -> Response | None:
-        """Reserve the middleware's ``default=`` features before routing (see
-        :meth:`authorize`, which gives them back when the route meters itself).
-
-        ``defer``: the request may be on a route that meters itself; a refusal is then
-        kept in :attr:`default_refusal` instead of returned: a route-level check drops
-        it, and the middleware sends it in place of the response otherwise.
-        """
-        refusal = await self.reserve(request, self.config.default)
-        if self.reservations:
-            self.default_holds = list(self.reservations)
-        if refusal is not None and defer:
-            self.default_refusal = refusal
-            self.denied = False
-            return None
-        return refusal
-
-    async def _uncover_default(self) -> None:
-        self.default_refusal = None
-        holds = self.default_holds
-        if not holds:
-            return
-        self.default_holds = None
-        reservations = self.reservations or []
-        self.reservations = [r for r in reservations if r not in holds] or None
-        provider = self.config.provider
-        for reservation in holds:
-            try:
-                await provider.release(reservation)
-                telemetry.settled(reservation.feature, reservation.units, False)
-            except Exception:
-                logger.exception("usage_middleware: releasing the default hold failed")
-
-    async def reserve(
-        self, request: HTTPConnection, features: Sequence[MeteredFeature]
-    ) -> Response | None:
-        """Resolve the customer and reserve every feature of ``features``, all or nothing.
-
-        Returns ``None`` when the endpoint may run (the holds are in :attr:`reservations`),
-        or the refusal to send instead: 401 (no or malformed customer), 402 (a feature was
-        refused), 503 (a check failed closed), 400/500 (bad units), 400 (a malformed
+        Resolves the customer and reserves every feature, all or nothing. Returns ``None``
+        when the endpoint may run (the holds are in :attr:`reservations`), or the refusal
+        to send instead: 401 (no or malformed customer), 402 (a feature was refused), 503
+        (a check failed closed), 400/500 (bad units), 400 (a malformed
         ``Idempotency-Key``), 409 (an ``Idempotency-Key`` in use by a request in flight).
         Holds taken before a refusal are released by :meth:`settle`. A request whose
         method is in ``free_methods`` returns ``None`` at once: nothing is checked or held.
         A request repeating a charged ``Idempotency-Key`` returns ``None`` holding nothing.
         """
+        if route:
+            decided = self.decided
+            if decided is None:
+                features = self.decided = route_specs(request.scope, tuple(features))
+                if self.default_holds is not None or self.default_refusal is not None:
+                    await self._uncover_default()
+            else:
+                features = tuple(feature for feature in features if feature not in decided)
+                if not features:
+                    return None
+                self.decided = (*decided, *features)
         config = self.config
         scope = request.scope
         if scope.get("method") in config.free_methods or self.replay:
@@ -470,6 +434,39 @@ class Meter:
                 )
             return problems.quota_exceeded(answer, units)
         return None
+
+    async def authorize_default(self, request: HTTPConnection, *, defer: bool) -> Response | None:
+        """Reserve the middleware's ``default=`` features before routing (see
+        :meth:`authorize`, which gives them back when the route meters itself).
+
+        ``defer``: the request may be on a route that meters itself; a refusal is then
+        kept in :attr:`default_refusal` instead of returned: a route-level check drops
+        it, and the middleware sends it in place of the response otherwise.
+        """
+        refusal = await self.authorize(request, self.config.default, route=False)
+        if self.reservations:
+            self.default_holds = list(self.reservations)
+        if refusal is not None and defer:
+            self.default_refusal = refusal
+            self.denied = False
+            return None
+        return refusal
+
+    async def _uncover_default(self) -> None:
+        self.default_refusal = None
+        holds = self.default_holds
+        if not holds:
+            return
+        self.default_holds = None
+        reservations = self.reservations or []
+        self.reservations = [r for r in reservations if r not in holds] or None
+        provider = self.config.provider
+        for reservation in holds:
+            try:
+                await provider.release(reservation)
+                telemetry.settled(reservation.feature, reservation.units, False)
+            except Exception:
+                logger.exception("usage_middleware: releasing the default hold failed")
 
     async def _claim_key(self, customer: str, scope: Any, key: str) -> Response | None:
         """Claim the request's ``Idempotency-Key`` (see ``idempotency.py``)."""
