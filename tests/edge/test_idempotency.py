@@ -201,6 +201,21 @@ async def test_local_ledger_keeps_keys_in_its_file_for_every_process(
     ]
 
 
+async def test_local_ledger_keys_expire_on_the_ledger_clock(
+    make_usage_ledger: Any, ledger_clock: Any
+) -> None:
+    """On LocalLedger a key is kept 24 hours of the ledger's clock; then it charges again."""
+    kit = make_usage_ledger(PRICING, customers={"org:acme": "plan:free@1"})
+    async with client(make_app(kit.ledger)) as c:
+        assert (await c.post("/work", headers=key("k-8"))).status_code == 200
+        ledger_clock.advance(hours=23)
+        assert (await c.post("/work", headers=key("k-8"))).status_code == 200
+        await kit.assert_charged_async("org:acme", "feature:a", 2)
+        ledger_clock.advance(hours=2)
+        assert (await c.post("/work", headers=key("k-8"))).status_code == 200
+    await kit.assert_charged_async("org:acme", "feature:a", 4)
+
+
 @pytest.mark.slow
 async def test_retry_after_a_lost_response_over_uvicorn(tmp_path: pathlib.Path) -> None:
     """Over real HTTP on LocalLedger: the retry of a charged request is served, not charged."""

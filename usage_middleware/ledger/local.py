@@ -576,14 +576,17 @@ class LocalLedger(Ledger):
         return await self._submit(store.usage, customer, self._clock())
 
     async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
-        """Claim an ``Idempotency-Key`` in the ledger file (shared by its processes)."""
+        """Claim an ``Idempotency-Key`` in the ledger file (shared by its processes), on
+        the ledger's clock (``now=``; the testing kit's ``ledger_clock`` moves it)."""
         store = await self._opened()
-        return await self._run(store.claim_key, customer, route, key, time.time())
+        now = self._clock().timestamp()
+        return await self._run(store.claim_key, customer, route, key, now)
 
     async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
         """Keep the key 24 hours when ``charged``, else drop the claim (ledger file)."""
         store = await self._opened()
-        await self._run(store.finish_key, customer, route, key, charged, time.time())
+        now = self._clock().timestamp()
+        await self._run(store.finish_key, customer, route, key, charged, now)
 
     # -- internals: serving ----------------------------------------------------------------
 
