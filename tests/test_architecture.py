@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "provider": CORE,
     "_utils": CORE,
     "telemetry": CORE,
+    "idempotency": CORE,
     # 1 storage and delivery: SQLite helper, the outbox, the Reporter that drains it.
     "_sqlite": STORAGE,
     "outbox": STORAGE,
@@ -37,6 +38,7 @@ LAYERS: dict[str, int] = {
     "meter": EDGE,
     "middleware": EDGE,
     "decorator": EDGE,
+    "dependency": EDGE,
     "routes": EDGE,
     "problems": EDGE,
     "customers": EDGE,
@@ -51,6 +53,7 @@ LAYERS: dict[str, int] = {
 #: Imports within a layer that the design rules out: (importer prefix, imported prefix, why).
 APART: list[tuple[str, str, str]] = [
     ("decorator", "middleware", "the decorator talks to the per-request meter"),
+    ("dependency", "middleware", "the dependency talks to the per-request meter"),
     ("ledger.redis", "ledger.local", "shared ledger constants live in ledger/base.py"),
     ("ledger", "providers", "a ledger must not load the remote providers (and httpx)"),
 ]
