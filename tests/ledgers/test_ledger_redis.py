@@ -189,13 +189,15 @@ async def test_a_live_process_renews_the_holds_of_running_requests(
     """The lease under a request still running outlives reservation_ttl while its process
     lives (renewed every tick)."""
     async with (
-        opened(server, tmp_path, reservation_ttl=1.5) as running,
-        opened(server, tmp_path, reservation_ttl=1.5) as other,
+        # A TTL of 3 s leaves a tick (1 s) up to 2 s late on a loaded machine before the
+        # renewal comes too late; 1.5 s failed under CI-like load.
+        opened(server, tmp_path, reservation_ttl=3.0) as running,
+        opened(server, tmp_path, reservation_ttl=3.0) as other,
     ):
         await other.subscribe(ACME, "plan:free@1")
         held = await running.reserve(ACME, CONVERT, 10)
         assert held.answer.ok
-        await asyncio.sleep(4.0)  # > 2 TTLs: renewed every tick
+        await asyncio.sleep(7.0)  # > 2 TTLs: renewed every tick
         assert not (await other.reserve(ACME, CONVERT)).answer.ok
         await running.commit(held)
         await running.flush()
