@@ -26,7 +26,7 @@ from ..models import UNLIMITED, UsageEvent
 from ..pricing import DEFAULT_INTERVAL, Interval, Plan, Pricing, loads_pricing, period_bounds
 from .base import FeatureUsage, usage_rows
 
-__all__ = ["LeaseGrant", "LedgerStore", "StoredCharge", "cannot_open", "period_key"]
+__all__ = ["LeaseGrant", "LeaseRequest", "LedgerStore", "StoredCharge", "cannot_open", "period_key"]
 
 logger = logging.getLogger("usage_middleware.ledger")
 
@@ -137,6 +137,10 @@ _BAD_ENTRY: tuple[type[Exception], ...] = (
 def _capped_add_args(units: int) -> tuple[int, int, int]:
     return UNLIMITED - units, UNLIMITED, units
 
+
+#: One lease of :meth:`LedgerStore.lease_many`: customer, feature, the time (its period),
+#: units needed, units wanted, and the (period, units) given back first.
+LeaseRequest = tuple[str, str, datetime, int, int, Sequence[tuple[str, int]]]
 
 #: One (customer, feature, period)'s charges in a group commit, for :meth:`LedgerStore.flush`:
 #: customer, feature, period key, the limit they were leased under, units, how many of those
@@ -423,9 +427,13 @@ class LedgerStore:
         ).fetchone()
         return 0 if row is None else int(row[0])
 
-    def _plan_of(self, customer: str) -> tuple[bool, Plan | None, str | None]:
-        """(known, plan or None, the subscribed plan's name) for a customer."""
-        self._refresh_pricing()
+    def _plan_of(
+        self, customer: str, *, refresh: bool = True
+    ) -> tuple[bool, Plan | None, str | None]:
+        """(known, plan or None, the subscribed plan's name) for a customer (``refresh``
+        False: the pricing was read in this transaction already)."""
+        if refresh:
+            self._refresh_pricing()
         row = self.conn.execute(
             "SELECT plan FROM subscriptions WHERE customer = ?", (customer,)
         ).fetchone()
@@ -553,39 +561,60 @@ class LedgerStore:
         The block taken is ``min(want, free // 4)`` units, at least ``need``, where ``free``
         is what no live lease holds (so near the limit blocks shrink to what is asked).
         """
+        return self.lease_many([(customer, feature, at, need, want, gives)])[0]
+
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> list[LeaseGrant]:
+        """:meth:`lease` for many (customer, feature) at once, in one transaction.
+
+        One grant per request, in order. Requests are applied one after the other, so two
+        of the same key see each other's lease.
+        """
         now = time.time()
         with self._write():
-            for period, units in gives:
-                self._shrink(customer, feature, period, units, now)
-            known, plan, _ = self._plan_of(customer)
-            if not known:
-                return LeaseGrant(known=False)
-            interval: Interval = DEFAULT_INTERVAL if plan is None else plan.interval
-            start, end = period_bounds(interval, at)
-            period = period_key(start, end)
-            plan_feature = None if plan is None else plan.features.get(feature)
-            limit = 0 if plan_feature is None else plan_feature.limit
-            grant = LeaseGrant(
-                known=True,
-                in_plan=plan_feature is not None,
-                end=end,
-                period=period,
-                limit=limit,
-                used=self._used(customer, feature, period),
-                credits=max(0, self._balance(customer, feature)),
-            )
-            if limit >= UNLIMITED:
-                return grant
-            grant.others = self._taken_elsewhere(customer, feature, period, limit, now)
-            mine = self._row(customer, feature, period)
-            free = max(0, limit - grant.used) + grant.credits - grant.others - mine
-            if need <= free:
-                grant.take = min(free, max(need, min(want, free // 4)))
-            grant.spare = max(0, free - grant.take)
-            grant.roomy = grant.spare >= 4 * want
-            if grant.take or mine:
-                self._claim(customer, feature, period, mine + grant.take, now)
+            self._refresh_pricing()
+            return [self._lease(*request, now) for request in requests]
+
+    def _lease(
+        self,
+        customer: str,
+        feature: str,
+        at: datetime,
+        need: int,
+        want: int,
+        gives: Sequence[tuple[str, int]],
+        now: float,
+    ) -> LeaseGrant:
+        for period, units in gives:
+            self._shrink(customer, feature, period, units, now)
+        known, plan, _ = self._plan_of(customer, refresh=False)
+        if not known:
+            return LeaseGrant(known=False)
+        interval: Interval = DEFAULT_INTERVAL if plan is None else plan.interval
+        start, end = period_bounds(interval, at)
+        period = period_key(start, end)
+        plan_feature = None if plan is None else plan.features.get(feature)
+        limit = 0 if plan_feature is None else plan_feature.limit
+        grant = LeaseGrant(
+            known=True,
+            in_plan=plan_feature is not None,
+            end=end,
+            period=period,
+            limit=limit,
+            used=self._used(customer, feature, period),
+            credits=max(0, self._balance(customer, feature)),
+        )
+        if limit >= UNLIMITED:
             return grant
+        grant.others = self._taken_elsewhere(customer, feature, period, limit, now)
+        mine = self._row(customer, feature, period)
+        free = max(0, limit - grant.used) + grant.credits - grant.others - mine
+        if need <= free:
+            grant.take = min(free, max(need, min(want, free // 4)))
+        grant.spare = max(0, free - grant.take)
+        grant.roomy = grant.spare >= 4 * want
+        if grant.take or mine:
+            self._claim(customer, feature, period, mine + grant.take, now)
+        return grant
 
     def flush(self, batch: Sequence[StoredCharge]) -> dict[tuple[str, str, str], tuple[int, int]]:
         """Write group-committed charges in one transaction; return (used, balance) per key.
