@@ -848,6 +848,7 @@ class LeaseEngine(Ledger):
             )
             slot.dirty = False
             slot.unflushed = slot.unflushed_leased = slot.unflushed_requests = 0
+            slot.unflushed_at = 0.0  # (a float object less per idle slot)
             taken.append(share)
             stored.append(
                 (

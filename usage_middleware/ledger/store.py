@@ -193,13 +193,20 @@ class LedgerStore:
         self._read_only = False
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._busy_wait: _sqlite.BusyWait | None = None
-        self._rows: dict[tuple[str, str], dict[str, int]] = {}
+        # (customer, feature, period) -> units: flat, one small entry per lease (memory per
+        # customer); _periods counts the rows per period, so a key's periods are found by
+        # probing the few periods in use.
+        self._rows: dict[tuple[str, str, str], int] = {}
+        self._periods: dict[str, int] = {}
         # Wall time of the last maintain() that committed: until renewed_at + lease_ttl / 2
         # none of this owner's rows can have expired (maintain renews every row that would).
         self._renewed_at = -float("inf")
-        # This transaction's writes to this owner's lease rows: (customer, feature) ->
-        # period -> units, indexed by key so a transaction touching many keys stays linear.
-        self._staged: dict[tuple[str, str], dict[str, int]] = {}
+        # This transaction's writes to this owner's lease rows, (customer, feature, period)
+        # -> units, indexed by key so a transaction touching many keys stays linear; and
+        # the periods they are in.
+        self._staged: dict[tuple[str, str, str], int] = {}
+        self._staged_periods: set[str] = set()
+        self._ends: dict[str, datetime] = {}  # period key -> its end (shared by the grants)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -353,6 +360,7 @@ class LedgerStore:
             with self._write():
                 self.conn.execute("DELETE FROM leases WHERE owner = ?", (self.owner,))
             self._rows.clear()
+            self._periods.clear()
         finally:
             self.conn.close()
             self._conn = None
@@ -360,21 +368,25 @@ class LedgerStore:
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         self._staged = {}
+        self._staged_periods = set()
         try:
             with _sqlite.write(self.conn):
                 yield
         except BaseException:
             self._staged = {}
             raise
-        for key, periods in self._staged.items():
-            rows = self._rows.setdefault(key, {})
-            for period, units in periods.items():
-                if units > 0:
-                    rows[period] = units
+        rows, periods = self._rows, self._periods
+        for key, units in self._staged.items():
+            if units > 0:
+                if key not in rows:
+                    periods[key[2]] = periods.get(key[2], 0) + 1
+                rows[key] = units
+            elif rows.pop(key, None) is not None:
+                left = periods[key[2]] - 1
+                if left:
+                    periods[key[2]] = left
                 else:
-                    rows.pop(period, None)
-            if not rows:
-                del self._rows[key]
+                    del periods[key[2]]
         self._staged = {}
 
     def _read(self) -> contextlib.AbstractContextManager[None]:
@@ -450,15 +462,19 @@ class LedgerStore:
 
     def _own_rows(self, customer: str, feature: str) -> dict[str, int]:
         """This owner's lease rows for (customer, feature) as of now in the transaction."""
-        rows = dict(self._rows.get((customer, feature), {}))
-        rows.update(self._staged.get((customer, feature), {}))
-        return {period: units for period, units in rows.items() if units > 0}
+        rows: dict[str, int] = {}
+        for period in (*self._periods, *self._staged_periods):
+            units = self._row(customer, feature, period)
+            if units > 0:
+                rows[period] = units
+        return rows
 
     def _row(self, customer: str, feature: str, period: str) -> int:
-        staged = self._staged.get((customer, feature), {}).get(period)
+        key = (customer, feature, period)
+        staged = self._staged.get(key)
         if staged is not None:
             return staged
-        return self._rows.get((customer, feature), {}).get(period, 0)
+        return self._rows.get(key, 0)
 
     def _claim(self, customer: str, feature: str, period: str, units: int, now: float) -> None:
         """Set this owner's lease row to ``units`` and renew it (after a capacity check)."""
@@ -471,7 +487,8 @@ class LedgerStore:
             " DO UPDATE SET units = excluded.units, expires_at = excluded.expires_at",
             (customer, feature, period, self.owner, units, now + self.lease_ttl),
         )
-        self._staged.setdefault((customer, feature), {})[period] = units
+        self._staged[customer, feature, period] = units
+        self._staged_periods.add(period)
 
     def _shrink(self, customer: str, feature: str, period: str, units: int, now: float) -> None:
         """Take ``units`` off this owner's lease row; never revives an expired row."""
@@ -489,7 +506,8 @@ class LedgerStore:
                 " AND owner = ? AND expires_at >= ?",
                 (left, *key, now),
             )
-        self._staged.setdefault((customer, feature), {})[period] = max(0, left)
+        self._staged[customer, feature, period] = max(0, left)
+        self._staged_periods.add(period)
 
     def _taken_elsewhere(
         self, customer: str, feature: str, period: str, limit: int, now: float
@@ -592,6 +610,9 @@ class LedgerStore:
         interval: Interval = DEFAULT_INTERVAL if plan is None else plan.interval
         start, end = period_bounds(interval, at)
         period = period_key(start, end)
+        if len(self._ends) > 64:
+            self._ends.clear()
+        end = self._ends.setdefault(period, end)  # one datetime per period, not per slot
         plan_feature = None if plan is None else plan.features.get(feature)
         limit = 0 if plan_feature is None else plan_feature.limit
         grant = LeaseGrant(
@@ -655,7 +676,7 @@ class LedgerStore:
                     self._flush_entry(entry, now, result)
                 return result
             for entry in batch:
-                staged = {key: dict(periods) for key, periods in self._staged.items()}
+                staged = dict(self._staged)
                 self.conn.execute("SAVEPOINT charge")
                 try:
                     self._charge_row(entry)
@@ -759,8 +780,8 @@ class LedgerStore:
                 )
                 lost = {
                     (customer, feature, period)
-                    for customer, feature in {*self._rows, *self._staged}
-                    for period in self._own_rows(customer, feature)
+                    for customer, feature, period in {*self._rows, *self._staged}
+                    if self._row(customer, feature, period) > 0
                     if (customer, feature, period) not in live
                 }
             conn.execute(
