@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import sqlite3
+import sys
+from types import FrameType
 from typing import Any
 
 from usage_middleware.ledger import LocalLedger
+from usage_middleware.ledger import engine as engine_module
 from usage_middleware.models import Reservation
 
 PLAN = "plan:free@1"
@@ -156,3 +159,40 @@ async def test_concurrent_first_touches_share_lease_transactions(tmp_path: pathl
     assert query(path, "SELECT COUNT(*), SUM(used) FROM usage WHERE feature = ?", MANY) == [
         (200, 200)
     ]
+
+
+async def engine_lines_of_a_grant(path: pathlib.Path, n: int) -> int:
+    """Python lines of engine.py run by one grant (an admin write) with ``n`` slots in memory."""
+    customers = [f"org:c{i}" for i in range(n)]
+    async with LocalLedger(path, pricing=PRICING) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        await ledger.subscribe_many(customers, PLAN)
+        await asyncio.gather(*(use(ledger, c, MANY) for c in customers))
+        assert len(ledger._current) == n
+        lines = 0
+        filename = engine_module.__file__
+
+        def tracer(frame: FrameType, event: str, arg: Any) -> Any:
+            nonlocal lines
+            if frame.f_code.co_filename != filename:
+                return None
+            if event == "line":
+                lines += 1
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            await ledger.grant(customers[0], MANY, 5)
+        finally:
+            sys.settrace(None)
+        slot = ledger._current[customers[0], MANY]
+        assert slot.fresh_until == 0.0  # re-validated on its next use
+    return lines
+
+
+async def test_a_changed_customer_costs_no_walk_over_every_slot(tmp_path: pathlib.Path) -> None:
+    """Re-validating one changed customer's slots (after an admin write, or one another
+    process made) looks that customer up: the same work with 1,000 slots as with 50."""
+    small = await engine_lines_of_a_grant(tmp_path / "small.db", 50)
+    large = await engine_lines_of_a_grant(tmp_path / "large.db", 1000)
+    assert large < 2 * small, (small, large)

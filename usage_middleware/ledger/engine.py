@@ -337,6 +337,7 @@ class LeaseEngine(Ledger):
         self._lease_queue: list[tuple[LeaseRequest, asyncio.Future[LeaseGrant]]] = []
         self._lease_sending = False
         # The cap on slots: an eviction task runs while there are more (see _evict).
+        self._features: set[str] = set()  # every feature a slot was made for (a few)
         self._evicting = False
         # Units of evicted slots whose give-back failed (rolled back): retried each tick.
         self._orphans: list[tuple[str, str, str, int]] = []
@@ -734,6 +735,7 @@ class LeaseEngine(Ledger):
         grant = future.result()
         customer, feature = key
         old = self._current.get(key)
+        self._features.add(feature)
         if not grant.known or grant.end is None:
             slot = _Slot(customer, feature, "", _FAR_FUTURE)
             slot.known = False
@@ -992,8 +994,8 @@ class LeaseEngine(Ledger):
         self._valid_until = t + self._fresh_for
         # No per-tick walk over every customer: only changed customers' slots are touched.
         if changed is None or changed:
-            for slot in self._current.values():
-                if slot.known and (changed is None or slot.customer in changed):
+            for slot in self._slots_of(changed):
+                if slot.known:
                     slot.fresh_until = 0.0  # re-validate on next use
                     slot.denied_until = 0.0
         for key in lost:
@@ -1056,10 +1058,23 @@ class LeaseEngine(Ledger):
 
     def _changed(self, customers: set[str]) -> None:
         """After an admin write here: re-validate these customers' slots on next use."""
-        for slot in self._current.values():
-            if slot.customer in customers:
-                slot.fresh_until = 0.0
-                slot.denied_until = 0.0
+        for slot in self._slots_of(customers):
+            slot.fresh_until = 0.0
+            slot.denied_until = 0.0
+
+    def _slots_of(self, customers: set[str] | None) -> list[_Slot]:
+        """The current slots of ``customers`` (``None``: all): looked up per customer and
+        feature seen, so a few changed customers cost no walk over every slot."""
+        current = self._current
+        if customers is None or len(customers) * len(self._features) >= len(current):
+            return [s for s in current.values() if customers is None or s.customer in customers]
+        found = []
+        for customer in customers:
+            for feature in self._features:
+                slot = current.get((customer, feature))
+                if slot is not None:
+                    found.append(slot)
+        return found
 
     # -- internals: batched leases -------------------------------------------------------
 
