@@ -708,9 +708,9 @@ class LeaseEngine(Ledger):
         if give_back and slot is not None and slot.available:
             gives.append((slot.period, slot.available))
             slot.available = 0
-        backend = self._ready_backend()
+        self._ready_backend()  # (fails here when not open)
         want = self._lease_size if slot is None else max(slot.block, self._lease_size)
-        future = self._lease_call(backend, (key[0], key[1], now, need, want, gives))
+        future = self._lease_call((key[0], key[1], now, need, want, gives))
         future.add_done_callback(functools.partial(self._leased, key, t, slot, gives))
         self._leasing[key] = future
         return await asyncio.shield(future)
@@ -1078,7 +1078,7 @@ class LeaseEngine(Ledger):
 
     # -- internals: batched leases -------------------------------------------------------
 
-    def _lease_call(self, backend: LeaseStore, request: LeaseRequest) -> asyncio.Future[LeaseGrant]:
+    def _lease_call(self, request: LeaseRequest) -> asyncio.Future[LeaseGrant]:
         """Queue one lease for the next ``lease_many``; its grant's future.
 
         Like the group commit: the leases asked for in one loop iteration, or while a
@@ -1091,26 +1091,25 @@ class LeaseEngine(Ledger):
         self._lease_queue.append((request, future))
         if not self._lease_sending:
             self._lease_sending = True
-            self._loop.call_soon(self._send_leases, backend)
+            self._loop.call_soon(self._send_leases)
         return future
 
-    def _send_leases(self, backend: LeaseStore) -> None:
+    def _send_leases(self) -> None:
         queue = self._lease_queue[:_MAX_LEASES]
         del self._lease_queue[:_MAX_LEASES]
         if not queue:
             self._lease_sending = False
             return
         try:
-            sent = backend.lease_many([request for request, _ in queue])
+            sent = self._ready_backend().lease_many([request for request, _ in queue])
         except Exception as exc:  # (a store raising instead of failing its future)
             failed: asyncio.Future[list[LeaseGrant]] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             sent = failed
-        sent.add_done_callback(functools.partial(self._leases_sent, backend, queue))
+        sent.add_done_callback(functools.partial(self._leases_sent, queue))
 
     def _leases_sent(
         self,
-        backend: LeaseStore,
         queue: list[tuple[LeaseRequest, asyncio.Future[LeaseGrant]]],
         sent: asyncio.Future[list[LeaseGrant]],
     ) -> None:
@@ -1129,7 +1128,7 @@ class LeaseEngine(Ledger):
                 if not future.done():
                     future.set_exception(error)
         if self._lease_queue and self._loop is not None:
-            self._loop.call_soon(self._send_leases, backend)
+            self._loop.call_soon(self._send_leases)
         else:
             self._lease_sending = False
 
