@@ -199,3 +199,38 @@ async def test_a_changed_customer_costs_no_walk_over_every_slot(tmp_path: pathli
     small = await engine_lines_of_a_grant(tmp_path / "small.db", 50)
     large = await engine_lines_of_a_grant(tmp_path / "large.db", 1000)
     assert large < 2 * small, (small, large)
+
+
+async def test_an_evicted_slots_units_come_back_when_the_first_give_back_fails(
+    tmp_path: pathlib.Path,
+) -> None:
+    """If giving back evicted slots' units fails (rolled back), the next tick gives them
+    back: the file's lease rows end up exactly what the slots in memory hold."""
+    path = tmp_path / "usage.db"
+    customers = [f"org:c{i}" for i in range(30)]
+    async with LocalLedger(path, pricing=PRICING, max_slots=10) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        await ledger.subscribe_many(customers, PLAN)
+        store = ledger._store
+        assert store is not None
+        original = store.give_back
+        failed: list[int] = []
+
+        def failing(gives: Any) -> None:
+            if not failed:
+                failed.append(len(gives))
+                raise sqlite3.OperationalError("disk I/O error")
+            original(gives)
+
+        store.give_back = failing  # type: ignore[method-assign]
+        for customer in customers:
+            assert await use(ledger, customer, MANY)
+        await eventually(lambda: len(ledger._slots) <= 10 and not ledger._evicting)
+        await ledger.flush()
+        assert failed
+        assert sum(leased_in_file(path).values()) > sum(leased_in_memory(ledger).values())
+        await ledger._maintain()  # the tick retries the give-back
+        assert leased_in_file(path) == leased_in_memory(ledger)
+        assert query(path, "SELECT COUNT(*), SUM(used) FROM usage WHERE feature = ?", MANY) == [
+            (30, 30)
+        ]
