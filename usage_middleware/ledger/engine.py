@@ -61,7 +61,7 @@ _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 _UPKEEP_BATCH = 256  # idle leases returned per upkeep transaction (the loop runs between)
 _SWEEP = 4096  # slots the tick looks at (round-robin), so upkeep never walks every customer
 _KEEP_IDLE = 30.0  # seconds an idle lease leased far from the limit stays (for its next use)
-MAX_SLOTS = 50_000  # default cap on the slots in memory (about 0.5-1 KB each)
+MAX_SLOTS = 40_000  # default cap on the slots in memory (about 770 bytes each)
 _MAX_LEASES = 256  # leases per lease_many transaction
 
 #: Units given back: (customer, feature, period key, units).

@@ -114,7 +114,7 @@ class LocalLedger(LeaseEngine):
             live as long as their request").
         now: the clock for usage periods, returning an aware datetime; default UTC now.
         max_slots: the most (customer, feature, period) slots kept in memory, default
-            50,000 (about 0.5-1 KB each); beyond it the least recently used idle slots are
+            40,000 (about 770 bytes each); beyond it the least recently used idle slots are
             evicted, their leased units given back first (``docs/architecture.md``, "Many
             customers").
 
