@@ -927,7 +927,10 @@ class LeaseEngine(Ledger):
         t = time.monotonic()
         self._release_dropped()
         self._log_old_reservations(t)
-        await self._give_back_orphans()
+        try:
+            await self._give_back_orphans()
+        except Exception:  # (kept for the next tick; renewing comes first)
+            logger.exception("ledger %s: giving back evicted leases failed", self._label)
         gives: list[tuple[str, str, str, int]] = []
         givers: list[tuple[_Slot, int]] = []
         if not self._sweep:
