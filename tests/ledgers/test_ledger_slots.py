@@ -234,3 +234,39 @@ async def test_an_evicted_slots_units_come_back_when_the_first_give_back_fails(
         assert query(path, "SELECT COUNT(*), SUM(used) FROM usage WHERE feature = ?", MANY) == [
             (30, 30)
         ]
+
+
+async def test_a_failed_lease_in_a_batch_fails_only_its_own_request(
+    tmp_path: pathlib.Path,
+) -> None:
+    """When the store answers one lease of a batch with an error, that request is refused
+    with the error (503-style, ``err`` set) and the others of the batch are served."""
+    path = tmp_path / "usage.db"
+    customers = [f"org:c{i}" for i in range(3)]
+    async with LocalLedger(path, pricing=PRICING) as ledger:
+        assert isinstance(ledger, LocalLedger)
+        await ledger.subscribe_many(customers, PLAN)
+        store = ledger._store
+        assert store is not None
+        original = store.lease_many
+
+        def one_fails(requests: Any) -> list[Any]:
+            grants: list[Any] = original(requests)
+            for i, request in enumerate(requests):
+                if request[0] == customers[1]:
+                    grants[i] = sqlite3.OperationalError("disk I/O error")
+            return grants
+
+        store.lease_many = one_fails  # type: ignore[method-assign]
+        reservations = await asyncio.gather(*(ledger.reserve(c, MANY) for c in customers))
+        answers = [r.answer for r in reservations]
+        assert [a.ok for a in answers] == [True, False, True]
+        assert isinstance(answers[1].err, sqlite3.OperationalError)
+        for reservation in reservations:
+            if reservation.answer.ok:
+                await ledger.commit(reservation)
+        await ledger.flush()
+    assert query(path, "SELECT customer, used FROM usage ORDER BY customer") == [
+        (customers[0], 1),
+        (customers[2], 1),
+    ]

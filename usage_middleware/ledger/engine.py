@@ -49,7 +49,16 @@ from .base import (
 )
 from .store import LeaseGrant, LeaseRequest, StoredCharge
 
-__all__ = ["MAX_SLOTS", "Gives", "LeaseEngine", "LeaseStore", "Settled", "Upkept"]
+__all__ = [
+    "MAX_SLOTS",
+    "Gives",
+    "LeaseEngine",
+    "LeaseStore",
+    "Leased",
+    "Settled",
+    "Upkept",
+    "lease_each",
+]
 
 logger = logging.getLogger("usage_middleware.ledger")
 
@@ -96,9 +105,11 @@ class LeaseStore(Protocol):
         they are free (see :meth:`LedgerStore.lease <.store.LedgerStore.lease>`)."""
         ...
 
-    def lease_many(self, requests: Sequence[LeaseRequest]) -> asyncio.Future[list[LeaseGrant]]:
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> asyncio.Future[Leased]:
         """:meth:`lease` for many customers in one atomic step; one grant per request, in
-        order (the engine batches concurrent first touches into one call)."""
+        order (the engine batches concurrent first touches into one call). An item may be
+        the exception its request failed with, as :meth:`lease` would have failed (a
+        failed future fails them all); :func:`lease_each` makes one from :meth:`lease`."""
         ...
 
     def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
@@ -123,6 +134,18 @@ class LeaseStore(Protocol):
         """Give back every lease of this owner and release the store (after the engine
         wrote everything it could)."""
         ...
+
+
+#: What :meth:`LeaseStore.lease_many` gives per request: its grant, or what it failed with.
+Leased = Sequence[LeaseGrant | BaseException]
+
+
+def lease_each(
+    lease: Callable[..., asyncio.Future[LeaseGrant]], requests: Sequence[LeaseRequest]
+) -> asyncio.Future[list[LeaseGrant | BaseException]]:
+    """A :meth:`LeaseStore.lease_many` for a store that leases one key per call: ``lease``
+    once per request, concurrently, each request with its own outcome."""
+    return asyncio.gather(*(lease(*request) for request in requests), return_exceptions=True)
 
 
 def _utc(clock: Callable[[], datetime], owner: str) -> datetime:
@@ -1106,7 +1129,7 @@ class LeaseEngine(Ledger):
         try:
             sent = self._ready_backend().lease_many([request for request, _ in queue])
         except Exception as exc:  # (a store raising instead of failing its future)
-            failed: asyncio.Future[list[LeaseGrant]] = asyncio.get_running_loop().create_future()
+            failed: asyncio.Future[Leased] = asyncio.get_running_loop().create_future()
             failed.set_exception(exc)
             sent = failed
         sent.add_done_callback(functools.partial(self._leases_sent, queue))
@@ -1114,7 +1137,7 @@ class LeaseEngine(Ledger):
     def _leases_sent(
         self,
         queue: list[tuple[LeaseRequest, asyncio.Future[LeaseGrant]]],
-        sent: asyncio.Future[list[LeaseGrant]],
+        sent: asyncio.Future[Leased],
     ) -> None:
         """Hand each request its grant (or the batch's failure), then send what queued."""
         error: BaseException | None = None
@@ -1124,7 +1147,11 @@ class LeaseEngine(Ledger):
             error = sent.exception()
         if error is None:
             for (_, future), grant in zip(queue, sent.result(), strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(grant, BaseException):
+                    future.set_exception(grant)
+                else:
                     future.set_result(grant)
         else:
             for _, future in queue:

@@ -28,7 +28,7 @@ from ..models import UsageEvent, check_customer, check_feature, check_units
 from ..pricing import Pricing, load_pricing
 from ..provider import ProviderState
 from .base import FeatureUsage
-from .engine import MAX_SLOTS, Gives, LeaseEngine, Settled, Upkept
+from .engine import MAX_SLOTS, Gives, Leased, LeaseEngine, Settled, Upkept
 from .store import LeaseGrant, LeaseRequest, LedgerStore, StoredCharge
 
 __all__ = ["LocalLedger"]
@@ -62,13 +62,16 @@ class _SQLiteLeases:
     ) -> asyncio.Future[LeaseGrant]:
         return self._runner.run(self._store.lease, customer, feature, at, need, want, gives)
 
-    def lease_many(self, requests: Sequence[LeaseRequest]) -> asyncio.Future[list[LeaseGrant]]:
-        if len(requests) == 1:
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> asyncio.Future[Leased]:
+        if len(requests) == 1:  # (one lease: LedgerStore.lease, which tests count)
             return self._runner.run(self._lease_one, requests[0])
-        return self._runner.run(self._store.lease_many, requests)
+        return self._runner.run(self._lease_all, requests)
 
-    def _lease_one(self, request: LeaseRequest) -> list[LeaseGrant]:
+    def _lease_one(self, request: LeaseRequest) -> Leased:
         return [self._store.lease(*request)]
+
+    def _lease_all(self, requests: Sequence[LeaseRequest]) -> Leased:
+        return self._store.lease_many(requests)
 
     def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
         return self._runner.run(self._store.flush, batch)
