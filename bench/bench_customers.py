@@ -19,6 +19,7 @@ N's ledger is checked: units charged == 200 responses.
 
     python bench/bench_customers.py                  # LocalLedger, about 2-3 minutes
     python bench/bench_customers.py --quick          # shorter phases, under a minute or so
+    python bench/bench_customers.py --max-slots 200000  # no eviction at N = 100,000
     python bench/bench_customers.py --ledger redis   # RedisLedger on a redis-server started
                                                      # on a free loopback port
 
@@ -131,7 +132,8 @@ async def one_size(n: int, args: argparse.Namespace, directory: Path, url: str |
     gc.collect()
     path = directory / f"customers-{n}.db"
     if args.ledger == "local":
-        ledger: Any = LocalLedger(path, pricing=PRICING)
+        slots = {} if args.max_slots is None else {"max_slots": args.max_slots}
+        ledger: Any = LocalLedger(path, pricing=PRICING, **slots)
     else:
         from usage_middleware.ledger.redis import RedisLedger
 
@@ -243,6 +245,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=None, help="measured seconds per N")
     parser.add_argument(
         "--sizes", default="", help="comma-separated N (default 1,1000,10000,100000)"
+    )
+    parser.add_argument(
+        "--max-slots", type=int, default=None, help="LocalLedger(max_slots=...), default its own"
     )
     args = parser.parse_args()
     if args.seconds is None:

@@ -24,7 +24,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from asgiref.typing import HTTPScope
 
@@ -47,9 +47,18 @@ from .base import (
     REASON_UNKNOWN,
     Ledger,
 )
-from .store import LeaseGrant, StoredCharge
+from .store import LeaseGrant, LeaseRequest, StoredCharge
 
-__all__ = ["Gives", "LeaseEngine", "LeaseStore", "Settled", "Upkept"]
+__all__ = [
+    "MAX_SLOTS",
+    "Gives",
+    "LeaseEngine",
+    "LeaseStore",
+    "Leased",
+    "Settled",
+    "Upkept",
+    "lease_each",
+]
 
 logger = logging.getLogger("usage_middleware.ledger")
 
@@ -61,6 +70,8 @@ _FAR_FUTURE = datetime.max.replace(tzinfo=UTC)
 _UPKEEP_BATCH = 256  # idle leases returned per upkeep transaction (the loop runs between)
 _SWEEP = 4096  # slots the tick looks at (round-robin), so upkeep never walks every customer
 _KEEP_IDLE = 30.0  # seconds an idle lease leased far from the limit stays (for its next use)
+MAX_SLOTS = 40_000  # default cap on the slots in memory (about 770 bytes each)
+_MAX_LEASES = 256  # leases per lease_many transaction
 
 #: Units given back: (customer, feature, period key, units).
 Gives = Sequence[tuple[str, str, str, int]]
@@ -94,6 +105,13 @@ class LeaseStore(Protocol):
         they are free (see :meth:`LedgerStore.lease <.store.LedgerStore.lease>`)."""
         ...
 
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> asyncio.Future[Leased]:
+        """:meth:`lease` for many customers in one atomic step; one grant per request, in
+        order (the engine batches concurrent first touches into one call). An item may be
+        the exception its request failed with, as :meth:`lease` would have failed (a
+        failed future fails them all); :func:`lease_each` makes one from :meth:`lease`."""
+        ...
+
     def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
         """Apply group-committed charges (usage, credits, the lease shrunk by the
         lease-funded units); the (used, balance) of every key written."""
@@ -116,6 +134,19 @@ class LeaseStore(Protocol):
         """Give back every lease of this owner and release the store (after the engine
         wrote everything it could)."""
         ...
+
+
+#: What :meth:`LeaseStore.lease_many` gives per request: its grant, or what it failed with.
+Leased = Sequence[LeaseGrant | BaseException]
+
+
+def lease_each(
+    lease: Callable[..., asyncio.Future[LeaseGrant]], requests: Sequence[LeaseRequest]
+) -> asyncio.Future[Leased]:
+    """A :meth:`LeaseStore.lease_many` for a store that leases one key per call: ``lease``
+    once per request, concurrently, each request with its own outcome."""
+    gathered = asyncio.gather(*(lease(*request) for request in requests), return_exceptions=True)
+    return cast("asyncio.Future[Leased]", gathered)
 
 
 def _utc(clock: Callable[[], datetime], owner: str) -> datetime:
@@ -237,6 +268,10 @@ class LeaseEngine(Ledger):
         reservation_timeout: ``None``, or seconds after which an unsettled reservation is
             logged (once).
         now: the clock for usage periods (aware datetimes); default UTC now.
+        max_slots: the most (customer, feature, period) slots kept in memory (>= 1);
+            beyond it the least recently used idle ones are evicted, their leased units
+            given back first (a slot with a request in flight or a charge not yet written
+            is never evicted).
 
     Raises:
         ConfigurationError: a number is out of range.
@@ -250,9 +285,12 @@ class LeaseEngine(Ledger):
         flush_interval: float,
         reservation_timeout: float | None,
         now: Callable[[], datetime] | None,
+        max_slots: int = MAX_SLOTS,
     ) -> None:
         super().__init__()
         check_units(lease_size, what="lease_size", setting=True)
+        check_units(max_slots, what="max_slots", setting=True)
+        self._max_slots = max_slots
         for what, value in (("lease_ttl", lease_ttl), ("reservation_timeout", reservation_timeout)):
             if what == "reservation_timeout" and value is None:
                 continue
@@ -318,6 +356,15 @@ class LeaseEngine(Ledger):
         # Monotonic time until which every lease row of this process is known alive (set by
         # each upkeep that renewed them): the hot path serves from a lease only before it.
         self._valid_until = 0.0
+        # Leases asked for and not yet sent: one lease_many per loop iteration (or per
+        # transaction in flight), like the group commit (see _lease_call).
+        self._lease_queue: list[tuple[LeaseRequest, asyncio.Future[LeaseGrant]]] = []
+        self._lease_sending = False
+        # The cap on slots: an eviction task runs while there are more (see _evict).
+        self._features: set[str] = set()  # every feature a slot was made for (a few)
+        self._evicting = False
+        # Units of evicted slots whose give-back failed (rolled back): retried each tick.
+        self._orphans: list[tuple[str, str, str, int]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -378,6 +425,8 @@ class LeaseEngine(Ledger):
             self._locks.clear()
             self._leasing.clear()
             self._tasks.clear()
+            self._drop_lease_queue()
+            self._orphans.clear()  # close gave back every lease of this owner
             self._loop = self._wake = self._backend = None
 
     async def flush(self) -> None:
@@ -659,6 +708,11 @@ class LeaseEngine(Ledger):
         if running is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(running)
+            # Done, but its result (_leased, a callback) may still be queued: let it run.
+            for _ in range(3):
+                if self._leasing.get(key) is not running:
+                    break
+                await asyncio.sleep(0)
 
     async def _lease(
         self,
@@ -679,9 +733,9 @@ class LeaseEngine(Ledger):
         if give_back and slot is not None and slot.available:
             gives.append((slot.period, slot.available))
             slot.available = 0
-        backend = self._ready_backend()
+        self._ready_backend()  # (fails here when not open)
         want = self._lease_size if slot is None else max(slot.block, self._lease_size)
-        future = backend.lease(key[0], key[1], now, need, want, gives)
+        future = self._lease_call((key[0], key[1], now, need, want, gives))
         future.add_done_callback(functools.partial(self._leased, key, t, slot, gives))
         self._leasing[key] = future
         return await asyncio.shield(future)
@@ -706,6 +760,7 @@ class LeaseEngine(Ledger):
         grant = future.result()
         customer, feature = key
         old = self._current.get(key)
+        self._features.add(feature)
         if not grant.known or grant.end is None:
             slot = _Slot(customer, feature, "", _FAR_FUTURE)
             slot.known = False
@@ -713,10 +768,13 @@ class LeaseEngine(Ledger):
             self._unknown.add(key)
             slot.fresh_until = slot.denied_until = t + self._deny_for
         else:
-            slot = self._slots.get((customer, feature, grant.period)) or _Slot(
-                customer, feature, grant.period, grant.end
-            )
-            self._slots[customer, feature, grant.period] = slot
+            found = self._slots.get((customer, feature, grant.period))
+            if found is None:
+                slot = _Slot(customer, feature, grant.period, grant.end)
+                self._slots[customer, feature, grant.period] = slot
+                self._over_cap()
+            else:
+                slot = found
             slot.retired = False
             slot.limit = grant.limit
             slot.unlimited = grant.limit >= UNLIMITED
@@ -817,6 +875,7 @@ class LeaseEngine(Ledger):
             )
             slot.dirty = False
             slot.unflushed = slot.unflushed_leased = slot.unflushed_requests = 0
+            slot.unflushed_at = 0.0  # (a float object less per idle slot)
             taken.append(share)
             stored.append(
                 (
@@ -893,6 +952,10 @@ class LeaseEngine(Ledger):
         t = time.monotonic()
         self._release_dropped()
         self._log_old_reservations(t)
+        try:
+            await self._give_back_orphans()
+        except Exception:  # (kept for the next tick; renewing comes first)
+            logger.exception("ledger %s: giving back evicted leases failed", self._label)
         gives: list[tuple[str, str, str, int]] = []
         givers: list[tuple[_Slot, int]] = []
         if not self._sweep:
@@ -959,8 +1022,8 @@ class LeaseEngine(Ledger):
         self._valid_until = t + self._fresh_for
         # No per-tick walk over every customer: only changed customers' slots are touched.
         if changed is None or changed:
-            for slot in self._current.values():
-                if slot.known and (changed is None or slot.customer in changed):
+            for slot in self._slots_of(changed):
+                if slot.known:
                     slot.fresh_until = 0.0  # re-validate on next use
                     slot.denied_until = 0.0
         for key in lost:
@@ -1023,10 +1086,180 @@ class LeaseEngine(Ledger):
 
     def _changed(self, customers: set[str]) -> None:
         """After an admin write here: re-validate these customers' slots on next use."""
-        for slot in self._current.values():
-            if slot.customer in customers:
-                slot.fresh_until = 0.0
-                slot.denied_until = 0.0
+        for slot in self._slots_of(customers):
+            slot.fresh_until = 0.0
+            slot.denied_until = 0.0
+
+    def _slots_of(self, customers: set[str] | None) -> list[_Slot]:
+        """The current slots of ``customers`` (``None``: all): looked up per customer and
+        feature seen, so a few changed customers cost no walk over every slot."""
+        current = self._current
+        if customers is None or len(customers) * len(self._features) >= len(current):
+            return [s for s in current.values() if customers is None or s.customer in customers]
+        found = []
+        for customer in customers:
+            for feature in self._features:
+                slot = current.get((customer, feature))
+                if slot is not None:
+                    found.append(slot)
+        return found
+
+    # -- internals: batched leases -------------------------------------------------------
+
+    def _lease_call(self, request: LeaseRequest) -> asyncio.Future[LeaseGrant]:
+        """Queue one lease for the next ``lease_many``; its grant's future.
+
+        Like the group commit: the leases asked for in one loop iteration, or while a
+        ``lease_many`` is in flight, go together in the next one (up to ``_MAX_LEASES``), so
+        many customers' first touches cost one transaction, and a lone lease waits no more
+        than a loop iteration.
+        """
+        assert self._loop is not None
+        future: asyncio.Future[LeaseGrant] = self._loop.create_future()
+        self._lease_queue.append((request, future))
+        if not self._lease_sending:
+            self._lease_sending = True
+            self._loop.call_soon(self._send_leases)
+        return future
+
+    def _send_leases(self) -> None:
+        queue = self._lease_queue[:_MAX_LEASES]
+        del self._lease_queue[:_MAX_LEASES]
+        if not queue:
+            self._lease_sending = False
+            return
+        try:
+            sent = self._ready_backend().lease_many([request for request, _ in queue])
+        except Exception as exc:  # (a store raising instead of failing its future)
+            failed: asyncio.Future[Leased] = asyncio.get_running_loop().create_future()
+            failed.set_exception(exc)
+            sent = failed
+        sent.add_done_callback(functools.partial(self._leases_sent, queue))
+
+    def _leases_sent(
+        self,
+        queue: list[tuple[LeaseRequest, asyncio.Future[LeaseGrant]]],
+        sent: asyncio.Future[Leased],
+    ) -> None:
+        """Hand each request its grant (or the batch's failure), then send what queued."""
+        error: BaseException | None = None
+        if sent.cancelled():
+            error = asyncio.CancelledError()
+        else:
+            error = sent.exception()
+        if error is None:
+            for (_, future), grant in zip(queue, sent.result(), strict=True):
+                if future.done():
+                    continue
+                if isinstance(grant, BaseException):
+                    future.set_exception(grant)
+                else:
+                    future.set_result(grant)
+        else:
+            for _, future in queue:
+                if not future.done():
+                    future.set_exception(error)
+        if self._lease_queue and self._loop is not None:
+            self._loop.call_soon(self._send_leases)
+        else:
+            self._lease_sending = False
+
+    def _drop_lease_queue(self) -> None:
+        """On close: fail the leases not sent (their requests answer "closed")."""
+        queue, self._lease_queue = self._lease_queue, []
+        self._lease_sending = False
+        for _, future in queue:
+            if not future.done():
+                future.set_exception(ConfigurationError(f"{type(self).__name__} is closed"))
+
+    # -- internals: the cap on slots -------------------------------------------------------
+
+    def _over_cap(self) -> None:
+        """After a slot was added: start evicting if there are more than ``max_slots``."""
+        if len(self._slots) > self._max_slots and not self._evicting and self._loop is not None:
+            self._evicting = True
+            self._spawn(self._evict())
+
+    async def _evict(self) -> None:
+        """Evict least recently used idle slots until ``max_slots`` hold, giving back their
+        leased units (``_UPKEEP_BATCH`` per transaction, yielding between transactions)."""
+        try:
+            while len(self._slots) > self._max_slots and self.state is ProviderState.OPEN:
+                # Some headroom, so the next new customers do not each start an eviction.
+                excess = len(self._slots) - self._max_slots + self._max_slots // 64
+                evicted, gives = self._pick_victims(min(excess, _UPKEEP_BATCH))
+                if gives:
+                    given = self._ready_backend().give_back(gives)
+                    given.add_done_callback(functools.partial(self._orphaned, gives))
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(given)
+                if evicted:
+                    await asyncio.sleep(0)
+                elif self._batch or self._inflight:
+                    # The slots looked at have charges not yet written: write them now (the
+                    # group commit, early), so they can go.
+                    try:
+                        await self._flush_all()
+                    except Exception:
+                        await asyncio.sleep(self._tick)  # the flusher logs and retries
+                else:
+                    await asyncio.sleep(0.01)  # every slot looked at has a request in flight
+        finally:
+            self._evicting = False
+
+    def _pick_victims(self, count: int) -> tuple[int, list[tuple[str, str, str, int]]]:
+        """Take up to ``count`` idle slots out of memory, least recently used first (among
+        the oldest ``4 * count`` slots); return how many, and their leased units to give
+        back.
+
+        A slot is idle when no request holds units of it, no charge of it is unwritten and
+        no lease of its key is being taken. Slots looked at and kept move to the back, so
+        the next pass looks at others (a clock over the slots, no walk over all of them).
+        """
+        looked: list[tuple[tuple[str, str, str], _Slot]] = []
+        for item in self._slots.items():
+            looked.append(item)
+            if len(looked) >= 4 * count:
+                break
+        idle = [
+            (slot.touched, pk)
+            for pk, slot in looked
+            if not (slot.held or slot.pending or slot.dirty or slot.refilling)
+            and pk[:2] not in self._locks
+            and pk[:2] not in self._leasing
+        ]
+        idle.sort()
+        victims = {pk for _, pk in idle[:count]}
+        gives: list[tuple[str, str, str, int]] = []
+        for pk, slot in looked:
+            del self._slots[pk]
+            if pk not in victims:
+                self._slots[pk] = slot  # to the back
+                continue
+            slot.retired = True
+            if self._current.get(pk[:2]) is slot:
+                del self._current[pk[:2]]
+            if slot.available:
+                gives.append((slot.customer, slot.feature, slot.period, slot.available))
+                slot.available = 0
+        return len(victims), gives
+
+    def _orphaned(self, gives: Gives, future: asyncio.Future[Any]) -> None:
+        """A give-back of evicted slots' units failed: retry it at the next tick (when
+        failures roll back; else the units stay parked in the store until they expire)."""
+        if (future.cancelled() or future.exception() is not None) and getattr(
+            self, "_failures_roll_back", True
+        ):
+            self._orphans.extend(gives)
+
+    async def _give_back_orphans(self) -> None:
+        """Give back the units of evicted slots whose first give-back failed."""
+        while self._orphans:
+            gives = self._orphans[:_UPKEEP_BATCH]
+            del self._orphans[:_UPKEEP_BATCH]
+            given = self._ready_backend().give_back(gives)
+            given.add_done_callback(functools.partial(self._orphaned, gives))
+            await asyncio.shield(given)
 
     # -- hooks -----------------------------------------------------------------------------
 

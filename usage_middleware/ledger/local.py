@@ -29,8 +29,8 @@ from ..models import UsageEvent, check_customer, check_feature, check_units
 from ..pricing import Pricing, load_pricing
 from ..provider import ProviderState
 from .base import FeatureUsage
-from .engine import Gives, LeaseEngine, Settled, Upkept
-from .store import LeaseGrant, LedgerStore, StoredCharge
+from .engine import MAX_SLOTS, Gives, Leased, LeaseEngine, Settled, Upkept
+from .store import LeaseGrant, LeaseRequest, LedgerStore, StoredCharge
 
 __all__ = ["LocalLedger"]
 
@@ -62,6 +62,17 @@ class _SQLiteLeases:
         gives: Sequence[tuple[str, int]],
     ) -> asyncio.Future[LeaseGrant]:
         return self._runner.run(self._store.lease, customer, feature, at, need, want, gives)
+
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> asyncio.Future[Leased]:
+        if len(requests) == 1:  # (one lease: LedgerStore.lease, which tests count)
+            return self._runner.run(self._lease_one, requests[0])
+        return self._runner.run(self._lease_all, requests)
+
+    def _lease_one(self, request: LeaseRequest) -> Leased:
+        return [self._store.lease(*request)]
+
+    def _lease_all(self, requests: Sequence[LeaseRequest]) -> Leased:
+        return self._store.lease_many(requests)
 
     def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
         return self._runner.run(self._store.flush, batch)
@@ -106,6 +117,10 @@ class LocalLedger(LeaseEngine):
             reservation is settled or garbage-collected (``docs/architecture.md``, "Holds
             live as long as their request").
         now: the clock for usage periods, returning an aware datetime; default UTC now.
+        max_slots: the most (customer, feature, period) slots kept in memory, default
+            40,000 (about 770 bytes each); beyond it the least recently used idle slots are
+            evicted, their leased units given back first (``docs/architecture.md``, "Many
+            customers").
 
     Raises:
         ConfigurationError: a numeric argument is out of range.
@@ -124,6 +139,7 @@ class LocalLedger(LeaseEngine):
         flush_interval: float = 0.005,
         reservation_timeout: float | None = None,
         now: Callable[[], datetime] | None = None,
+        max_slots: int = MAX_SLOTS,
     ) -> None:
         super().__init__(
             lease_size=lease_size,
@@ -131,6 +147,7 @@ class LocalLedger(LeaseEngine):
             flush_interval=flush_interval,
             reservation_timeout=reservation_timeout,
             now=now,
+            max_slots=max_slots,
         )
         self.path = os.fspath(path)
         self._label = self.path

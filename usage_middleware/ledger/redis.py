@@ -128,8 +128,8 @@ from ..pricing import (
 from ..provider import FailurePolicy, ProviderState, on_another_loop
 from . import _redis_scripts as scripts
 from .base import REASON_FAILED, FeatureUsage, usage_rows
-from .engine import Gives, LeaseEngine, Settled, Upkept
-from .store import LeaseGrant, StoredCharge, period_key
+from .engine import Gives, Leased, LeaseEngine, Settled, Upkept, lease_each
+from .store import LeaseGrant, LeaseRequest, StoredCharge, period_key
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis, RedisCluster
@@ -317,6 +317,11 @@ class _RedisLeases:
         gives: Sequence[tuple[str, int]],
     ) -> asyncio.Future[LeaseGrant]:
         return self._task(self._lease(customer, feature, at, need, want, gives))
+
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> asyncio.Future[Leased]:
+        """One script call per request, concurrently (each customer's keys live in its own
+        hash slot, so one script cannot lease for several customers on Redis Cluster)."""
+        return lease_each(self.lease, requests)
 
     def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
         return self._task(self._flush(batch))

@@ -27,7 +27,7 @@ from ..models import UNLIMITED, UsageEvent
 from ..pricing import DEFAULT_INTERVAL, Interval, Plan, Pricing, loads_pricing, period_bounds
 from .base import FeatureUsage, usage_rows
 
-__all__ = ["LeaseGrant", "LedgerStore", "StoredCharge", "cannot_open", "period_key"]
+__all__ = ["LeaseGrant", "LeaseRequest", "LedgerStore", "StoredCharge", "cannot_open", "period_key"]
 
 logger = logging.getLogger("usage_middleware.ledger")
 
@@ -140,6 +140,10 @@ def _capped_add_args(units: int) -> tuple[int, int, int]:
     return UNLIMITED - units, UNLIMITED, units
 
 
+#: One lease of :meth:`LedgerStore.lease_many`: customer, feature, the time (its period),
+#: units needed, units wanted, and the (period, units) given back first.
+LeaseRequest = tuple[str, str, datetime, int, int, Sequence[tuple[str, int]]]
+
 #: One (customer, feature, period)'s charges in a group commit, for :meth:`LedgerStore.flush`:
 #: customer, feature, period key, the limit they were leased under, units, how many of those
 #: came from this owner's lease, how many requests, and the last charge's time (epoch s).
@@ -191,13 +195,20 @@ class LedgerStore:
         self._read_only = False
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._busy_wait: _sqlite.BusyWait | None = None
-        self._rows: dict[tuple[str, str], dict[str, int]] = {}
+        # (customer, feature, period) -> units: flat, one small entry per lease (memory per
+        # customer); _periods counts the rows per period, so a key's periods are found by
+        # probing the few periods in use.
+        self._rows: dict[tuple[str, str, str], int] = {}
+        self._periods: dict[str, int] = {}
         # Wall time of the last maintain() that committed: until renewed_at + lease_ttl / 2
         # none of this owner's rows can have expired (maintain renews every row that would).
         self._renewed_at = -float("inf")
-        # This transaction's writes to this owner's lease rows: (customer, feature) ->
-        # period -> units, indexed by key so a transaction touching many keys stays linear.
-        self._staged: dict[tuple[str, str], dict[str, int]] = {}
+        # This transaction's writes to this owner's lease rows, (customer, feature, period)
+        # -> units, indexed by key so a transaction touching many keys stays linear; and
+        # the periods they are in.
+        self._staged: dict[tuple[str, str, str], int] = {}
+        self._staged_periods: set[str] = set()
+        self._ends: dict[str, datetime] = {}  # period key -> its end (shared by the grants)
 
     # -- connection ----------------------------------------------------------------------
 
@@ -351,6 +362,7 @@ class LedgerStore:
             with self._write():
                 self.conn.execute("DELETE FROM leases WHERE owner = ?", (self.owner,))
             self._rows.clear()
+            self._periods.clear()
         finally:
             self.conn.close()
             self._conn = None
@@ -358,21 +370,25 @@ class LedgerStore:
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
         self._staged = {}
+        self._staged_periods = set()
         try:
             with _sqlite.write(self.conn):
                 yield
         except BaseException:
             self._staged = {}
             raise
-        for key, periods in self._staged.items():
-            rows = self._rows.setdefault(key, {})
-            for period, units in periods.items():
-                if units > 0:
-                    rows[period] = units
+        rows, periods = self._rows, self._periods
+        for key, units in self._staged.items():
+            if units > 0:
+                if key not in rows:
+                    periods[key[2]] = periods.get(key[2], 0) + 1
+                rows[key] = units
+            elif rows.pop(key, None) is not None:
+                left = periods[key[2]] - 1
+                if left:
+                    periods[key[2]] = left
                 else:
-                    rows.pop(period, None)
-            if not rows:
-                del self._rows[key]
+                    del periods[key[2]]
         self._staged = {}
 
     def _read(self) -> contextlib.AbstractContextManager[None]:
@@ -425,9 +441,13 @@ class LedgerStore:
         ).fetchone()
         return 0 if row is None else int(row[0])
 
-    def _plan_of(self, customer: str) -> tuple[bool, Plan | None, str | None]:
-        """(known, plan or None, the subscribed plan's name) for a customer."""
-        self._refresh_pricing()
+    def _plan_of(
+        self, customer: str, *, refresh: bool = True
+    ) -> tuple[bool, Plan | None, str | None]:
+        """(known, plan or None, the subscribed plan's name) for a customer (``refresh``
+        False: the pricing was read in this transaction already)."""
+        if refresh:
+            self._refresh_pricing()
         row = self.conn.execute(
             "SELECT plan FROM subscriptions WHERE customer = ?", (customer,)
         ).fetchone()
@@ -444,15 +464,19 @@ class LedgerStore:
 
     def _own_rows(self, customer: str, feature: str) -> dict[str, int]:
         """This owner's lease rows for (customer, feature) as of now in the transaction."""
-        rows = dict(self._rows.get((customer, feature), {}))
-        rows.update(self._staged.get((customer, feature), {}))
-        return {period: units for period, units in rows.items() if units > 0}
+        rows: dict[str, int] = {}
+        for period in (*self._periods, *self._staged_periods):
+            units = self._row(customer, feature, period)
+            if units > 0:
+                rows[period] = units
+        return rows
 
     def _row(self, customer: str, feature: str, period: str) -> int:
-        staged = self._staged.get((customer, feature), {}).get(period)
+        key = (customer, feature, period)
+        staged = self._staged.get(key)
         if staged is not None:
             return staged
-        return self._rows.get((customer, feature), {}).get(period, 0)
+        return self._rows.get(key, 0)
 
     def _claim(self, customer: str, feature: str, period: str, units: int, now: float) -> None:
         """Set this owner's lease row to ``units`` and renew it (after a capacity check)."""
@@ -465,7 +489,8 @@ class LedgerStore:
             " DO UPDATE SET units = excluded.units, expires_at = excluded.expires_at",
             (customer, feature, period, self.owner, units, now + self.lease_ttl),
         )
-        self._staged.setdefault((customer, feature), {})[period] = units
+        self._staged[customer, feature, period] = units
+        self._staged_periods.add(period)
 
     def _shrink(self, customer: str, feature: str, period: str, units: int, now: float) -> None:
         """Take ``units`` off this owner's lease row; never revives an expired row."""
@@ -483,7 +508,8 @@ class LedgerStore:
                 " AND owner = ? AND expires_at >= ?",
                 (left, *key, now),
             )
-        self._staged.setdefault((customer, feature), {})[period] = max(0, left)
+        self._staged[customer, feature, period] = max(0, left)
+        self._staged_periods.add(period)
 
     def _taken_elsewhere(
         self, customer: str, feature: str, period: str, limit: int, now: float
@@ -555,39 +581,63 @@ class LedgerStore:
         The block taken is ``min(want, free // 4)`` units, at least ``need``, where ``free``
         is what no live lease holds (so near the limit blocks shrink to what is asked).
         """
+        return self.lease_many([(customer, feature, at, need, want, gives)])[0]
+
+    def lease_many(self, requests: Sequence[LeaseRequest]) -> list[LeaseGrant]:
+        """:meth:`lease` for many (customer, feature) at once, in one transaction.
+
+        One grant per request, in order. Requests are applied one after the other, so two
+        of the same key see each other's lease.
+        """
         now = time.time()
         with self._write():
-            for period, units in gives:
-                self._shrink(customer, feature, period, units, now)
-            known, plan, _ = self._plan_of(customer)
-            if not known:
-                return LeaseGrant(known=False)
-            interval: Interval = DEFAULT_INTERVAL if plan is None else plan.interval
-            start, end = period_bounds(interval, at)
-            period = period_key(start, end)
-            plan_feature = None if plan is None else plan.features.get(feature)
-            limit = 0 if plan_feature is None else plan_feature.limit
-            grant = LeaseGrant(
-                known=True,
-                in_plan=plan_feature is not None,
-                end=end,
-                period=period,
-                limit=limit,
-                used=self._used(customer, feature, period),
-                credits=max(0, self._balance(customer, feature)),
-            )
-            if limit >= UNLIMITED:
-                return grant
-            grant.others = self._taken_elsewhere(customer, feature, period, limit, now)
-            mine = self._row(customer, feature, period)
-            free = max(0, limit - grant.used) + grant.credits - grant.others - mine
-            if need <= free:
-                grant.take = min(free, max(need, min(want, free // 4)))
-            grant.spare = max(0, free - grant.take)
-            grant.roomy = grant.spare >= 4 * want
-            if grant.take or mine:
-                self._claim(customer, feature, period, mine + grant.take, now)
+            self._refresh_pricing()
+            return [self._lease(*request, now) for request in requests]
+
+    def _lease(
+        self,
+        customer: str,
+        feature: str,
+        at: datetime,
+        need: int,
+        want: int,
+        gives: Sequence[tuple[str, int]],
+        now: float,
+    ) -> LeaseGrant:
+        for period, units in gives:
+            self._shrink(customer, feature, period, units, now)
+        known, plan, _ = self._plan_of(customer, refresh=False)
+        if not known:
+            return LeaseGrant(known=False)
+        interval: Interval = DEFAULT_INTERVAL if plan is None else plan.interval
+        start, end = period_bounds(interval, at)
+        period = period_key(start, end)
+        if len(self._ends) > 64:
+            self._ends.clear()
+        end = self._ends.setdefault(period, end)  # one datetime per period, not per slot
+        plan_feature = None if plan is None else plan.features.get(feature)
+        limit = 0 if plan_feature is None else plan_feature.limit
+        grant = LeaseGrant(
+            known=True,
+            in_plan=plan_feature is not None,
+            end=end,
+            period=period,
+            limit=limit,
+            used=self._used(customer, feature, period),
+            credits=max(0, self._balance(customer, feature)),
+        )
+        if limit >= UNLIMITED:
             return grant
+        grant.others = self._taken_elsewhere(customer, feature, period, limit, now)
+        mine = self._row(customer, feature, period)
+        free = max(0, limit - grant.used) + grant.credits - grant.others - mine
+        if need <= free:
+            grant.take = min(free, max(need, min(want, free // 4)))
+        grant.spare = max(0, free - grant.take)
+        grant.roomy = grant.spare >= 4 * want
+        if grant.take or mine:
+            self._claim(customer, feature, period, mine + grant.take, now)
+        return grant
 
     def flush(self, batch: Sequence[StoredCharge]) -> dict[tuple[str, str, str], tuple[int, int]]:
         """Write group-committed charges in one transaction; return (used, balance) per key.
@@ -628,7 +678,7 @@ class LedgerStore:
                     self._flush_entry(entry, now, result)
                 return result
             for entry in batch:
-                staged = {key: dict(periods) for key, periods in self._staged.items()}
+                staged = dict(self._staged)
                 self.conn.execute("SAVEPOINT charge")
                 try:
                     self._charge_row(entry)
@@ -732,8 +782,8 @@ class LedgerStore:
                 )
                 lost = {
                     (customer, feature, period)
-                    for customer, feature in {*self._rows, *self._staged}
-                    for period in self._own_rows(customer, feature)
+                    for customer, feature, period in {*self._rows, *self._staged}
+                    if self._row(customer, feature, period) > 0
                     if (customer, feature, period) not in live
                 }
             conn.execute(
