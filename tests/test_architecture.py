@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "provider": CORE,
     "_utils": CORE,
     "telemetry": CORE,
+    "idempotency": CORE,
     # 1 storage and delivery: SQLite helper, the outbox, the Reporter that drains it.
     "_sqlite": STORAGE,
     "outbox": STORAGE,
@@ -37,6 +38,7 @@ LAYERS: dict[str, int] = {
     "meter": EDGE,
     "middleware": EDGE,
     "decorator": EDGE,
+    "dependency": EDGE,
     "routes": EDGE,
     "problems": EDGE,
     "customers": EDGE,

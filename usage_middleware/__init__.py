@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from .customers import customer_from_header, customer_from_user
 from .decorator import metered
+from .dependency import Metered
 from .errors import (
     ConfigurationError,
     LedgerError,
@@ -47,6 +48,7 @@ __all__ = [
     "Ledger",
     "LedgerError",
     "LocalLedger",
+    "Metered",
     "PermanentProviderError",
     "PricingError",
     "Provider",

@@ -9,6 +9,9 @@
 * :class:`InlineRunner`: run a short blocking call inline on the event loop thread when the
   file is free, else on one worker thread that waits for the lock (see
   docs/architecture.md, "Where SQLite runs").
+* :data:`KEYS_SCHEMA`, :func:`claim_key`, :func:`finish_key`: the ``Idempotency-Key``
+  claims table (:mod:`usage_middleware.idempotency`) that the ledger file and the outbox
+  both keep.
 """
 
 from __future__ import annotations
@@ -22,15 +25,82 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol, TypeVar
 from urllib.parse import quote
 
+from .idempotency import IN_FLIGHT_TTL, KEY_TTL, KeyClaim
+
 __all__ = [
+    "KEYS_SCHEMA",
     "BusyWait",
     "InlineRunner",
     "Synchronous",
+    "claim_key",
     "connect",
+    "finish_key",
     "is_busy",
     "read",
     "write",
 ]
+
+#: The ``Idempotency-Key`` claims: one row per customer, route and key; ``charged`` 0
+#: while in flight; rows past ``expires_at`` (wall clock) are pruned by later claims.
+KEYS_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS idempotency_keys ("
+    " id INTEGER PRIMARY KEY, customer TEXT NOT NULL, route TEXT NOT NULL,"
+    " key TEXT NOT NULL, charged INTEGER NOT NULL, expires_at REAL NOT NULL,"
+    " UNIQUE (customer, route, key))",
+    "CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at)",
+)
+
+#: Expired claims deleted per claim (pruning stays bounded per request).
+_KEYS_PRUNED = 64
+
+
+def claim_key(
+    conn: sqlite3.Connection, customer: str, route: str, key: str, now: float
+) -> KeyClaim:
+    """Claim ``key`` at wall time ``now`` inside the caller's write transaction.
+
+    ``"new"`` (now in flight for ``IN_FLIGHT_TTL``), ``"charged"`` or ``"busy"``; prunes up
+    to 64 expired rows.
+    """
+    conn.execute(
+        "DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM idempotency_keys"
+        " WHERE expires_at <= ? LIMIT ?)",
+        (now, _KEYS_PRUNED),
+    )
+    row = conn.execute(
+        "SELECT charged, expires_at FROM idempotency_keys"
+        " WHERE customer = ? AND route = ? AND key = ?",
+        (customer, route, key),
+    ).fetchone()
+    if row is not None and row[1] > now:
+        return "charged" if row[0] else "busy"
+    conn.execute(
+        "INSERT INTO idempotency_keys (customer, route, key, charged, expires_at)"
+        " VALUES (?, ?, ?, 0, ?) ON CONFLICT (customer, route, key)"
+        " DO UPDATE SET charged = 0, expires_at = excluded.expires_at",
+        (customer, route, key, now + IN_FLIGHT_TTL),
+    )
+    return "new"
+
+
+def finish_key(
+    conn: sqlite3.Connection, customer: str, route: str, key: str, charged: bool, now: float
+) -> None:
+    """Keep ``key`` as charged for ``KEY_TTL`` from ``now``, or drop the claim (inside the
+    caller's write transaction)."""
+    if charged:
+        conn.execute(
+            "INSERT INTO idempotency_keys (customer, route, key, charged, expires_at)"
+            " VALUES (?, ?, ?, 1, ?) ON CONFLICT (customer, route, key)"
+            " DO UPDATE SET charged = 1, expires_at = excluded.expires_at",
+            (customer, route, key, now + KEY_TTL),
+        )
+    else:
+        conn.execute(
+            "DELETE FROM idempotency_keys WHERE customer = ? AND route = ? AND key = ?",
+            (customer, route, key),
+        )
+
 
 _T = TypeVar("_T")
 

@@ -13,7 +13,10 @@ and reserve every feature (all or nothing), then calls the endpoint or returns t
 after the response.
 
 Endpoints: Starlette endpoints, ``HTTPEndpoint`` methods and FastAPI path operations,
-``async def`` and plain ``def`` (run in Starlette's threadpool). FastAPI needs no
+``async def`` and plain ``def`` (run in Starlette's threadpool), and websocket endpoints
+(Starlette's and FastAPI's; the units are held when the connection arrives, before the
+endpoint accepts it; see :class:`~usage_middleware.UsageMiddleware` for when a
+connection is charged). FastAPI needs no
 ``request`` parameter, and sees the original's parameters, dependencies and return
 annotation. Dicts, models and ``Response`` objects are returned unchanged. Generator
 endpoints are refused (return a ``StreamingResponse``).
@@ -61,11 +64,11 @@ from starlette.responses import Response
 from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
-from .meter import SCOPE_KEY, Meter, MeteredFeature, UnitsFunction
-from .models import MAX_UNITS, check_feature
+from .meter import SCOPE_KEY, Meter, MeteredFeature, UnitsFunction, make_spec
 from .routes import (
     FEATURES_ATTR,
     MARK_ATTR,
+    SPECS_ATTR,
     SUPERSEDED_ATTR,
     WRAPPER_ATTR,
     install_openapi_hook,
@@ -79,7 +82,7 @@ T = TypeVar("T")
 
 #: Name of the hidden keyword-only parameter added to the wrapper's ``__signature__``.
 REQUEST_PARAM: Final = "_usage_middleware_request"
-_SPECS_ATTR = "__usage_specs__"
+_SPECS_ATTR = SPECS_ATTR
 #: On each wrapper: the callable it runs (a copy of the trapped original, or the original).
 _CALL_ATTR = "__usage_call__"
 #: On a function turned into a trap: its own code object (a later @metered copies it).
@@ -122,24 +125,7 @@ def metered(
             request as its one positional argument), a feature already metered on the
             same function, a generator or non-function.
     """
-    if callable(feature):
-        raise ConfigurationError(
-            f'@metered needs a feature name: use @metered("feature:name") with parentheses, '
-            f"not bare @metered on {getattr(feature, '__qualname__', feature)!r}"
-        )
-    check_feature(feature)
-    if not callable(units) and (
-        isinstance(units, bool) or not isinstance(units, int) or not 0 < units <= MAX_UNITS
-    ):
-        raise ConfigurationError(
-            f"@metered({feature!r}, units={units!r}): units must be an int from 1 to "
-            f"MAX_UNITS ({MAX_UNITS}) or a callable of the request returning one"
-        )
-    if callable(units):
-        _check_units_callable(feature, units)
-    if not isinstance(clobber, bool):
-        raise ConfigurationError(f"@metered({feature!r}, clobber=...) must be a bool")
-    spec = MeteredFeature(feature, units, clobber)
+    spec = make_spec(feature, units, clobber)
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         if "fastapi.applications" in sys.modules:
@@ -159,24 +145,9 @@ def metered(
     return decorate
 
 
-def _check_units_callable(feature: str, units: Callable[..., Any]) -> None:
-    """Raise ``ConfigurationError`` unless ``units(request)`` is a valid call."""
-    try:
-        sig = inspect.signature(units)
-    except (TypeError, ValueError):  # a builtin without a readable signature: trust it
-        return
-    try:
-        sig.bind(None)
-    except TypeError:
-        raise ConfigurationError(
-            f"@metered({feature!r}, units={units!r}): a units callable must accept exactly "
-            f"one positional argument, the request, e.g. units=lambda request: "
-            f"int(request.query_params['n']); its signature is {sig}"
-        ) from None
-
-
 def _request_param(func: Callable[..., Any], sig: inspect.Signature) -> str | None:
-    """The name of ``func``'s own parameter annotated with ``Request`` (FastAPI fills it)."""
+    """The name of ``func``'s own parameter annotated with ``Request``, ``WebSocket`` or
+    ``HTTPConnection`` (FastAPI fills it)."""
     globalns = getattr(func, "__globals__", {})
     for param in sig.parameters.values():
         annotation = param.annotation
@@ -185,12 +156,13 @@ def _request_param(func: Callable[..., Any], sig: inspect.Signature) -> str | No
                 annotation = eval(annotation, globalns)  # FastAPI does the same later
             except Exception:
                 text = annotation.replace(" ", "")
-                if text == "Request" or text.endswith((".Request", "[Request", "[Request]")):
-                    return param.name
+                for name in ("Request", "WebSocket", "HTTPConnection"):
+                    if text == name or text.endswith((f".{name}", f"[{name}", f"[{name}]")):
+                        return param.name
                 continue
         if get_origin(annotation) is Annotated:
             annotation = get_args(annotation)[0]
-        if isinstance(annotation, type) and issubclass(annotation, Request):
+        if isinstance(annotation, type) and issubclass(annotation, HTTPConnection):
             return param.name
     return None
 
@@ -256,6 +228,8 @@ def _wrap(
             raise ConfigurationError(_no_middleware_message(original, request))
         refusal = await meter.authorize(request, specs)
         if refusal is not None:
+            if request.scope["type"] == "websocket":
+                meter.refuse(refusal)  # the middleware denies the handshake
             return refusal
         if is_async:
             return await run(*args, **kwargs)
@@ -371,10 +345,10 @@ def _misplaced_call(qualname: str, module: str | None) -> Response:
 
 
 def _no_middleware_message(original: Callable[..., Any], request: HTTPConnection) -> str:
-    if request.scope.get("type") != "http":
+    if request.scope.get("type") not in ("http", "websocket"):
         return (
             f"@metered endpoint {original.__qualname__} got a {request.scope.get('type')!r} "
-            "connection; @metered meters HTTP routes only"
+            "connection; @metered meters HTTP and websocket routes only"
         )
     return (
         f"@metered endpoint {original.__qualname__} ran without UsageMiddleware, so it "

@@ -1,9 +1,12 @@
 """One request's metering: :class:`Meter` at ``scope["usage_middleware"]`` (:data:`SCOPE_KEY`).
 
 :class:`~usage_middleware.UsageMiddleware` puts a :class:`Meter` in the scope of every HTTP
-request; ``@metered`` calls :meth:`Meter.authorize` with its :class:`MeteredFeature` specs;
-the middleware calls :meth:`Meter.prepare` just before a chargeable final body and
-:meth:`Meter.settle` when the request is over. See ``docs/architecture.md`` ("Edge").
+request (and of every websocket of an app with a metered websocket route); ``@metered``
+and ``Metered`` (the FastAPI dependency) call :meth:`Meter.authorize` with their
+:class:`MeteredFeature` specs (built by :func:`make_spec`); the middleware calls
+:meth:`Meter.authorize_default` before routing (``default=``), :meth:`Meter.prepare` just
+before a chargeable final body and :meth:`Meter.settle` when the request is over. See
+``docs/architecture.md`` ("Edge").
 """
 
 from __future__ import annotations
@@ -13,16 +16,18 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol
 
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from . import problems, telemetry
 from ._utils import is_async_callable
 from .errors import ConfigurationError
-from .models import CUSTOMER_RE, MAX_UNITS, Reservation
+from .idempotency import KeyClaim, parse_idempotency_key
+from .models import CUSTOMER_RE, MAX_UNITS, Reservation, check_feature
 from .provider import Provider
+from .routes import route_specs
 
 if TYPE_CHECKING:
     from asgiref.typing import HTTPScope
@@ -30,13 +35,16 @@ if TYPE_CHECKING:
     from .customers import CustomerResolver
 
 __all__ = [
+    "NORMAL_CLOSE_CODES",
     "SCOPE_KEY",
     "HoldWatcher",
     "Meter",
     "MeterConfig",
     "MeteredFeature",
     "ProviderErrorPolicy",
+    "Refused",
     "UnitsFunction",
+    "make_spec",
 ]
 
 #: The ASGI scope key under which the per-request :class:`Meter` travels.
@@ -50,6 +58,13 @@ DEFAULT_RETRY_AFTER: Final = 5.0
 #: ``"open"`` serves without charging that feature. (A failed check the provider answers
 #: with ``Answer.err`` follows the provider's own ``failure_policy`` instead.)
 ProviderErrorPolicy = Literal["open", "closed"]
+
+#: Websocket close codes that end a connection normally (RFC 6455 section 7.4.1): 1000
+#: normal closure and 1001 going away (a browser tab closed). A connection that ends with
+#: any other code (1006 dropped, 1011 server error, 1008 policy, 1012 server restart,
+#: application codes 3000-4999) is not charged, nor one closed without a code (1005):
+#: uvicorn's wsproto server reports a dropped TCP connection as 1005 too.
+NORMAL_CLOSE_CODES: Final = frozenset({1000, 1001})
 
 logger = logging.getLogger("usage_middleware")
 
@@ -92,6 +107,71 @@ class MeteredFeature:
         return f"metered({self.feature!r}, units={units!r})"
 
 
+def make_spec(
+    feature: object, units: object = 1, clobber: object = False, *, where: str = "@metered"
+) -> MeteredFeature:
+    """Validate ``(feature, units, clobber)`` once and build the :class:`MeteredFeature`.
+
+    The one check behind ``@metered``, ``Metered`` (the FastAPI dependency) and
+    ``UsageMiddleware(default=...)``; ``where`` names the caller in the error.
+
+    Raises:
+        ConfigurationError: a bad feature name (or a function where the name belongs),
+            units that are not an int from 1 to ``MAX_UNITS`` or a callable of the request,
+            a units callable that cannot take the request as its one positional argument,
+            a non-bool ``clobber``.
+    """
+    if callable(feature):
+        raise ConfigurationError(
+            f'{where} needs a feature name: use {where}("feature:name") with parentheses, '
+            f"not bare {where} on {getattr(feature, '__qualname__', feature)!r}"
+        )
+    check_feature(feature)
+    assert isinstance(feature, str)
+    if not callable(units) and (
+        isinstance(units, bool) or not isinstance(units, int) or not 0 < units <= MAX_UNITS
+    ):
+        raise ConfigurationError(
+            f"{where}({feature!r}, units={units!r}): units must be an int from 1 to "
+            f"MAX_UNITS ({MAX_UNITS}) or a callable of the request returning one"
+        )
+    if callable(units):
+        _check_units_callable(feature, units, where)
+    if not isinstance(clobber, bool):
+        raise ConfigurationError(f"{where}({feature!r}, clobber=...) must be a bool")
+    return MeteredFeature(feature, units, clobber)
+
+
+def _check_units_callable(feature: str, units: Callable[..., Any], where: str) -> None:
+    """Raise ``ConfigurationError`` unless ``units(request)`` is a valid call."""
+    try:
+        sig = inspect.signature(units)
+    except (TypeError, ValueError):  # a builtin without a readable signature: trust it
+        return
+    try:
+        sig.bind(None)
+    except TypeError:
+        raise ConfigurationError(
+            f"{where}({feature!r}, units={units!r}): a units callable must accept exactly "
+            f"one positional argument, the request, e.g. units=lambda request: "
+            f"int(request.query_params['n']); its signature is {sig}"
+        ) from None
+
+
+class Refused(Exception):
+    """A metered check refused a request outside an endpoint's return value.
+
+    Raised by the FastAPI dependency form (and by ``@metered`` on a websocket endpoint);
+    :class:`~usage_middleware.UsageMiddleware` catches it and sends :attr:`response` (a
+    401/402/409/400/503 problem; on a websocket the handshake is denied with it, or
+    closed with 1008). Nothing is held for a refused request.
+    """
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(f"refused with {response.status_code}")
+        self.response = response
+
+
 class MeterConfig:
     """What every request's :class:`Meter` shares; built once by the middleware.
 
@@ -102,6 +182,9 @@ class MeterConfig:
         on_provider_error: see :data:`ProviderErrorPolicy`.
         free_methods: methods neither checked nor charged.
         www_authenticate: the challenge sent with every 401.
+        default: the features charged for an HTTP request no route-level metering covers
+            (``UsageMiddleware(default=...)``), or ``()``.
+        default_exclude: path prefixes the default does not apply to.
     """
 
     __slots__ = (
@@ -109,6 +192,8 @@ class MeterConfig:
         "charge_if",
         "customer",
         "customer_is_async",
+        "default",
+        "default_exclude",
         "free_methods",
         "on_provider_error",
         "provider",
@@ -124,6 +209,8 @@ class MeterConfig:
         on_provider_error: ProviderErrorPolicy,
         free_methods: frozenset[str],
         www_authenticate: str,
+        default: tuple[MeteredFeature, ...] = (),
+        default_exclude: tuple[str, ...] = (),
     ) -> None:
         self.provider = provider
         self.customer = customer
@@ -132,8 +219,23 @@ class MeterConfig:
         self.on_provider_error = on_provider_error
         self.free_methods = free_methods
         self.www_authenticate = www_authenticate
+        self.default = default
+        self.default_exclude = default_exclude
         #: Settling tasks that outlive a cancelled request (kept referenced).
         self.background: set[asyncio.Task[None]] = set()
+
+    def default_applies(self, scope: Any) -> bool:
+        """Whether the ``default`` features meter this HTTP request (method and path)."""
+        if not self.default or scope["method"] in self.free_methods:
+            return False
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        for prefix in self.default_exclude:
+            if path == prefix or path.startswith(prefix + "/"):
+                return False
+        return True
 
 
 class HoldWatcher(Protocol):
@@ -151,12 +253,37 @@ class Meter:
         reservations: the holds of this request (``None`` until :meth:`authorize` holds
             units); :meth:`settle` settles and clears them.
         status: the response status once ``http.response.start`` went out, else ``None``.
-        denied: the request was refused (400/401/402/500/503); nothing is charged.
-        charged: the final body of a chargeable response went out after :meth:`prepare`.
+        denied: the request was refused (400/401/402/409/500/503); nothing is charged.
+        charged: the final body of a chargeable response went out after :meth:`prepare`
+            (a websocket: the connection ended normally).
         watcher: told (``watch_soon()``) when the first units are held, or ``None``.
+        decided: the route-level specs decided so far (``None`` before the route's first
+            check): the first check decides every feature of the route at once.
+        default_holds: the holds of ``UsageMiddleware(default=...)`` taken before routing;
+            released as soon as a route-level check covers the request.
+        default_refusal: the default's refusal, deferred because the request's path is
+            that of a metered route (see :meth:`authorize_default`).
+        refusal: the refusal raised as :class:`Refused` (the middleware sends it).
+        customer: the customer id once resolved.
+        claim: ``(customer, route, key)`` of an ``Idempotency-Key`` this request claimed.
+        replay: the request repeats a charged ``Idempotency-Key``: served, not charged.
     """
 
-    __slots__ = ("charged", "config", "denied", "reservations", "status", "watcher")
+    __slots__ = (
+        "charged",
+        "claim",
+        "config",
+        "customer",
+        "decided",
+        "default_holds",
+        "default_refusal",
+        "denied",
+        "refusal",
+        "replay",
+        "reservations",
+        "status",
+        "watcher",
+    )
 
     def __init__(self, config: MeterConfig, watcher: HoldWatcher | None = None) -> None:
         self.config = config
@@ -165,39 +292,116 @@ class Meter:
         self.status: int | None = None
         self.denied = False
         self.charged = False
+        self.decided: set[MeteredFeature] | None = None
+        self.default_holds: list[Reservation] | None = None
+        self.default_refusal: Response | None = None
+        self.refusal: Response | None = None
+        self.customer: str | None = None
+        self.claim: tuple[str, str, str] | None = None
+        self.replay = False
 
     # -- before the endpoint -------------------------------------------------------------------
 
     async def authorize(
-        self, request: Request, features: Sequence[MeteredFeature]
+        self, request: HTTPConnection, features: Sequence[MeteredFeature]
+    ) -> Response | None:
+        """Decide the route-level metering of this request: ``features`` and the rest.
+
+        The route's first check (a ``Metered`` dependency or ``@metered``) decides every
+        metered feature of the route at once (its ``Metered`` dependencies, then the
+        endpoint's ``@metered`` features, see :func:`~usage_middleware.routes.route_specs`)
+        with one all-or-nothing :meth:`reserve`; later checks of the same request find
+        their features decided and return ``None``. The holds of the middleware's
+        ``default=`` are given back first: a covered route is not charged the default.
+
+        Returns ``None`` when the endpoint may run, or the refusal to send (see
+        :meth:`reserve`).
+        """
+        decided = self.decided
+        if decided is None:
+            specs = route_specs(request.scope, features)
+            self.decided = decided = set(specs)
+            await self._uncover_default()
+        else:
+            specs = [feature for feature in features if feature not in decided]
+            if not specs:
+                return None
+            decided.update(specs)
+        return await self.reserve(request, specs)
+
+    async def authorize_default(self, request: HTTPConnection, *, defer: bool) -> Response | None:
+        """Reserve the middleware's ``default=`` features before routing (see
+        :meth:`authorize`, which gives them back when the route meters itself).
+
+        ``defer``: the request may be on a route that meters itself; a refusal is then
+        kept in :attr:`default_refusal` instead of returned: a route-level check drops
+        it, and the middleware sends it in place of the response otherwise.
+        """
+        refusal = await self.reserve(request, self.config.default)
+        if self.reservations:
+            self.default_holds = list(self.reservations)
+        if refusal is not None and defer:
+            self.default_refusal = refusal
+            self.denied = False
+            return None
+        return refusal
+
+    async def _uncover_default(self) -> None:
+        self.default_refusal = None
+        holds = self.default_holds
+        if not holds:
+            return
+        self.default_holds = None
+        reservations = self.reservations or []
+        self.reservations = [r for r in reservations if r not in holds] or None
+        provider = self.config.provider
+        for reservation in holds:
+            try:
+                await provider.release(reservation)
+                telemetry.settled(reservation.feature, reservation.units, False)
+            except Exception:
+                logger.exception("usage_middleware: releasing the default hold failed")
+
+    async def reserve(
+        self, request: HTTPConnection, features: Sequence[MeteredFeature]
     ) -> Response | None:
         """Resolve the customer and reserve every feature of ``features``, all or nothing.
 
         Returns ``None`` when the endpoint may run (the holds are in :attr:`reservations`),
         or the refusal to send instead: 401 (no or malformed customer), 402 (a feature was
-        refused), 503 (a check failed closed), 400/500 (bad units). Holds taken before a
-        refusal are released by :meth:`settle`. A request whose method is in
-        ``free_methods`` returns ``None`` at once: nothing is checked or held.
+        refused), 503 (a check failed closed), 400/500 (bad units), 400 (a malformed
+        ``Idempotency-Key``), 409 (an ``Idempotency-Key`` in use by a request in flight).
+        Holds taken before a refusal are released by :meth:`settle`. A request whose
+        method is in ``free_methods`` returns ``None`` at once: nothing is checked or held.
+        A request repeating a charged ``Idempotency-Key`` returns ``None`` holding nothing.
         """
         config = self.config
-        if request.scope["method"] in config.free_methods:
+        scope = request.scope
+        if scope.get("method") in config.free_methods or self.replay:
             return None
-        customer: Any = config.customer(request)
-        if config.customer_is_async or (
-            customer is not None
-            and not isinstance(customer, str)
-            and hasattr(customer, "__await__")
-        ):
-            customer = await customer
+        customer: Any = self.customer
         if customer is None:
-            self.denied = True
-            return problems.customer_required(www_authenticate=config.www_authenticate)
-        if not isinstance(customer, str) or CUSTOMER_RE.fullmatch(customer) is None:
-            self.denied = True
-            return problems.customer_required(
-                "the customer id of this request is malformed",
-                www_authenticate=config.www_authenticate,
-            )
+            customer = config.customer(request)  # type: ignore[arg-type]
+            if config.customer_is_async or (
+                customer is not None
+                and not isinstance(customer, str)
+                and hasattr(customer, "__await__")
+            ):
+                customer = await customer
+            if customer is None:
+                self.denied = True
+                return problems.customer_required(www_authenticate=config.www_authenticate)
+            if not isinstance(customer, str) or CUSTOMER_RE.fullmatch(customer) is None:
+                self.denied = True
+                return problems.customer_required(
+                    "the customer id of this request is malformed",
+                    www_authenticate=config.www_authenticate,
+                )
+            self.customer = customer
+            if scope["type"] == "http":
+                refusal = await self._claim_key(customer, scope)
+                if refusal is not None or self.replay:
+                    return refusal
 
         units_of: Sequence[int]
         if len(features) == 1 and features[0].units_fn is None:  # the common case, cheaply
@@ -215,17 +419,17 @@ class Meter:
                 units_of.append(units)
 
         provider = config.provider
-        scope: HTTPScope = request.scope  # type: ignore[assignment]
+        http_scope: HTTPScope = scope  # type: ignore[assignment]
         for feature, units in zip(features, units_of, strict=True):
             started = time.perf_counter()
             try:
                 if feature.clobber:
                     reservation = await provider.reserve(
-                        customer, feature.feature, units, scope=scope, clobber=True
+                        customer, feature.feature, units, scope=http_scope, clobber=True
                     )
                 else:
                     reservation = await provider.reserve(
-                        customer, feature.feature, units, scope=scope
+                        customer, feature.feature, units, scope=http_scope
                     )
             except Exception as exc:
                 telemetry.checked(feature.feature, _FAILED[config.on_provider_error], started)
@@ -260,6 +464,39 @@ class Meter:
                 )
             return problems.quota_exceeded(answer, units)
         return None
+
+    async def _claim_key(self, customer: str, scope: Any) -> Response | None:
+        """Claim the request's ``Idempotency-Key``, if it has one (see ``idempotency.py``)."""
+        try:
+            key = parse_idempotency_key(scope["headers"])
+        except ValueError as exc:
+            self.denied = True
+            return problems.invalid_idempotency_key(str(exc))
+        if key is None:
+            return None
+        route = idempotency_route(scope)
+        try:
+            claim: KeyClaim = await self.config.provider.claim_key(customer, route, key)
+        except Exception as exc:
+            logger.exception("usage_middleware: claiming an Idempotency-Key failed")
+            if self.config.on_provider_error == "open":
+                return None  # metered as a request without a key
+            self.denied = True
+            return problems.billing_unavailable("idempotency", _retry_after(exc, None))
+        if claim == "charged":
+            self.replay = True  # served again, not charged again
+            return None
+        if claim == "busy":
+            self.denied = True
+            return problems.idempotency_key_in_use()
+        self.claim = (customer, route, key)
+        return None
+
+    def refuse(self, response: Response) -> NoReturn:
+        """Raise :class:`Refused` for ``response`` (the middleware sends it)."""
+        self.denied = True
+        self.refusal = response
+        raise Refused(response)
 
     # -- the final body ------------------------------------------------------------------------
 
@@ -306,6 +543,13 @@ class Meter:
         self.reservations = None
         charge = self.charged
         provider = self.config.provider
+        claim = self.claim
+        if claim is not None:
+            self.claim = None
+            try:
+                await provider.finish_key(*claim, charged=charge)
+            except Exception:
+                logger.exception("usage_middleware: recording an Idempotency-Key failed")
         settle = provider.commit if charge else provider.release
         for index, reservation in enumerate(reservations):
             try:
@@ -353,12 +597,12 @@ def _outcome(reservation: Reservation) -> str:
     return telemetry.ALLOWED if reservation.ok else telemetry.REFUSED
 
 
-async def _units(request: Request, feature: MeteredFeature) -> int | Response:
+async def _units(request: HTTPConnection, feature: MeteredFeature) -> int | Response:
     """The units ``feature``'s callable gives for ``request``, or the 400/500 to send."""
     fn = feature.units_fn
     assert fn is not None
     try:
-        value: Any = fn(request)
+        value: Any = fn(request)  # type: ignore[arg-type]
         if feature.units_async or inspect.isawaitable(value):
             value = await value
     except (ValueError, KeyError) as exc:
@@ -367,7 +611,7 @@ async def _units(request: Request, feature: MeteredFeature) -> int | Response:
         logger.info(
             "usage_middleware: the units of %s for %s %s could not be determined: %r",
             feature.feature,
-            request.method,
+            request.scope.get("method", "WEBSOCKET"),
             request.url.path,
             exc,
         )
@@ -394,6 +638,20 @@ async def _units(request: Request, feature: MeteredFeature) -> int | Response:
             units=value,
         )
     return value
+
+
+def idempotency_route(scope: Any) -> str:
+    """What an ``Idempotency-Key`` is scoped to besides the customer: method and path.
+
+    The request's own path (below the server's root path, without the query), so a
+    retry, which repeats the request, finds its key; ``/items/1`` and ``/items/2`` never
+    share one.
+    """
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return f"{scope['method']} {path}"
 
 
 def endpoint_name(scope: Any) -> str:

@@ -9,9 +9,10 @@ A pure ASGI middleware. For every ``http`` request it puts a
 reserves through it, and the middleware charges the holds once the final body of a
 response that passes ``charge_if`` (2xx by default) was handed to the server, and gives
 them back otherwise (an error, a 4xx/5xx, a refusal, a client that disconnected first).
-A streaming response is charged once, at its end. ``websocket`` and other scopes pass
-through untouched; a request that already carries a meter (an outer ``UsageMiddleware``)
-passes through, so nothing is charged twice.
+A streaming response is charged once, at its end. A metered ``websocket`` connection is
+charged when it ends normally (see :class:`UsageMiddleware`); other scopes pass through
+untouched; a request that already carries a meter (an outer ``UsageMiddleware``) passes
+through, so nothing is charged twice.
 
 The provider is opened at lifespan start-up (or on the first request without a lifespan)
 and closed at shutdown; a provider that does not open, or a misplaced ``@metered``, fails
@@ -22,27 +23,38 @@ handling are described in ``docs/architecture.md`` ("Edge: one request's path").
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import re
 from collections import deque
 from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ConfigurationError
 from .meter import (
+    NORMAL_CLOSE_CODES,
     SCOPE_KEY,
     Meter,
     MeterConfig,
+    MeteredFeature,
     ProviderErrorPolicy,
+    Refused,
+    UnitsFunction,
     endpoint_name,
+    make_spec,
 )
 from .provider import Provider, ProviderState
 from .routes import (
     clobber_endpoints,
+    covered_paths,
     document_routes,
     install_openapi_hook,
+    meters_websockets,
     misplaced_endpoints,
 )
 
@@ -54,6 +66,13 @@ __all__ = ["SCOPE_KEY", "UsageMiddleware"]
 logger = logging.getLogger("usage_middleware")
 
 _METHOD_RE = re.compile(r"[A-Z0-9!#$%&'*+.^_`|~-]+")  # an RFC 9110 token, upper case
+
+#: Paths ``default=`` does not meter unless ``default_exclude=`` says otherwise: a health
+#: check and FastAPI's documentation pages (each with everything below it).
+DEFAULT_EXCLUDE: tuple[str, ...] = ("/health", "/docs", "/redoc", "/openapi.json")
+
+#: The most bytes of a websocket close reason (RFC 6455: 125 bytes of payload, 2 for the code).
+_MAX_REASON = 123
 
 
 def _is_2xx(status: int) -> bool:
@@ -235,6 +254,31 @@ class UsageMiddleware:
         www_authenticate: the ``WWW-Authenticate`` challenge sent with every 401 (no or
             malformed customer), as RFC 9110 section 15.5.2 requires; e.g. ``"Bearer"``
             (default) or ``'Basic realm="api"'``. A non-empty single-line string.
+        default: meter every HTTP request that no route-level metering covers: a feature
+            name (1 unit), or ``(feature, units)`` with units an int or a units callable
+            of the request. It is reserved before routing, for every request whose path
+            is not excluded and whose method is not free, so every such request needs a
+            customer (401 without one) and the default's units (402), also one that
+            then answers 404 (not charged: not 2xx). On a route metered by ``@metered``
+            or ``Metered`` the default hold is given back when the route's own check
+            runs: the route is charged its own features, never the default as well, and
+            a refused default does not refuse it (on a request whose method and path are
+            those of a metered route, found by the start-up route walk, the default's
+            refusal waits for the route's check). ``None`` (the default): off.
+        default_exclude: path prefixes ``default`` does not apply to (each the path and
+            everything below it: ``"/docs"`` covers ``/docs/oauth2-redirect``, not
+            ``/docsx``), relative to the app's root path; default :data:`DEFAULT_EXCLUDE`.
+
+    Websockets: a ``@metered`` (or ``Metered``) websocket route holds its units when the
+    connection arrives. Refused, the handshake is denied with the problem response where
+    the server offers the ASGI ``websocket.http.response`` extension (uvicorn does), else
+    the connection is accepted and closed at once with code 1008 and the problem's title
+    and detail as reason. A connection is charged once, when it ends normally: the app or
+    the client closed it with a code of :data:`~usage_middleware.meter.NORMAL_CLOSE_CODES`
+    (1000, 1001), or the app returned after accepting without closing (the middleware
+    then closes it with 1000). A connection that is dropped (1006), closed with another
+    code or without one (1005), or whose app raised before any close, is not charged;
+    neither is one never accepted.
 
     Raises:
         ConfigurationError: an argument is missing or of the wrong kind (the message names
@@ -252,6 +296,8 @@ class UsageMiddleware:
         failure_policy: ProviderErrorPolicy | None = None,
         free_methods: Collection[str] = frozenset({"HEAD", "OPTIONS"}),
         www_authenticate: str = "Bearer",
+        default: str | tuple[str, int | UnitsFunction] | None = None,
+        default_exclude: Collection[str] = DEFAULT_EXCLUDE,
     ) -> None:
         if not callable(app):
             raise ConfigurationError(f"UsageMiddleware(app): app must be an ASGI app, got {app!r}")
@@ -292,6 +338,8 @@ class UsageMiddleware:
                 "UsageMiddleware(www_authenticate=...) must be a non-empty single-line "
                 f"challenge such as 'Bearer', got {www_authenticate!r}"
             )
+        default_specs = _default_specs(default)
+        exclude = _default_exclude(default_exclude)
         if provider is None:
             from .ledger.local import LocalLedger
 
@@ -311,11 +359,18 @@ class UsageMiddleware:
             on_provider_error=policy,
             free_methods=frozenset(free_methods),
             www_authenticate=www_authenticate,
+            default=default_specs,
+            default_exclude=exclude,
         )
         self._open_loop: asyncio.AbstractEventLoop | None = None
         self._open_lock: asyncio.Lock | None = None
         self._open_lock_loop: asyncio.AbstractEventLoop | None = None
         self._routes_checked = False
+        #: Whether the app has a metered websocket route (found by the route walk): the
+        #: websockets of an app without one pass through untouched.
+        self._websockets = False
+        #: Path patterns of metered HTTP routes (``default=`` defers its refusal there).
+        self._covered: list[tuple[re.Pattern[str], frozenset[str] | None]] = []
         try:
             document_routes(app)
         except Exception:  # documentation is best effort; never break start-up
@@ -336,6 +391,13 @@ class UsageMiddleware:
         if scope_type != "http":
             if scope_type == "lifespan":
                 await self._lifespan(scope, receive, send)
+            elif scope_type == "websocket" and SCOPE_KEY not in scope:
+                if not self._routes_checked:
+                    self._check_routes()
+                if self._websockets:
+                    await self._websocket(scope, receive, send)
+                else:
+                    await self.app(scope, receive, send)
             else:
                 await self.app(scope, receive, send)
             return
@@ -354,7 +416,18 @@ class UsageMiddleware:
         scope[SCOPE_KEY] = meter
 
         async def send_wrapper(message: Message) -> None:
+            if meter.refusal is not None:
+                return  # refused by a dependency: the app's own answer (a 500) is not sent
             message_type = message["type"]
+            if meter.default_refusal is not None:  # no route-level check covered it after all
+                if message_type == "http.response.start":
+                    meter.refusal, meter.denied = meter.default_refusal, True
+                    logger.warning(
+                        "usage_middleware: %s is not metered although its path is that of a "
+                        "metered route; its response was replaced by the default's refusal",
+                        endpoint_name(scope),
+                    )
+                    return
             if message_type == "http.response.start":
                 meter.status = message["status"]
             elif (
@@ -378,13 +451,105 @@ class UsageMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, watch.receive, send_wrapper)
+            refusal: Response | None = None
+            if self.config.default and self.config.default_applies(scope):
+                refusal = await meter.authorize_default(
+                    Request(scope, watch.receive), defer=self._may_be_covered(scope)
+                )
+            if refusal is not None:
+                await refusal(scope, watch.receive, send)
+            else:
+                try:
+                    await self.app(scope, watch.receive, send_wrapper)
+                except Refused as exc:  # a Metered dependency refused before the endpoint
+                    if meter.status is not None:
+                        raise
+                    await exc.response(scope, watch.receive, send)
+                else:
+                    if meter.refusal is not None and meter.status is None:
+                        await meter.refusal(scope, watch.receive, send)  # caught on the way
         finally:
             watch.close()
-            if meter.reservations:
+            if meter.reservations or meter.claim is not None:
                 if watch.disconnected and not meter.charged and not meter.denied:
                     logger.info(
                         "usage_middleware: client disconnected; not charged: %s",
+                        endpoint_name(scope),
+                    )
+                await meter.settle()
+
+    def _may_be_covered(self, scope: Scope) -> bool:
+        """Whether the request's method and path are those of a metered route."""
+        if not self._covered:
+            return False
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :] or "/"
+        method = scope["method"]
+        return any(
+            regex.match(path) is not None and (methods is None or method in methods)
+            for regex, methods in self._covered
+        )
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Meter a websocket connection (see the class docstring)."""
+        if self._open_loop is not asyncio.get_running_loop():
+            await self._ensure_open()
+        meter = Meter(self.config)
+        scope[SCOPE_KEY] = meter
+        accepted = False
+        denied = False
+        close_code: int | None = None
+
+        async def receive_wrapper() -> Message:
+            nonlocal close_code
+            message = await receive()
+            if message["type"] == "websocket.disconnect" and close_code is None:
+                close_code = message.get("code", 1005)
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal accepted, denied, close_code
+            message_type = message["type"]
+            if message_type == "websocket.accept":
+                accepted = True
+            elif message_type == "websocket.close":
+                if close_code is None:
+                    close_code = message.get("code", 1000)
+            elif message_type.startswith("websocket.http.response"):
+                denied = True
+            await send(message)
+
+        returned = False
+        try:
+            try:
+                await self.app(scope, receive_wrapper, send_wrapper)
+                returned = True
+                if accepted and close_code is None:
+                    # returned without closing: close normally, as the ASGI spec asks of
+                    # the server (uvicorn 0.32 leaves such a connection open)
+                    close_code = 1000
+                    with contextlib.suppress(Exception):
+                        await send({"type": "websocket.close", "code": 1000, "reason": ""})
+            except Refused as exc:
+                if accepted or denied:
+                    raise
+                await _deny_websocket(scope, receive, send, exc.response)
+        finally:
+            if meter.reservations:
+                ended_normally = (
+                    close_code in NORMAL_CLOSE_CODES if close_code is not None else returned
+                )
+                if accepted and not denied and not meter.denied and ended_normally:
+                    try:
+                        meter.charged = await meter.prepare()
+                    except Exception:  # logged by prepare; the connection is over
+                        meter.charged = False
+                elif accepted:
+                    logger.info(
+                        "usage_middleware: websocket ended abnormally (code %s); not charged: %s",
+                        close_code,
                         endpoint_name(scope),
                     )
                 await meter.settle()
@@ -446,6 +611,9 @@ class UsageMiddleware:
             install_openapi_hook()
         except Exception:  # documentation is best effort; never break a request
             logger.exception("usage_middleware: could not document metered routes")
+        self._websockets = meters_websockets(self.app)
+        if self.config.default:
+            self._covered = covered_paths(self.app)
         self._routes_checked = True
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -564,3 +732,59 @@ def _provider_error_policy(
     raise ConfigurationError(
         f"UsageMiddleware({name}=...) must be 'open' or 'closed', got {value!r}"
     )
+
+
+async def _deny_websocket(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    """Refuse a websocket handshake with ``response`` (the denial-response extension), or
+    accept and close at once with 1008 and the problem's title and detail as reason."""
+    if "websocket.http.response" in (scope.get("extensions") or {}):
+        await response(scope, receive, send)  # Starlette prefixes the messages for a websocket
+        return
+    reason = f"{response.status_code}"
+    try:
+        body = json.loads(bytes(response.body))
+        reason = f"{response.status_code} {body['title']}: {body['detail']}"
+    except (ValueError, KeyError, TypeError):
+        pass
+    encoded = reason.encode("utf-8")[:_MAX_REASON]
+    await send({"type": "websocket.accept"})
+    await send(
+        {
+            "type": "websocket.close",
+            "code": 1008,
+            "reason": encoded.decode("utf-8", errors="ignore"),
+        }
+    )
+
+
+def _default_specs(default: object) -> tuple[MeteredFeature, ...]:
+    """``UsageMiddleware(default=...)`` as specs (see the class docstring)."""
+    if default is None:
+        return ()
+    if isinstance(default, str):
+        return (make_spec(default, 1, where="UsageMiddleware(default=...)"),)
+    if isinstance(default, tuple) and len(default) == 2:
+        return (make_spec(default[0], default[1], where="UsageMiddleware(default=...)"),)
+    raise ConfigurationError(
+        "UsageMiddleware(default=...) must be a feature name such as 'feature:requests' "
+        "(1 unit per request) or a (feature, units) tuple such as ('feature:requests', 2), "
+        f"units an int or a callable of the request; got {default!r}"
+    )
+
+
+def _default_exclude(exclude: object) -> tuple[str, ...]:
+    """``UsageMiddleware(default_exclude=...)`` checked (see the class docstring)."""
+    if (
+        isinstance(exclude, str | bytes)
+        or not isinstance(exclude, Collection)
+        or not all(
+            isinstance(p, str) and p.startswith("/") and (p == "/" or not p.endswith("/"))
+            for p in exclude
+        )
+    ):
+        raise ConfigurationError(
+            "UsageMiddleware(default_exclude=...) must be a collection of paths such as "
+            "('/health', '/docs'), each starting with '/' and not ending with one (a path "
+            f"excludes itself and everything below it); got {exclude!r}"
+        )
+    return tuple(exclude)

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 from . import _sqlite
 from ._sqlite import Synchronous
+from .idempotency import KeyClaim
 from .models import UsageEvent
 
 __all__ = [
@@ -253,6 +254,8 @@ class Outbox:
         _sqlite.wal(self._db, synchronous)
         if create:
             self._db.executescript(_SCHEMA)
+            for statement in _sqlite.KEYS_SCHEMA:  # Idempotency-Key claims (remote providers)
+                self._db.execute(statement)
 
     def wait_when_busy(self, wait: bool) -> None:
         """Set whether a locked file waits (``busy_timeout``) or fails at once (inline use)."""
@@ -272,6 +275,18 @@ class Outbox:
 
     def _write(self) -> _sqlite.write:
         return _sqlite.write(self._db)
+
+    # -- Idempotency-Key claims (see usage_middleware.idempotency) --------------------------
+
+    def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+        """Claim ``key`` for ``customer`` on ``route``: ``"new"``, ``"charged"`` or ``"busy"``."""
+        with self._write():
+            return _sqlite.claim_key(self._db, customer, route, key, time.time())
+
+    def finish_key(self, customer: str, route: str, key: str, charged: bool) -> None:
+        """Keep ``key`` as charged for 24 hours, or drop the claim."""
+        with self._write():
+            _sqlite.finish_key(self._db, customer, route, key, charged, time.time())
 
     # -- owners ----------------------------------------------------------------------------
 

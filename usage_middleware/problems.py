@@ -11,9 +11,13 @@ Five problems, each a Starlette :class:`~starlette.responses.Response` built on 
 * 402 :data:`QUOTA_EXCEEDED`: the provider said no (``Answer.ok`` False, no ``err``);
 * 500 :data:`UNITS_FUNCTION_ERROR`: the ``units`` callable returned something that is
   not an int (a bug in the endpoint's ``@metered``; logged);
-* 503 :data:`BILLING_UNAVAILABLE`: the check itself failed closed (with ``Retry-After``).
+* 503 :data:`BILLING_UNAVAILABLE`: the check itself failed closed (with ``Retry-After``);
+* 400 :data:`INVALID_IDEMPOTENCY_KEY`: a malformed ``Idempotency-Key`` header;
+* 409 :data:`IDEMPOTENCY_KEY_IN_USE`: a request with the same ``Idempotency-Key`` is
+  still in flight (draft-ietf-httpapi-idempotency-key-header section 2.7).
 
-Every problem carries ``Cache-Control: no-store`` and, except 401, a ``feature`` member.
+Every problem carries ``Cache-Control: no-store`` and, except 401 and the
+``Idempotency-Key`` problems, a ``feature`` member.
 
 The 402 body carries ``feature``, ``units`` (asked for), ``limit``, ``used`` and
 ``remaining`` (units of usage, ``null`` where the provider does not know) and, when the
@@ -44,6 +48,8 @@ from .models import UNLIMITED, Answer
 __all__ = [
     "BILLING_UNAVAILABLE",
     "CUSTOMER_REQUIRED",
+    "IDEMPOTENCY_KEY_IN_USE",
+    "INVALID_IDEMPOTENCY_KEY",
     "INVALID_UNITS",
     "MAX_RETRY_AFTER",
     "MISPLACED_DECORATOR",
@@ -52,6 +58,8 @@ __all__ = [
     "UNITS_FUNCTION_ERROR",
     "billing_unavailable",
     "customer_required",
+    "idempotency_key_in_use",
+    "invalid_idempotency_key",
     "invalid_units",
     "misplaced_decorator",
     "problem",
@@ -74,6 +82,11 @@ INVALID_UNITS = "tag:usage-middleware,2025:invalid-units"
 UNITS_FUNCTION_ERROR = "tag:usage-middleware,2025:units-function-error"
 #: ``type`` of the 500 problem: a function given to ``@metered`` was registered unwrapped.
 MISPLACED_DECORATOR = "tag:usage-middleware,2025:misplaced-decorator"
+
+#: ``type`` of the 400 problem: the ``Idempotency-Key`` header is malformed.
+INVALID_IDEMPOTENCY_KEY = "tag:usage-middleware,2025:invalid-idempotency-key"
+#: ``type`` of the 409 problem: a request with the same ``Idempotency-Key`` is in flight.
+IDEMPOTENCY_KEY_IN_USE = "tag:usage-middleware,2025:idempotency-key-in-use"
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -208,4 +221,28 @@ def misplaced_decorator(endpoint: str) -> Response:
         "@app.get(...)/@router.post(...). This is a bug in the server, not the request.",
         headers={"Cache-Control": "no-store"},
         endpoint=endpoint,
+    )
+
+
+def invalid_idempotency_key(detail: str) -> Response:
+    """400 for a malformed ``Idempotency-Key`` header (``detail`` says how)."""
+    return problem(
+        400,
+        INVALID_IDEMPOTENCY_KEY,
+        "Bad Request",
+        f"{detail}; send 1-255 printable ASCII characters, e.g. "
+        'Idempotency-Key: "8e03978e-40d5-43e8-bc93-6894a57f9324"',
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def idempotency_key_in_use() -> Response:
+    """409 for a request whose ``Idempotency-Key`` a request still in flight holds."""
+    return problem(
+        409,
+        IDEMPOTENCY_KEY_IN_USE,
+        "Conflict",
+        "a request with this Idempotency-Key is still being processed; retry once it "
+        "has finished (it will not be charged again if it was charged)",
+        headers={"Cache-Control": "no-store", "Retry-After": "1"},
     )

@@ -40,6 +40,7 @@ from typing import Literal, Protocol, Self
 from asgiref.typing import HTTPScope
 
 from .errors import ConfigurationError, PermanentProviderError
+from .idempotency import KeyClaim, KeyClaims
 from .models import Answer, Reservation, UsageEvent
 
 __all__ = [
@@ -246,6 +247,28 @@ class Provider:
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation whose request did not succeed. Called once. Default: nothing."""
         reservation.settled = True
+
+    # -- Idempotency-Key claims (see usage_middleware.idempotency) --------------------------
+
+    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+        """Claim a request's ``Idempotency-Key`` for ``customer`` on ``route``.
+
+        Returns ``"new"`` (meter the request; :meth:`finish_key` follows), ``"charged"``
+        (a request with this key was charged within 24 hours: serve, do not charge) or
+        ``"busy"`` (one is in flight: 409). The default keeps claims in this process's
+        memory; ledgers keep them in their own storage, shared by every process.
+        """
+        claims: KeyClaims | None = self.__dict__.get("_key_claims")
+        if claims is None:
+            claims = self.__dict__["_key_claims"] = KeyClaims()
+        return claims.claim(customer, route, key)
+
+    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+        """End the claim of :meth:`claim_key`: keep the key 24 hours if the request was
+        ``charged``, else drop it (a retry is metered again)."""
+        claims: KeyClaims | None = self.__dict__.get("_key_claims")
+        if claims is not None:
+            claims.finish(customer, route, key, charged=charged)
 
 
 class DeliverySink(Protocol):

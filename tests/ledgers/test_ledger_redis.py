@@ -696,3 +696,28 @@ async def test_reserves_lost_in_a_redis_stall_leave_no_orphan_holds(
             assert len(members) == 1  # only the first, still unsettled, reservation
         finally:
             await client.aclose()
+
+
+# -- Idempotency-Key claims ---------------------------------------------------------------
+
+
+async def test_idempotency_claims_are_hash_tagged_keys_with_ttls(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """A claim is one key in the customer's slot: in flight 5 min, charged 24 h, then gone."""
+    async with opened(server, tmp_path, prefix="billing:") as ledger:
+        assert await ledger.claim_key(ACME, "POST /x", "k" * 255) == "new"
+        client = raw_client(server)
+        (name,) = await client.keys("billing:{org:acme}:rk:*")
+        in_flight = await client.pttl(name)
+        await ledger.finish_key(ACME, "POST /x", "k" * 255, charged=True)
+        charged = await client.pttl(name)
+        assert await ledger.claim_key(ACME, "POST /x", "k" * 255) == "charged"
+        await ledger.finish_key(ACME, "POST /y", "other", charged=False)
+        await client.pexpire(name, 1)  # 24 hours later
+        await asyncio.sleep(0.01)
+        assert await ledger.claim_key(ACME, "POST /x", "k" * 255) == "new"
+        await client.aclose()
+    assert 290_000 < in_flight <= 300_000
+    assert 86_390_000 < charged <= 86_400_000
+    assert key_slot(name.encode()) == key_slot(ACME.encode())

@@ -25,6 +25,7 @@ from typing import Final
 from .. import telemetry
 from .._sqlite import InlineRunner, Synchronous
 from ..errors import ConfigurationError
+from ..idempotency import KeyClaim
 from ..models import UsageEvent
 from ..outbox import DEFAULT_MAX_RETRY_AGE, MAX_NOT_BEFORE, Outbox, OutboxStatus
 from ..provider import DeliverySink, ProviderState, on_another_loop
@@ -550,6 +551,24 @@ class Reporter(GroupCommit, Senders):
             unwritten=len(self._pending) + self._writing,
             dead_letters=self._dead_waiting,
         )
+
+    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+        """Claim an ``Idempotency-Key`` in the outbox (shared by the processes using it).
+
+        Raises:
+            ConfigurationError: the Reporter is not open.
+        """
+        outbox = self._outbox
+        if self._state is not ProviderState.OPEN or outbox is None:
+            raise ConfigurationError("the Reporter is not open")
+        return await self._sqlite.run(outbox.claim_key, customer, route, key)
+
+    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+        """Keep the key 24 hours when ``charged``, else drop the claim (outbox)."""
+        outbox = self._outbox
+        if self._state is not ProviderState.OPEN or outbox is None:
+            raise ConfigurationError("the Reporter is not open")
+        await self._sqlite.run(outbox.finish_key, customer, route, key, charged)
 
     async def outbox_status(self) -> OutboxStatus:
         """Read the outbox file's exact status now (all processes); see ``OutboxStatus``

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from .._sqlite import InlineRunner
 from ..errors import ConfigurationError
+from ..idempotency import KeyClaim
 from ..models import UsageEvent, check_customer, check_feature, check_units
 from ..pricing import Pricing, load_pricing
 from ..provider import ProviderState
@@ -276,6 +277,16 @@ class LocalLedger(LeaseEngine):
         store = await self._opened()
         await self._flush_all()
         return await self._submit(store.usage, customer, self._clock())
+
+    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+        """Claim an ``Idempotency-Key`` in the ledger file (shared by its processes)."""
+        store = await self._opened()
+        return await self._run(store.claim_key, customer, route, key, time.time())
+
+    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+        """Keep the key 24 hours when ``charged``, else drop the claim (ledger file)."""
+        store = await self._opened()
+        await self._run(store.finish_key, customer, route, key, charged, time.time())
 
     # -- internals -------------------------------------------------------------------------
 

@@ -102,6 +102,7 @@ from ..errors import (
     RetryableProviderError,
     UsageMiddlewareError,
 )
+from ..idempotency import IN_FLIGHT_TTL, KEY_TTL, KeyClaim
 from ..models import (
     UNLIMITED,
     Answer,
@@ -992,6 +993,37 @@ class RedisLedger(Ledger):
         if self._state is ProviderState.CLOSED or self._client is None:
             raise ConfigurationError(f"{type(self).__name__} is closed; create a new one")
         return self._client
+
+    # -- Idempotency-Key claims (see usage_middleware.idempotency) --------------------------
+
+    def _claim_name(self, customer: str, route: str, key: str) -> str:
+        digest = hashlib.sha256(f"{route}\n{key}".encode()).hexdigest()
+        return f"{self._prefix}{{{customer}}}:rk:{digest}"
+
+    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+        """Claim an ``Idempotency-Key`` with ``SET NX`` (in flight: ``IN_FLIGHT_TTL``).
+
+        Raises:
+            RetryableProviderError: Redis could not be reached.
+        """
+        client = await self._opened()
+        name = self._claim_name(customer, route, key)
+        for _ in range(3):  # a claim that expires between SET NX and GET: claim again
+            if await self._admin(client.set(name, b"0", nx=True, px=int(IN_FLIGHT_TTL * 1000))):
+                return "new"
+            value = await self._admin(client.get(name))
+            if value is not None:
+                return "charged" if value in (b"1", "1") else "busy"
+        return "busy"
+
+    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+        """Keep the key ``KEY_TTL`` (24 h) when ``charged``, else delete the claim."""
+        client = await self._opened()
+        name = self._claim_name(customer, route, key)
+        if charged:
+            await self._admin(client.set(name, b"1", px=int(KEY_TTL * 1000)))
+        else:
+            await self._admin(client.delete(name))
 
     # -- internals: pricing and upkeep -----------------------------------------------------
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from .. import _sqlite
 from ..errors import ConfigurationError, LedgerError, PermanentProviderError
+from ..idempotency import KeyClaim
 from ..models import UNLIMITED, UsageEvent
 from ..pricing import DEFAULT_INTERVAL, Interval, Plan, Pricing, loads_pricing, period_bounds
 from .base import FeatureUsage, usage_rows
@@ -64,6 +65,7 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS leases_expiry ON leases (expires_at)",
     "CREATE TABLE IF NOT EXISTS changes ("
     " customer TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID",
+    *_sqlite.KEYS_SCHEMA,  # Idempotency-Key claims (usage_middleware.idempotency)
 )
 
 
@@ -843,6 +845,18 @@ class LedgerStore:
                 )
             for customer in plans:
                 self._bump(customer)
+
+    # -- Idempotency-Key claims (see usage_middleware.idempotency) --------------------------
+
+    def claim_key(self, customer: str, route: str, key: str, now: float) -> KeyClaim:
+        """Claim ``key`` at wall time ``now``: ``"new"``, ``"charged"`` or ``"busy"``."""
+        with self._write():
+            return _sqlite.claim_key(self.conn, customer, route, key, now)
+
+    def finish_key(self, customer: str, route: str, key: str, charged: bool, now: float) -> None:
+        """Keep ``key`` as charged for 24 hours from ``now``, or drop the claim."""
+        with self._write():
+            _sqlite.finish_key(self.conn, customer, route, key, charged, now)
 
     def usage(self, customer: str, at: datetime) -> list[FeatureUsage]:
         with self._read():

@@ -34,6 +34,7 @@ from ...errors import (
     ProviderError,
     RetryableProviderError,
 )
+from ...idempotency import KeyClaim
 from ...models import (
     UNLIMITED,
     Answer,
@@ -604,6 +605,22 @@ class RemoteProvider(Provider):
         hold.account.inflight -= hold.units
         if hold.prepared and self._delivery is not None:
             await self._delivery.cancel(reservation.event)
+
+    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+        """Claim an ``Idempotency-Key`` in the durable outbox (shared by every worker using
+        the file); in this process's memory with ``outbox=None``."""
+        reporter = self.reporter
+        if isinstance(reporter, Reporter):
+            return await reporter.claim_key(customer, route, key)
+        return await super().claim_key(customer, route, key)
+
+    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+        """End the claim of :meth:`claim_key` (the key is kept 24 hours when charged)."""
+        reporter = self.reporter
+        if isinstance(reporter, Reporter):
+            await reporter.finish_key(customer, route, key, charged=charged)
+        else:
+            await super().finish_key(customer, route, key, charged=charged)
 
     async def flush(self, within: float = 5.0) -> bool:
         """Wait up to ``within`` seconds until the in-memory queue (outbox=None) is delivered.
