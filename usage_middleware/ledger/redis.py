@@ -81,6 +81,7 @@ uses the stored one and picks up a newer one within a second.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -121,7 +122,14 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..provider import FailurePolicy, ProviderState, clobber_refused, on_another_loop
+from ..provider import (
+    FailurePolicy,
+    Overage,
+    ProviderState,
+    clobber_refused,
+    on_another_loop,
+    settle_units,
+)
 from . import _redis_scripts as scripts
 from .base import (
     REASON_CLOSED,
@@ -517,23 +525,48 @@ class RedisLedger(Ledger):
         """
         return (await self._check(customer, feature, units, hold=False)).answer
 
-    async def prepare(self, reservation: Reservation) -> None:
+    async def prepare(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> None:
         """Nothing: :meth:`commit` charges in one script call."""
 
-    async def commit(self, reservation: Reservation) -> None:
-        """Charge a reservation (one script call); once per reservation and event key.
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> int:
+        """Charge a reservation its actual ``units`` (one script call); once per reservation
+        and event key. Returns the units charged.
 
+        ``units`` (``None``: the units reserved) below the hold charges the actual and
+        drops the hold (the rest is free again); 0 releases it. Above the hold: this
+        ledger does not lease, so ``overage="cap"`` charges the hold's units and
+        ``"charge"`` the actual (written beyond the limit, consuming credits).
         When Redis is unreachable (or the call is cancelled) the event goes to the spool
         and is charged when Redis answers again. Settling twice, or a refused
         reservation, does nothing. Never raises for Redis errors.
+
+        Raises:
+            ValueError: ``units`` is not an int from 0 to ``MAX_UNITS``.
         """
         if reservation.settled:
-            return
-        reservation.settled = True
+            return 0
+        actual = settle_units(reservation, units)
         if not reservation.ok:
-            return
+            reservation.settled = True
+            return 0
+        if actual > reservation.units and overage == "cap":
+            actual = reservation.units
+        if actual == 0:
+            await self.release(reservation)
+            return 0
+        reservation.settled = True
+        await self._commit_units(reservation, actual)
+        return actual
+
+    async def _commit_units(self, reservation: Reservation, actual: int) -> None:
         self._forget(reservation, charged=True)
         event = reservation.event
+        if actual != event.units:
+            event = dataclasses.replace(event, units=actual)
         if time.monotonic() < self._down_until:
             self._to_outbox(event, "redis is unreachable")
             return
