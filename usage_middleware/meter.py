@@ -684,20 +684,19 @@ class Meter:
         if usage is not None:
             usage.frozen = True
         plan: list[tuple[Reservation, int | None, Overage]] = []
-        charged_any = charge
         for reservation in reservations:
             units = self._actual(reservation)
             if not charge:
                 spec = self.features.get(reservation.feature)
                 if spec is None or not spec.charge_partial or self.denied or not units:
                     units = -1  # released
-                else:
-                    charged_any = True
             plan.append((reservation, units, self._overage(reservation)))
         if claim is not None:
             self.claim = None
             try:
-                await provider.finish_key(*claim, charged=charged_any)
+                # a partial charge leaves the key free: the client's retry, which wants
+                # the whole response, is metered as a new request (never served free)
+                await provider.finish_key(*claim, charged=charge)
             except Exception:
                 logger.exception("usage_middleware: recording an Idempotency-Key failed")
         for index, step in enumerate(plan):
