@@ -335,7 +335,7 @@ def _chat(say: _Out, client: httpx.Client, db: Path) -> bool:
     before = asyncio.run(_admin_tokens(db))
     with client.stream("POST", "/chat", json={"prompt": prompt, "max_tokens": max_tokens}) as r:
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
-    usage = next(
+    usage: dict[str, int] = next(
         (json.loads(e)["usage"] for e in events if e.startswith("{") and '"usage"' in e), {}
     )
     streamed = sum(1 for e in events if '"content"' in e)
