@@ -375,7 +375,8 @@ async def test_remote_providers_write_the_actual_units_to_the_outbox_before_the_
 ) -> None:
     """Over a remote provider (its fake backend), an SSE stream reserving 30 and carrying a
     final usage of 7 has an event of 7 units written to the outbox before its final body
-    goes out, and the backend records 7."""
+    goes out; a stream whose actual units are not known by then (no usage event, nothing
+    reported) has its estimate, 30, written instead. The backend records 7 + 30."""
     import importlib
 
     module = importlib.import_module(f"tests.support.contract_{name}")
@@ -402,8 +403,15 @@ async def test_remote_providers_write_the_actual_units_to_the_outbox_before_the_
 
             return StreamingResponse(body(), media_type="text/event-stream")
 
+        @metered(feature, units=30, units_from=usage_from_sse())
+        async def unknown(request: Request) -> Response:
+            async def body() -> AsyncIterator[bytes]:
+                yield b'data: {"choices":[{"delta":{"content":"Hi"}}]}\n\ndata: [DONE]\n\n'
+
+            return StreamingResponse(body(), media_type="text/event-stream")
+
         inner = Starlette(
-            routes=[Route("/chat", chat)],
+            routes=[Route("/chat", chat), Route("/unknown", unknown)],
             middleware=[Middleware(UsageMiddleware, provider=remote, customer=by_header)],
         )
 
@@ -417,6 +425,8 @@ async def test_remote_providers_write_the_actual_units_to_the_outbox_before_the_
 
         async with client(app) as c:
             r = await c.get("/chat", headers={"X-Customer": customer})
-        assert r.status_code == 200
-        assert timeline == ["outbox 7", "final body"]
-        assert await subject.charged(customer, feature) == 7
+            assert r.status_code == 200
+            assert timeline == ["outbox 7", "final body"]
+            assert (await c.get("/unknown", headers={"X-Customer": customer})).status_code == 200
+        assert timeline == ["outbox 7", "final body", "outbox 30", "final body"]
+        assert await subject.charged(customer, feature) == 7 + 30
