@@ -335,6 +335,7 @@ class Meter:
         usage: the request's :class:`~usage_middleware.units.UnitsMeter`, once asked for.
         readers: ``(feature, reader)`` reading the actual units in the response body
             (``units_from=``), from ``http.response.start`` on; ``None`` otherwise.
+        reads: a feature of this request reads its units from the response.
     """
 
     __slots__ = (
@@ -348,6 +349,7 @@ class Meter:
         "denied",
         "features",
         "readers",
+        "reads",
         "refusal",
         "replay",
         "reservations",
@@ -370,9 +372,10 @@ class Meter:
         self.customer: str | None = None
         self.claim: tuple[str, str, str] | None = None
         self.replay = False
-        self.features: dict[str, MeteredFeature] = {}
+        self.features: dict[str, MeteredFeature] = _NO_FEATURES
         self.usage: UnitsMeter | None = None
         self.readers: list[tuple[str, Any]] | None = None
+        self.reads = False
 
     # -- the actual units ----------------------------------------------------------------------
 
@@ -387,8 +390,13 @@ class Meter:
         return self.features
 
     def _note(self, specs: Sequence[MeteredFeature]) -> None:
+        features = self.features
+        if features is _NO_FEATURES:
+            features = self.features = {}
         for spec in specs:
-            self.features[spec.feature] = spec
+            features[spec.feature] = spec
+            if spec.units_from is not None:
+                self.reads = True
 
     def start_readers(self, headers: Any) -> None:
         """At ``http.response.start``: read the actual units of the ``units_from=``
@@ -412,10 +420,6 @@ class Meter:
                 continue
             if units is not None:
                 self.units_meter().record(name, units)
-
-    def _actual(self, reservation: Reservation) -> int | None:
-        usage = self.usage
-        return None if usage is None else usage.reported(reservation.feature)
 
     def _overage(self, reservation: Reservation) -> Overage:
         spec = self.features.get(reservation.feature)
@@ -474,6 +478,7 @@ class Meter:
         for spec in self.config.default:
             if self.features.get(spec.feature) is spec:
                 del self.features[spec.feature]
+        self.reads = any(spec.units_from is not None for spec in self.features.values())
         holds = self.default_holds
         if not holds:
             return
@@ -645,15 +650,18 @@ class Meter:
         """
         prepare = self.config.provider.prepare
         usage = self.usage
-        if usage is not None:
-            usage.frozen = True  # the units charged are decided now
         try:
-            for reservation in self.reservations or ():
-                await prepare(
-                    reservation,
-                    units=self._actual(reservation),
-                    overage=self._overage(reservation),
-                )
+            if usage is None:  # nothing reported: the estimate (no overage possible)
+                for reservation in self.reservations or ():
+                    await prepare(reservation, units=None, overage="cap")
+            else:
+                usage.frozen = True  # the units charged are decided now
+                for reservation in self.reservations or ():
+                    await prepare(
+                        reservation,
+                        units=usage.reported(reservation.feature),
+                        overage=self._overage(reservation),
+                    )
         except Exception:
             if self.config.on_provider_error == "closed":
                 logger.exception(
@@ -680,17 +688,6 @@ class Meter:
         charge = self.charged
         provider = self.config.provider
         claim = self.claim
-        usage = self.usage
-        if usage is not None:
-            usage.frozen = True
-        plan: list[tuple[Reservation, int | None, Overage]] = []
-        for reservation in reservations:
-            units = self._actual(reservation)
-            if not charge:
-                spec = self.features.get(reservation.feature)
-                if spec is None or not spec.charge_partial or self.denied or not units:
-                    units = -1  # released
-            plan.append((reservation, units, self._overage(reservation)))
         if claim is not None:
             self.claim = None
             try:
@@ -699,6 +696,35 @@ class Meter:
                 await provider.finish_key(*claim, charged=charge)
             except Exception:
                 logger.exception("usage_middleware: recording an Idempotency-Key failed")
+        usage = self.usage
+        if usage is None:  # nothing reported: commit the estimates or release (hot path)
+            settle = provider.commit if charge else provider.release
+            for index, reservation in enumerate(reservations):
+                try:
+                    await settle(reservation)
+                    telemetry.settled(reservation.feature, reservation.units, charge)
+                except asyncio.CancelledError:
+                    rest = reservations[index:]
+                    self._finish_later([(r, None if charge else -1, "cap") for r in rest])
+                    raise
+                except Exception:
+                    logger.exception(
+                        "usage_middleware: %s(%s, %s, %d units) failed",
+                        "commit" if charge else "release",
+                        reservation.customer,
+                        reservation.feature,
+                        reservation.units,
+                    )
+            return
+        usage.frozen = True
+        plan: list[tuple[Reservation, int | None, Overage]] = []
+        for reservation in reservations:
+            units = usage.reported(reservation.feature)
+            if not charge:
+                spec = self.features.get(reservation.feature)
+                if spec is None or not spec.charge_partial or self.denied or not units:
+                    units = -1  # released
+            plan.append((reservation, units, self._overage(reservation)))
         for index, step in enumerate(plan):
             try:
                 await _settle_one(provider, *step)
@@ -765,6 +791,9 @@ def usage_of(connection: HTTPConnection) -> UnitsMeter:
         )
     return meter.units_meter()
 
+
+#: ``Meter.features`` of a request nothing metered yet (shared, never written).
+_NO_FEATURES: Final[dict[str, MeteredFeature]] = {}
 
 _FAILED: Final = {"open": telemetry.FAILED_OPEN, "closed": telemetry.FAILED_CLOSED}
 

@@ -430,7 +430,7 @@ class UsageMiddleware:
                     return
             if message_type == "http.response.start":
                 meter.status = message["status"]
-                if meter.features:
+                if meter.reads:
                     meter.start_readers(message.get("headers", ()))
             elif meter.readers is not None and message_type == "http.response.body":
                 # units_from=: read the units as the body passes, before the charge below

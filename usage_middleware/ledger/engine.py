@@ -474,12 +474,47 @@ class LeaseEngine(Ledger):
         """
         if reservation.settled:
             return 0
+        reserved = reservation.units
+        if units is None or (type(units) is int and units == reserved):
+            # the hot path: exactly the units held
+            reservation.settled = True
+            if not reservation.ok:
+                return 0
+            slot, from_lease = reservation.token
+            if from_lease:
+                if self._outstanding.pop(weakref.ref(reservation), None) is None:
+                    logger.warning(
+                        "ledger %s: charging %s %s x%d whose hold was already given back",
+                        self._label,
+                        slot.customer,
+                        slot.feature,
+                        reserved,
+                    )
+                    from_lease = False
+                else:
+                    slot.held -= reserved
+            slot.pending += reserved
+            if self._wake is not None and self._state is ProviderState.OPEN:
+                slot.unflushed += reserved
+                slot.unflushed_requests += 1
+                slot.unflushed_at = time.time()
+                if from_lease:
+                    slot.unflushed_leased += reserved
+                if not slot.dirty:
+                    slot.dirty = True
+                    self._batch.append(slot)
+                self._wake.set()
+            else:
+                limit = UNLIMITED if slot.unlimited else slot.limit
+                await self._write_late(
+                    (slot.customer, slot.feature, slot.period, limit, reserved, 0, 1, time.time())
+                )
+            return reserved
         actual = settle_units(reservation, units)
         reservation.settled = True
         if not reservation.ok:
             return 0
         slot, from_lease = reservation.token
-        reserved = reservation.units
         if from_lease:
             if self._outstanding.pop(weakref.ref(reservation), None) is None:
                 logger.warning(
