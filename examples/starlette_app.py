@@ -11,21 +11,27 @@ Environment: ``USAGE_DB`` (the ledger file, default ``usage.db``) and ``USAGE_PR
 Routes: ``POST /convert`` (``feature:convert``, one unit), ``POST /summarize?pages=N``
 (``feature:pages``, N units; the route reads N with its units callable, so they agree, and
 any other N is a 400 problem, not charged), ``POST /generate`` (``feature:generate``,
-credit-funded on the free plan), ``GET /health`` (not metered).
+credit-funded on the free plan), ``POST /chat`` (``feature:tokens``, billed by the tokens a
+stand-in model streamed: the estimate, prompt tokens + ``max_tokens``, is reserved before
+the model runs, and the units are read from the stream's final OpenAI-style ``usage``
+event with ``units_from=usage_from_sse()``), ``GET /health`` (not metered).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from usage_middleware import LocalLedger, UsageMiddleware, metered
+from usage_middleware import LocalLedger, UsageMiddleware, metered, usage_from_sse
 from usage_middleware.customers import customer_from_header
 
 PRICING = os.environ.get("USAGE_PRICING") or str(Path(__file__).with_name("pricing.json"))
@@ -73,12 +79,63 @@ async def generate(request: Request) -> JSONResponse:
     return JSONResponse({"generated": "a short poem about metering"})
 
 
+async def chat_input(request: Request) -> tuple[str, int]:
+    """The prompt and ``max_tokens`` (1 to 256, default 32) of a /chat body; ValueError
+    (a 400 problem, nothing reserved) for anything else."""
+    body = await request.json()
+    prompt = body.get("prompt") if isinstance(body, dict) else None
+    max_tokens = body.get("max_tokens", 32) if isinstance(body, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("send {'prompt': '...', 'max_tokens': 32}")
+    if type(max_tokens) is not int or not 1 <= max_tokens <= 256:
+        raise ValueError("max_tokens must be a whole number from 1 to 256")
+    return prompt, max_tokens
+
+
+async def chat_estimate(request: Request) -> int:
+    """Units reserved for /chat before the model runs: prompt tokens plus ``max_tokens``."""
+    prompt, max_tokens = await chat_input(request)
+    return len(prompt.split()) + max_tokens
+
+
+async def stand_in_model(prompt: str, max_tokens: int) -> AsyncIterator[str]:
+    """A stand-in for a language model: the prompt's words three times over, one token at
+    a time, at most ``max_tokens``."""
+    for token in (prompt.split() * 3)[:max_tokens]:
+        await asyncio.sleep(0.02)
+        yield token
+
+
+@metered("feature:tokens", units=chat_estimate, units_from=usage_from_sse())
+async def chat(request: Request) -> StreamingResponse:
+    prompt, max_tokens = await chat_input(request)
+
+    async def events() -> AsyncIterator[str]:
+        completion = 0
+        async for token in stand_in_model(prompt, max_tokens):
+            completion += 1
+            chunk = {"choices": [{"delta": {"content": token + " "}}], "usage": None}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        prompt_tokens = len(prompt.split())
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": prompt_tokens + completion,
+        }
+        # OpenAI's last chunk (stream_options={"include_usage": true}): read by usage_from_sse
+        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 app = Starlette(
     routes=[
         Route("/health", health),
         Route("/convert", convert, methods=["POST"]),
         Route("/summarize", summarize, methods=["POST"]),
         Route("/generate", generate, methods=["POST"]),
+        Route("/chat", chat, methods=["POST"]),
     ],
     middleware=[
         # UsageMiddleware opens the ledger at start-up (the lifespan), closes it at shutdown.

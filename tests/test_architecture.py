@@ -42,6 +42,8 @@ LAYERS: dict[str, int] = {
     "routes": EDGE,
     "problems": EDGE,
     "customers": EDGE,
+    "units": EDGE,
+    "usage": EDGE,
     # 4 face: what users run and import.
     "cli": FACE,
     "testing": FACE,

@@ -25,16 +25,19 @@ from .errors import (
     UsageMiddlewareError,
 )
 from .ledger import FeatureUsage, Ledger, LocalLedger
+from .meter import usage_of
 from .middleware import UsageMiddleware
 from .models import MAX_UNITS, UNLIMITED, Answer, Reservation, UsageEvent
-from .provider import FailurePolicy, Provider
+from .provider import FailurePolicy, Overage, Provider
 from .providers.ares import AresProvider
 from .providers.remote import Entitlement, RemoteProvider
 from .providers.spaire import SpaireProvider
 from .providers.tier import TierProvider
+from .units import UnitsMeter, usage_from_json, usage_from_sse
 
 if TYPE_CHECKING:
     from .ledger.redis import RedisLedger
+    from .usage import Usage
 
 __all__ = [
     "MAX_UNITS",
@@ -49,6 +52,7 @@ __all__ = [
     "LedgerError",
     "LocalLedger",
     "Metered",
+    "Overage",
     "PermanentProviderError",
     "PricingError",
     "Provider",
@@ -59,12 +63,17 @@ __all__ = [
     "RetryableProviderError",
     "SpaireProvider",
     "TierProvider",
+    "UnitsMeter",
+    "Usage",
     "UsageEvent",
     "UsageMiddleware",
     "UsageMiddlewareError",
     "customer_from_header",
     "customer_from_user",
     "metered",
+    "usage_from_json",
+    "usage_from_sse",
+    "usage_of",
 ]
 
 
@@ -74,4 +83,8 @@ def __getattr__(name: str) -> Any:
         from .ledger.redis import RedisLedger
 
         return RedisLedger
+    if name == "Usage":  # needs FastAPI (the [fastapi] extra)
+        from .usage import Usage
+
+        return Usage
     raise AttributeError(f"module 'usage_middleware' has no attribute {name!r}")

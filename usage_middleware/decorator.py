@@ -65,6 +65,7 @@ from . import problems
 from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .meter import SCOPE_KEY, Meter, MeteredFeature, UnitsFunction, make_spec
+from .provider import Overage
 from .routes import (
     FEATURES_ATTR,
     MARK_ATTR,
@@ -74,6 +75,7 @@ from .routes import (
     install_openapi_hook,
     is_metered_wrapper,
 )
+from .units import ResponseUsage
 
 __all__ = ["REQUEST_PARAM", "UnitsFunction", "metered"]
 
@@ -102,9 +104,19 @@ class _MeteredDecorator(Protocol):
 
 
 def metered(
-    feature: str, units: int | UnitsFunction = 1, *, clobber: bool = False
+    feature: str,
+    units: int | UnitsFunction = 1,
+    *,
+    clobber: bool = False,
+    overage: Overage = "cap",
+    charge_partial: bool = False,
+    units_from: ResponseUsage | None = None,
 ) -> _MeteredDecorator:
     """Meter an endpoint: reserve ``units`` of ``feature`` before it runs, charge after.
+
+    The request is charged the units it actually used when the app reports them
+    (:func:`~usage_middleware.usage_of`, or ``units_from``), else ``units``: then
+    ``units`` is the estimate reserved before the endpoint runs.
 
     Args:
         feature: a Tier feature name, ``feature:[a-zA-Z0-9:]+`` (e.g. ``"feature:convert"``).
@@ -114,7 +126,16 @@ def metered(
         clobber: the charge *sets* the period's usage of the feature to ``units`` instead
             of adding to it (Tier's ``clobber``: seats, storage, other gauges); allowed
             when ``units`` is within the limit. Only providers that support it (Tier);
-            start-up fails with ``ConfigurationError`` on any other.
+            start-up fails with ``ConfigurationError`` on any other. Fixed units only:
+            not with ``overage``, ``charge_partial`` or ``units_from``.
+        overage: units used beyond the estimate that the rest of the budget (limit, then
+            credits) cannot cover: ``"cap"`` (default) charges only what the budget
+            covered, ``"charge"`` charges them all (the provider records the overage).
+        charge_partial: a request cut off by a disconnect or an error (not charged by
+            default) is charged the units reported for the feature until then.
+        units_from: read the actual units in the response: ``usage_from_json(path)`` (a
+            JSON body's field) or ``usage_from_sse(path)`` (the last SSE event carrying
+            it), OpenAI's ``usage.total_tokens`` by default.
 
     Returns a decorator turning the endpoint into an ``async def`` wrapper (see the module
     docstring for what it keeps and how it behaves).
@@ -125,7 +146,14 @@ def metered(
             request as its one positional argument), a feature already metered on the
             same function, a generator or non-function.
     """
-    spec = make_spec(feature, units, clobber)
+    spec = make_spec(
+        feature,
+        units,
+        clobber,
+        overage=overage,
+        charge_partial=charge_partial,
+        units_from=units_from,
+    )
 
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         if "fastapi.applications" in sys.modules:

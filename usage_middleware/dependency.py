@@ -28,7 +28,9 @@ from starlette.requests import HTTPConnection
 
 from .errors import ConfigurationError
 from .meter import SCOPE_KEY, Meter, MeteredFeature, UnitsFunction, make_spec
+from .provider import Overage
 from .routes import DEPENDENCY_ATTR, SPECS_ATTR, install_openapi_hook
+from .units import ResponseUsage
 
 __all__ = ["Metered"]
 
@@ -44,6 +46,8 @@ class Metered:
         units: an int from 1 to ``MAX_UNITS``, or a sync or async callable of the request
             (the connection, on a websocket route) returning one.
         clobber: the charge sets the period's usage (Tier only; see ``@metered``).
+        overage, charge_partial, units_from: units settled after the response, as
+            ``@metered``.
 
     Raises:
         ConfigurationError: at construction, for the arguments ``@metered`` refuses; at
@@ -53,9 +57,24 @@ class Metered:
     __slots__ = ("__usage_dependency__", "__usage_specs__", "spec")
 
     def __init__(
-        self, feature: str, units: int | UnitsFunction = 1, *, clobber: bool = False
+        self,
+        feature: str,
+        units: int | UnitsFunction = 1,
+        *,
+        clobber: bool = False,
+        overage: Overage = "cap",
+        charge_partial: bool = False,
+        units_from: ResponseUsage | None = None,
     ) -> None:
-        self.spec: MeteredFeature = make_spec(feature, units, clobber, where="Metered")
+        self.spec: MeteredFeature = make_spec(
+            feature,
+            units,
+            clobber,
+            where="Metered",
+            overage=overage,
+            charge_partial=charge_partial,
+            units_from=units_from,
+        )
         setattr(self, SPECS_ATTR, (self.spec,))
         setattr(self, DEPENDENCY_ATTR, self)
         install_openapi_hook()

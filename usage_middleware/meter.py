@@ -26,8 +26,9 @@ from ._utils import is_async_callable
 from .errors import ConfigurationError
 from .idempotency import KeyClaim, parse_idempotency_key
 from .models import CUSTOMER_RE, MAX_UNITS, Reservation, check_feature
-from .provider import Provider
+from .provider import Overage, Provider
 from .routes import route_specs
+from .units import ResponseUsage, UnitsMeter
 
 if TYPE_CHECKING:
     from asgiref.typing import HTTPScope
@@ -45,6 +46,7 @@ __all__ = [
     "Refused",
     "UnitsFunction",
     "make_spec",
+    "usage_of",
 ]
 
 #: The ASGI scope key under which the per-request :class:`Meter` travels.
@@ -80,19 +82,45 @@ class UnitsFunction(Protocol):
 
 
 class MeteredFeature:
-    """One metered feature of an endpoint: what ``@metered(feature, units, clobber=)`` says.
+    """One metered feature of an endpoint: what ``@metered(feature, units, ...)`` says.
 
     Args:
         feature: the feature name (validated by the caller).
-        units: fixed units (an int, validated by the caller) or a :class:`UnitsFunction`.
+        units: the estimate reserved: fixed units (an int, validated by the caller) or a
+            :class:`UnitsFunction`.
         clobber: the charge sets the period's usage instead of adding to it.
+        overage: see :data:`~usage_middleware.provider.Overage`.
+        charge_partial: a request cut off (disconnect, error) is charged the units reported
+            until then.
+        units_from: where the actual units are read in the response, or ``None``.
     """
 
-    __slots__ = ("clobber", "feature", "units", "units_async", "units_fn")
+    __slots__ = (
+        "charge_partial",
+        "clobber",
+        "feature",
+        "overage",
+        "units",
+        "units_async",
+        "units_fn",
+        "units_from",
+    )
 
-    def __init__(self, feature: str, units: int | UnitsFunction, clobber: bool = False) -> None:
+    def __init__(
+        self,
+        feature: str,
+        units: int | UnitsFunction,
+        clobber: bool = False,
+        *,
+        overage: Overage = "cap",
+        charge_partial: bool = False,
+        units_from: ResponseUsage | None = None,
+    ) -> None:
         self.feature = feature
         self.clobber = clobber
+        self.overage: Overage = overage
+        self.charge_partial = charge_partial
+        self.units_from = units_from
         if callable(units):
             self.units = 0
             self.units_fn: UnitsFunction | None = units
@@ -108,9 +136,16 @@ class MeteredFeature:
 
 
 def make_spec(
-    feature: object, units: object = 1, clobber: object = False, *, where: str = "@metered"
+    feature: object,
+    units: object = 1,
+    clobber: object = False,
+    *,
+    where: str = "@metered",
+    overage: object = "cap",
+    charge_partial: object = False,
+    units_from: object = None,
 ) -> MeteredFeature:
-    """Validate ``(feature, units, clobber)`` once and build the :class:`MeteredFeature`.
+    """Validate the options once and build the :class:`MeteredFeature`.
 
     The one check behind ``@metered``, ``Metered`` (the FastAPI dependency) and
     ``UsageMiddleware(default=...)``; ``where`` names the caller in the error.
@@ -119,7 +154,9 @@ def make_spec(
         ConfigurationError: a bad feature name (or a function where the name belongs),
             units that are not an int from 1 to ``MAX_UNITS`` or a callable of the request,
             a units callable that cannot take the request as its one positional argument,
-            a non-bool ``clobber``.
+            a non-bool ``clobber``; ``overage`` not ``"cap"``/``"charge"``, a non-bool
+            ``charge_partial``, ``units_from`` not from ``usage_from_json``/``_sse``;
+            ``clobber=True`` with any of those (clobber charges fixed units only).
     """
     if callable(feature):
         raise ConfigurationError(
@@ -139,7 +176,33 @@ def make_spec(
         _check_units_callable(feature, units, where)
     if not isinstance(clobber, bool):
         raise ConfigurationError(f"{where}({feature!r}, clobber=...) must be a bool")
-    return MeteredFeature(feature, units, clobber)
+    if overage not in ("cap", "charge"):
+        raise ConfigurationError(
+            f"{where}({feature!r}, overage={overage!r}) must be 'cap' (charge at most what "
+            "the budget still covers) or 'charge' (charge the actual units, the provider "
+            "records the overage)"
+        )
+    if not isinstance(charge_partial, bool):
+        raise ConfigurationError(f"{where}({feature!r}, charge_partial=...) must be a bool")
+    if units_from is not None and not isinstance(units_from, ResponseUsage):
+        raise ConfigurationError(
+            f"{where}({feature!r}, units_from={units_from!r}) must be usage_from_json(...) "
+            "or usage_from_sse(...) (from usage_middleware)"
+        )
+    if clobber and (units_from is not None or charge_partial or overage != "cap"):
+        raise ConfigurationError(
+            f"{where}({feature!r}, clobber=True) charges fixed units only: drop units_from=, "
+            "charge_partial= and overage=, or drop clobber=True to charge the units the "
+            "request actually used"
+        )
+    return MeteredFeature(
+        feature,
+        units,
+        clobber,
+        overage="charge" if overage == "charge" else "cap",
+        charge_partial=charge_partial,
+        units_from=units_from,
+    )
 
 
 def _check_units_callable(feature: str, units: Callable[..., Any], where: str) -> None:
@@ -267,6 +330,12 @@ class Meter:
         customer: the customer id once resolved.
         claim: ``(customer, route, key)`` of an ``Idempotency-Key`` this request claimed.
         replay: the request repeats a charged ``Idempotency-Key``: served, not charged.
+        features: the specs this request meters, by feature name (the route's, or the
+            default's while it applies).
+        usage: the request's :class:`~usage_middleware.units.UnitsMeter`, once asked for.
+        readers: ``(feature, reader)`` reading the actual units in the response body
+            (``units_from=``), from ``http.response.start`` on; ``None`` otherwise.
+        reads: a feature of this request reads its units from the response.
     """
 
     __slots__ = (
@@ -278,10 +347,14 @@ class Meter:
         "default_holds",
         "default_refusal",
         "denied",
+        "features",
+        "readers",
+        "reads",
         "refusal",
         "replay",
         "reservations",
         "status",
+        "usage",
         "watcher",
     )
 
@@ -299,6 +372,58 @@ class Meter:
         self.customer: str | None = None
         self.claim: tuple[str, str, str] | None = None
         self.replay = False
+        self.features: dict[str, MeteredFeature] = _NO_FEATURES
+        self.usage: UnitsMeter | None = None
+        self.readers: list[tuple[str, Any]] | None = None
+        self.reads = False
+
+    # -- the actual units ----------------------------------------------------------------------
+
+    def units_meter(self) -> UnitsMeter:
+        """This request's :class:`~usage_middleware.units.UnitsMeter` (made on first use)."""
+        usage = self.usage
+        if usage is None:
+            usage = self.usage = UnitsMeter(self._metered_features)
+        return usage
+
+    def _metered_features(self) -> dict[str, MeteredFeature]:
+        return self.features
+
+    def _note(self, specs: Sequence[MeteredFeature]) -> None:
+        features = self.features
+        if features is _NO_FEATURES:
+            features = self.features = {}
+        for spec in specs:
+            features[spec.feature] = spec
+            if spec.units_from is not None:
+                self.reads = True
+
+    def start_readers(self, headers: Any) -> None:
+        """At ``http.response.start``: read the actual units of the ``units_from=``
+        features in this response's body (when its content type is the one read)."""
+        readers = None
+        for name, spec in self.features.items():
+            if spec.units_from is not None:
+                reader = spec.units_from.reader(headers)
+                if reader is not None:
+                    readers = readers or []
+                    readers.append((name, reader))
+        self.readers = readers
+
+    def feed_readers(self, chunk: bytes, final: bool) -> None:
+        """A body chunk went by (``final``: the last): record the units found in it."""
+        for name, reader in self.readers or ():
+            try:
+                units = reader.feed(chunk, final)
+            except Exception:  # a reader must never break a response
+                logger.exception("usage_middleware: reading the units of %s failed", name)
+                continue
+            if units is not None:
+                self.units_meter().record(name, units)
+
+    def _overage(self, reservation: Reservation) -> Overage:
+        spec = self.features.get(reservation.feature)
+        return "cap" if spec is None else spec.overage
 
     # -- before the endpoint -------------------------------------------------------------------
 
@@ -339,6 +464,7 @@ class Meter:
                 if not features:
                     return None
                 self.decided = (*decided, *features)
+        self._note(features)
         config = self.config
         scope = request.scope
         if scope.get("method") in config.free_methods or self.replay:
@@ -454,6 +580,10 @@ class Meter:
 
     async def _uncover_default(self) -> None:
         self.default_refusal = None
+        for spec in self.config.default:
+            if self.features.get(spec.feature) is spec:
+                del self.features[spec.feature]
+        self.reads = any(spec.units_from is not None for spec in self.features.values())
         holds = self.default_holds
         if not holds:
             return
@@ -514,9 +644,19 @@ class Meter:
         is then aborted before its final body); ``"open"`` logs and returns ``False``.
         """
         prepare = self.config.provider.prepare
+        usage = self.usage
         try:
-            for reservation in self.reservations or ():
-                await prepare(reservation)
+            if usage is None:  # nothing reported: the estimate (no overage possible)
+                for reservation in self.reservations or ():
+                    await prepare(reservation, units=None, overage="cap")
+            else:
+                usage.frozen = True  # the units charged are decided now
+                for reservation in self.reservations or ():
+                    await prepare(
+                        reservation,
+                        units=usage.reported(reservation.feature),
+                        overage=self._overage(reservation),
+                    )
         except Exception:
             if self.config.on_provider_error == "closed":
                 logger.exception(
@@ -532,8 +672,11 @@ class Meter:
     async def settle(self) -> None:
         """Commit (:attr:`charged`) or release every hold, each once; errors are logged.
 
-        If the request is cancelled while settling, the rest is finished in a background
-        task (providers mark what they settled, so nothing is settled twice).
+        A charged request commits each hold with the units reported for its feature (the
+        estimate when none were); one not charged releases them, except that a feature with
+        ``charge_partial`` commits the units reported until then, if any. If the request is
+        cancelled while settling, the rest is finished in a background task (providers mark
+        what they settled, so nothing is settled twice).
         """
         reservations = self.reservations or []
         self.reservations = None
@@ -543,37 +686,65 @@ class Meter:
         if claim is not None:
             self.claim = None
             try:
+                # a partial charge leaves the key free: the client's retry, which wants
+                # the whole response, is metered as a new request (never served free)
                 await provider.finish_key(*claim, charged=charge)
             except Exception:
                 logger.exception("usage_middleware: recording an Idempotency-Key failed")
-        settle = provider.commit if charge else provider.release
-        for index, reservation in enumerate(reservations):
-            try:
-                await settle(reservation)
-                telemetry.settled(reservation.feature, reservation.units, charge)
-            except asyncio.CancelledError:
-                self._finish_later(reservations[index:], charge)
-                raise
-            except Exception:
-                logger.exception(
-                    "usage_middleware: %s(%s, %s, %d units) failed",
-                    "commit" if charge else "release",
-                    reservation.customer,
-                    reservation.feature,
-                    reservation.units,
-                )
-
-    def _finish_later(self, reservations: list[Reservation], charge: bool) -> None:
-        provider = self.config.provider
-        settle = provider.commit if charge else provider.release
-
-        async def finish() -> None:
-            for reservation in reservations:
-                if reservation.settled:
-                    continue
+        usage = self.usage
+        if usage is None:  # nothing reported: commit the estimates or release (hot path)
+            settle = provider.commit if charge else provider.release
+            for index, reservation in enumerate(reservations):
                 try:
                     await settle(reservation)
                     telemetry.settled(reservation.feature, reservation.units, charge)
+                except asyncio.CancelledError:
+                    rest = reservations[index:]
+                    self._finish_later([(r, None if charge else -1, "cap") for r in rest])
+                    raise
+                except Exception:
+                    logger.exception(
+                        "usage_middleware: %s(%s, %s, %d units) failed",
+                        "commit" if charge else "release",
+                        reservation.customer,
+                        reservation.feature,
+                        reservation.units,
+                    )
+            return
+        usage.frozen = True
+        plan: list[tuple[Reservation, int | None, Overage]] = []
+        for reservation in reservations:
+            units = usage.reported(reservation.feature)
+            if not charge:
+                spec = self.features.get(reservation.feature)
+                if spec is None or not spec.charge_partial or self.denied or not units:
+                    units = -1  # released
+            plan.append((reservation, units, self._overage(reservation)))
+        for index, step in enumerate(plan):
+            try:
+                await _settle_one(provider, *step)
+            except asyncio.CancelledError:
+                self._finish_later(plan[index:])
+                raise
+            except Exception:
+                reservation, units, _ = step
+                logger.exception(
+                    "usage_middleware: %s(%s, %s, %d units) failed",
+                    "release" if units == -1 else "commit",
+                    reservation.customer,
+                    reservation.feature,
+                    reservation.units if units is None or units < 0 else units,
+                )
+
+    def _finish_later(self, plan: list[tuple[Reservation, int | None, Overage]]) -> None:
+        provider = self.config.provider
+
+        async def finish() -> None:
+            for step in plan:
+                if step[0].settled:
+                    continue
+                try:
+                    await _settle_one(provider, *step)
                 except Exception:
                     logger.exception("usage_middleware: settling after cancellation failed")
 
@@ -582,6 +753,42 @@ class Meter:
         background.add(task)
         task.add_done_callback(background.discard)
 
+
+async def _settle_one(
+    provider: Provider, reservation: Reservation, units: int | None, overage: Overage
+) -> None:
+    """Release (``units == -1``) or commit one hold, and tell telemetry."""
+    if units == -1:
+        await provider.release(reservation)
+        telemetry.settled(reservation.feature, reservation.units, False)
+        return
+    charged = await provider.commit(reservation, units=units, overage=overage)
+    if not isinstance(charged, int):  # a provider written before commit returned units
+        charged = reservation.units if units is None else units
+    telemetry.settled(reservation.feature, charged, True)
+
+
+def usage_of(connection: HTTPConnection) -> UnitsMeter:
+    """The :class:`~usage_middleware.units.UnitsMeter` of this request (or websocket):
+    report the units it actually used with ``.set(feature, units)``/``.add(...)``.
+
+    A plain function of Starlette's ``Request``/``WebSocket``; in FastAPI declare a
+    parameter ``usage: Usage`` (``Annotated[UnitsMeter, Depends(usage_of)]``).
+
+    Raises:
+        ConfigurationError: ``UsageMiddleware`` is not installed.
+    """
+    meter: Meter | None = connection.scope.get(SCOPE_KEY)
+    if meter is None:
+        raise ConfigurationError(
+            "usage_of(request) needs UsageMiddleware: add "
+            "app.add_middleware(UsageMiddleware, customer=...)"
+        )
+    return meter.units_meter()
+
+
+#: ``Meter.features`` of a request nothing metered yet (shared, never written).
+_NO_FEATURES: Final[dict[str, MeteredFeature]] = {}
 
 _FAILED: Final = {"open": telemetry.FAILED_OPEN, "closed": telemetry.FAILED_CLOSED}
 

@@ -434,7 +434,12 @@ class UsageMiddleware:
                     return
             if message_type == "http.response.start":
                 meter.status = message["status"]
-            elif (
+                if meter.reads:
+                    meter.start_readers(message.get("headers", ()))
+            elif meter.readers is not None and message_type == "http.response.body":
+                # units_from=: read the units as the body passes, before the charge below
+                meter.feed_readers(message.get("body", b""), not message.get("more_body", False))
+            if (
                 message_type == "http.response.body" and not message.get("more_body", False)
             ) or message_type == "http.response.pathsend":
                 if meter.chargeable():

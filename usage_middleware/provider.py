@@ -7,9 +7,16 @@ once afterwards::
 
     reservation = await provider.reserve(customer, feature, units)   # before the route
     if not reservation.ok: ...                                        # 402 (or 503)
-    await provider.prepare(reservation)   # the final 2xx body is about to be sent
-    await provider.commit(reservation)    # ...and it was sent: charge
+    await provider.prepare(reservation, units=n, overage="cap")  # the final 2xx body is next
+    await provider.commit(reservation, units=n, overage="cap")   # ...and it was sent: charge
     await provider.release(reservation)   # ...or it was not (error, 4xx/5xx, disconnect)
+
+``units`` is what the request actually used (``None``: the units reserved). Fewer than
+reserved: the rest is given back. More: the excess is taken from what is left (limit, then
+credits); when even that is not enough, ``overage`` decides: ``"cap"`` charges only what
+was available, ``"charge"`` charges the actual anyway (the provider records the overage).
+Every subclass that overrides ``prepare`` or ``commit`` must take both keywords: a class
+that does not is refused when it is defined (so no provider can ignore the actual).
 
 The defaults here build those on ``can``/``report``: ``reserve`` asks ``can`` and holds
 nothing, ``commit`` reports the reservation's event, ``release`` does nothing. Ledgers
@@ -32,7 +39,9 @@ Nothing is started at import time or in ``__init__``.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Literal, Protocol, Self
@@ -41,17 +50,19 @@ from asgiref.typing import HTTPScope
 
 from .errors import ConfigurationError, PermanentProviderError
 from .idempotency import KeyClaim, KeyClaims
-from .models import Answer, Reservation, UsageEvent
+from .models import Answer, Reservation, UsageEvent, check_units
 
 __all__ = [
     "DeliverySink",
     "FailurePolicy",
+    "Overage",
     "Provider",
     "ProviderState",
     "ReporterLike",
     "clobber_refused",
     "clobber_unsupported",
     "on_another_loop",
+    "settle_units",
 ]
 
 
@@ -91,6 +102,48 @@ def clobber_unsupported(name: str) -> PermanentProviderError:
 #: raises instead of answering.)
 FailurePolicy = Literal["open", "closed"]
 
+#: What ``commit`` does with units used beyond the reservation that even the rest of the
+#: budget (limit, then credits) cannot cover: ``"cap"`` charges only what was available
+#: (the customer never goes past the budget; the seller absorbs the rest), ``"charge"``
+#: charges the actual anyway (the provider records the overage). Per feature:
+#: ``@metered(..., overage=...)``.
+Overage = Literal["cap", "charge"]
+
+#: The keyword arguments every ``prepare``/``commit`` must take (see the module docstring).
+SETTLE_KEYWORDS: tuple[str, ...] = ("units", "overage")
+
+
+def settle_units(reservation: Reservation, units: int | None) -> int:
+    """The units a settlement is about: ``units`` checked (0 to MAX_UNITS), or the units
+    reserved when ``None``.
+
+    Raises:
+        ValueError: ``units`` is not an int from 0 to ``MAX_UNITS``.
+    """
+    if units is None:
+        return reservation.units
+    return check_units(units, what="actual units", allow_zero=True)
+
+
+def _check_settle_signature(cls: type, name: str) -> None:
+    method = cls.__dict__.get(name)
+    if method is None:
+        return
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    missing = [k for k in SETTLE_KEYWORDS if k not in params]
+    if missing:
+        raise ConfigurationError(
+            f"{cls.__qualname__}.{name}(reservation) must also take the keyword arguments "
+            f"{', '.join(missing)} (the units the request actually used and the overage "
+            f"policy): define {name}(self, reservation, *, units=None, overage='cap') and "
+            "settle the actual units (see usage_middleware.provider)"
+        )
+
 
 class ProviderState(enum.Enum):
     """Where a provider is in its life: NEW, then OPEN, then CLOSED (``open()`` again: OPEN)."""
@@ -118,6 +171,11 @@ class Provider:
     #: usage, Tier's ``clobber``); ``@metered(..., clobber=True)`` is refused at start-up
     #: for a provider without it.
     supports_clobber: bool = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in ("prepare", "commit"):
+            _check_settle_signature(cls, name)
 
     def __init__(self) -> None:
         self._state = ProviderState.NEW
@@ -229,20 +287,48 @@ class Provider:
             answer=answer, event=UsageEvent(customer, feature, units, clobber=clobber)
         )
 
-    async def prepare(self, reservation: Reservation) -> None:
+    async def prepare(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> None:
         """Called just before the final 2xx body is sent; the charge is likely.
 
-        A provider that must make the charge durable before the client can see the
-        response does it here (and undoes it in :meth:`release`). Default: nothing.
+        ``units``/``overage``: as :meth:`commit`, which follows with the same values. A
+        provider that must make the charge durable before the client can see the response
+        does it here (and undoes it in :meth:`release`). Default: nothing.
         """
 
-    async def commit(self, reservation: Reservation) -> None:
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> int:
         """Charge a reservation whose response succeeded. Called once per reservation.
 
-        The default reports ``reservation.event``.
+        Args:
+            units: the units the request actually used, 0 to ``MAX_UNITS`` (``None``: the
+                units reserved). Fewer: the rest is given back; 0 charges nothing.
+            overage: for units beyond the reservation that the rest of the budget cannot
+                cover: ``"cap"`` charges what was available, ``"charge"`` the actual.
+
+        Returns the units charged. The default reports an event of the actual units, asking
+        :meth:`can` for an excess first under ``"cap"`` (the reserved units when refused).
+
+        Raises:
+            ValueError: ``units`` is not an int from 0 to ``MAX_UNITS``.
         """
+        actual = settle_units(reservation, units)
         reservation.settled = True
-        await self.report([reservation.event])
+        if actual > reservation.units and overage == "cap":
+            answer = await self.can(
+                reservation.customer, reservation.feature, actual - reservation.units
+            )
+            if not answer.ok:
+                actual = reservation.units
+        if actual == 0:
+            return 0
+        event = reservation.event
+        if actual != event.units:
+            event = dataclasses.replace(event, units=actual)
+        await self.report([event])
+        return actual
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation whose request did not succeed. Called once. Default: nothing."""

@@ -85,7 +85,12 @@ def test_plans_lists_every_plan_feature_limit_and_interval(
     assert lines[free].split()[-2:] == ["feature:convert", "5"]
     assert lines[free + 1].split() == ["feature:pages", "20"]
     pro_rows = {line.split()[-2]: line.split()[-1] for line in lines[pro:]}
-    assert pro_rows == {"feature:convert": "∞", "feature:generate": "100", "feature:pages": "10000"}
+    assert pro_rows == {
+        "feature:convert": "∞",
+        "feature:generate": "100",
+        "feature:pages": "10000",
+        "feature:tokens": "1000000",
+    }
 
 
 def test_subscribe_then_show_prints_the_plan_limits(

@@ -60,6 +60,13 @@ def test_demo_serves_refuses_grants_and_prints_the_ledger(tmp_path: Path) -> Non
     pages = next(line for line in table.splitlines() if line.strip().startswith("feature:pages"))
     assert [c.strip() for c in pages.split("  ") if c.strip()][2:4] == ["20", "3"]
     assert "Stopped the server cleanly" in out
+    # 6. /chat billed by tokens: charged usage.total_tokens, a hang-up its tokens, a 402
+    assert re.search(r"POST /chat\s+-> 200 OK\s+15 tokens streamed, usage.total_tokens 20", out)
+    assert "Charged 20 tokens, not the estimate of 25." in out
+    assert re.search(r"POST /chat\s+-> 402 Payment Required", out)
+    tokens = next(line for line in table.splitlines() if line.strip().startswith("feature:tokens"))
+    tokens_used = int([c.strip() for c in tokens.split("  ") if c.strip()][3])
+    assert 20 + 5 + 3 <= tokens_used < 20 + 65
 
     ledger = re.search(r"Ledger:\s+(\S+usage\.db)", out)
     assert ledger is not None

@@ -17,6 +17,8 @@ import httpx
 import pytest
 import uvicorn
 
+from tests.support.waiting import eventually
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 APPS = ["fastapi_app", "starlette_app"]
@@ -337,3 +339,79 @@ async def test_readme_quick_start_charges_the_pages_it_serves(
         assert charged == 0, (query, response.text)
     if query in ("pages=50", "pages=1&pages=50"):
         assert (response.status_code, charged) == (200, 50)
+
+
+def sse_data(text: str) -> list[dict[str, Any]]:
+    """The JSON payloads of a server-sent events body (``data: [DONE]`` left out)."""
+    import json
+
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: {")]
+
+
+async def test_chat_streams_tokens_and_charges_the_tokens_used(
+    example: ModuleType, client: httpx.AsyncClient
+) -> None:
+    """POST /chat streams the stand-in model's tokens as OpenAI-style SSE chunks and is
+    charged their usage.total_tokens (prompt + completion), not its estimate (prompt +
+    max_tokens); a customer whose estimate is beyond what is left gets a 402 and nothing
+    is charged."""
+    response = await client.post("/chat", json={"prompt": "hello metered world", "max_tokens": 20})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.text.endswith("data: [DONE]\n\n")
+    events = sse_data(response.text)
+    tokens = [e["choices"][0]["delta"]["content"] for e in events if e["choices"]]
+    assert len(tokens) == 9  # the prompt's 3 words, three times over (below max_tokens)
+    assert events[-1]["usage"]["total_tokens"] == 3 + 9
+    assert await used(example, "feature:tokens") == (12, 0)
+
+    near = await client.post(
+        "/chat", json={"prompt": " ".join(["w"] * 300), "max_tokens": 256}
+    )  # 556 > 500 - 12 left
+    assert near.status_code == 402
+    assert near.json()["units"] == 556 and near.json()["remaining"] == 488
+    assert await used(example, "feature:tokens") == (12, 0)
+
+
+@pytest.mark.slow
+async def test_fastapi_chat_hang_up_half_way_is_charged_the_tokens_generated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over real uvicorn, a client reading 4 of /chat's tokens and hanging up is charged
+    the prompt and the tokens generated until then (charge_partial), not the estimate."""
+    monkeypatch.setenv("USAGE_DB", str(tmp_path / "usage.db"))
+    for example in load_example("fastapi_app"):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(example.app, lifespan="on", log_level="warning"))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            for _ in range(200):
+                if server.started:
+                    break
+                await asyncio.sleep(0.05)
+            assert server.started
+            await example.ledger.subscribe(CUSTOMER, "plan:free@1")
+            async with httpx.AsyncClient(
+                base_url=f"http://127.0.0.1:{port}", headers={"x-customer": CUSTOMER}, timeout=10
+            ) as client:
+                body = {"prompt": "one two three four five", "max_tokens": 15}
+                async with client.stream("POST", "/chat", json=body) as response:
+                    assert response.status_code == 200
+                    read = 0
+                    async for line in response.aiter_lines():
+                        read += '"content"' in line
+                        if read == 4:
+                            break
+
+            async def charged(example: ModuleType = example) -> int:
+                await example.ledger.flush()
+                return (await used(example, "feature:tokens"))[0]
+
+            await eventually(charged)
+            assert 5 + 4 <= await charged() < 5 + 15
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 15)
+            sock.close()

@@ -513,6 +513,28 @@ async def test_charge_before_charges_at_reserve_and_never_refunds(
     assert "not refunded" in caplog.text
 
 
+@pytest.mark.parametrize(("overage", "expected"), [("cap", 3), ("charge", 7)])
+async def test_charge_before_settles_actual_units(
+    world: World,
+    opened: list[AresProvider],
+    caplog: pytest.LogCaptureFixture,
+    overage: str,
+    expected: int,
+) -> None:
+    """charge="before" paid the estimate of 3 at reserve: 2 used is not refunded (logged);
+    7 used adds one usage of the 4 more under overage="charge" and nothing under "cap"."""
+    caplog.set_level(logging.INFO)
+    provider = await start(opened, world.provider(charge="before"))
+    uid, token = world.user(credits=20)
+    fewer = await provider.reserve("u1", "feature:a", 3, scope=bearer(token))
+    assert await provider.commit(fewer, units=2, overage=overage) == 3  # type: ignore[arg-type]
+    assert "not refunded" in caplog.text
+    more = await provider.reserve("u1", "feature:a", 3, scope=bearer(token))
+    assert await provider.commit(more, units=7, overage=overage) == expected  # type: ignore[arg-type]
+    assert await provider.flush()
+    assert world.ares.charged(uid) == 3 + expected
+
+
 async def test_charge_before_insufficient_credits_is_402(
     world: World, opened: list[AresProvider]
 ) -> None:

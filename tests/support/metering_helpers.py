@@ -136,15 +136,18 @@ class RecordingProvider(Provider):
             self.held[key] = self.held.get(key, 0) + units
         return Reservation(answer=answer, event=UsageEvent(customer, feature, units), token=None)
 
-    async def prepare(self, reservation: Reservation) -> None:
+    async def prepare(
+        self, reservation: Reservation, *, units: int | None = None, overage: str = "cap"
+    ) -> None:
         self.calls.append(
             Call("prepare", reservation.customer, reservation.feature, reservation.units)
         )
         if self.fail_prepare:
             raise RuntimeError("prepare exploded")
 
-    def _settle(self, op: str, reservation: Reservation) -> None:
-        self.calls.append(Call(op, reservation.customer, reservation.feature, reservation.units))
+    def _settle(self, op: str, reservation: Reservation, actual: int | None = None) -> None:
+        units = reservation.units if actual is None else actual
+        self.calls.append(Call(op, reservation.customer, reservation.feature, units))
         if reservation.settled:
             self.errors.append(f"{op} of an already settled reservation {reservation!r}")
             return
@@ -156,13 +159,16 @@ class RecordingProvider(Provider):
         self.held[key] -= reservation.units
         if not self.held[key]:
             del self.held[key]
-        if op == "commit":
-            self.charged[key] = self.charged.get(key, 0) + reservation.units
+        if op == "commit" and units:
+            self.charged[key] = self.charged.get(key, 0) + units
 
-    async def commit(self, reservation: Reservation) -> None:
-        self._settle("commit", reservation)
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: str = "cap"
+    ) -> int:
+        self._settle("commit", reservation, units)
         if self.fail_commit:
             raise RuntimeError("commit exploded")
+        return reservation.units if units is None else units
 
     async def release(self, reservation: Reservation) -> None:
         self._settle("release", reservation)

@@ -174,12 +174,18 @@ class OutboxedProvider(Provider):
             return Reservation(answer, UsageEvent(customer, feature, units, idempotency_key=key))
         return Reservation(answer, UsageEvent(customer, feature, units))
 
-    async def prepare(self, reservation: Reservation) -> None:
+    async def prepare(
+        self, reservation: Reservation, *, units: int | None = None, overage: str = "cap"
+    ) -> None:
         await self.reporter.prepare(reservation.event)
 
-    async def commit(self, reservation: Reservation) -> None:
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: str = "cap"
+    ) -> int:
+        assert units is None or units == reservation.units, "fixed units only"
         reservation.settled = True
         self.reporter.confirm(reservation.event)
+        return reservation.units
 
     async def release(self, reservation: Reservation) -> None:
         reservation.settled = True

@@ -13,7 +13,11 @@ uvicorn). It:
    each status, then the 402 problem body;
 4. grants credits and shows that the next request is served (funded by credits);
 5. shows a request charged several units and a failed one that is not charged;
-6. stops the server (uvicorn's graceful shutdown closes the ledger) and prints the
+6. bills a chat route by tokens: a stream of a stand-in model's tokens (server-sent
+   events) charged the tokens it used rather than its estimate, a client hanging up
+   half-way (charged the tokens generated until then), and a request whose estimate is
+   beyond what is left, refused with 402 before the model runs;
+7. stops the server (uvicorn's graceful shutdown closes the ledger) and prints the
    ledger's table for ``org:demo``.
 
 :func:`run_demo` returns 0 when all of that happened as described, 1 otherwise (with the
@@ -51,6 +55,7 @@ __all__ = ["APP", "CUSTOMER", "example_pricing", "run_demo"]
 CUSTOMER = "org:demo"
 _PLAN = "plan:free@1"
 _FEATURE = "feature:convert"
+_TOKENS = "feature:tokens"
 _CREDITS = 3
 _MAX_CALLS = 50
 _FD_ENV = "USAGE_DEMO_LISTEN_FD"
@@ -227,9 +232,11 @@ def _run(say: _Out, pricing: Path, workdir: Path, db: Path) -> int:
             say(f"   ('usage-middleware subscribe {CUSTOMER} {_PLAN}').")
             say()
             ok = _exercise(say, client, db)
+            say()
+            ok = _chat(say, client, db) and ok
         stopped = server.stop()
         say()
-        say(f"6. Stopped the server{' cleanly' if stopped else ' (had to kill it)'}.")
+        say(f"7. Stopped the server{' cleanly' if stopped else ' (had to kill it)'}.")
         say()
         say(f"   The ledger for {CUSTOMER}, as 'usage-middleware show {CUSTOMER}' prints it:")
         say()
@@ -243,7 +250,8 @@ def _run(say: _Out, pricing: Path, workdir: Path, db: Path) -> int:
         say(server.log_tail())
         return 1
     say(f"Done: {limit} requests served on the free plan, the next refused with 402,")
-    say("and one more served once credits were granted. Only successful responses were charged.")
+    say("and one more served once credits were granted. Only successful responses were charged;")
+    say("chat streams were charged the tokens they used.")
     return 0
 
 
@@ -292,6 +300,82 @@ def _exercise(say: _Out, client: httpx.Client, db: Path) -> bool:
     failed = client.post("/summarize", params={"pages": 0})
     say(_status_line("POST", "/summarize?pages=0", failed))
     return again.status_code == 200 and pages.status_code == 200 and failed.status_code == 422
+
+
+async def _admin_tokens(db: Path) -> int:
+    """The demo customer's tokens used this period, as the ledger file has them."""
+    from ..ledger.local import LocalLedger
+
+    async with LocalLedger(db) as ledger:
+        rows = await ledger.usage(CUSTOMER)
+    return next((row.used for row in rows if row.feature == _TOKENS), 0)
+
+
+def _tokens_after(db: Path, before: int, timeout: float = 5.0) -> int:
+    """Tokens used once the server's group commit wrote a change from ``before`` (or the
+    same after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        used = asyncio.run(_admin_tokens(db))
+        if used != before or time.monotonic() >= deadline:
+            return used
+        time.sleep(0.05)
+
+
+def _chat(say: _Out, client: httpx.Client, db: Path) -> bool:
+    """Step 6: /chat billed by tokens; True when every answer was the expected one."""
+    say(f"6. Billed by tokens: POST /chat streams a stand-in model's tokens ({_TOKENS}).")
+    prompt, max_tokens = "tell me about metered billing", 20
+    estimate = len(prompt.split()) + max_tokens
+    say(
+        f"   Reserved before the model runs: {len(prompt.split())} prompt tokens + max_tokens "
+        f"{max_tokens} = {estimate};"
+    )
+    say("   charged when the stream ends: the tokens it used.")
+    before = asyncio.run(_admin_tokens(db))
+    with client.stream("POST", "/chat", json={"prompt": prompt, "max_tokens": max_tokens}) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    usage: dict[str, int] = next(
+        (json.loads(e)["usage"] for e in events if e.startswith("{") and '"usage"' in e), {}
+    )
+    streamed = sum(1 for e in events if '"content"' in e)
+    used = _tokens_after(db, before)
+    charged = used - before
+    say(
+        f"   POST /chat {'':<16} -> {r.status_code} {r.reason_phrase:<20} {streamed} tokens "
+        f"streamed, usage.total_tokens {usage.get('total_tokens')}"
+    )
+    say(f"   Charged {charged} tokens, not the estimate of {estimate}.")
+    say()
+    say("   A client that hangs up after 3 tokens of a longer answer (charge_partial=True:")
+    say("   the tokens generated until then are charged, the rest of the estimate released):")
+    before = used
+    read = 0
+    with client.stream(
+        "POST", "/chat", json={"prompt": "write a long answer please", "max_tokens": 60}
+    ) as cut:
+        for line in cut.iter_lines():
+            read += '"content"' in line
+            if read == 3:
+                break
+    used = _tokens_after(db, before)
+    partial = used - before
+    say(f"   POST /chat {'':<16} -> {cut.status_code} {cut.reason_phrase:<20} read {read} tokens")
+    say(f"   Charged {partial} tokens: 5 prompt tokens and the tokens generated, of 65 reserved.")
+    say()
+    long_prompt = " ".join(["word"] * 400)
+    say("   A prompt of 400 tokens with max_tokens 256 reserves 656, more than is left:")
+    refused = client.post("/chat", json={"prompt": long_prompt, "max_tokens": 256})
+    detail = refused.json().get("detail", "") if refused.status_code == 402 else refused.text
+    say(f"   POST /chat {'':<16} -> {refused.status_code} {refused.reason_phrase:<20} {detail}")
+    say("   The model never ran.")
+    return (
+        r.status_code == 200
+        and usage.get("total_tokens") == charged
+        and cut.status_code == 200
+        and 5 + read <= partial < 65
+        and refused.status_code == 402
+    )
 
 
 def _until_served(client: httpx.Client, timeout: float = 10.0) -> httpx.Response:

@@ -38,7 +38,7 @@ from ..models import (
     check_units,
     trusted_event,
 )
-from ..provider import ProviderState, clobber_refused, on_another_loop
+from ..provider import Overage, ProviderState, clobber_refused, on_another_loop, settle_units
 from .base import (
     REASON_CLOSED,
     REASON_FAILED,
@@ -496,24 +496,75 @@ class LeaseEngine(Ledger):
                     return self._answer(slot, False, units)
         return (await self._reserve_slow(customer, feature, units, hold=False)).answer
 
-    async def prepare(self, reservation: Reservation) -> None:
+    async def prepare(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> None:
         """Nothing: the charge is written by the group commit after :meth:`commit`."""
 
-    async def commit(self, reservation: Reservation) -> None:
-        """Charge a reservation: queued in memory, written by the next group commit.
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> int:
+        """Charge a reservation its actual ``units``: queued in memory, written by the next
+        group commit. Returns the units charged.
 
-        Settling a reservation a second time, or a refused one, does nothing. The hold is
-        there however long the request ran (holds do not expire in a live process). A
+        ``units`` (``None``: the units reserved) below the hold gives the rest back to this
+        process's lease. Above it, the excess is taken from the lease's free units, then
+        leased from the store (one transaction, atomic with every other process's leases:
+        only units free under the limit plus credits); what even that cannot cover is
+        charged anyway under ``overage="charge"`` (written as usage beyond the limit, which
+        consumes credits and shows as overage) and dropped under ``"cap"``.
+
+        Settling a reservation a second time, or a refused one, does nothing (0). The hold
+        is there however long the request ran (holds do not expire in a live process). A
         reservation whose hold this ledger does not know (made by another instance) is
         still charged, and logged.
+
+        Raises:
+            ValueError: ``units`` is not an int from 0 to ``MAX_UNITS``.
         """
         if reservation.settled:
-            return
+            return 0
+        reserved = reservation.units
+        if units is None or (type(units) is int and units == reserved):
+            # the hot path: exactly the units held
+            reservation.settled = True
+            if not reservation.ok:
+                return 0
+            slot, from_lease = reservation.token
+            if from_lease:
+                if self._outstanding.pop(weakref.ref(reservation), None) is None:
+                    logger.warning(
+                        "ledger %s: charging %s %s x%d whose hold was already given back",
+                        self._label,
+                        slot.customer,
+                        slot.feature,
+                        reserved,
+                    )
+                    from_lease = False
+                else:
+                    slot.held -= reserved
+            slot.pending += reserved
+            if self._wake is not None and self._state is ProviderState.OPEN:
+                slot.unflushed += reserved
+                slot.unflushed_requests += 1
+                slot.unflushed_at = time.time()
+                if from_lease:
+                    slot.unflushed_leased += reserved
+                if not slot.dirty:
+                    slot.dirty = True
+                    self._batch.append(slot)
+                self._wake.set()
+            else:
+                limit = UNLIMITED if slot.unlimited else slot.limit
+                await self._write_late(
+                    (slot.customer, slot.feature, slot.period, limit, reserved, 0, 1, time.time())
+                )
+            return reserved
+        actual = settle_units(reservation, units)
         reservation.settled = True
         if not reservation.ok:
-            return
+            return 0
         slot, from_lease = reservation.token
-        units = reservation.units
         if from_lease:
             if self._outstanding.pop(weakref.ref(reservation), None) is None:
                 logger.warning(
@@ -521,27 +572,102 @@ class LeaseEngine(Ledger):
                     self._label,
                     slot.customer,
                     slot.feature,
-                    units,
+                    actual,
                 )
                 from_lease = False
+                if overage == "cap":
+                    actual = min(actual, reserved)
             else:
-                slot.held -= units
+                slot.held -= reserved
+        if from_lease and actual > reserved:
+            extra = actual - reserved
+            got = 0
+            try:
+                got = await self._take_more(slot, extra)
+            finally:  # also when cancelled: what was taken is charged
+                if got < extra and overage == "cap":
+                    actual = reserved + got
+                self._charge(slot, actual, reserved + got)
+        elif from_lease:
+            slot.available += reserved - actual
+            self._charge(slot, actual, actual)
+        else:
+            self._charge(slot, actual, 0)
+        if self._wake is None or self._state is not ProviderState.OPEN:
+            if actual:
+                limit = UNLIMITED if slot.unlimited else slot.limit
+                await self._write_late(
+                    (slot.customer, slot.feature, slot.period, limit, actual, 0, 1, time.time())
+                )
+        return actual
+
+    def _charge(self, slot: _Slot, units: int, leased: int) -> None:
+        """Queue ``units`` (``leased`` of them from this process's lease) for the group
+        commit; nothing when closed (:meth:`commit` writes it late)."""
+        if not units:
+            return
         slot.pending += units
         if self._wake is not None and self._state is ProviderState.OPEN:
             slot.unflushed += units
             slot.unflushed_requests += 1
             slot.unflushed_at = time.time()
-            if from_lease:
-                slot.unflushed_leased += units
+            slot.unflushed_leased += leased
             if not slot.dirty:
                 slot.dirty = True
                 self._batch.append(slot)
             self._wake.set()
-        else:
-            limit = UNLIMITED if slot.unlimited else slot.limit
-            await self._write_late(
-                (slot.customer, slot.feature, slot.period, limit, units, 0, 1, time.time())
-            )
+
+    async def _take_more(self, slot: _Slot, need: int) -> int:
+        """Take up to ``need`` more units for a commit beyond its hold: from the lease's
+        free units, then by leasing (``need``, or what is still free under the limit plus
+        credits). Returns the units taken off the lease (``<= need``)."""
+        got = min(need, slot.available)
+        slot.available -= got
+        if got == need:
+            return got
+        key = (slot.customer, slot.feature)
+        if self._state is not ProviderState.OPEN or self._backend is None:
+            return got
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        try:
+            async with lock:
+                for attempt in range(2):
+                    await self._settle_lease(key)
+                    more = min(need - got, slot.available)
+                    slot.available -= more
+                    got += more
+                    now = self._clock()
+                    if (
+                        got == need
+                        or self._closing()
+                        or self._current.get(key) is not slot
+                        or now >= slot.end
+                    ):
+                        return got
+                    ask = need - got
+                    if attempt:  # the whole excess was not free: lease what still is
+                        ask = min(ask, slot.spare)
+                        if ask <= 0:
+                            return got
+                    try:
+                        await self._lease(key, slot, ask, now, time.monotonic(), give_back=False)
+                    except Exception:
+                        logger.exception(
+                            "ledger %s: leasing the excess of %s %s failed", self._label, *key
+                        )
+                        return got
+                    if self._current.get(key) is not slot:
+                        return got
+                    more = min(need - got, slot.available)
+                    slot.available -= more
+                    got += more
+                    if got == need:
+                        return got
+                return got
+        finally:
+            self._drop_lock(key, lock)
 
     async def release(self, reservation: Reservation) -> None:
         """Give a reservation's units back to this process's lease (no I/O). Once only."""

@@ -89,6 +89,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
 import os
@@ -125,7 +126,7 @@ from ..pricing import (
     loads_pricing,
     period_bounds,
 )
-from ..provider import FailurePolicy, ProviderState, on_another_loop
+from ..provider import FailurePolicy, Overage, ProviderState, on_another_loop, settle_units
 from . import _redis_scripts as scripts
 from .base import REASON_FAILED, FeatureUsage, usage_rows
 from .engine import Gives, Leased, LeaseEngine, Settled, Upkept, lease_each
@@ -816,15 +817,27 @@ class RedisLedger(LeaseEngine):
 
     # -- the hot path (the rest is the engine's) ------------------------------------------
 
-    async def commit(self, reservation: Reservation) -> None:
-        """Charge a reservation: queued in memory, written by the next group commit (to the
-        spool when Redis is unreachable). A reservation served while Redis was unreachable
-        (failing open) goes to the spool. Once per reservation; never raises for Redis."""
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> int:
+        """Charge a reservation its actual ``units`` (see :meth:`LeaseEngine.commit`):
+        queued in memory, written by the next group commit (to the spool when Redis is
+        unreachable). A reservation served while Redis was unreachable (failing open) goes
+        to the spool: its actual units, at most the units reserved under ``"cap"`` (no
+        budget was read). Once per reservation; never raises for Redis. Returns the units
+        charged."""
         if reservation.token is None and reservation.ok and not reservation.settled:
+            actual = settle_units(reservation, units)
+            if overage == "cap":
+                actual = min(actual, reservation.units)
             reservation.settled = True
-            self._to_outbox(reservation.event, "a request was served without Redis")
-            return
-        await super().commit(reservation)
+            if actual:
+                event = reservation.event
+                if actual != event.units:
+                    event = dataclasses.replace(event, units=actual)
+                self._to_outbox(event, "a request was served without Redis")
+            return actual
+        return await super().commit(reservation, units=units, overage=overage)
 
     async def release(self, reservation: Reservation) -> None:
         """Give a reservation's units back to this process's lease (no I/O). Once only."""
@@ -987,7 +1000,7 @@ class RedisLedger(LeaseEngine):
 
     # -- internals: charging ---------------------------------------------------------------
 
-    def _charge(self, event: UsageEvent, client: Any = None) -> Any:
+    def _charge_event(self, event: UsageEvent, client: Any = None) -> Any:
         """Run the charge script for ``event`` (on ``client``, e.g. a pipeline)."""
         base = f"{self._prefix}{{{event.customer}}}:"
         return self._scripts["CHARGE"](
@@ -1073,7 +1086,7 @@ class RedisLedger(LeaseEngine):
             )
         async with client.pipeline(transaction=False) as pipe:
             for event in events:
-                await self._charge(event, pipe)
+                await self._charge_event(event, pipe)
             replies = await pipe.execute()
         if not isinstance(replies, list) or len(replies) != len(events):
             raise _BadReply(f"unexpected reply to the charge pipeline: {replies!r:.100}")

@@ -51,9 +51,11 @@ from ..errors import (
 from ..models import UNLIMITED, Answer, Reservation, UsageEvent, check_feature
 from ..provider import (
     FailurePolicy,
+    Overage,
     clobber_refused,
     clobber_unsupported,
     on_another_loop,
+    settle_units,
 )
 from ._http import charge_answer_error, loads, redirect_error, send, status_error, status_kind
 from .remote import Charge, Entitlement, RemoteProvider
@@ -825,6 +827,67 @@ class AresProvider(RemoteProvider):
         self.note_delivered([event])
         answer = Answer(True, customer, feature, units, provider=self)
         return Reservation(answer, event, token=_Paid(credits))
+
+    def hold_units(self, feature: str, units: int) -> int:
+        """Local accounting counts thousandths of a credit: what ``units`` of ``feature`` cost."""
+        return self._milli(feature, units)
+
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> int:
+        """Charge the actual ``units`` in credits (see :meth:`RemoteProvider.commit`).
+
+        A ``charge="before"`` reservation was paid for the estimate when it was made:
+        fewer units are not refunded (ARES has no refund endpoint; logged); more are
+        charged as one more usage event under ``overage="charge"`` and not under
+        ``"cap"`` (the estimate was all that was checked). Returns the units charged.
+        """
+        paid = reservation.token
+        if not isinstance(paid, _Paid):
+            # ARES refuses a usage its wallet cannot pay whole (402): the units the balance
+            # covers go in one event, an overage beyond it in another (which ARES may refuse:
+            # it then waits in the outbox's dead letters), so the covered part is never lost.
+            if reservation.settled:
+                return 0
+            covered = await super().commit(reservation, units=units, overage="cap")
+            actual = settle_units(reservation, units)
+            if overage == "cap" or actual <= covered or self._delivery is None:
+                return covered
+            self._charge_extra(reservation, actual - covered)
+            return actual
+        if reservation.settled:
+            return 0
+        actual = settle_units(reservation, units)
+        reservation.settled = True
+        reserved = reservation.units
+        if actual < reserved:
+            logger.info(
+                "%s: %s used %d of the %d unit(s) paid before the request; ARES has no refund "
+                "endpoint, not refunded",
+                self.name,
+                reservation.feature,
+                actual,
+                reserved,
+            )
+        if actual <= reserved or overage == "cap" or self._delivery is None:
+            return reserved
+        self._charge_extra(reservation, actual - reserved)
+        return actual
+
+    async def prepare(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> None:
+        """Write the charge the balance covers to the outbox (see :meth:`commit`)."""
+        await super().prepare(reservation, units=units, overage="cap")
+
+    def _charge_extra(self, reservation: Reservation, units: int) -> None:
+        """Queue ``units`` more of the reservation's feature as their own usage event."""
+        assert self._delivery is not None
+        extra = UsageEvent(reservation.customer, reservation.feature, units)
+        charge = self.charge_of(extra)
+        if charge is not None:
+            self._account(charge[0]).charge(self._clock(), charge[1])
+        self._delivery.enqueue(extra)
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a held reservation; a ``charge="before"`` one stays paid (no refund)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Collection
 
-from ...models import UNLIMITED
+from ...models import UNLIMITED, UsageEvent
 from .entitlement import Entitlement
 
 __all__ = ["Account", "Accounts", "Charge", "Entry", "Hold", "available"]
@@ -161,15 +161,31 @@ class Hold:
 
     A reservation served from the cache (the warm path) also keeps what its answer needs
     (``entry``, ``unseen``, ``remaining``, ``at``): the ``Answer`` is built only if someone
-    reads ``reservation.answer``.
+    reads ``reservation.answer``. ``entry`` (also set on the cold path) is what an excess
+    beyond the hold is checked against at settlement; ``units`` follows the actual units
+    once sized (``RemoteProvider._sized``).
     """
 
-    __slots__ = ("account", "at", "entry", "prepared", "remaining", "units", "unseen")
+    __slots__ = (
+        "account",
+        "at",
+        "entry",
+        "final",
+        "prepared",
+        "remaining",
+        "sized",
+        "units",
+        "unseen",
+    )
 
     def __init__(self, account: Account, units: int) -> None:
         self.account = account
         self.units = units
         self.prepared = False
+        #: Whether the hold was sized to the request's actual units (``final`` set).
+        self.sized = False
+        #: The event the reservation charges (its actual units), or ``None`` for 0 units.
+        self.final: UsageEvent | None = None
         self.entry: Entry | None = None
         self.unseen = 0
         self.remaining = 0

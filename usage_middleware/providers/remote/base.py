@@ -46,11 +46,13 @@ from ...models import (
 )
 from ...provider import (
     FailurePolicy,
+    Overage,
     Provider,
     ProviderState,
     ReporterLike,
     clobber_refused,
     on_another_loop,
+    settle_units,
 )
 from .._http import (
     DEFAULT_MAX_BODY,
@@ -544,54 +546,127 @@ class RemoteProvider(Provider):
             provider=self,
         )
 
-    async def prepare(self, reservation: Reservation) -> None:
-        """Write the held charge to the outbox before the final 2xx body is sent.
+    def hold_units(self, feature: str, units: int) -> int:
+        """What ``units`` of ``feature`` hold in local accounting (linear in ``units``).
+
+        Default: the units themselves; ARES: thousandths of a credit.
+        """
+        return units
+
+    def _sized(
+        self, reservation: Reservation, hold: Hold, units: int | None, overage: Overage
+    ) -> UsageEvent | None:
+        """Size ``hold`` to the request's actual ``units`` (once) and return the event
+        that charges them (``None``: 0 units, nothing to charge).
+
+        Fewer than reserved: the hold shrinks (the rest is free for other requests at
+        once). More: the hold grows by what this process's view of the balance still
+        allows (the cached answer less what is unseen and in flight); beyond it,
+        ``overage="charge"`` grows it anyway and ``"cap"`` stops there. A reservation
+        without a cached answer (failed open) caps at the reserved units.
+        """
+        if hold.sized:
+            return hold.final
+        actual = settle_units(reservation, units)
+        hold.sized = True
+        event = reservation.event
+        if event.clobber:  # fixed units only (refused at decoration otherwise)
+            hold.final = event
+            return event
+        reserved = reservation.units
+        feature = reservation.feature
+        target = self.hold_units(feature, actual)
+        if actual > reserved and overage == "cap":
+            per_unit = self.hold_units(feature, 1)
+            entry = hold.entry
+            free = available(entry) if entry is not None else 0
+            if per_unit > 0 and free < UNLIMITED and target - hold.units > free:
+                actual = reserved + max(0, free) // per_unit
+                target = self.hold_units(feature, actual)
+        hold.account.inflight += target - hold.units
+        hold.units = target
+        if actual == 0:
+            hold.final = None
+        elif actual == event.units:
+            hold.final = event
+        else:
+            hold.final = dataclasses.replace(event, units=actual)
+        return hold.final
+
+    async def prepare(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> None:
+        """Write the charge of the actual ``units`` to the outbox before the final 2xx body
+        is sent (the hold sized to them first, see :meth:`commit`).
 
         A failure to write is logged and the charge is queued on commit instead.
+
+        Raises:
+            ValueError: ``units`` is not an int from 0 to ``MAX_UNITS``.
         """
         hold = reservation.token
         if not isinstance(hold, Hold) or hold.prepared or reservation.settled:
             return
+        final = self._sized(reservation, hold, units, overage)
         delivery = self._delivery
-        if delivery is None:
+        if delivery is None or final is None:
             return
         hold.prepared = True  # a cancelled prepare may have written: settle it either way
         # The only reservation held in this process: no other prepare can share a group
         # commit, so commit at once instead of waiting a loop turn for the writer.
         prepare = delivery.prepare_alone if self._holding == 1 else delivery.prepare
         try:
-            await prepare(reservation.event)
+            await prepare(final)
         except Exception:
             hold.prepared = False
             logger.exception(
                 "%s: could not write a charge to the outbox; it is queued on commit", self.name
             )
 
-    async def commit(self, reservation: Reservation) -> None:
-        """Charge a held reservation: count it locally and hand it to delivery. Once."""
+    async def commit(
+        self, reservation: Reservation, *, units: int | None = None, overage: Overage = "cap"
+    ) -> int:
+        """Charge a held reservation its actual ``units``: count them locally and hand
+        the event to delivery. Once. Returns the units charged.
+
+        ``units`` (``None``: reserved) fewer than reserved charges the actual (0: nothing).
+        More: the excess is allowed as far as this process's view of the balance goes
+        (the provider's last answer less what it has not seen and what is in flight);
+        beyond it ``overage="charge"`` reports the actual anyway (the provider records
+        the overage: Tier's and Spaire's usage, ARES's credits) and ``"cap"`` reports
+        what was available. After :meth:`prepare` the units it sized are used.
+
+        Raises:
+            ValueError: ``units`` is not an int from 0 to ``MAX_UNITS``.
+        """
         if reservation.settled:
-            return
-        reservation.settled = True
+            return 0
         hold = reservation.token
         if not isinstance(hold, Hold):
-            return  # denied or failed closed: nothing was held, nothing to charge
+            reservation.settled = True
+            return 0  # denied or failed closed: nothing was held, nothing to charge
+        final = self._sized(reservation, hold, units, overage)
+        reservation.settled = True
         self._holding -= 1
         account = hold.account
         account.inflight -= hold.units
+        if final is None:
+            return 0
         account.charge(self._clock(), hold.units)
         delivery = self._delivery
         if delivery is None:
             logger.error(
                 "%s: provider not open; charge of %d unit(s) of %s for %s not recorded",
                 self.name,
-                hold.units,
+                final.units,
                 reservation.feature,
                 reservation.customer,
             )
         elif hold.prepared:
-            delivery.confirm(reservation.event)
+            delivery.confirm(final)
         else:
-            delivery.enqueue(reservation.event)
+            delivery.enqueue(final)
+        return final.units
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a held reservation; cancel its outbox entry if prepared. Once."""
@@ -604,7 +679,7 @@ class RemoteProvider(Provider):
         self._holding -= 1
         hold.account.inflight -= hold.units
         if hold.prepared and self._delivery is not None:
-            await self._delivery.cancel(reservation.event)
+            await self._delivery.cancel(hold.final or reservation.event)
 
     async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
         """Claim an ``Idempotency-Key`` in the durable outbox (shared by every worker using
@@ -685,6 +760,7 @@ class RemoteProvider(Provider):
         if ok and hold:
             account.inflight += units
             held = Hold(account, units)
+            held.entry = entry
         answer = Answer(
             ok=ok,
             customer=customer,
