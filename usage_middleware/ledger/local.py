@@ -19,7 +19,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from .._sqlite import InlineRunner
@@ -91,6 +91,11 @@ class _SQLiteLeases:
         await self._runner.submit(self._store.close)  # after every queued transaction
 
 
+#: How long ``charges`` rows are kept by default (see ``LocalLedger(charges_retention=)``).
+CHARGES_RETENTION = timedelta(days=400)
+_MIN_RETENTION = timedelta(days=2)
+
+
 class LocalLedger(LeaseEngine):
     """The embedded ledger: one SQLite file, shared safely by the processes of one machine.
 
@@ -121,6 +126,11 @@ class LocalLedger(LeaseEngine):
             40,000 (about 770 bytes each); beyond it the least recently used idle slots are
             evicted, their leased units given back first (``docs/architecture.md``, "Many
             customers").
+        charges_retention: how long the ``charges`` table's audit rows (one per customer,
+            feature, period and hour, and one per :meth:`report` event) are kept, default
+            400 days (13 months: a year of invoices plus a month); ``None`` keeps them
+            forever. The per-period totals that limits are checked against are kept either
+            way. At least 2 days.
 
     Raises:
         ConfigurationError: a numeric argument is out of range.
@@ -140,6 +150,7 @@ class LocalLedger(LeaseEngine):
         reservation_timeout: float | None = None,
         now: Callable[[], datetime] | None = None,
         max_slots: int = MAX_SLOTS,
+        charges_retention: timedelta | None = CHARGES_RETENTION,
     ) -> None:
         super().__init__(
             lease_size=lease_size,
@@ -150,6 +161,17 @@ class LocalLedger(LeaseEngine):
             max_slots=max_slots,
         )
         self.path = os.fspath(path)
+        if charges_retention is not None and (
+            not isinstance(charges_retention, timedelta) or charges_retention < _MIN_RETENTION
+        ):
+            raise ConfigurationError(
+                f"LocalLedger(charges_retention={charges_retention!r}): give a timedelta of "
+                "at least 2 days (report()'s idempotency keys live in those rows), or None to "
+                "keep every charges row"
+            )
+        self._charges_retention = (
+            None if charges_retention is None else charges_retention.total_seconds()
+        )
         self._label = self.path
         if pricing is not None and not isinstance(pricing, Pricing):
             pricing = load_pricing(pricing)
@@ -183,7 +205,12 @@ class LocalLedger(LeaseEngine):
 
     async def _start(self) -> None:
         owner = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        store = LedgerStore(self.path, owner, lease_ttl=self._lease_ttl)
+        store = LedgerStore(
+            self.path,
+            owner,
+            lease_ttl=self._lease_ttl,
+            charges_retention=self._charges_retention,
+        )
         self._sqlite.start()
         pricing_json = None if self._pricing is None else self._pricing.to_json()
         try:

@@ -33,6 +33,11 @@ logger = logging.getLogger("usage_middleware.ledger")
 
 SCHEMA_VERSION = 2
 
+#: Seconds between two retention passes over ``charges``, and rows deleted per pass: the
+#: work per tick stays bounded (a backlog goes at 1,000 rows a minute, 1.4 million a day).
+_PRUNE_EVERY = 60.0
+_PRUNE_ROWS = 1000
+
 #: Seconds a transaction on the worker thread waits for another process's write lock.
 BUSY_TIMEOUT = 30.0
 
@@ -54,6 +59,8 @@ _SCHEMA = (
     # Group commits add to one row per (customer, feature, period, hour): this index finds it.
     "CREATE INDEX IF NOT EXISTS charges_hour ON charges (customer, feature, period, at)"
     " WHERE idempotency_key IS NULL",
+    # Retention: the tick deletes the oldest rows by time (see LedgerStore.maintain).
+    "CREATE INDEX IF NOT EXISTS charges_at ON charges (at)",
     "CREATE TABLE IF NOT EXISTS leases ("
     " customer TEXT NOT NULL, feature TEXT NOT NULL, period TEXT NOT NULL,"
     " owner TEXT NOT NULL, units INTEGER NOT NULL, expires_at REAL NOT NULL,"
@@ -185,10 +192,15 @@ class LedgerStore:
     an expired row.
     """
 
-    def __init__(self, path: str, owner: str, *, lease_ttl: float) -> None:
+    def __init__(
+        self, path: str, owner: str, *, lease_ttl: float, charges_retention: float | None = None
+    ) -> None:
         self.path = path
         self.owner = owner
         self.lease_ttl = lease_ttl
+        # Seconds a ``charges`` row is kept (None: forever); pruned by maintain().
+        self.charges_retention = charges_retention
+        self._pruned_at = -float("inf")
         self.pricing: Pricing | None = None
         self._pricing_generation: int | None = None
         self._conn: sqlite3.Connection | None = None
@@ -792,6 +804,9 @@ class LedgerStore:
                 (now + self.lease_ttl, self.owner, now, now + self.lease_ttl / 2),
             )
             conn.execute("DELETE FROM leases WHERE expires_at < ?", (now,))
+            if self.charges_retention is not None and now >= self._pruned_at + _PRUNE_EVERY:
+                self._pruned_at = now
+                self._prune(now - self.charges_retention)
             generation = int(self._meta("generation") or 0)
             changed: set[str] | None = set()
             if generation != seen:
@@ -806,6 +821,20 @@ class LedgerStore:
                     }
         self._renewed_at = now
         return generation, changed, lost
+
+    def _prune(self, before: float) -> None:
+        """Delete up to ``_PRUNE_ROWS`` of the oldest ``charges`` rows older than ``before``
+        (epoch s). The per-period totals (``usage``) are kept: only the audit detail goes,
+        and with it the idempotency keys of :meth:`report` events that old."""
+        deleted = self.conn.execute(
+            "DELETE FROM charges WHERE id IN"
+            " (SELECT id FROM charges INDEXED BY charges_at WHERE at < ? ORDER BY at LIMIT ?)",
+            (_iso(before), _PRUNE_ROWS),
+        ).rowcount
+        if deleted:
+            logger.info(
+                "ledger %s: pruned %d charges rows older than %s", self.path, deleted, _iso(before)
+            )
 
     def subscribe(self, customer: str, plan: str, at: datetime) -> None:
         self.subscribe_many([customer], plan, at)
