@@ -5,13 +5,9 @@ and caps or charges what is beyond it per the overage policy."""
 from __future__ import annotations
 
 import itertools
-import pathlib
-from collections.abc import AsyncIterator
-from types import ModuleType
 
 import pytest
 
-from tests.support.backends import PROVIDERS
 from tests.support.contract_subject import Subject
 from usage_middleware.errors import ConfigurationError
 from usage_middleware.ledger.engine import LeaseEngine
@@ -23,26 +19,13 @@ from usage_middleware.providers.remote import RemoteProvider
 _ids = itertools.count()
 
 
-@pytest.fixture(params=PROVIDERS)
-async def subject(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Subject]:
-    module: ModuleType = request.param
-    async with module.make_subject(tmp_path) as made:
-        yield made
-
-
-@pytest.fixture
-def feature(request: pytest.FixtureRequest, subject: Subject) -> str:
-    module: ModuleType = request.node.callspec.params["subject"]
-    return str(getattr(module, "UNITS_FEATURE", "feature:contract"))
-
-
 def _customer() -> str:
     return f"org:actual{next(_ids)}"
 
 
 def _leases_excess(provider: Provider) -> bool:
-    """Whether the provider covers an excess from the rest of the budget (the lease engine,
-    the remote providers); RedisLedger before it runs on the engine caps at the hold."""
+    """Whether the provider covers an excess from the rest of the budget (the lease engine:
+    LocalLedger and RedisLedger; the remote providers)."""
     return isinstance(provider, LeaseEngine | RemoteProvider)
 
 

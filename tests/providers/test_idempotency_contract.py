@@ -3,37 +3,19 @@
 from __future__ import annotations
 
 import itertools
-import pathlib
-from collections.abc import AsyncIterator
-from types import ModuleType
 
 import httpx
-import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tests.support.backends import PROVIDERS
 from tests.support.contract_subject import Subject
 from usage_middleware import UsageMiddleware, metered
 from usage_middleware.customers import customer_from_header
 
 _ids = itertools.count()
-
-
-@pytest.fixture(params=PROVIDERS)
-async def subject(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Subject]:
-    module: ModuleType = request.param
-    async with module.make_subject(tmp_path) as made:
-        yield made
-
-
-@pytest.fixture
-def feature(request: pytest.FixtureRequest, subject: Subject) -> str:
-    module: ModuleType = request.node.callspec.params["subject"]
-    return str(getattr(module, "UNITS_FEATURE", "feature:contract"))
 
 
 async def test_claims_new_busy_charged_and_dropped(subject: Subject) -> None:

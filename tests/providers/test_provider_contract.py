@@ -10,30 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import pathlib
-from collections.abc import AsyncIterator
-from types import ModuleType
 
-import pytest
-
-from tests.support.backends import PROVIDERS
 from tests.support.contract_subject import Subject
 from usage_middleware.models import Reservation
 
 _ids = itertools.count()
-
-
-@pytest.fixture(params=PROVIDERS)
-async def subject(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> AsyncIterator[Subject]:
-    module: ModuleType = request.param
-    async with module.make_subject(tmp_path) as made:
-        yield made
-
-
-@pytest.fixture
-def feature(request: pytest.FixtureRequest, subject: Subject) -> str:
-    module: ModuleType = request.node.callspec.params["subject"]
-    return str(getattr(module, "UNITS_FEATURE", "feature:contract"))
 
 
 def _customer() -> str:
