@@ -1,9 +1,10 @@
 """``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header): a retry is charged once.
 
 A metered request that carries ``Idempotency-Key`` claims the key for its customer and
-route (method and path) before anything is reserved. The provider keeps the claims
-(:meth:`~usage_middleware.provider.Provider.claim_key` and ``finish_key``): ledgers in
-their own storage, every other provider in the process (:class:`KeyClaims`). A claim is:
+route (method, path and a digest of the query) before anything is reserved. The provider
+keeps the claims (:meth:`~usage_middleware.provider.Provider.claim_key` and
+``finish_key``): ledgers in their own storage, every other provider in the process
+(:class:`KeyClaims`). A claim is:
 
 * ``"new"``: nobody used the key within :data:`KEY_TTL`; the request is metered as usual,
   and when it is charged the key is kept for :data:`KEY_TTL` seconds as ``charged``

@@ -12,6 +12,7 @@ before a chargeable final body and :meth:`Meter.settle` when the request is over
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
 import time
@@ -844,16 +845,19 @@ async def _units(request: HTTPConnection, feature: MeteredFeature) -> int | Resp
 
 
 def idempotency_route(scope: Any) -> str:
-    """What an ``Idempotency-Key`` is scoped to besides the customer: method and path.
+    """What an ``Idempotency-Key`` is scoped to besides the customer: method, path, query.
 
-    The request's own path (below the server's root path, without the query), so a
+    The request's own path (below the server's root path) and a digest of its query, so a
     retry, which repeats the request, finds its key; ``/items/1`` and ``/items/2`` never
-    share one.
+    share one, nor do ``?pages=1`` and ``?pages=9999`` (a reused key is no free pass).
     """
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
     if root and path.startswith(root):
         path = path[len(root) :] or "/"
+    query: bytes = scope.get("query_string", b"")
+    if query:
+        path = f"{path}?{hashlib.sha256(query).hexdigest()[:32]}"
     return f"{scope['method']} {path}"
 
 

@@ -81,6 +81,20 @@ async def test_retry_runs_again_and_is_not_charged(provider: RecordingProvider) 
     provider.assert_settled()
 
 
+async def test_a_key_reused_with_another_query_is_charged_again(
+    provider: RecordingProvider,
+) -> None:
+    """A charged key replayed with a different query (e.g. ?pages=9999) is metered anew."""
+    app = make_app(provider)
+    async with client(app) as c:
+        first = await c.post("/work?pages=1", headers=key("k-q"))
+        other_query = await c.post("/work?pages=9999", headers=key("k-q"))
+        retry = await c.post("/work?pages=1", headers=key("k-q"))
+    assert [first.status_code, other_query.status_code, retry.status_code] == [200, 200, 200]
+    assert provider.charged_units("org:acme", "feature:a") == 4  # first and other query
+    provider.assert_settled()
+
+
 async def test_uncharged_first_attempt_lets_the_retry_be_charged(
     provider: RecordingProvider,
 ) -> None:

@@ -67,3 +67,16 @@ def test_retry_without_the_default_outbox_is_still_an_error(
     """retry/purge have nothing to act on without an outbox: exit 2 naming the default path."""
     assert main(["outbox", "retry", "--all"]) == 2
     assert "no outbox at usage-outbox.db" in capsys.readouterr().err
+
+
+def test_outbox_option_before_the_subcommand_as_the_docs_write_it(
+    empty_cwd: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`outbox --outbox FILE status` (the docs' form) reads FILE, like `outbox status --outbox`."""
+    from usage_middleware.outbox import Outbox
+
+    Outbox(empty_cwd / "spool.db").close()
+    assert main(["outbox", "--outbox", "spool.db", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == "spool.db"
+    assert main(["outbox", "--outbox", "spool.db", "status", "--outbox", "other.db"]) == 2
+    assert "no outbox at other.db" in capsys.readouterr().err

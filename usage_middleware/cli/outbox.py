@@ -60,18 +60,17 @@ NO_OUTBOX = (
 
 def add_outbox_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``outbox status|retry|purge`` to a CLI's subparsers (sets ``func`` on each)."""
+    outbox_help = "the outbox file (default: $USAGE_OUTBOX or usage-outbox.db)"
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--outbox",
-        metavar="PATH",
-        default=None,
-        help="the outbox file (default: $USAGE_OUTBOX or usage-outbox.db)",
-    )
+    # After the command (`outbox status --outbox x.db`); SUPPRESS keeps a value given
+    # before it (`outbox --outbox x.db status`, as the docs write it) from being reset.
+    common.add_argument("--outbox", metavar="PATH", default=argparse.SUPPRESS, help=outbox_help)
     outbox = subparsers.add_parser(
         "outbox",
         help="inspect the delivery outbox and replay dead letters",
         description="Inspect the delivery outbox and replay or purge dead letters.",
     )
+    outbox.add_argument("--outbox", metavar="PATH", default=None, help=outbox_help)
     commands = outbox.add_subparsers(dest="outbox_command", metavar="COMMAND", required=True)
 
     status = commands.add_parser(
