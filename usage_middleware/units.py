@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -283,6 +284,10 @@ class _JsonReader(_Reader):
         return units
 
 
+#: An SSE line ends with CR, LF or CRLF (HTML, "Server-sent events", the stream's grammar).
+_EOL: Final = re.compile(rb"[\r\n]")
+
+
 class _SseReader(_Reader):
     __slots__ = ("line", "needle", "skipping")
 
@@ -296,7 +301,8 @@ class _SseReader(_Reader):
         found: int | None = None
         start = 0
         while True:
-            end = chunk.find(b"\n", start)
+            match = _EOL.search(chunk, start)  # CR, LF or CRLF (CRLF: one empty line more)
+            end = -1 if match is None else match.start()
             if end < 0:
                 rest = chunk[start:]
                 if not self.skipping:
