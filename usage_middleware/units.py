@@ -275,7 +275,7 @@ class _JsonReader(_Reader):
             return None
         try:
             document = json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             logger.warning("usage_middleware: a JSON response could not be parsed for its units")
             return None
         units = _dig(document, self.steps)
@@ -334,6 +334,6 @@ class _SseReader(_Reader):
             return None  # [DONE], other payloads, chunks without the usage key: not parsed
         try:
             document = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             return None
         return _dig(document, self.steps)
