@@ -300,9 +300,13 @@ class _SseReader(_Reader):
     def feed(self, chunk: bytes, final: bool) -> int | None:
         found: int | None = None
         start = 0
+        has_cr = b"\r" in chunk  # CR, LF or CRLF end a line (CRLF: one empty line more)
         while True:
-            match = _EOL.search(chunk, start)  # CR, LF or CRLF (CRLF: one empty line more)
-            end = -1 if match is None else match.start()
+            if has_cr:
+                match = _EOL.search(chunk, start)
+                end = -1 if match is None else match.start()
+            else:
+                end = chunk.find(b"\n", start)
             if end < 0:
                 rest = chunk[start:]
                 if not self.skipping:
