@@ -327,6 +327,8 @@ class Meter:
             released as soon as a route-level check covers the request.
         default_refusal: the default's refusal, deferred because the request's path is
             that of a metered route (see :meth:`authorize_default`).
+        key_refused: the refusal came from the ``Idempotency-Key`` (400, 409, or 503 when
+            claiming it failed): it stands for the route as well, never deferred.
         refusal: the refusal raised as :class:`Refused` (the middleware sends it).
         customer: the customer id once resolved.
         claim: ``(customer, route, key)`` of an ``Idempotency-Key`` this request claimed.
@@ -349,6 +351,7 @@ class Meter:
         "default_refusal",
         "denied",
         "features",
+        "key_refused",
         "readers",
         "reads",
         "refusal",
@@ -373,6 +376,7 @@ class Meter:
         self.customer: str | None = None
         self.claim: tuple[str, str, str] | None = None
         self.replay = False
+        self.key_refused = False
         self.features: dict[str, MeteredFeature] = _NO_FEATURES
         self.usage: UnitsMeter | None = None
         self.readers: list[tuple[str, Any]] | None = None
@@ -493,12 +497,15 @@ class Meter:
                 try:
                     key = parse_idempotency_key(scope["headers"])
                 except ValueError as exc:
-                    self.denied = True
+                    self.denied = self.key_refused = True
                     return problems.invalid_idempotency_key(str(exc))
                 if key is not None:
                     refusal = await self._claim_key(customer, scope, key)
-                    if refusal is not None or self.replay:
+                    if refusal is not None:
+                        self.key_refused = True
                         return refusal
+                    if self.replay:
+                        return None
 
         units_of: Sequence[int]
         if len(features) == 1 and features[0].units_fn is None:  # the common case, cheaply
@@ -568,12 +575,14 @@ class Meter:
 
         ``defer``: the request may be on a route that meters itself; a refusal is then
         kept in :attr:`default_refusal` instead of returned: a route-level check drops
-        it, and the middleware sends it in place of the response otherwise.
+        it, and the middleware sends it in place of the response otherwise. A refusal of
+        the ``Idempotency-Key`` (claimed here, once per request) is returned at once: the
+        route's own check would not see the key again.
         """
         refusal = await self.authorize(request, self.config.default, route=False)
         if self.reservations:
             self.default_holds = list(self.reservations)
-        if refusal is not None and defer:
+        if refusal is not None and defer and not self.key_refused:
             self.default_refusal = refusal
             self.denied = False
             return None

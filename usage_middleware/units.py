@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -274,13 +275,17 @@ class _JsonReader(_Reader):
             return None
         try:
             document = json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             logger.warning("usage_middleware: a JSON response could not be parsed for its units")
             return None
         units = _dig(document, self.steps)
         if units is None:
             logger.info("usage_middleware: a JSON response has no units at its usage path")
         return units
+
+
+#: An SSE line ends with CR, LF or CRLF (HTML, "Server-sent events", the stream's grammar).
+_EOL: Final = re.compile(rb"[\r\n]")
 
 
 class _SseReader(_Reader):
@@ -295,8 +300,13 @@ class _SseReader(_Reader):
     def feed(self, chunk: bytes, final: bool) -> int | None:
         found: int | None = None
         start = 0
+        has_cr = b"\r" in chunk  # CR, LF or CRLF end a line (CRLF: one empty line more)
         while True:
-            end = chunk.find(b"\n", start)
+            if has_cr:
+                match = _EOL.search(chunk, start)
+                end = -1 if match is None else match.start()
+            else:
+                end = chunk.find(b"\n", start)
             if end < 0:
                 rest = chunk[start:]
                 if not self.skipping:
@@ -328,6 +338,6 @@ class _SseReader(_Reader):
             return None  # [DONE], other payloads, chunks without the usage key: not parsed
         try:
             document = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             return None
         return _dig(document, self.steps)

@@ -241,6 +241,50 @@ async def test_units_from_sse_reads_the_last_usage_event_across_chunk_boundaries
     assert commits(provider) == [7]
 
 
+@pytest.mark.parametrize("eol", [b"\r", b"\r\n"], ids=["cr", "crlf"])
+async def test_units_from_sse_reads_every_line_ending_of_the_sse_format(
+    provider: RecordingProvider, eol: bytes
+) -> None:
+    """SSE lines may end with CR, CRLF or LF: the final usage is read with each, in pieces."""
+    stream = OPENAI_STREAM.replace(b"\n", eol)
+
+    @metered("feature:a", units=50, units_from=usage_from_sse())
+    async def chat(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            for i in range(0, len(stream), 3):
+                yield stream[i : i + 3]
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async with client(starlette(provider, Route("/chat", chat))) as c:
+        r = await c.get("/chat", headers=ACME)
+    assert r.content == stream
+    assert commits(provider) == [7]
+
+
+async def test_a_deeply_nested_event_does_not_hide_the_usage_after_it(
+    provider: RecordingProvider,
+) -> None:
+    """An event nested too deep for json (RecursionError) is skipped like bad JSON: the
+    usage event in the same chunk is still read."""
+    deep = b'data: {"usage": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n\n"
+
+    @metered("feature:a", units=50, units_from=usage_from_sse())
+    async def chat(request: Request) -> Response:
+        async def body() -> AsyncIterator[bytes]:
+            yield deep + OPENAI_STREAM
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    async with client(starlette(provider, Route("/chat", chat))) as c:
+        r = await c.get("/chat", headers=ACME)
+    assert r.status_code == 200
+    assert commits(provider) == [7]
+    reader = usage_from_json().reader([(b"content-type", b"application/json")])
+    assert reader is not None
+    assert reader.feed(b"[" * 100_000, True) is None  # the estimate: logged, not raised
+
+
 def test_the_sse_reader_keeps_at_most_one_bounded_line() -> None:
     """The SSE reader never keeps more than MAX_BODY bytes: a longer line is skipped and the
     usage event after it is still read."""

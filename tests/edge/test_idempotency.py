@@ -244,3 +244,26 @@ async def test_retry_after_a_lost_response_over_uvicorn(tmp_path: pathlib.Path) 
     async with ledger:
         rows = {row.feature: row.used for row in await ledger.usage("org:acme")}
     assert rows == {"feature:a": 2}
+
+
+async def test_key_refusals_stand_under_a_default(provider: RecordingProvider) -> None:
+    """With default=, a metered route's malformed key is a 400 and a duplicate a 409."""
+    gate = asyncio.Event()
+    app = make_app(provider, gate, default=("feature:b", 1))
+    async with client(app) as c:
+        first = asyncio.create_task(c.post("/work", headers=key("k-9")))
+        await eventually(lambda: app.state.runs)
+        second = asyncio.create_task(c.post("/work", headers=key("k-9")))
+        # refused at once, or (the bug) run: then it waits at the gate too
+        await eventually(lambda: second.done() or len(app.state.runs) > 1)
+        gate.set()
+        duplicate = await second
+        assert (await first).status_code == 200
+        malformed = httpx.Headers([("idempotency-key", "x" * 256), *ACME.items()])
+        bad = await c.post("/work", headers=malformed)
+    assert (bad.status_code, duplicate.status_code) == (400, 409)
+    assert bad.json()["type"] == "tag:usage-middleware,2025:invalid-idempotency-key"
+    assert app.state.runs == ["/work"]
+    assert provider.charged_units("org:acme", "feature:a") == 2
+    assert provider.charged_units("org:acme", "feature:b") == 0
+    provider.assert_settled()
