@@ -332,6 +332,9 @@ class Meter:
         claim: ``(customer, route, key, fingerprint)`` of an ``Idempotency-Key`` this
             request claimed.
         replay: the request repeats a charged ``Idempotency-Key``: served, not charged.
+        key_refused: the request was refused for its ``Idempotency-Key`` (400/409/413/422,
+            or 503 when the claim failed closed): a refusal of ``default=`` that a route's
+            own check never overrides (it would not claim the key again).
         features: the specs this request meters, by feature name (the route's, or the
             default's while it applies).
         usage: the request's :class:`~usage_middleware.units.UnitsMeter`, once asked for.
@@ -350,6 +353,7 @@ class Meter:
         "default_refusal",
         "denied",
         "features",
+        "key_refused",
         "readers",
         "reads",
         "refusal",
@@ -374,6 +378,7 @@ class Meter:
         self.customer: str | None = None
         self.claim: tuple[str, str, str, str] | None = None
         self.replay = False
+        self.key_refused = False
         self.features: dict[str, MeteredFeature] = _NO_FEATURES
         self.usage: UnitsMeter | None = None
         self.readers: list[tuple[str, Any]] | None = None
@@ -496,12 +501,15 @@ class Meter:
                 try:
                     key = parse_idempotency_key(scope["headers"])
                 except ValueError as exc:
-                    self.denied = True
+                    self.denied = self.key_refused = True
                     return problems.invalid_idempotency_key(str(exc))
                 if key is not None:
                     refusal = await self._claim_key(customer, request, key)
-                    if refusal is not None or self.replay:
+                    if refusal is not None:
+                        self.key_refused = True
                         return refusal
+                    if self.replay:
+                        return None
 
         units_of: Sequence[int]
         if len(features) == 1 and features[0].units_fn is None:  # the common case, cheaply
@@ -576,7 +584,8 @@ class Meter:
         refusal = await self.authorize(request, self.config.default, route=False)
         if self.reservations:
             self.default_holds = list(self.reservations)
-        if refusal is not None and defer:
+        if refusal is not None and defer and not self.key_refused:
+            # (a key's refusal stands: the route's check would not claim the key again)
             self.default_refusal = refusal
             self.denied = False
             return None

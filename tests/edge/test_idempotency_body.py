@@ -282,3 +282,20 @@ async def test_reused_key_with_another_body_over_uvicorn(tmp_path: pathlib.Path)
     async with ledger:
         rows = {row.feature: row.used for row in await ledger.usage("org:acme")}
     assert rows == {"feature:a": 2}
+
+
+async def test_default_on_a_metered_route_still_refuses_another_body(
+    provider: RecordingProvider,
+) -> None:
+    """default= claims the key before routing even on a metered route's path: another body
+    is 422 there too (not deferred, dropped and metered anew); the same body is free."""
+    app = starlette_app(provider, default=("feature:b", 1))
+    async with client(app) as c:
+        first = await c.post("/convert", headers=key("M"), content=b"a")
+        other = await c.post("/convert", headers=key("M"), content=b"b")
+        retry = await c.post("/convert", headers=key("M"), content=b"a")
+    assert (first.status_code, other.status_code, retry.status_code) == (200, 422, 200)
+    assert app.state.runs == [b"a", b"a"]
+    assert provider.charged_units("org:acme", "feature:a") == 2
+    assert provider.charged_units("org:acme", "feature:b") == 0
+    provider.assert_settled()
