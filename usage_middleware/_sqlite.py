@@ -34,6 +34,7 @@ __all__ = [
     "Synchronous",
     "claim_key",
     "connect",
+    "create_keys_table",
     "finish_key",
     "is_busy",
     "read",
@@ -41,11 +42,13 @@ __all__ = [
 ]
 
 #: The ``Idempotency-Key`` claims: one row per customer, route and key; ``charged`` 0
-#: while in flight; rows past ``expires_at`` (wall clock) are pruned by later claims.
+#: while in flight; ``fingerprint`` the request's (``idempotency.body_fingerprint``);
+#: rows past ``expires_at`` (wall clock) are pruned by later claims.
 KEYS_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS idempotency_keys ("
     " id INTEGER PRIMARY KEY, customer TEXT NOT NULL, route TEXT NOT NULL,"
     " key TEXT NOT NULL, charged INTEGER NOT NULL, expires_at REAL NOT NULL,"
+    " fingerprint TEXT NOT NULL DEFAULT '',"
     " UNIQUE (customer, route, key))",
     "CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys (expires_at)",
 )
@@ -54,13 +57,30 @@ KEYS_SCHEMA = (
 _KEYS_PRUNED = 64
 
 
-def claim_key(
-    conn: sqlite3.Connection, customer: str, route: str, key: str, now: float
-) -> KeyClaim:
-    """Claim ``key`` at wall time ``now`` inside the caller's write transaction.
+def create_keys_table(conn: sqlite3.Connection) -> None:
+    """Create the claims table (:data:`KEYS_SCHEMA`), or add ``fingerprint`` to the table
+    of a file written before it existed: its rows get ``''``, which matches no request, so
+    a key charged before the upgrade answers 422 rather than serving another body free."""
+    for statement in KEYS_SCHEMA:
+        conn.execute(statement)
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(idempotency_keys)")}
+    if "fingerprint" not in columns:
+        conn.execute("ALTER TABLE idempotency_keys ADD COLUMN fingerprint TEXT NOT NULL DEFAULT ''")
 
-    ``"new"`` (now in flight for ``IN_FLIGHT_TTL``), ``"charged"`` or ``"busy"``; prunes up
-    to 64 expired rows.
+
+def claim_key(
+    conn: sqlite3.Connection,
+    customer: str,
+    route: str,
+    key: str,
+    now: float,
+    fingerprint: str = "",
+) -> KeyClaim:
+    """Claim ``key`` for a request of ``fingerprint`` at wall time ``now`` inside the
+    caller's write transaction.
+
+    ``"new"`` (now in flight for ``IN_FLIGHT_TTL``), ``"charged"``, ``"busy"``, or
+    ``"mismatch"`` (held for another fingerprint); prunes up to 64 expired rows.
     """
     conn.execute(
         "DELETE FROM idempotency_keys WHERE id IN (SELECT id FROM idempotency_keys"
@@ -68,32 +88,42 @@ def claim_key(
         (now, _KEYS_PRUNED),
     )
     row = conn.execute(
-        "SELECT charged, expires_at FROM idempotency_keys"
+        "SELECT charged, expires_at, fingerprint FROM idempotency_keys"
         " WHERE customer = ? AND route = ? AND key = ?",
         (customer, route, key),
     ).fetchone()
     if row is not None and row[1] > now:
+        if row[2] != fingerprint:
+            return "mismatch"
         return "charged" if row[0] else "busy"
     conn.execute(
-        "INSERT INTO idempotency_keys (customer, route, key, charged, expires_at)"
-        " VALUES (?, ?, ?, 0, ?) ON CONFLICT (customer, route, key)"
-        " DO UPDATE SET charged = 0, expires_at = excluded.expires_at",
-        (customer, route, key, now + IN_FLIGHT_TTL),
+        "INSERT INTO idempotency_keys (customer, route, key, charged, expires_at, fingerprint)"
+        " VALUES (?, ?, ?, 0, ?, ?) ON CONFLICT (customer, route, key)"
+        " DO UPDATE SET charged = 0, expires_at = excluded.expires_at,"
+        " fingerprint = excluded.fingerprint",
+        (customer, route, key, now + IN_FLIGHT_TTL, fingerprint),
     )
     return "new"
 
 
 def finish_key(
-    conn: sqlite3.Connection, customer: str, route: str, key: str, charged: bool, now: float
+    conn: sqlite3.Connection,
+    customer: str,
+    route: str,
+    key: str,
+    charged: bool,
+    now: float,
+    fingerprint: str = "",
 ) -> None:
-    """Keep ``key`` as charged for ``KEY_TTL`` from ``now``, or drop the claim (inside the
-    caller's write transaction)."""
+    """Keep ``key`` (for requests of ``fingerprint``) as charged for ``KEY_TTL`` from
+    ``now``, or drop the claim (inside the caller's write transaction)."""
     if charged:
         conn.execute(
-            "INSERT INTO idempotency_keys (customer, route, key, charged, expires_at)"
-            " VALUES (?, ?, ?, 1, ?) ON CONFLICT (customer, route, key)"
-            " DO UPDATE SET charged = 1, expires_at = excluded.expires_at",
-            (customer, route, key, now + KEY_TTL),
+            "INSERT INTO idempotency_keys (customer, route, key, charged, expires_at, fingerprint)"
+            " VALUES (?, ?, ?, 1, ?, ?) ON CONFLICT (customer, route, key)"
+            " DO UPDATE SET charged = 1, expires_at = excluded.expires_at,"
+            " fingerprint = excluded.fingerprint",
+            (customer, route, key, now + KEY_TTL, fingerprint),
         )
     else:
         conn.execute(

@@ -19,13 +19,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Literal, NoReturn, Protocol
 
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 
 from . import problems, telemetry
 from ._utils import is_async_callable
 from .errors import ConfigurationError
-from .idempotency import KeyClaim, parse_idempotency_key
+from .idempotency import MAX_BODY, KeyClaim, body_fingerprint, parse_idempotency_key
 from .models import CUSTOMER_RE, MAX_UNITS, Reservation, check_feature
 from .provider import Overage, Provider
 from .routes import route_specs
@@ -327,12 +327,14 @@ class Meter:
             released as soon as a route-level check covers the request.
         default_refusal: the default's refusal, deferred because the request's path is
             that of a metered route (see :meth:`authorize_default`).
-        key_refused: the refusal came from the ``Idempotency-Key`` (400, 409, or 503 when
-            claiming it failed): it stands for the route as well, never deferred.
         refusal: the refusal raised as :class:`Refused` (the middleware sends it).
         customer: the customer id once resolved.
-        claim: ``(customer, route, key)`` of an ``Idempotency-Key`` this request claimed.
+        claim: ``(customer, route, key, fingerprint)`` of an ``Idempotency-Key`` this
+            request claimed.
         replay: the request repeats a charged ``Idempotency-Key``: served, not charged.
+        key_refused: the request was refused for its ``Idempotency-Key`` (400/409/413/422,
+            or 503 when the claim failed closed): a refusal of ``default=`` that a route's
+            own check never overrides (it would not claim the key again).
         features: the specs this request meters, by feature name (the route's, or the
             default's while it applies).
         usage: the request's :class:`~usage_middleware.units.UnitsMeter`, once asked for.
@@ -374,7 +376,7 @@ class Meter:
         self.default_refusal: Response | None = None
         self.refusal: Response | None = None
         self.customer: str | None = None
-        self.claim: tuple[str, str, str] | None = None
+        self.claim: tuple[str, str, str, str] | None = None
         self.replay = False
         self.key_refused = False
         self.features: dict[str, MeteredFeature] = _NO_FEATURES
@@ -453,7 +455,9 @@ class Meter:
         when the endpoint may run (the holds are in :attr:`reservations`), or the refusal
         to send instead: 401 (no or malformed customer), 402 (a feature was refused), 503
         (a check failed closed), 400/500 (bad units), 400 (a malformed
-        ``Idempotency-Key``), 409 (an ``Idempotency-Key`` in use by a request in flight).
+        ``Idempotency-Key``), 409 (an ``Idempotency-Key`` in use by a request in flight),
+        422 (an ``Idempotency-Key`` used for another body), 413 (a body too long to
+        fingerprint with an ``Idempotency-Key``).
         Holds taken before a refusal are released by :meth:`settle`. A request whose
         method is in ``free_methods`` returns ``None`` at once: nothing is checked or held.
         A request repeating a charged ``Idempotency-Key`` returns ``None`` holding nothing.
@@ -500,7 +504,7 @@ class Meter:
                     self.denied = self.key_refused = True
                     return problems.invalid_idempotency_key(str(exc))
                 if key is not None:
-                    refusal = await self._claim_key(customer, scope, key)
+                    refusal = await self._claim_key(customer, request, key)
                     if refusal is not None:
                         self.key_refused = True
                         return refusal
@@ -608,11 +612,22 @@ class Meter:
             except Exception:
                 logger.exception("usage_middleware: releasing the default hold failed")
 
-    async def _claim_key(self, customer: str, scope: Any, key: str) -> Response | None:
-        """Claim the request's ``Idempotency-Key`` (see ``idempotency.py``)."""
+    async def _claim_key(self, customer: str, request: HTTPConnection, key: str) -> Response | None:
+        """Claim the request's ``Idempotency-Key`` with its fingerprint (see
+        ``idempotency.py``)."""
+        scope = request.scope
         route = idempotency_route(scope)
+        body = await _request_body(request)
+        if isinstance(body, Response):
+            self.denied = True
+            return body
+        if body is None:  # read by someone else and not kept: metered as without a key
+            return None
+        fingerprint = body_fingerprint(body)
         try:
-            claim: KeyClaim = await self.config.provider.claim_key(customer, route, key)
+            claim: KeyClaim = await self.config.provider.claim_key(
+                customer, route, key, fingerprint=fingerprint
+            )
         except Exception as exc:
             logger.exception("usage_middleware: claiming an Idempotency-Key failed")
             if self.config.on_provider_error == "open":
@@ -625,7 +640,10 @@ class Meter:
         if claim == "busy":
             self.denied = True
             return problems.idempotency_key_in_use()
-        self.claim = (customer, route, key)
+        if claim == "mismatch":  # another body: never served on this key's charge
+            self.denied = True
+            return problems.idempotency_key_reused()
+        self.claim = (customer, route, key, fingerprint)
         return None
 
     def refuse(self, response: Response) -> NoReturn:
@@ -698,7 +716,7 @@ class Meter:
             try:
                 # a partial charge leaves the key free: the client's retry, which wants
                 # the whole response, is metered as a new request (never served free)
-                await provider.finish_key(*claim, charged=charge)
+                await provider.finish_key(*claim[:3], charged=charge, fingerprint=claim[3])
             except Exception:
                 logger.exception("usage_middleware: recording an Idempotency-Key failed")
         usage = self.usage
@@ -851,6 +869,40 @@ async def _units(request: HTTPConnection, feature: MeteredFeature) -> int | Resp
             units=value,
         )
     return value
+
+
+async def _request_body(request: HTTPConnection) -> bytes | Response | None:
+    """The body of a request with an ``Idempotency-Key``, kept on the ``Request`` (Starlette's
+    own cache: the endpoint's ``await request.body()`` gets it); or the refusal: 413 beyond
+    :data:`MAX_BODY` bytes, 400 when the client left mid-body. ``None``: the body was read
+    already and not kept (a FastAPI form), so it cannot be fingerprinted (logged)."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > MAX_BODY:
+        return problems.idempotency_body_too_large(MAX_BODY)
+    if not isinstance(request, Request):  # pragma: no cover - HTTP checks get a Request
+        return None
+    kept = request.__dict__.get("_body")
+    if isinstance(kept, bytes):
+        return kept if len(kept) <= MAX_BODY else problems.idempotency_body_too_large(MAX_BODY)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY:
+                return problems.idempotency_body_too_large(MAX_BODY)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        return problems.idempotency_body_too_large(MAX_BODY, ended=True)
+    except RuntimeError:  # "Stream consumed": parsed (a form) without keeping the bytes
+        logger.warning(
+            "usage_middleware: the body of %s was read before its Idempotency-Key was "
+            "claimed and not kept; metered as a request without the key",
+            endpoint_name(request.scope),
+        )
+        return None
+    body = request._body = b"".join(chunks)  # Starlette's cache of the body
+    return body
 
 
 def idempotency_route(scope: Any) -> str:

@@ -151,6 +151,13 @@ class _ReceiveWatch:
             self.watch()
         return message
 
+    def give_back(self, body: bytes) -> None:
+        """Hand ``body``, read whole before the app ran (an ``Idempotency-Key``'s
+        fingerprint), to the app's first :meth:`receive`."""
+        if self._buffer is None:
+            self._buffer = deque()
+        self._buffer.appendleft({"type": "http.request", "body": body, "more_body": False})
+
     def _seen(self, message: Message) -> None:
         if message["type"] == "http.disconnect" and not self.ended:
             self.disconnected = True
@@ -462,9 +469,11 @@ class UsageMiddleware:
         try:
             refusal: Response | None = None
             if self.config.default and self.config.default_applies(scope):
-                refusal = await meter.authorize_default(
-                    Request(scope, watch.receive), defer=self._may_be_covered(scope)
-                )
+                request = Request(scope, watch.receive)
+                refusal = await meter.authorize_default(request, defer=self._may_be_covered(scope))
+                body = request.__dict__.get("_body")  # read for an Idempotency-Key
+                if body is not None:
+                    watch.give_back(body)
             if refusal is not None:
                 await refusal(scope, watch.receive, send)
             else:

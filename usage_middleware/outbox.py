@@ -254,8 +254,7 @@ class Outbox:
         _sqlite.wal(self._db, synchronous)
         if create:
             self._db.executescript(_SCHEMA)
-            for statement in _sqlite.KEYS_SCHEMA:  # Idempotency-Key claims (remote providers)
-                self._db.execute(statement)
+            _sqlite.create_keys_table(self._db)  # Idempotency-Key claims (remote providers)
 
     def wait_when_busy(self, wait: bool) -> None:
         """Set whether a locked file waits (``busy_timeout``) or fails at once (inline use)."""
@@ -278,15 +277,18 @@ class Outbox:
 
     # -- Idempotency-Key claims (see usage_middleware.idempotency) --------------------------
 
-    def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
-        """Claim ``key`` for ``customer`` on ``route``: ``"new"``, ``"charged"`` or ``"busy"``."""
+    def claim_key(self, customer: str, route: str, key: str, fingerprint: str = "") -> KeyClaim:
+        """Claim ``key`` for ``customer`` on ``route``: ``"new"``, ``"charged"``, ``"busy"``
+        or ``"mismatch"`` (see :func:`usage_middleware._sqlite.claim_key`)."""
         with self._write():
-            return _sqlite.claim_key(self._db, customer, route, key, time.time())
+            return _sqlite.claim_key(self._db, customer, route, key, time.time(), fingerprint)
 
-    def finish_key(self, customer: str, route: str, key: str, charged: bool) -> None:
+    def finish_key(
+        self, customer: str, route: str, key: str, charged: bool, fingerprint: str = ""
+    ) -> None:
         """Keep ``key`` as charged for 24 hours, or drop the claim."""
         with self._write():
-            _sqlite.finish_key(self._db, customer, route, key, charged, time.time())
+            _sqlite.finish_key(self._db, customer, route, key, charged, time.time(), fingerprint)
 
     # -- owners ----------------------------------------------------------------------------
 

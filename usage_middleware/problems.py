@@ -14,7 +14,11 @@ Five problems, each a Starlette :class:`~starlette.responses.Response` built on 
 * 503 :data:`BILLING_UNAVAILABLE`: the check itself failed closed (with ``Retry-After``);
 * 400 :data:`INVALID_IDEMPOTENCY_KEY`: a malformed ``Idempotency-Key`` header;
 * 409 :data:`IDEMPOTENCY_KEY_IN_USE`: a request with the same ``Idempotency-Key`` is
-  still in flight (draft-ietf-httpapi-idempotency-key-header section 2.7).
+  still in flight (draft-ietf-httpapi-idempotency-key-header section 2.7);
+* 422 :data:`IDEMPOTENCY_KEY_REUSED`: the ``Idempotency-Key`` was used for a request with
+  another body (charged, or in flight) (the draft's section 2.7);
+* 413 :data:`IDEMPOTENCY_BODY_TOO_LARGE`: a request with an ``Idempotency-Key`` has a body
+  longer than :data:`~usage_middleware.idempotency.MAX_BODY` (or it ended early: 400).
 
 Every problem carries ``Cache-Control: no-store`` and, except 401 and the
 ``Idempotency-Key`` problems, a ``feature`` member.
@@ -48,7 +52,9 @@ from .models import UNLIMITED, Answer
 __all__ = [
     "BILLING_UNAVAILABLE",
     "CUSTOMER_REQUIRED",
+    "IDEMPOTENCY_BODY_TOO_LARGE",
     "IDEMPOTENCY_KEY_IN_USE",
+    "IDEMPOTENCY_KEY_REUSED",
     "INVALID_IDEMPOTENCY_KEY",
     "INVALID_UNITS",
     "MAX_RETRY_AFTER",
@@ -58,7 +64,9 @@ __all__ = [
     "UNITS_FUNCTION_ERROR",
     "billing_unavailable",
     "customer_required",
+    "idempotency_body_too_large",
     "idempotency_key_in_use",
+    "idempotency_key_reused",
     "invalid_idempotency_key",
     "invalid_units",
     "misplaced_decorator",
@@ -87,6 +95,11 @@ MISPLACED_DECORATOR = "tag:usage-middleware,2025:misplaced-decorator"
 INVALID_IDEMPOTENCY_KEY = "tag:usage-middleware,2025:invalid-idempotency-key"
 #: ``type`` of the 409 problem: a request with the same ``Idempotency-Key`` is in flight.
 IDEMPOTENCY_KEY_IN_USE = "tag:usage-middleware,2025:idempotency-key-in-use"
+#: ``type`` of the 422 problem: the ``Idempotency-Key`` was used for another request body.
+IDEMPOTENCY_KEY_REUSED = "tag:usage-middleware,2025:idempotency-key-reused"
+#: ``type`` of the 413 problem: the body of a request with an ``Idempotency-Key`` is too
+#: long to fingerprint (the 400 for a body that ended early has it too).
+IDEMPOTENCY_BODY_TOO_LARGE = "tag:usage-middleware,2025:idempotency-body-too-large"
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -245,4 +258,38 @@ def idempotency_key_in_use() -> Response:
         "a request with this Idempotency-Key is still being processed; retry once it "
         "has finished (it will not be charged again if it was charged)",
         headers={"Cache-Control": "no-store", "Retry-After": "1"},
+    )
+
+
+def idempotency_key_reused() -> Response:
+    """422 for a request whose ``Idempotency-Key`` was used for a request with another body."""
+    return problem(
+        422,
+        IDEMPOTENCY_KEY_REUSED,
+        "Unprocessable Content",
+        "this Idempotency-Key was used for a request with another body within the last "
+        "24 hours; use a new key for a new request (a retry must repeat the request exactly)",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def idempotency_body_too_large(limit: int, *, ended: bool = False) -> Response:
+    """413 for a request with an ``Idempotency-Key`` whose body exceeds ``limit`` bytes;
+    400 (``ended``) for one whose body ended early (the client disconnected)."""
+    if ended:
+        return problem(
+            400,
+            IDEMPOTENCY_BODY_TOO_LARGE,
+            "Bad Request",
+            "the request body ended before it was complete",
+            headers={"Cache-Control": "no-store"},
+        )
+    return problem(
+        413,
+        IDEMPOTENCY_BODY_TOO_LARGE,
+        "Content Too Large",
+        f"a request with an Idempotency-Key may have a body of at most {limit} bytes; "
+        "send a larger one without the header",
+        headers={"Cache-Control": "no-store"},
+        limit=limit,
     )

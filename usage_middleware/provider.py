@@ -336,25 +336,32 @@ class Provider:
 
     # -- Idempotency-Key claims (see usage_middleware.idempotency) --------------------------
 
-    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
-        """Claim a request's ``Idempotency-Key`` for ``customer`` on ``route``.
+    async def claim_key(
+        self, customer: str, route: str, key: str, *, fingerprint: str = ""
+    ) -> KeyClaim:
+        """Claim a request's ``Idempotency-Key`` for ``customer`` on ``route``, recording
+        ``fingerprint`` (:func:`~usage_middleware.idempotency.body_fingerprint`).
 
         Returns ``"new"`` (meter the request; :meth:`finish_key` follows), ``"charged"``
-        (a request with this key was charged within 24 hours: serve, do not charge) or
-        ``"busy"`` (one is in flight: 409). The default keeps claims in this process's
-        memory; ledgers keep them in their own storage, shared by every process.
+        (a request with this key and fingerprint was charged within 24 hours: serve, do not
+        charge), ``"busy"`` (one with this fingerprint is in flight: 409) or ``"mismatch"``
+        (the key is charged or in flight for another fingerprint: 422). The default keeps
+        claims in this process's memory; ledgers keep them in their own storage, shared by
+        every process.
         """
         claims: KeyClaims | None = self.__dict__.get("_key_claims")
         if claims is None:
             claims = self.__dict__["_key_claims"] = KeyClaims()
-        return claims.claim(customer, route, key)
+        return claims.claim(customer, route, key, fingerprint)
 
-    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
-        """End the claim of :meth:`claim_key`: keep the key 24 hours if the request was
-        ``charged``, else drop it (a retry is metered again)."""
+    async def finish_key(
+        self, customer: str, route: str, key: str, *, charged: bool, fingerprint: str = ""
+    ) -> None:
+        """End the claim of :meth:`claim_key`: keep the key (with ``fingerprint``) 24 hours
+        if the request was ``charged``, else drop it (a retry is metered again)."""
         claims: KeyClaims | None = self.__dict__.get("_key_claims")
         if claims is not None:
-            claims.finish(customer, route, key, charged=charged)
+            claims.finish(customer, route, key, charged=charged, fingerprint=fingerprint)
 
 
 class DeliverySink(Protocol):

@@ -842,3 +842,21 @@ async def test_idempotency_claims_are_hash_tagged_keys_with_ttls(
     assert 290_000 < in_flight <= 300_000
     assert 86_390_000 < charged <= 86_400_000
     assert key_slot(name.encode()) == key_slot(ACME.encode())
+
+
+async def test_idempotency_claim_stores_the_fingerprint(
+    server: RedisServer, tmp_path: Path
+) -> None:
+    """The claim's value carries the request fingerprint; a bare value written by an older
+    release matches no request (mismatch: 422, never a free pass)."""
+    fp = "f" * 64
+    async with opened(server, tmp_path, prefix="fp:") as ledger:
+        assert await ledger.claim_key(ACME, "POST /x", "k", fingerprint=fp) == "new"
+        client = raw_client(server)
+        (name,) = await client.keys("fp:{org:acme}:rk:*")
+        assert await client.get(name) == f"0:{fp}"
+        await ledger.finish_key(ACME, "POST /x", "k", charged=True, fingerprint=fp)
+        assert await client.get(name) == f"1:{fp}"
+        await client.set(name, b"1")  # as the previous release wrote it
+        assert await ledger.claim_key(ACME, "POST /x", "k", fingerprint=fp) == "mismatch"
+        await client.aclose()

@@ -570,7 +570,9 @@ class Reporter(GroupCommit, Senders):
             dead_letters=self._dead_waiting,
         )
 
-    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+    async def claim_key(
+        self, customer: str, route: str, key: str, *, fingerprint: str = ""
+    ) -> KeyClaim:
         """Claim an ``Idempotency-Key`` in the outbox (shared by the processes using it).
 
         Raises:
@@ -579,14 +581,16 @@ class Reporter(GroupCommit, Senders):
         outbox = self._outbox
         if self._state is not ProviderState.OPEN or outbox is None:
             raise ConfigurationError("the Reporter is not open")
-        return await self._sqlite.run(outbox.claim_key, customer, route, key)
+        return await self._sqlite.run(outbox.claim_key, customer, route, key, fingerprint)
 
-    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+    async def finish_key(
+        self, customer: str, route: str, key: str, *, charged: bool, fingerprint: str = ""
+    ) -> None:
         """Keep the key 24 hours when ``charged``, else drop the claim (outbox)."""
         outbox = self._outbox
         if self._state is not ProviderState.OPEN or outbox is None:
             raise ConfigurationError("the Reporter is not open")
-        await self._sqlite.run(outbox.finish_key, customer, route, key, charged)
+        await self._sqlite.run(outbox.finish_key, customer, route, key, charged, fingerprint)
 
     async def outbox_status(self) -> OutboxStatus:
         """Read the outbox file's exact status now (all processes); see ``OutboxStatus``

@@ -322,18 +322,22 @@ class LocalLedger(LeaseEngine):
         await self._flush_all()
         return await self._submit(store.usage, customer, self._clock())
 
-    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+    async def claim_key(
+        self, customer: str, route: str, key: str, *, fingerprint: str = ""
+    ) -> KeyClaim:
         """Claim an ``Idempotency-Key`` in the ledger file (shared by its processes), on
         the ledger's clock (``now=``; the testing kit's ``ledger_clock`` moves it)."""
         store = await self._opened()
         now = self._clock().timestamp()
-        return await self._run(store.claim_key, customer, route, key, now)
+        return await self._run(store.claim_key, customer, route, key, now, fingerprint)
 
-    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+    async def finish_key(
+        self, customer: str, route: str, key: str, *, charged: bool, fingerprint: str = ""
+    ) -> None:
         """Keep the key 24 hours when ``charged``, else drop the claim (ledger file)."""
         store = await self._opened()
         now = self._clock().timestamp()
-        await self._run(store.finish_key, customer, route, key, charged, now)
+        await self._run(store.finish_key, customer, route, key, charged, now, fingerprint)
 
     # -- internals -------------------------------------------------------------------------
 

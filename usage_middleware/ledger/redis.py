@@ -1197,28 +1197,41 @@ class RedisLedger(LeaseEngine):
         digest = hashlib.sha256(f"{route}\n{key}".encode()).hexdigest()
         return f"{self._prefix}{{{customer}}}:rk:{digest}"
 
-    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+    async def claim_key(
+        self, customer: str, route: str, key: str, *, fingerprint: str = ""
+    ) -> KeyClaim:
         """Claim an ``Idempotency-Key`` with ``SET NX`` (in flight: ``IN_FLIGHT_TTL``).
+
+        The value is ``0:<fingerprint>`` in flight, ``1:<fingerprint>`` once charged (a
+        bare ``0``/``1`` written by an older version matches no fingerprint: 422).
 
         Raises:
             RetryableProviderError: Redis could not be reached.
         """
         client = await self._opened()
         name = self._claim_name(customer, route, key)
+        mine = f"0:{fingerprint}".encode()
         for _ in range(3):  # a claim that expires between SET NX and GET: claim again
-            if await self._admin(client.set(name, b"0", nx=True, px=int(IN_FLIGHT_TTL * 1000))):
+            if await self._admin(client.set(name, mine, nx=True, px=int(IN_FLIGHT_TTL * 1000))):
                 return "new"
             value = await self._admin(client.get(name))
             if value is not None:
-                return "charged" if value in (b"1", "1") else "busy"
+                if isinstance(value, str):
+                    value = value.encode()
+                state, sep, held = value.partition(b":")
+                if not sep or held.decode(errors="replace") != fingerprint:
+                    return "mismatch"
+                return "charged" if state == b"1" else "busy"
         return "busy"
 
-    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+    async def finish_key(
+        self, customer: str, route: str, key: str, *, charged: bool, fingerprint: str = ""
+    ) -> None:
         """Keep the key ``KEY_TTL`` (24 h) when ``charged``, else delete the claim."""
         client = await self._opened()
         name = self._claim_name(customer, route, key)
         if charged:
-            await self._admin(client.set(name, b"1", px=int(KEY_TTL * 1000)))
+            await self._admin(client.set(name, f"1:{fingerprint}".encode(), px=int(KEY_TTL * 1000)))
         else:
             await self._admin(client.delete(name))
 

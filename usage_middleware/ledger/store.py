@@ -72,7 +72,6 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS leases_expiry ON leases (expires_at)",
     "CREATE TABLE IF NOT EXISTS changes ("
     " customer TEXT PRIMARY KEY, generation INTEGER NOT NULL) WITHOUT ROWID",
-    *_sqlite.KEYS_SCHEMA,  # Idempotency-Key claims (usage_middleware.idempotency)
 )
 
 
@@ -264,6 +263,7 @@ class LedgerStore:
                 try:
                     for statement in _SCHEMA:
                         conn.execute(statement)
+                    _sqlite.create_keys_table(conn)  # Idempotency-Key claims
                 except sqlite3.Error as exc:
                     if _sqlite.is_busy(exc):
                         raise
@@ -927,15 +927,26 @@ class LedgerStore:
 
     # -- Idempotency-Key claims (see usage_middleware.idempotency) --------------------------
 
-    def claim_key(self, customer: str, route: str, key: str, now: float) -> KeyClaim:
-        """Claim ``key`` at wall time ``now``: ``"new"``, ``"charged"`` or ``"busy"``."""
+    def claim_key(
+        self, customer: str, route: str, key: str, now: float, fingerprint: str = ""
+    ) -> KeyClaim:
+        """Claim ``key`` at wall time ``now``: ``"new"``, ``"charged"``, ``"busy"`` or
+        ``"mismatch"`` (see :func:`usage_middleware._sqlite.claim_key`)."""
         with self._write():
-            return _sqlite.claim_key(self.conn, customer, route, key, now)
+            return _sqlite.claim_key(self.conn, customer, route, key, now, fingerprint)
 
-    def finish_key(self, customer: str, route: str, key: str, charged: bool, now: float) -> None:
+    def finish_key(
+        self,
+        customer: str,
+        route: str,
+        key: str,
+        charged: bool,
+        now: float,
+        fingerprint: str = "",
+    ) -> None:
         """Keep ``key`` as charged for 24 hours from ``now``, or drop the claim."""
         with self._write():
-            _sqlite.finish_key(self.conn, customer, route, key, charged, now)
+            _sqlite.finish_key(self.conn, customer, route, key, charged, now, fingerprint)
 
     def usage(self, customer: str, at: datetime) -> list[FeatureUsage]:
         with self._read():

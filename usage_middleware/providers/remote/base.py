@@ -681,21 +681,27 @@ class RemoteProvider(Provider):
         if hold.prepared and self._delivery is not None:
             await self._delivery.cancel(hold.final or reservation.event)
 
-    async def claim_key(self, customer: str, route: str, key: str) -> KeyClaim:
+    async def claim_key(
+        self, customer: str, route: str, key: str, *, fingerprint: str = ""
+    ) -> KeyClaim:
         """Claim an ``Idempotency-Key`` in the durable outbox (shared by every worker using
         the file); in this process's memory with ``outbox=None``."""
         reporter = self.reporter
         if isinstance(reporter, Reporter):
-            return await reporter.claim_key(customer, route, key)
-        return await super().claim_key(customer, route, key)
+            return await reporter.claim_key(customer, route, key, fingerprint=fingerprint)
+        return await super().claim_key(customer, route, key, fingerprint=fingerprint)
 
-    async def finish_key(self, customer: str, route: str, key: str, *, charged: bool) -> None:
+    async def finish_key(
+        self, customer: str, route: str, key: str, *, charged: bool, fingerprint: str = ""
+    ) -> None:
         """End the claim of :meth:`claim_key` (the key is kept 24 hours when charged)."""
         reporter = self.reporter
         if isinstance(reporter, Reporter):
-            await reporter.finish_key(customer, route, key, charged=charged)
+            await reporter.finish_key(
+                customer, route, key, charged=charged, fingerprint=fingerprint
+            )
         else:
-            await super().finish_key(customer, route, key, charged=charged)
+            await super().finish_key(customer, route, key, charged=charged, fingerprint=fingerprint)
 
     async def flush(self, within: float = 5.0) -> bool:
         """Wait up to ``within`` seconds until the in-memory queue (outbox=None) is delivered.
