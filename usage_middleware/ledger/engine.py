@@ -1489,7 +1489,7 @@ class LeaseEngine(Ledger):
         was giving back are still this process's. A store whose failure may be a lost reply
         (the call ran) answers False unless sure: such units are then dropped from memory,
         never counted twice (the store may keep them leased to this process: parked, never
-        overspent)."""
+        overspent, until a store that reconciles (``_reconciles``) does so)."""
         return True
 
     def _log_failure(self, exc: Exception, message: str, *args: object) -> None:

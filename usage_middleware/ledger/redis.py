@@ -62,9 +62,12 @@ Trade-offs, stated plainly:
 * **Parked units.** Units leased by one process are unavailable to the others while it
   holds them: near the limit for up to two ticks (1 s each) after their last use, or 30 s
   when leased far from it (then at least four blocks stay free for the others); a killed
-  process's for ``reservation_ttl``. A lease whose reply was lost (a timeout) stays
-  parked with this process until it closes or its record expires. So a customer near the
-  limit may be refused while another replica holds the last units; never overspent.
+  process's for ``reservation_ttl``. Units a lost reply left in this process's record (a
+  lease that ran, a give-back that may not have) go back to the pool at its next lease
+  call of that key, or at the next tick's (each lease call reconciles the record with
+  what the process holds; ``docs/architecture.md``, "The Redis store"). So a customer
+  near the limit may be refused while another replica holds the last units; never
+  overspent.
 * **Crash window.** A charge committed in memory but not yet flushed is lost if the
   process is killed: at most ``flush_interval`` of them (:meth:`RedisLedger.aclose`
   flushes everything). Redis's own durability applies on top (``appendonly yes``;
@@ -287,7 +290,9 @@ class _RedisLeases:
     script calls (one per customer). Which lease records this owner holds, and when each
     is due for renewal, is tracked here (``_due``, oldest first), so a tick renews only
     the records near expiry. A failed call may have run (a lost reply): the engine then
-    counts the units it was giving back as gone (parked in Redis, never counted twice).
+    counts the units it was giving back, or a lost lease granted, as gone; they stay in
+    the record until the next LEASE of its key reconciles it with what this process holds
+    (``seq``, :meth:`LeaseEngine._lease_units`, ``_shares``; see :data:`.scripts.LEASE`).
     """
 
     def __init__(self, ledger: RedisLedger, owner: str) -> None:
