@@ -860,3 +860,139 @@ async def test_idempotency_claim_stores_the_fingerprint(
         await client.set(name, b"1")  # as the previous release wrote it
         assert await ledger.claim_key(ACME, "POST /x", "k", fingerprint=fp) == "mismatch"
         await client.aclose()
+
+
+# -- lost replies: a lease row never keeps units its process dropped ---------------------------
+
+LOAD = "feature:load"  # plan:load@1: 100 units
+
+
+def lose_lease_replies(ledger: RedisLedger, monkeypatch: pytest.MonkeyPatch, times: int) -> None:
+    """The next ``times`` lease calls of ``ledger`` run in Redis, then their reply is lost."""
+    call = ledger._call
+    left = [times]
+
+    async def lost_reply(awaitable: Any, what: str) -> Any:
+        result = await call(awaitable, what)
+        if what == "leasing" and left[0] > 0:
+            left[0] -= 1
+            raise RetryableProviderError("Timeout reading from socket (the reply was lost)")
+        return result
+
+    monkeypatch.setattr(ledger, "_call", lost_reply)
+
+
+async def serve_all(ledgers: list[RedisLedger], customer: str = ACME, quiet: float = 2.0) -> int:
+    """Reserve and commit one unit at a time on every ledger in turn until none served
+    anything for ``quiet`` seconds (each refusing with 402: the limit), or 20 s pass; the
+    units served."""
+    served = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    last_served = loop.time()
+    while loop.time() - last_served < quiet and loop.time() < deadline:
+        for ledger in ledgers:
+            reservation = await ledger.reserve(customer, LOAD)
+            if reservation.answer.ok:
+                await ledger.commit(reservation)
+                served += 1
+                last_served = loop.time()
+            else:
+                await asyncio.sleep(0.05)
+    for ledger in ledgers:
+        await ledger.flush()
+    return served
+
+
+async def lease_rows(server: RedisServer, feature: str = LOAD) -> dict[str, int]:
+    client = raw_client(server)
+    try:
+        rows = await client.hgetall(f"um:{{{ACME}}}:lease:{feature}")
+    finally:
+        await client.aclose()
+    return {field: int(value.split("|")[0]) for field, value in rows.items()}
+
+
+async def test_leases_whose_replies_were_lost_do_not_lock_the_customer_out(
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four replicas each lose the reply of a lease that ran (25, 18, 14, 10 units parked
+    under their rows): the customer still gets exactly its 100 units, never more, and no
+    row keeps units afterwards."""
+    async with contextlib.AsyncExitStack() as stack:
+        ledgers = [
+            await stack.enter_async_context(opened(server, tmp_path, reservation_ttl=3))
+            for _ in range(4)
+        ]
+        await ledgers[0].subscribe(ACME, "plan:load@1")
+        for ledger in ledgers:
+            lose_lease_replies(ledger, monkeypatch, 1)
+            lost = await ledger.reserve(ACME, LOAD)
+            assert not lost.answer.ok and lost.answer.err is not None
+        assert sorted((await lease_rows(server)).values()) == [10, 14, 18, 25]
+        served = await serve_all(ledgers)
+        assert served == 100
+        assert await used(ledgers[0], ACME, LOAD) == 100
+        await eventually(lambda: _rows_empty(server), within=10)
+
+
+async def _rows_empty(server: RedisServer) -> bool:
+    return not any((await lease_rows(server)).values())
+
+
+async def test_a_lost_lease_of_a_replica_that_never_leases_again_is_reclaimed(
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica that lost a lease reply (25 units under its row) and gets no more
+    requests: the row is reconciled at its next tick, so another replica serves all 100."""
+    async with (
+        opened(server, tmp_path, reservation_ttl=2) as idle,
+        opened(server, tmp_path, reservation_ttl=2) as busy,
+    ):
+        await busy.subscribe(ACME, "plan:load@1")
+        lose_lease_replies(idle, monkeypatch, 1)
+        assert not (await idle.reserve(ACME, LOAD)).answer.ok
+        assert sorted((await lease_rows(server)).values()) == [25]
+        assert await serve_all([busy]) == 100
+        assert await used(busy, ACME, LOAD) == 100
+
+
+async def test_a_lost_lease_reconciled_before_a_spooled_group_commit_never_overspends(
+    server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A group commit that never reached Redis (spooled, replayed later) and a lost lease
+    reply: the lease call that reconciles the row keeps the spooled charge's units, so
+    after the replay the customer is charged exactly its 100 units across two replicas."""
+    async with (
+        opened(server, tmp_path, reservation_ttl=3) as one,
+        opened(server, tmp_path, reservation_ttl=3) as two,
+    ):
+        await one.subscribe(ACME, "plan:load@1")
+        held = [await one.reserve(ACME, LOAD, 5) for _ in range(2)]  # leases 25
+        assert all(r.answer.ok for r in held)
+        spooled: list[UsageEvent] = []
+        call = one._call
+
+        async def unsent(awaitable: Any, what: str) -> Any:
+            if what == "a group commit":
+                awaitable.close()  # never sent
+                raise RetryableProviderError("Redis went away")
+            return await call(awaitable, what)
+
+        monkeypatch.setattr(one, "_call", unsent)
+        monkeypatch.setattr(one, "_to_outbox", lambda event, why: spooled.append(event))
+        await one.commit(held[0])
+        await one.flush()
+        assert [event.units for event in spooled] == [5]
+        monkeypatch.undo()
+        lose_lease_replies(one, monkeypatch, 1)
+        assert not (await one.reserve(ACME, LOAD, 30)).answer.ok  # 30 leased, reply lost
+        monkeypatch.undo()
+        big = await one.reserve(ACME, LOAD, 16)  # its lease call reconciles the row
+        assert big.answer.ok
+        await two.report(spooled)  # the replay, late: the row shrinks by its 5 units
+        await one.commit(held[1])
+        await one.commit(big)
+        served = 5 + 5 + 16 + await serve_all([one, two])
+        assert served == 100
+        assert await used(one, ACME, LOAD) == 100

@@ -15,7 +15,8 @@ Keys of customer ``C`` under prefix ``P`` (see
 * ``P{C}:usage``          hash: ``<feature>@<period>`` -> units charged in that period
                           (``period`` like ``2026-11-01/2026-12-01``).
 * ``P{C}:lease:<feature>`` hash of the live leases of every process: field
-                          ``<owner>|<period>`` -> ``<units>|<expiry>`` (server ms). An
+                          ``<owner>|<period>`` -> ``<units>|<expiry>|<seq>`` (server ms;
+                          ``seq``: see :data:`LEASE`, absent in older records). An
                           expired record is dead (deleted when met); the key's own TTL is
                           past its last record's expiry, so an idle hash vanishes whole.
 * ``P{C}:gc``             hash of group-commit markers: field ``<batch>`` (a group commit
@@ -127,29 +128,37 @@ local function fmt(n)
   return string.format('%.0f', n)
 end
 
--- One lease record: field '<owner>|<period>' of a lease hash, value '<units>|<expiry ms>'.
--- Its live units (0 when absent; an expired record is deleted).
+-- One lease record: field '<owner>|<period>' of a lease hash, value
+-- '<units>|<expiry ms>|<seq>' (seq: the owner's last reconciling call, absent = 0).
+-- Its live units, expiry and seq (0s when absent; an expired record is deleted).
 local function record(key, field, now)
   local v = redis.call('HGET', key, field)
-  if not v then return 0, 0 end
-  local units, expiry = string.match(v, '^(%d+)|(%d+)$')
+  if not v then return 0, 0, 0 end
+  local units, expiry, seq = string.match(v, '^(%d+)|(%d+)|?(%d*)$')
   if tonumber(expiry) <= now then
     redis.call('HDEL', key, field)
-    return 0, 0
+    return 0, 0, 0
   end
-  return tonumber(units), tonumber(expiry)
+  return tonumber(units), tonumber(expiry), tonumber(seq) or 0
+end
+
+local function encode(units, expiry, seq)
+  return fmt(units) .. '|' .. fmt(expiry) .. '|' .. fmt(seq)
 end
 
 -- Take n units off a live lease record (deleted at 0); never revives an expired one.
-local function shrink(key, field, n, now)
-  local units, expiry = record(key, field, now)
+-- With seq (the owner's seq when the units left its memory): nothing if a LEASE of a
+-- later seq reconciled the record (it counted them given back already).
+local function shrink(key, field, n, now, seq)
+  local units, expiry, last = record(key, field, now)
   if units == 0 then return 0 end
+  if seq and last > seq then return units end
   units = units - n
   if units <= 0 then
     redis.call('HDEL', key, field)
     return 0
   end
-  redis.call('HSET', key, field, fmt(units) .. '|' .. fmt(expiry))
+  redis.call('HSET', key, field, encode(units, expiry, last))
   return units
 end
 """
@@ -213,48 +222,73 @@ return {redis.call('HGET', KEYS[1], 'plan'), redis.call('HGETALL', KEYS[2]),
         redis.call('HGETALL', KEYS[3])}
 """
 
-#: Lease units for one (customer, feature): give back, then grant as LedgerStore.lease does.
-#: KEYS: sub, credits, usage, lease. ARGV: feature, owner, need, want, ttl_ms, terms, then
-#: pairs (period, units) to give back first.
+#: Lease units for one (customer, feature): give back, reconcile this owner's record with
+#: what the owner holds, then grant as LedgerStore.lease does.
+#: KEYS: sub, credits, usage, lease, gc. ARGV: feature, owner, need, want, ttl_ms, terms,
+#: seq, then the units this owner holds of its record of each of the 4 periods of the terms
+#: (day, week, month, year; its memory: free, held, charged not yet handed to a group
+#: commit), n_shares, then n_shares triples (batch, period, leased): lease-funded units of
+#: this owner's group commits whose reply did not arrive (counted held unless their marker
+#: shows them applied), then pairs (period, units) to give back first.
+#: The record of the period is set to min(stored, held + unapplied shares) + take: units a
+#: lost reply left in it (a lease that ran, a give-back that did not) go back to the pool.
+#: A call whose seq is not above the record's (a lost call run late) changes nothing.
 #: Returns {status, limit, used, balance, others, take, spare, roomy, interval, in_plan,
-#: mine}: status -1 unknown customer (nothing else set), 1 otherwise; limit -1 unlimited
-#: (nothing leased); others = units of this period's capacity held by other live leases
-#: (and the credits this owner's leases of other periods may still consume); take = units
-#: added to this owner's lease; spare = units still free after it; roomy 1 when spare is
-#: at least 4 blocks; interval = the index (1-4) of the period in the terms; mine = this
-#: owner's lease of the period after this call.
+#: mine, applied}: status -1 unknown customer (nothing else set), 1 otherwise; limit -1
+#: unlimited (nothing leased); others = units of this period's capacity held by other live
+#: leases (and the credits this owner's leases of other periods may still consume); take =
+#: units added to this owner's lease; spare = units still free after it; roomy 1 when spare
+#: is at least 4 blocks; interval = the index (1-4) of the period in the terms; mine = this
+#: owner's lease of the period after this call; applied = the (0-based) indexes of the
+#: shares found applied.
 LEASE = (
     _COMMON
     + r"""
 local feature, owner = ARGV[1], ARGV[2]
 local need, want, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local seq, n_shares = tonumber(ARGV[7]), tonumber(ARGV[12])
 local now = now_ms()
-for i = 7, #ARGV, 2 do
-  shrink(KEYS[4], owner .. '|' .. ARGV[i], tonumber(ARGV[i + 1]), now)
+for i = 13 + 3 * n_shares, #ARGV, 2 do
+  shrink(KEYS[4], owner .. '|' .. ARGV[i], tonumber(ARGV[i + 1]), now, seq)
 end
 local lines = split(ARGV[6])
 local known, plan, limit, interval, in_plan = terms(KEYS[1], KEYS[2], lines, 5)
-if not known then return {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0} end
+if not known then return {-1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, {}} end
 local flag = 0
 if in_plan then flag = 1 end
 local period = lines[interval]
 local used = tonumber(redis.call('HGET', KEYS[3], feature .. '@' .. period) or '0')
 local balance = balance_of(KEYS[2], feature)
-if limit < 0 then return {1, -1, reply(used), reply(balance), 0, 0, 0, 0, interval, flag, 0} end
+if limit < 0 then return {1, -1, reply(used), reply(balance), 0, 0, 0, 0, interval, flag, 0, {}} end
 local credits = balance
 if credits < 0 then credits = 0 end
-local held, mine = {}, 0
+local held, mine, last = {}, 0, 0
 local all = redis.call('HGETALL', KEYS[4])
 for i = 1, #all, 2 do
   local who, p = string.match(all[i], '^(.*)|([^|]*)$')
-  local units, expiry = string.match(all[i + 1], '^(%d+)|(%d+)$')
+  local units, expiry, s = string.match(all[i + 1], '^(%d+)|(%d+)|?(%d*)$')
   if tonumber(expiry) <= now then
     redis.call('HDEL', KEYS[4], all[i])
   elseif who == owner and p == period then
-    mine = tonumber(units)
+    mine, last = tonumber(units), tonumber(s) or 0
   else
     held[p] = (held[p] or 0) + tonumber(units)
   end
+end
+local fresh = seq > last
+local applied = {}
+if fresh then
+  local target = tonumber(ARGV[7 + interval])
+  for j = 0, n_shares - 1 do
+    local b, p = ARGV[13 + 3 * j], ARGV[14 + 3 * j]
+    if redis.call('HEXISTS', KEYS[5], b) == 1
+        or redis.call('HEXISTS', KEYS[5], b .. '|' .. feature .. '|' .. p) == 1 then
+      applied[#applied + 1] = j
+    elseif p == period then
+      target = target + tonumber(ARGV[15 + 3 * j])
+    end
+  end
+  if mine > target then mine = target end
 end
 local others = held[period] or 0
 held[period] = nil
@@ -266,19 +300,20 @@ local free = limit - used
 if free < 0 then free = 0 end
 free = free + credits - others - mine
 local take = 0
-if need <= free then
+if fresh and need <= free then
   take = math.min(free, math.max(need, math.min(want, math.floor(free / 4))))
 end
 local spare = free - take
 if spare < 0 then spare = 0 end
 local roomy = 0
 if spare >= 4 * want then roomy = 1 end
-if take > 0 or mine > 0 then
-  redis.call('HSET', KEYS[4], owner .. '|' .. period, fmt(mine + take) .. '|' .. fmt(now + ttl))
+if fresh then
+  -- (a record of 0 units keeps the seq until it expires: a late call stays stale)
+  redis.call('HSET', KEYS[4], owner .. '|' .. period, encode(mine + take, now + ttl, seq))
   keep(KEYS[4], ttl)
 end
 return {1, limit, reply(used), reply(balance), reply(others), reply(take), reply(spare), roomy,
-        interval, flag, reply(mine + take)}
+        interval, flag, reply(mine + take), applied}
 """
 )
 
@@ -325,16 +360,19 @@ return out
 """
 )
 
-#: Give back units of this owner's leases (never reviving an expired record).
-#: KEYS: one lease key per entry. ARGV: owner, then per entry: period, units.
+#: Give back units of this owner's leases (never reviving an expired record; nothing when
+#: a LEASE of a later seq reconciled the record: it counted them given).
+#: KEYS: one lease key per entry. ARGV: owner, seq, then per entry: period, units.
 #: Returns the units left per entry.
 GIVE = (
     _COMMON
     + r"""
 local now = now_ms()
+local seq = tonumber(ARGV[2])
 local out = {}
 for i = 1, #KEYS do
-  out[i] = reply(shrink(KEYS[i], ARGV[1] .. '|' .. ARGV[2 * i], tonumber(ARGV[2 * i + 1]), now))
+  out[i] = reply(shrink(KEYS[i], ARGV[1] .. '|' .. ARGV[2 * i + 1], tonumber(ARGV[2 * i + 2]),
+                        now, seq))
 end
 return out
 """
@@ -351,9 +389,9 @@ local now = now_ms()
 local out = {}
 for i = 1, #KEYS do
   local field = owner .. '|' .. ARGV[i + 2]
-  local units = record(KEYS[i], field, now)
+  local units, _, last = record(KEYS[i], field, now)
   if units > 0 then
-    redis.call('HSET', KEYS[i], field, fmt(units) .. '|' .. fmt(now + ttl))
+    redis.call('HSET', KEYS[i], field, encode(units, now + ttl, last))
     keep(KEYS[i], ttl)
     out[i] = 1
   else

@@ -252,6 +252,12 @@ _Taken = tuple[_Slot, int, int, int, float]
 
 
 class LeaseEngine(Ledger):
+    #: Whether the store's lease calls reconcile this process's lease row with
+    #: :meth:`_lease_units` (RedisLedger): then units a failed call may or may not have
+    #: given back are dropped, never put back in memory, and the key's row is reconciled
+    #: by a lease call at the next tick.
+    _reconciles = False
+
     """A ledger served from leased units held in memory, charged by group commits.
 
     Subclasses pass their settings to ``__init__``, call :meth:`_start_engine` with their
@@ -365,6 +371,9 @@ class LeaseEngine(Ledger):
         self._evicting = False
         # Units of evicted slots whose give-back failed (rolled back): retried each tick.
         self._orphans: list[tuple[str, str, str, int]] = []
+        # Keys whose lease row may keep units this process dropped (a store call that
+        # failed and may have run): a reconciling lease call is made at the next tick.
+        self._unsynced: set[tuple[str, str]] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -577,17 +586,20 @@ class LeaseEngine(Ledger):
                 from_lease = False
                 if overage == "cap":
                     actual = min(actual, reserved)
-            else:
+            elif actual <= reserved:
                 slot.held -= reserved
         if from_lease and actual > reserved:
             extra = actual - reserved
-            got = 0
+            # The hold, and the units taken for the excess, stay in ``held`` until charged
+            # (a store reconciling the lease row counts them: see _lease_units).
+            got = [0]
             try:
-                got = await self._take_more(slot, extra)
+                await self._take_more(slot, extra, got)
             finally:  # also when cancelled: what was taken is charged
-                if got < extra and overage == "cap":
-                    actual = reserved + got
-                self._charge(slot, actual, reserved + got)
+                slot.held -= reserved + got[0]
+                if got[0] < extra and overage == "cap":
+                    actual = reserved + got[0]
+                self._charge(slot, actual, reserved + got[0])
         elif from_lease:
             slot.available += reserved - actual
             self._charge(slot, actual, actual)
@@ -617,12 +629,15 @@ class LeaseEngine(Ledger):
                 self._batch.append(slot)
             self._wake.set()
 
-    async def _take_more(self, slot: _Slot, need: int) -> int:
+    async def _take_more(self, slot: _Slot, need: int, taken: list[int]) -> int:
         """Take up to ``need`` more units for a commit beyond its hold: from the lease's
         free units, then by leasing (``need``, or what is still free under the limit plus
-        credits). Returns the units taken off the lease (``<= need``)."""
+        credits). Returns the units taken off the lease (``<= need``), also counted in
+        ``taken[0]`` as they are taken (and moved to ``slot.held``)."""
         got = min(need, slot.available)
         slot.available -= got
+        slot.held += got
+        taken[0] = got
         if got == need:
             return got
         key = (slot.customer, slot.feature)
@@ -637,7 +652,9 @@ class LeaseEngine(Ledger):
                     await self._settle_lease(key)
                     more = min(need - got, slot.available)
                     slot.available -= more
+                    slot.held += more
                     got += more
+                    taken[0] = got
                     now = self._clock()
                     if (
                         got == need
@@ -662,7 +679,9 @@ class LeaseEngine(Ledger):
                         return got
                     more = min(need - got, slot.available)
                     slot.available -= more
+                    slot.held += more
                     got += more
+                    taken[0] = got
                     if got == need:
                         return got
                 return got
@@ -849,6 +868,7 @@ class LeaseEngine(Ledger):
         t: float,
         *,
         give_back: bool,
+        want: int | None = None,
     ) -> LeaseGrant:
         """One lease transaction for ``key``; caller holds the key's lock.
 
@@ -860,7 +880,8 @@ class LeaseEngine(Ledger):
             gives.append((slot.period, slot.available))
             slot.available = 0
         self._ready_backend()  # (fails here when not open)
-        want = self._lease_size if slot is None else max(slot.block, self._lease_size)
+        if want is None:
+            want = self._lease_size if slot is None else max(slot.block, self._lease_size)
         future = self._lease_call((key[0], key[1], now, need, want, gives))
         future.add_done_callback(functools.partial(self._leased, key, t, slot, gives))
         self._leasing[key] = future
@@ -880,9 +901,14 @@ class LeaseEngine(Ledger):
         if self._state is ProviderState.CLOSED:
             return  # close() gives every lease back
         if future.cancelled() or future.exception() is not None:
-            if giver is not None and self._rolled_back(future):  # the units are still ours
-                giver.available += sum(units for _, units in gives)
+            if self._rolled_back(future):
+                if giver is not None:  # the units are still ours
+                    giver.available += sum(units for _, units in gives)
+            elif self._reconciles:  # it may have run: reconcile the row at the next tick
+                self._unsynced.add(key)
             return
+        if self._reconciles:
+            self._unsynced.discard(key)
         grant = future.result()
         customer, feature = key
         old = self._current.get(key)
@@ -1082,8 +1108,7 @@ class LeaseEngine(Ledger):
             await self._give_back_orphans()
         except Exception:  # (kept for the next tick; renewing comes first)
             logger.exception("ledger %s: giving back evicted leases failed", self._label)
-        gives: list[tuple[str, str, str, int]] = []
-        givers: list[tuple[_Slot, int]] = []
+        idle_slots: list[_Slot] = []
         if not self._sweep:
             self._sweep = list(self._slots)
         batch, self._sweep = self._sweep[-_SWEEP:], self._sweep[:-_SWEEP]
@@ -1096,9 +1121,10 @@ class LeaseEngine(Ledger):
             # seconds for its customer's next request; near the limit it goes back at once.
             keep = _KEEP_IDLE if slot.low_water else self._tick
             if slot.available and (slot.retired or idle >= keep):
-                gives.append((slot.customer, slot.feature, slot.period, slot.available))
-                givers.append((slot, slot.available))
-                slot.available = 0
+                # Taken out of memory right before its store call (below), not now: a
+                # store that reconciles must see them until then.
+                idle_slots.append(slot)
+                continue
             if not (slot.available or slot.held or slot.pending) and (
                 slot.retired or idle >= _EVICT_AFTER
             ):
@@ -1115,32 +1141,89 @@ class LeaseEngine(Ledger):
             elif t >= slot.denied_until:
                 del self._current[key]
                 self._unknown.discard(key)
-        if not (self._slots or self._current or gives):
-            return  # (with gives: the last slots were evicted, their units still go back)
+        self._resync()
+        if not (self._slots or self._current or idle_slots):
+            return
         backend = self._ready_backend()
-        while len(gives) > _UPKEEP_BATCH:
-            chunk, gives = gives[:_UPKEEP_BATCH], gives[_UPKEEP_BATCH:]
-            chunk_givers, givers = givers[:_UPKEEP_BATCH], givers[_UPKEEP_BATCH:]
-            given = backend.give_back(chunk)
+        while len(idle_slots) > _UPKEEP_BATCH:
+            chunk, idle_slots = idle_slots[:_UPKEEP_BATCH], idle_slots[_UPKEEP_BATCH:]
+            chunk_gives, chunk_givers = self._take_idle(chunk)
+            given = backend.give_back(chunk_gives)
             given.add_done_callback(functools.partial(self._given_back, chunk_givers))
             await asyncio.shield(given)
             await asyncio.sleep(0)
+        gives, givers = self._take_idle(idle_slots)
         future = backend.maintain(gives, self._generation)
         future.add_done_callback(functools.partial(self._maintained, t, givers))
         await asyncio.shield(future)
 
+    @staticmethod
+    def _take_idle(
+        slots: list[_Slot],
+    ) -> tuple[list[tuple[str, str, str, int]], list[tuple[_Slot, int]]]:
+        """Take idle slots' free units out of memory, to give back now."""
+        gives: list[tuple[str, str, str, int]] = []
+        givers: list[tuple[_Slot, int]] = []
+        for slot in slots:
+            if slot.available:
+                gives.append((slot.customer, slot.feature, slot.period, slot.available))
+                givers.append((slot, slot.available))
+                slot.available = 0
+        return gives, givers
+
+    def _lease_units(self, customer: str, feature: str, period: str) -> int:
+        """The units this process holds of its lease row of (customer, feature, period):
+        free, held by requests, charged and not yet handed to a group commit."""
+        slot = self._slots.get((customer, feature, period))
+        if slot is None:
+            return 0
+        return slot.available + slot.held + slot.unflushed_leased
+
+    def _resync(self) -> None:
+        """Start a reconciling lease call (no units asked) for keys whose row may keep
+        units this process dropped, unless one of theirs is running anyway."""
+        if not self._unsynced or self.state is not ProviderState.OPEN:
+            return
+        for key in list(self._unsynced)[:_UPKEEP_BATCH]:
+            if key not in self._locks and key not in self._leasing:
+                self._spawn(self._reconcile(key))
+
+    async def _reconcile(self, key: tuple[str, str]) -> None:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        try:
+            async with lock:
+                await self._settle_lease(key)
+                if key not in self._unsynced or self.state is not ProviderState.OPEN:
+                    return
+                slot = self._current.get(key)
+                await self._lease(
+                    key, slot, 0, self._clock(), time.monotonic(), give_back=False, want=0
+                )
+        except Exception as exc:
+            self._log_failure(exc, "reconciling the lease of %s %s failed", *key)
+        finally:
+            self._drop_lock(key, lock)
+
     def _given_back(self, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
-        if (future.cancelled() or future.exception() is not None) and self._rolled_back(future):
-            for slot, units in givers:  # rolled back: the units are still ours
+        if future.cancelled() or future.exception() is not None:
+            self._give_failed(givers, future)
+
+    def _give_failed(self, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]) -> None:
+        """A give-back failed: rolled back, the units are still ours; else (a store that
+        reconciles) they are dropped and the key's row reconciled at the next tick."""
+        if self._reconciles:
+            self._unsynced.update((slot.customer, slot.feature) for slot, _ in givers)
+        elif self._rolled_back(future):
+            for slot, units in givers:
                 slot.available += units
 
     def _maintained(
         self, t: float, givers: list[tuple[_Slot, int]], future: asyncio.Future[Any]
     ) -> None:
         if future.cancelled() or future.exception() is not None:
-            if self._rolled_back(future):
-                for slot, units in givers:  # rolled back: the units are still ours
-                    slot.available += units
+            self._give_failed(givers, future)
             return
         generation, changed, lost = future.result()
         self._generation = generation
@@ -1373,10 +1456,11 @@ class LeaseEngine(Ledger):
     def _orphaned(self, gives: Gives, future: asyncio.Future[Any]) -> None:
         """A give-back of evicted slots' units failed: retry it at the next tick (when
         failures roll back; else the units stay parked in the store until they expire)."""
-        if (future.cancelled() or future.exception() is not None) and getattr(
-            self, "_failures_roll_back", True
-        ):
-            self._orphans.extend(gives)
+        if future.cancelled() or future.exception() is not None:
+            if self._reconciles:  # (a retry could give them back twice)
+                self._unsynced.update((customer, feature) for customer, feature, _, _ in gives)
+            else:
+                self._orphans.extend(gives)
 
     async def _give_back_orphans(self) -> None:
         """Give back the units of evicted slots whose first give-back failed."""
@@ -1405,7 +1489,7 @@ class LeaseEngine(Ledger):
         was giving back are still this process's. A store whose failure may be a lost reply
         (the call ran) answers False unless sure: such units are then dropped from memory,
         never counted twice (the store may keep them leased to this process: parked, never
-        overspent)."""
+        overspent, until a store that reconciles (``_reconciles``) does so)."""
         return True
 
     def _log_failure(self, exc: Exception, message: str, *args: object) -> None:

@@ -62,9 +62,12 @@ Trade-offs, stated plainly:
 * **Parked units.** Units leased by one process are unavailable to the others while it
   holds them: near the limit for up to two ticks (1 s each) after their last use, or 30 s
   when leased far from it (then at least four blocks stay free for the others); a killed
-  process's for ``reservation_ttl``. A lease whose reply was lost (a timeout) stays
-  parked with this process until it closes or its record expires. So a customer near the
-  limit may be refused while another replica holds the last units; never overspent.
+  process's for ``reservation_ttl``. Units a lost reply left in this process's record (a
+  lease that ran, a give-back that may not have) go back to the pool at its next lease
+  call of that key, or at the next tick's (each lease call reconciles the record with
+  what the process holds; ``docs/architecture.md``, "The Redis store"). So a customer
+  near the limit may be refused while another replica holds the last units; never
+  overspent.
 * **Crash window.** A charge committed in memory but not yet flushed is lost if the
   process is killed: at most ``flush_interval`` of them (:meth:`RedisLedger.aclose`
   flushes everything). Redis's own durability applies on top (``appendonly yes``;
@@ -272,6 +275,14 @@ def _parse_gc_key(key: str) -> tuple[str, str, int, int] | None:
         return None
 
 
+class _SeqGives(list[tuple[str, str, str, int]]):
+    """Units given back, with this owner's lease seq when they left its memory."""
+
+    def __init__(self, gives: Gives, seq: int) -> None:
+        super().__init__(gives)
+        self.seq = seq
+
+
 class _RedisLeases:
     """The lease engine's store on Redis (see :class:`~.engine.LeaseStore`).
 
@@ -279,7 +290,9 @@ class _RedisLeases:
     script calls (one per customer). Which lease records this owner holds, and when each
     is due for renewal, is tracked here (``_due``, oldest first), so a tick renews only
     the records near expiry. A failed call may have run (a lost reply): the engine then
-    counts the units it was giving back as gone (parked in Redis, never counted twice).
+    counts the units it was giving back, or a lost lease granted, as gone; they stay in
+    the record until the next LEASE of its key reconciles it with what this process holds
+    (``seq``, :meth:`LeaseEngine._lease_units`, ``_shares``; see :data:`.scripts.LEASE`).
     """
 
     def __init__(self, ledger: RedisLedger, owner: str) -> None:
@@ -292,6 +305,13 @@ class _RedisLeases:
         self._order: collections.deque[tuple[float, tuple[str, str, str]]] = collections.deque()
         # customer -> markers of this owner's group commits whose reply arrived.
         self._acked: dict[str, list[str]] = {}
+        # The seq of this owner's last reconciling LEASE call (see scripts.LEASE); a GIVE
+        # carries the seq current when its units left memory.
+        self._seq = 0
+        # (customer, feature) -> [batch, period, leased] of this owner's group commits whose
+        # reply did not arrive (in flight, or spooled): their lease-funded units count as
+        # held by the record until its marker shows the group commit applied.
+        self._shares: dict[tuple[str, str], list[list[Any]]] = {}
         self._running: set[asyncio.Task[Any]] = set()
 
     def _task(self, coroutine: Coroutine[Any, Any, _T]) -> asyncio.Future[_T]:
@@ -325,13 +345,32 @@ class _RedisLeases:
         return lease_each(self.lease, requests)
 
     def flush(self, batch: Sequence[StoredCharge]) -> asyncio.Future[Settled]:
-        return self._task(self._flush(batch))
+        # Named and noted now, in the step that took the charges out of the engine's
+        # memory, so a lease call never misses their lease-funded units.
+        self._batches += 1
+        name = f"{self._owner}.{self._batches}"
+        shares: list[tuple[tuple[str, str], list[Any]]] = []
+        for customer, feature, period, _, _, leased, _, _ in batch:
+            if leased > 0:
+                share = [name, period, leased]
+                self._shares.setdefault((customer, feature), []).append(share)
+                shares.append(((customer, feature), share))
+        return self._task(self._flush(batch, name, shares))
+
+    def _forget(self, shares: Sequence[tuple[tuple[str, str], list[Any]]]) -> None:
+        for key, share in shares:
+            listed = self._shares.get(key)
+            if listed is not None:
+                if any(item is share for item in listed):
+                    listed.remove(share)
+                if not listed:
+                    del self._shares[key]
 
     def give_back(self, gives: Gives) -> asyncio.Future[None]:
-        return self._task(self._give_back(gives))
+        return self._task(self._give_back(_SeqGives(gives, self._seq)))
 
     def maintain(self, gives: Gives, seen: int) -> asyncio.Future[Upkept]:
-        return self._task(self._maintain(gives, seen))
+        return self._task(self._maintain(_SeqGives(gives, self._seq), seen))
 
     async def upkeep(self) -> None:
         """Nothing: the pricing is synced and the records renewed by :meth:`maintain`."""
@@ -378,18 +417,41 @@ class _RedisLeases:
         await ledger._ready_pricing()
         terms = ledger._terms(feature, at)
         base = f"{ledger._prefix}{{{customer}}}:"
-        args: list[Any] = [feature, self._owner, need, want, ledger._ttl_ms, terms]
+        # From here to the call, no await: the seq and what this process holds are read
+        # in one step (see scripts.LEASE).
+        self._seq += 1
+        args: list[Any] = [feature, self._owner, need, want, ledger._ttl_ms, terms, self._seq]
+        for interval_name in INTERVALS:
+            period_of = period_key(*period_bounds(interval_name, at))
+            args.append(ledger._lease_units(customer, feature, period_of))
+        shares = list(self._shares.get((customer, feature), ()))
+        args.append(len(shares))
+        for share in shares:
+            args += share
         for period, units in gives:
             args += (period, units)
         t = time.monotonic()
         reply = await ledger._call(
             ledger._scripts["LEASE"](
-                keys=[base + "sub", base + "credits", base + "usage", f"{base}lease:{feature}"],
+                keys=[
+                    base + "sub", base + "credits", base + "usage", f"{base}lease:{feature}",
+                    base + "gc",
+                ],
                 args=args,
             ),
             "leasing",
+        )  # fmt: skip
+        fields = _script_reply(reply, 12, "the lease script")
+        applied = fields.pop()
+        if not isinstance(applied, list):
+            raise _BadReply(f"unexpected applied list in a Redis reply: {applied!r:.50}")
+        self._forget(
+            [
+                ((customer, feature), shares[_int(i, "share")])
+                for i in applied
+                if 0 <= _int(i, "share") < len(shares)
+            ]
         )
-        fields = _script_reply(reply, 11, "the lease script")
         status, limit, used, balance, others, take, spare, roomy, interval, in_plan, mine = (
             _int(value, "lease field") for value in fields
         )
@@ -415,13 +477,17 @@ class _RedisLeases:
             roomy=bool(roomy),
         )
 
-    async def _flush(self, batch: Sequence[StoredCharge]) -> Settled:
+    async def _flush(
+        self,
+        batch: Sequence[StoredCharge],
+        name: str,
+        shares: Sequence[tuple[tuple[str, str], list[Any]]],
+    ) -> Settled:
         """One pipeline of the group commit's script calls, one per customer. On a Redis
         failure (or a cancel) the charges go to the spool with the batch's key, and the
-        engine counts them as written (the spool delivers them exactly once)."""
+        engine counts them as written (the spool delivers them exactly once); their
+        ``shares`` stay noted until a lease call finds them applied."""
         ledger = self._ledger
-        self._batches += 1
-        name = f"{self._owner}.{self._batches}"
         by_customer: dict[str, list[StoredCharge]] = {}
         for entry in batch:
             by_customer.setdefault(entry[0], []).append(entry)
@@ -466,11 +532,14 @@ class _RedisLeases:
                     idempotency_key=_gc_key(name, period, limit, leased),
                 )
                 ledger._to_outbox(event, "a group commit failed")
+            if ledger._reporter is None:
+                self._forget(shares)  # lost (logged): never applied, nothing to wait for
             if not isinstance(exc, Exception | asyncio.CancelledError):
                 raise
             if isinstance(exc, Exception) and not isinstance(exc, ProviderError):
                 logger.error("redis ledger: a group commit failed", exc_info=exc)
             return {}
+        self._forget(shares)  # applied (or found applied before)
         if len(self._acked) >= _MAX_ACK_CUSTOMERS:
             self._acked.clear()  # their markers expire after idempotency_ttl instead
         for customer in by_customer:
@@ -485,11 +554,13 @@ class _RedisLeases:
         await ledger._call(ledger._pipeline(self._gives(gives)), "giving back leases")
 
     def _gives(self, gives: Gives) -> list[_Call]:
-        """The GIVE calls of ``gives``, one per customer."""
+        """The GIVE calls of ``gives`` (their units left memory at ``gives.seq``), one
+        per customer."""
         by_customer: dict[str, tuple[list[str], list[Any]]] = {}
         ledger = self._ledger
+        seq = gives.seq if isinstance(gives, _SeqGives) else self._seq
         for customer, feature, period, units in gives:
-            keys, args = by_customer.setdefault(customer, ([], [self._owner]))
+            keys, args = by_customer.setdefault(customer, ([], [self._owner, seq]))
             keys.append(f"{ledger._prefix}{{{customer}}}:lease:{feature}")
             args += (period, units)
         return [("GIVE", keys, args) for keys, args in by_customer.values()]
@@ -608,6 +679,7 @@ class RedisLedger(LeaseEngine):
     """
 
     name = "redis"
+    _reconciles = True
 
     def __init__(
         self,
