@@ -149,8 +149,11 @@ def null() -> Starlette:
         ) -> Reservation:
             return Reservation(answer=self._answer, event=self._event)
 
-        async def commit(self, reservation: Reservation) -> None:
+        async def commit(
+            self, reservation: Reservation, *, units: int | None = None, overage: str = "cap"
+        ) -> int:
             reservation.settled = True
+            return reservation.units if units is None else units
 
         async def release(self, reservation: Reservation) -> None:
             reservation.settled = True
