@@ -94,7 +94,9 @@ class _ReceiveWatch:
     Once the request holds units (:meth:`watch_soon`), a task reads the server's
     ``receive`` ahead of the app (at most one body chunk; after the final body only
     ``http.disconnect``) and hands every message it read to the app's own :meth:`receive`
-    calls, in order. See ``docs/architecture.md`` ("The disconnect watch").
+    calls, in order; a request that reaches its final body without having yielded since
+    the hold has no task: :meth:`before_final_body` asks the server without waiting. See
+    ``docs/architecture.md`` ("The disconnect watch").
     """
 
     __slots__ = (
