@@ -20,11 +20,15 @@ ASGIApp = Callable[
 ]
 
 
-def http_scope(customer: str, path: str = "/item") -> Scope:
-    """A fresh HTTP scope for ``GET path`` as ``customer`` (the ``x-customer`` header)."""
+def http_scope(customer: str, path: str = "/item", spec_version: str = "2.4") -> Scope:
+    """A fresh HTTP scope for ``GET path`` as ``customer`` (the ``x-customer`` header).
+
+    ``spec_version``: the ASGI spec the "server" claims; under "2.3" (uvicorn's) the
+    middleware watches ``receive`` for a disconnect, under "2.4" the final ``send`` tells.
+    """
     return {
         "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "asgi": {"version": "3.0", "spec_version": spec_version},
         "http_version": "1.1",
         "method": "GET",
         "scheme": "http",
@@ -46,9 +50,10 @@ def http_scope(customer: str, path: str = "/item") -> Scope:
 class Driver:
     """Calls an ASGI app directly; counts statuses; optionally records latencies (s)."""
 
-    def __init__(self, app: Any, customer: str = "org:bench") -> None:
+    def __init__(self, app: Any, customer: str = "org:bench", spec_version: str = "2.4") -> None:
         self.app = app
         self.customer = customer
+        self.spec_version = spec_version
         self.statuses: dict[int, int] = {}
         self.latencies: list[float] = []
 
@@ -81,7 +86,8 @@ class Driver:
                 status = message["status"]
 
         start = time.perf_counter() if timed else 0.0
-        await self.app(http_scope(customer or self.customer), receive, send)
+        scope = http_scope(customer or self.customer, spec_version=self.spec_version)
+        await self.app(scope, receive, send)
         await asyncio.sleep(0)  # one event-loop iteration per request, as under a server
         if timed:
             self.latencies.append(time.perf_counter() - start)

@@ -156,12 +156,13 @@ async def bench(args: argparse.Namespace) -> int:
         await ledger.open()
         try:
             await ledger.subscribe(CUSTOMER, "plan:bench@1")
+            spec = args.spec_version
             drivers = {
-                "bare": Driver(bare_app()),
-                "metered": Driver(metered_app(ledger, FEATURE)),
-                "unlimited": Driver(metered_app(ledger, UNLIMITED_FEATURE)),
-                "null": Driver(metered_app(NullProvider(), FEATURE)),
-                "slowapi": Driver(slowapi_app()),
+                "bare": Driver(bare_app(), spec_version=spec),
+                "metered": Driver(metered_app(ledger, FEATURE), spec_version=spec),
+                "unlimited": Driver(metered_app(ledger, UNLIMITED_FEATURE), spec_version=spec),
+                "null": Driver(metered_app(NullProvider(), FEATURE), spec_version=spec),
+                "slowapi": Driver(slowapi_app(), spec_version=spec),
             }
             for driver in drivers.values():  # warm-up: imports, caches, the ledger's lease
                 await driver.run_for(0.3, args.concurrency)
@@ -230,7 +231,7 @@ def report(
     print(
         f"\nIn-process ASGI driver, concurrency {args.concurrency}, "
         f"{args.rounds} interleaved rounds of {args.seconds:g} s per app, "
-        f"Python {sys.version.split()[0]}\n"
+        f"ASGI spec {args.spec_version}, Python {sys.version.split()[0]}\n"
     )
     print(f"| {'app':<41} | requests/s | µs/request | ratio to bare | ratio (CPU time) |")
     print(f"|{'-' * 43}|{'-' * 12}|{'-' * 12}|{'-' * 15}|{'-' * 18}|")
@@ -276,6 +277,12 @@ def main() -> int:
     )
     parser.add_argument(
         "--profile", action="store_true", help="profile the metered app instead of comparing"
+    )
+    parser.add_argument(
+        "--spec-version",
+        default="2.4",
+        help="the ASGI spec version the driver claims (default 2.4; uvicorn says 2.3, and "
+        "then the middleware watches receive for a disconnect)",
     )
     args = parser.parse_args()
     if args.rounds < 1 or args.seconds <= 0 or args.concurrency < 1:

@@ -27,8 +27,9 @@ import contextlib
 import json
 import logging
 import re
+import types
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
@@ -93,7 +94,9 @@ class _ReceiveWatch:
     Once the request holds units (:meth:`watch_soon`), a task reads the server's
     ``receive`` ahead of the app (at most one body chunk; after the final body only
     ``http.disconnect``) and hands every message it read to the app's own :meth:`receive`
-    calls, in order. See ``docs/architecture.md`` ("The disconnect watch").
+    calls, in order; a request that reaches its final body without having yielded since
+    the hold has no task: :meth:`before_final_body` asks the server without waiting. See
+    ``docs/architecture.md`` ("The disconnect watch").
     """
 
     __slots__ = (
@@ -101,6 +104,8 @@ class _ReceiveWatch:
         "_buffer",
         "_error",
         "_handle",
+        "_peeked",
+        "_quiet",
         "_receive",
         "_started",
         "_task",
@@ -122,6 +127,8 @@ class _ReceiveWatch:
         self._wanted = False
         self._error: BaseException | None = None
         self._handle: asyncio.Handle | None = None
+        self._quiet = False  # units held, and no event-loop turn since: no watch yet
+        self._peeked = False  # what the server knew was read since the hold (while quiet)
 
     async def receive(self) -> Message:
         """The app's ``receive``: messages read ahead first, then the server's own."""
@@ -172,7 +179,13 @@ class _ReceiveWatch:
     def watch_soon(self) -> None:
         """Watch for a disconnect from the request's first yield to the event loop on."""
         if self._handle is None:
-            self._handle = asyncio.get_running_loop().call_soon(self.watch)
+            self._handle = asyncio.get_running_loop().call_soon(self._turned)
+            self._quiet = True
+
+    def _turned(self) -> None:
+        """The event loop turned since the hold: the server may learn of a disconnect now."""
+        self._quiet = False
+        self.watch()
 
     def watch(self) -> None:
         """Start watching for a disconnect, unless done, pointless, or the app is reading."""
@@ -211,20 +224,68 @@ class _ReceiveWatch:
             self._task = None
             self._wake()
 
-    async def before_final_body(self) -> None:
-        """Let the watch take its first step before the final body is judged.
+    def before_final_body(self) -> bool:
+        """Learn what the server knows before the final body is judged (and again after
+        ``prepare``, which may have waited); whether to wait one loop turn first.
 
-        A request that never yielded since its units were held (a slow dependency or units
-        callable ran *before* the hold, then the endpoint returned without awaiting) has no
-        watch yet: it is started here, so a disconnect the server already knows of (its
-        ``receive`` answers at once) is seen before the charge.
+        A request that has not yielded to the event loop since its units were held (a slow
+        dependency or units callable ran *before* the hold, then the endpoint returned
+        without awaiting) has no watch: the server's ``receive`` is asked once, without
+        waiting (:meth:`_peek`), so a disconnect the server already knows of (uvicorn's
+        ``receive`` answers ``http.disconnect`` at once) is seen before the charge. As long
+        as the loop does not turn, the server learns nothing new, so that answer holds. A
+        watch that was started but has not taken its first step gets one loop turn (the
+        caller awaits it when this returns ``True``).
         """
-        handle = self._handle
-        if handle is not None and self._task is None and not self._wanted:
-            handle.cancel()  # scheduled, never ran: start it now
-            self.watch()
-        if self._task is not None and not self._started:
-            await asyncio.sleep(0)
+        if self._quiet:
+            if not self._peeked:
+                self._peeked = True
+                self._peek()
+            return False
+        return self._task is not None and not self._started
+
+    def _peek(self) -> None:
+        """Read, as the watch would, what the server's ``receive`` answers without waiting.
+
+        Each ``receive`` call is stepped by hand in this task, as an eagerly started task
+        would be (a bare yield, such as a checkpoint, is stepped over); a message it answers
+        at once is kept for the app, a disconnect marks the request, an error goes to the
+        app's next ``receive``; a call that would wait is cancelled where it waits, as the
+        watch task is cancelled at the end of a request.
+        """
+        for _ in range(_PEEK_READS):
+            if (
+                self._task is not None
+                or self._app_reading
+                or self._error is not None
+                or self.ended
+                or self.disconnected
+            ):
+                return
+            buffer = self._buffer
+            if buffer and (buffer[-1]["type"] != "http.request" or _is_chunk(buffer[-1])):
+                return  # a chunk waits for the app (or the input is over)
+            call = self._receive()
+            if type(call) is not types.CoroutineType:
+                call = _awaiting(call)
+            try:
+                waits_on = call.send(None)
+                for _ in range(_PEEK_STEPS):
+                    if waits_on is not None:
+                        break
+                    waits_on = call.send(None)  # a bare yield: nothing to wait for
+            except StopIteration as answered:
+                message: Message = answered.value
+            except Exception as exc:
+                self._error = exc  # the app's next receive raises it
+                return
+            else:
+                _cancel_call(call, waits_on)
+                return
+            self._seen(message)
+            if buffer is None:
+                buffer = self._buffer = deque()
+            buffer.append(message)
 
     def close(self) -> None:
         """Stop watching: the request is over."""
@@ -450,10 +511,13 @@ class UsageMiddleware:
                 message_type == "http.response.body" and not message.get("more_body", False)
             ) or message_type == "http.response.pathsend":
                 if meter.chargeable():
-                    await watch.before_final_body()
+                    if watch.before_final_body():
+                        await asyncio.sleep(0)  # the watch's first step
                     # charged only if the client is still there when the final body goes
                     # to the server (which drops it silently otherwise)
                     if not watch.disconnected and await meter.prepare():
+                        if watch.before_final_body():  # prepare waited: ask again
+                            await asyncio.sleep(0)
                         if not watch.disconnected:
                             watch.ended = True
                             try:
@@ -719,6 +783,32 @@ def _send_raises(scope: Any) -> bool:
         if len(_SEND_RAISES) < 16:
             _SEND_RAISES[spec] = raises
     return raises
+
+
+#: How many messages :meth:`_ReceiveWatch._peek` reads at most (a body, a disconnect).
+_PEEK_READS = 4
+#: How many bare yields (``await asyncio.sleep(0)``) one peeked ``receive`` call may make.
+_PEEK_STEPS = 8
+
+
+async def _awaiting(awaitable: Awaitable[Message]) -> Message:
+    return await awaitable
+
+
+def _cancel_call(call: Coroutine[Any, Any, Message], waits_on: object) -> None:
+    """Cancel a ``receive`` call stepped by hand where it waits on ``waits_on``, as a
+    task's cancellation would (the future it waits on is cancelled, then the call)."""
+    cancel = getattr(waits_on, "cancel", None)
+    if cancel is not None:
+        cancel()
+    try:
+        call.throw(asyncio.CancelledError())
+    except (asyncio.CancelledError, StopIteration):
+        return
+    except Exception:
+        logger.debug("usage_middleware: a cancelled receive raised", exc_info=True)
+        return
+    call.close()  # it went on waiting
 
 
 def _is_chunk(message: Message) -> bool:

@@ -477,3 +477,111 @@ async def test_client_gone_during_a_slow_dependency_is_not_charged(
     assert provider.charged_units("org:acme", "feature:a") == m
     assert len(provider.ops("release")) == n
     provider.assert_settled()
+
+
+# -- a request that does not yield after its hold is judged without a watch task --------
+
+
+@metered("feature:a")
+async def instant(request: Request) -> Response:
+    return JSONResponse({"done": True})
+
+
+async def _read_after(request: Request) -> Response:
+    """Reads its (empty) body after a metered check decided, without awaiting before."""
+    return JSONResponse({"body": (await request.body()).decode()})
+
+
+def _instant_app(provider: RecordingProvider) -> Starlette:
+    return Starlette(
+        routes=[
+            Route("/instant", instant),
+            Route("/read-after", metered("feature:a")(_read_after)),
+        ],
+        middleware=[Middleware(UsageMiddleware, provider=provider, customer=by_header)],
+    )
+
+
+async def test_instant_route_is_judged_in_its_own_task_without_a_loop_turn(
+    provider: RecordingProvider,
+) -> None:
+    """A route that answers without awaiting after its hold (ASGI 2.3 server) is charged
+    after the server's receive was asked in the request's own task, the call that would
+    wait cancelled where it waited (no watch task, nothing left waiting)."""
+    client_there = asyncio.Event()  # never set: the client stays
+    callers: list[asyncio.Task[Any] | None] = []
+    cancelled = 0
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls, cancelled
+        calls += 1
+        callers.append(asyncio.current_task())
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        try:
+            await client_there.wait()
+        except asyncio.CancelledError:
+            cancelled += 1
+            raise
+        return {"type": "http.disconnect"}
+
+    from tests.support.metering_helpers import http_scope
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = http_scope("/instant", headers=list(ACME.items()), spec_version="2.3")
+    await _instant_app(provider)(scope, receive, send)  # in this task: it never waits
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert provider.charged_units("org:acme", "feature:a") == 1
+    assert calls == 2 and cancelled == 1
+    me = asyncio.current_task()
+    assert callers == [me, me]  # no watch task read it
+    assert not client_there._waiters  # type: ignore[attr-defined]
+
+
+async def test_known_disconnect_behind_a_checkpoint_is_not_charged(
+    provider: RecordingProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that already knows the client left, but answers receive only after a bare
+    yield (an anyio checkpoint), is heard before the charge of a route that answers
+    without awaiting after its hold: released, logged once."""
+    caplog.set_level(logging.INFO, logger="usage_middleware")
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0)  # a checkpoint
+        if calls == 1:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.disconnect"}  # the client is gone, and the server knows
+
+    sent = await _run(_instant_app(provider), "2.3", receive, "/instant")
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert provider.charged_units("org:acme", "feature:a") == 0
+    assert [c.op for c in provider.ops("prepare", "commit", "release")] == ["release"]
+    assert len(disconnect_logs(caplog)) == 1
+
+
+async def test_body_read_ahead_by_the_judgement_reaches_the_route(
+    provider: RecordingProvider,
+) -> None:
+    """A route reading its body after the final body was judged (a background read, here
+    right after the check) gets the body the middleware asked the server for, in order."""
+    calls = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": b"payload", "more_body": False}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    sent = await _run(_instant_app(provider), "2.3", receive, "/read-after")
+    assert sent[-1]["body"] == b'{"body":"payload"}'
+    assert provider.charged_units("org:acme", "feature:a") == 1
