@@ -190,6 +190,15 @@ class _ReceiveWatch:
     def watch(self) -> None:
         """Start watching for a disconnect, unless done, pointless, or the app is reading."""
         self._wanted = True
+        if not self._may_read():
+            return
+        self._started = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _may_read(self) -> bool:
+        """Whether the watch may read the server's ``receive`` now: no watch running, the
+        app not reading, nothing ended or failed, and no chunk waiting for the app (nor the
+        input over)."""
         if (
             self._task is not None
             or self._app_reading
@@ -197,12 +206,9 @@ class _ReceiveWatch:
             or self.ended
             or self.disconnected
         ):
-            return
+            return False
         buffer = self._buffer
-        if buffer and (buffer[-1]["type"] != "http.request" or _is_chunk(buffer[-1])):
-            return  # a chunk waits for the app (or the input is over)
-        self._started = False
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        return not (buffer and (buffer[-1]["type"] != "http.request" or _is_chunk(buffer[-1])))
 
     async def _run(self) -> None:
         self._started = True
@@ -254,17 +260,8 @@ class _ReceiveWatch:
         watch task is cancelled at the end of a request.
         """
         for _ in range(_PEEK_READS):
-            if (
-                self._task is not None
-                or self._app_reading
-                or self._error is not None
-                or self.ended
-                or self.disconnected
-            ):
+            if not self._may_read():
                 return
-            buffer = self._buffer
-            if buffer and (buffer[-1]["type"] != "http.request" or _is_chunk(buffer[-1])):
-                return  # a chunk waits for the app (or the input is over)
             call = self._receive()
             if type(call) is not types.CoroutineType:
                 call = _awaiting(call)
@@ -283,6 +280,7 @@ class _ReceiveWatch:
                 _cancel_call(call, waits_on)
                 return
             self._seen(message)
+            buffer = self._buffer
             if buffer is None:
                 buffer = self._buffer = deque()
             buffer.append(message)

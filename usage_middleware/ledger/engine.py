@@ -643,9 +643,7 @@ class LeaseEngine(Ledger):
         key = (slot.customer, slot.feature)
         if self._state is not ProviderState.OPEN or self._backend is None:
             return got
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
+        lock = self._lock_of(key)
         try:
             async with lock:
                 for attempt in range(2):
@@ -769,9 +767,7 @@ class LeaseEngine(Ledger):
         slot = self._current.get(key)
         if slot is not None and slot.refilling:
             slot.starved = True  # ran dry before the refill came back: lease more next time
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
+        lock = self._lock_of(key)
         try:
             async with lock:
                 for _ in range(3):
@@ -817,6 +813,13 @@ class LeaseEngine(Ledger):
         return Reservation(
             self._answer(slot, True, units), trusted_event(slot.customer, slot.feature, units)
         )
+
+    def _lock_of(self, key: tuple[str, str]) -> asyncio.Lock:
+        """The lock that serialises a key's lease calls (made on first use)."""
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     def _drop_lock(self, key: tuple[str, str], lock: asyncio.Lock) -> None:
         """Forget a key's lock once nobody holds or awaits it (memory per customer)."""
@@ -959,9 +962,7 @@ class LeaseEngine(Ledger):
         """Top up a roomy lease in the background before requests run out of it."""
         key = (slot.customer, slot.feature)
         try:
-            lock = self._locks.get(key)
-            if lock is None:
-                lock = self._locks[key] = asyncio.Lock()
+            lock = self._lock_of(key)
             try:
                 async with lock:
                     await self._settle_lease(key)
@@ -1189,9 +1190,7 @@ class LeaseEngine(Ledger):
                 self._spawn(self._reconcile(key))
 
     async def _reconcile(self, key: tuple[str, str]) -> None:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
+        lock = self._lock_of(key)
         try:
             async with lock:
                 await self._settle_lease(key)
