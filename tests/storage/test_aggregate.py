@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import signal
 import sqlite3
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.crash import kill_after
 from tests.support.tier_fake import FAKE_URL, FakeTier
 from usage_middleware import UsageEvent
 from usage_middleware.delivery import Reporter
@@ -207,29 +205,7 @@ def test_kill_9_mid_aggregate_leaves_every_member_row_to_resend(tmp_path: Path) 
     (tmp_path / "sink.py").write_text(SINK)
     (tmp_path / "child.py").write_text(CHILD)
     outbox, sink = tmp_path / "outbox.db", tmp_path / "sink.db"
-    root = str(Path(__file__).resolve().parents[2])
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), root, env.get("PYTHONPATH", "")])
-    child = subprocess.Popen(
-        [sys.executable, "child.py", str(outbox), str(sink)],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    durable: list[str] = []
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:  # bounded: we kill after 20 lines
-            durable += line.split()
-            if len(durable) >= 400:
-                break
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait(timeout=10)
-        if child.stdout is not None:
-            child.stdout.close()
+    durable = kill_after(tmp_path, ["child.py", str(outbox), str(sink)], 400)
     assert len(durable) >= 400
     assert len(_charged(sink)) < len(durable)  # the crash left work undelivered
     asyncio.run(_drain_with(outbox, sink, tmp_path))

@@ -17,7 +17,6 @@ arrival, duplicates included).
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sqlite3
@@ -30,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.crash import child_env, kill_after
 from usage_middleware.delivery import Reporter
 from usage_middleware.outbox import Outbox
 
@@ -143,14 +143,6 @@ def workdir(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _env(workdir: Path, **extra: str) -> dict[str, str]:
-    env = os.environ.copy()
-    root = str(Path(__file__).resolve().parents[2])  # for tests.support.reporter_fakes
-    env["PYTHONPATH"] = os.pathsep.join([str(workdir), root, env.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
-
-
 def _sink(path: Path) -> tuple[dict[str, int], int]:
     """(units charged per key, raw arrivals) recorded by the sink."""
     db = sqlite3.connect(path)
@@ -191,26 +183,7 @@ async def _drain(outbox: Path, sink: Path) -> None:
 def test_a_killed_reporter_loses_no_prepared_or_confirmed_charge(workdir: Path) -> None:
     """SIGKILL mid-delivery; a new reporter delivers every key whose prepare() had returned."""
     outbox, sink = workdir / "outbox.db", workdir / "sink.db"
-    child = subprocess.Popen(
-        [sys.executable, "child.py", str(outbox), str(sink)],
-        cwd=workdir,
-        env=_env(workdir),
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    durable: list[str] = []
-    try:
-        assert child.stdout is not None
-        for line in child.stdout:  # bounded: we kill after 15 lines
-            durable += line.split()
-            if len(durable) >= 300:
-                break
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait(timeout=10)
-        if child.stdout is not None:
-            child.stdout.close()
+    durable = kill_after(workdir, ["child.py", str(outbox), str(sink)], 300)
     assert len(durable) >= 300
     before, _ = _sink(sink)
     assert len(before) < len(durable)  # the crash left work undelivered
@@ -230,7 +203,7 @@ def _free_port() -> int:
 def _serve(workdir: Path, latency: float) -> tuple[subprocess.Popen[bytes], str]:
     """Start the app under uvicorn on a free loopback port; return it and its base URL."""
     port = _free_port()
-    env = _env(
+    env = child_env(
         workdir,
         OUTBOX=str(workdir / "outbox.db"),
         SINK=str(workdir / "sink.db"),
