@@ -18,8 +18,8 @@ import httpx
 import pytest
 from spaire_sdk import models as sdk
 
-from tests.support.contract_spaire import drain
 from tests.support.spaire_fake import BASE_URL, TOKEN, FakeSpaire
+from tests.support.waiting import drain_outbox
 from usage_middleware.errors import (
     ConfigurationError,
     PermanentProviderError,
@@ -554,7 +554,7 @@ async def test_reporter_dead_letters_only_the_bad_event_with_the_servers_reason(
         assert p.reporter is not None
         for event in events:
             p.reporter.enqueue(event)
-        await drain(p)
+        await drain_outbox(p.reporter)
     assert len(fake.ingest_bodies[0]["events"]) == 4  # sent as one batch, rejected whole
     assert fake.charged_by_id(good, fake.meter_id) == 6  # type: ignore[attr-defined]
     outbox = Outbox(tmp_path / "outbox.db", create=False)
@@ -577,7 +577,7 @@ async def test_reporter_retry_after_a_lost_answer_charges_once(
         assert p.reporter is not None
         for _ in range(3):
             p.reporter.enqueue(UsageEvent(ACME, "feature:x", 1))
-        await drain(p)
+        await drain_outbox(p.reporter)
         assert p.reporter.stats().retried == 3
     assert len(fake.ingest_bodies) == 2
     assert fake.ingest_bodies[0] == fake.ingest_bodies[1]
@@ -592,7 +592,7 @@ async def test_reporter_waits_for_retry_after_on_429(fake: FakeSpaire, tmp_path:
     async with spaire_outbox(fake, tmp_path) as p:
         assert p.reporter is not None
         p.reporter.enqueue(UsageEvent(ACME, "feature:x", 5))
-        await drain(p)
+        await drain_outbox(p.reporter)
     times = [
         t for r, t in zip(fake.requests, fake.request_times, strict=True) if r.method == "POST"
     ]
@@ -618,9 +618,9 @@ async def test_metered_requests_through_the_outbox_never_overspend(
             else:
                 await p.release(r)
             if i % 3 == 0:
-                await drain(p)
+                await drain_outbox(p.reporter)
             fake.clock.advance(1.0)
-        await drain(p)
+        await drain_outbox(p.reporter)
     assert served == 5
     assert fake.charged(ACME, fake.meter_id) == 5  # type: ignore[attr-defined]
 

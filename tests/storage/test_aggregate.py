@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.crash import kill_after
 from tests.support.tier_fake import FAKE_URL, FakeTier
+from tests.support.waiting import drain_outbox
 from usage_middleware import UsageEvent
 from usage_middleware.delivery import Reporter
 from usage_middleware.delivery.aggregate import aggregate_id
@@ -26,15 +27,6 @@ async def _open_tier(fake: FakeTier, outbox: Path) -> TierProvider:
     tier = TierProvider(FAKE_URL, client=fake.client(), outbox=outbox)
     await tier.open()
     return tier
-
-
-async def _drain(reporter: Any, within: float = 20.0) -> None:
-    async with asyncio.timeout(within):
-        while True:
-            await reporter.flush()
-            if (await reporter.outbox_status()).depth == 0:
-                return
-            await asyncio.sleep(0.01)
 
 
 def _report_bodies(fake: FakeTier) -> list[dict[str, Any]]:
@@ -54,7 +46,7 @@ async def test_ten_thousand_charges_of_one_customer_take_at_most_100_tier_calls(
         assert reporter is not None
         for _ in range(10_000):
             reporter.enqueue(UsageEvent("org:acme", "feature:x", 1))
-        await _drain(reporter)
+        await drain_outbox(reporter, within=20.0)
     finally:
         await tier.aclose()
     bodies = _report_bodies(fake)
@@ -83,7 +75,7 @@ async def test_aggregates_never_mix_customers_or_features_and_never_sum_a_clobbe
             reporter.enqueue(UsageEvent(org, feature, 1 + i % 4))
             want[org, feature] += 1 + i % 4
         reporter.enqueue(UsageEvent("org:a", "feature:y", 7, clobber=True))
-        await _drain(reporter)
+        await drain_outbox(reporter, within=20.0)
     finally:
         await tier.aclose()
     bodies = _report_bodies(fake)
@@ -109,7 +101,7 @@ async def test_a_failed_aggregate_is_retried_whole_and_counted_once(tmp_path: Pa
         assert reporter is not None
         for _ in range(50):
             reporter.enqueue(UsageEvent("org:acme", "feature:x", 2))
-        await _drain(reporter)
+        await drain_outbox(reporter, within=20.0)
     finally:
         await tier.aclose()
     bodies = _report_bodies(fake)
@@ -240,7 +232,7 @@ async def _drain_with(outbox: Path, sink: Path, where: Path) -> None:
     reporter = Reporter(AggSink(str(sink)), path=outbox, lease=1.0, poll_interval=0.1)
     await reporter.open()
     try:
-        await _drain(reporter, within=30.0)
+        await drain_outbox(reporter, within=30.0)
     finally:
         await reporter.aclose()
 
@@ -261,7 +253,7 @@ async def test_local_accounting_sees_every_member_of_a_delivered_aggregate(
             assert r.answer.ok
             await tier.prepare(r)
             await tier.commit(r)
-        await _drain(reporter)
+        await drain_outbox(reporter, within=20.0)
         answer = await tier.can("org:acme", "feature:x", 1)
     finally:
         await tier.aclose()

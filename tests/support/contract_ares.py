@@ -11,7 +11,6 @@ deducted for the feature's ``usage`` label back into units.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator
@@ -22,20 +21,11 @@ from asgiref.typing import HTTPScope
 
 from tests.support.ares_fake import ARES_URL, CLIENT_ID, FakeAres, transport
 from tests.support.contract_subject import Subject
+from tests.support.waiting import drain_outbox
 from usage_middleware.providers.ares import AresProvider
 
 UNITS_FEATURE = "feature:contract"
 PRICE = 2  # credits per unit: the conversion is part of what is tested
-
-
-async def _drain(provider: AresProvider, within: float = 5.0) -> None:
-    reporter: Any = provider.reporter
-    async with asyncio.timeout(within):
-        while True:
-            await reporter.flush()
-            if (await reporter.outbox_status()).depth == 0:
-                return
-            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -63,7 +53,7 @@ async def make_subject(tmp_path: pathlib.Path) -> AsyncIterator[Subject]:
         ares.users[uid].credits = units * float(provider.price(feature))
 
     async def charged(customer: str, feature: str) -> int:
-        await _drain(provider)
+        await drain_outbox(provider.reporter)
         uid, _ = user(customer)
         credits = ares.charged(uid, usage=provider.description(feature))
         return round(credits / float(provider.price(feature)))

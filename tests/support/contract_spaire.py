@@ -9,28 +9,16 @@ the provider subtracts what it delivered but Spaire has not reflected yet.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from tests.support.contract_subject import Subject
 from tests.support.spaire_fake import TOKEN, FakeSpaire
+from tests.support.waiting import drain_outbox
 from usage_middleware.providers.spaire import SpaireProvider
 
 UNITS_FEATURE = "feature:contract"
-
-
-async def drain(provider: SpaireProvider, within: float = 5.0) -> None:
-    """Wait until the provider's outbox is empty (everything delivered or dead-lettered)."""
-    reporter: Any = provider.reporter
-    async with asyncio.timeout(within):
-        while True:
-            await reporter.flush()
-            if (await reporter.outbox_status()).depth == 0:
-                return
-            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -52,7 +40,7 @@ async def make_subject(tmp_path: pathlib.Path) -> AsyncIterator[Subject]:
         fake.set_available(customer, meter, units)
 
     async def charged(customer: str, feature: str) -> int:
-        await drain(provider)
+        await drain_outbox(provider.reporter)
         return fake.charged(customer, meter, feature)
 
     try:

@@ -6,27 +6,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import pathlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from tests.support.contract_subject import Subject
 from tests.support.tier_fake import FAKE_URL, FakeTier
+from tests.support.waiting import drain_outbox
 from usage_middleware.providers.tier import TierProvider
 
 UNITS_FEATURE = "feature:contract"
-
-
-async def _drain(provider: TierProvider, within: float = 5.0) -> None:
-    reporter: Any = provider.reporter
-    async with asyncio.timeout(within):
-        while True:
-            await reporter.flush()
-            if (await reporter.outbox_status()).depth == 0:
-                return
-            await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager
@@ -40,7 +29,7 @@ async def make_subject(tmp_path: pathlib.Path) -> AsyncIterator[Subject]:
         fake.set_line(customer, feature, limit=units, used=0)
 
     async def charged(customer: str, feature: str) -> int:
-        await _drain(provider)
+        await drain_outbox(provider.reporter)
         return fake.used(customer, feature)
 
     try:

@@ -6,8 +6,9 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-__all__ = ["eventually"]
+__all__ = ["drain_outbox", "eventually"]
 
 
 async def eventually(check: Callable[[], object | Awaitable[object]], within: float = 15.0) -> None:
@@ -26,3 +27,14 @@ async def eventually(check: Callable[[], object | Awaitable[object]], within: fl
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not reached within {within}s")
         await asyncio.sleep(0.01)
+
+
+async def drain_outbox(reporter: Any, within: float = 5.0) -> None:
+    """Flush ``reporter`` (a provider's :class:`Reporter`) until its outbox is empty
+    (everything delivered or dead-lettered); ``TimeoutError`` after ``within`` s."""
+    async with asyncio.timeout(within):
+        while True:
+            await reporter.flush()
+            if (await reporter.outbox_status()).depth == 0:
+                return
+            await asyncio.sleep(0.01)
