@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tests.edge.test_idempotency import ACME, client, key
 from tests.support.metering_helpers import RecordingProvider
 from tests.support.uvicorn_server import serve
 from tests.support.waiting import eventually
@@ -26,7 +27,6 @@ from usage_middleware import LocalLedger, Metered, UsageMiddleware, _sqlite, met
 from usage_middleware.customers import customer_from_header
 from usage_middleware.idempotency import MAX_BODY, KeyClaims, body_fingerprint
 
-ACME = {"X-Customer": "org:acme"}
 PRICING = {"plans": {"plan:free@1": {"features": {"feature:a": {"tiers": [{"upto": 100}]}}}}}
 REUSED = "tag:usage-middleware,2025:idempotency-key-reused"
 
@@ -65,16 +65,6 @@ def starlette_app(provider: Any, gate: asyncio.Event | None = None, **options: A
     )
     app.state.runs = runs
     return app
-
-
-def client(app: Any) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test", headers=ACME
-    )
-
-
-def key(value: str) -> dict[str, str]:
-    return {"Idempotency-Key": value}
 
 
 async def test_reused_key_with_another_body_is_422_and_not_run(
